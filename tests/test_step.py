@@ -1,0 +1,218 @@
+"""UNOStep end to end on tiny real transformers / diffusers classes (random weights, no downloads)."""
+
+import pytest
+import torch
+from torch import nn
+
+import uno_engine
+from uno_engine import Critic, UNOConfig, UNOLoss, UNOStep
+from uno_engine.generators import CallableGenerator
+from uno_engine.presets.critics import build_critic_model
+from uno_engine.presets.generators import build_generator
+
+CRITICS = ["tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl"]
+
+
+class PixelGenerator(nn.Module):
+    """The smallest honest generator: learnable pixels (B, 3, H, W) squashed into [-1, 1]."""
+
+    def __init__(self, batch=2, h=40, w=56):
+        super().__init__()
+        self.pixels = nn.Parameter(torch.randn(batch, 3, h, w) * 0.5)
+
+    def forward(self, batch):
+        return torch.tanh(self.pixels)
+
+
+def _critic(name):
+    model, processor = build_critic_model(name)
+    return Critic.from_hf(model, processor)
+
+
+def _batch(critic, b=2, length=6, seed=0, image_hw=(40, 56)):
+    g = torch.Generator().manual_seed(seed)
+    captions = torch.randint(3, critic.vocab_size - 1, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[-1, length - 2:] = 0  # one right-padded caption
+    ref = torch.rand(b, 3, *image_hw, generator=g) * 2 - 1
+    return {"captions": captions, "caption_mask": mask, "reference_images": ref}
+
+
+def _grads(module):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("critic_name", CRITICS)
+def test_generator_gets_grads_critic_none(critic_name):
+    critic = _critic(critic_name)
+    gen = PixelGenerator()
+    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, density=0.5, structure=0.5))
+    out = step(_batch(critic))
+    assert out.loss.dim() == 0 and out.loss.requires_grad
+    assert set(out.metrics) >= {"loss", "caption_ce", "density", "structure"}
+    assert all(not v.requires_grad for v in out.metrics.values())
+    out.loss.backward()
+    g = gen.pixels.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert all(p.grad is None for p in critic.parameters()), "the frozen critic must receive no gradient"
+    heads = [m for m in (step.uno_loss.density_head, step.uno_loss.structure_head) if m is not None]
+    assert heads and all(p.grad is not None for h in heads for p in h.parameters())
+
+
+@pytest.mark.parametrize("critic_name", CRITICS)
+def test_engine_equals_reference(critic_name):
+    critic = _critic(critic_name)
+    gen = PixelGenerator()
+    batch = _batch(critic)
+    results = []
+    for backend in ("reference", "auto"):
+        gen.pixels.grad = None
+        loss = UNOLoss(caption=1.0, density=0.5, structure=0.5)
+        torch.manual_seed(1)  # identical head init
+        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, UNOConfig(backend=backend))
+        out = step(batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), gen.pixels.grad.clone(), {k: v for k, v in out.metrics.items()}))
+    (l_ref, g_ref, m_ref), (l_eng, g_eng, m_eng) = results
+    torch.testing.assert_close(l_eng, l_ref, rtol=1e-5, atol=1e-6)
+    for k in m_ref:
+        torch.testing.assert_close(m_eng[k], m_ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"metric {k}: {m}")
+    rel = (g_eng - g_ref).norm() / g_ref.norm()
+    assert rel < 1e-5, f"generator grad differs from the reference path: relative {rel:.3e}"
+
+
+@pytest.mark.parametrize("critic_name", ["tiny-llava-siglip", "tiny-qwen2-vl"])
+def test_sgd_lowers_caption_ce(critic_name):
+    critic = _critic(critic_name)
+    gen = PixelGenerator()
+    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0), UNOConfig(check_inputs=False))
+    batch = _batch(critic)
+    opt = torch.optim.SGD(gen.parameters(), lr=2.0)
+    first = last = None
+    for _ in range(30):
+        opt.zero_grad()
+        out = step(batch)
+        out.loss.backward()
+        opt.step()
+        first = out.metrics["caption_ce"].item() if first is None else first
+        last = out.metrics["caption_ce"].item()
+    assert last < first - 0.05, f"caption CE did not go down: {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("critic_name,gen_name", [("tiny-llava-clip", "tiny-sd"), ("tiny-llava-siglip", "tiny-sana"),
+                                                   ("tiny-qwen2-vl", "tiny-sd")])
+def test_diffusers_generator_pairs(critic_name, gen_name):
+    critic = _critic(critic_name)
+    gen, make_batch = build_generator(gen_name)
+    step = UNOStep(gen, critic, UNOLoss(caption=1.0, density=0.3))
+    batch = make_batch(2, 5, critic.vocab_size, generator=torch.Generator().manual_seed(0))
+    out = step(batch | {"density_target": torch.rand(2, _n_patches(critic, step, batch))})
+    out.loss.backward()
+    grads = [p.grad for p in gen.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in critic.parameters())
+
+
+def _n_patches(critic, step, batch):
+    with torch.no_grad():
+        images = step.generator(batch)
+        feats, _ = critic.encode_patches(critic.prepare(images))
+    return feats.shape[1]
+
+
+def test_janus_is_its_own_critic():
+    model, processor = build_critic_model("tiny-janus")
+    critic = Critic.from_hf(model, processor)
+    from uno_engine.generators import JanusGenerator
+
+    gen = JanusGenerator(model)
+    step = UNOStep(gen, critic, UNOLoss(caption=1.0))
+    g = torch.Generator().manual_seed(0)
+    batch = {"captions": torch.randint(3, critic.vocab_size - 1, (2, 5), generator=g),
+             "gen_input_ids": torch.randint(3, critic.vocab_size - 1, (2, 4), generator=g)}
+    out = step(batch)
+    out.loss.backward()
+    trainable = [p for p in gen.parameters() if p.requires_grad]
+    assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert all(p.grad is None for p in critic.parameters() if not p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def small_step():
+    critic = _critic("tiny-llava-siglip")
+    gen = PixelGenerator()
+    return UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0)), critic, gen
+
+
+def test_bad_input_non_finite(small_step):
+    step, critic, gen = small_step
+    with torch.no_grad():
+        gen.pixels[0, 0, 0, 0] = float("nan")
+    try:
+        with pytest.raises(ValueError, match="images.*NaN"):
+            step(_batch(critic))
+    finally:
+        with torch.no_grad():
+            gen.pixels[0, 0, 0, 0] = 0.0
+
+
+def test_bad_input_batch_size(small_step):
+    step, critic, _ = small_step
+    with pytest.raises(ValueError, match="batch size differs"):
+        step(_batch(critic, b=3))
+
+
+def test_bad_input_empty_caption(small_step):
+    step, critic, _ = small_step
+    batch = _batch(critic)
+    batch["caption_mask"][0] = 0
+    with pytest.raises(ValueError, match="empty caption"):
+        step(batch)
+    with pytest.raises(ValueError, match="captions.*empty"):
+        step(batch | {"captions": batch["captions"][:, :0], "caption_mask": None})
+
+
+def test_bad_input_channels(small_step):
+    _, critic, _ = small_step
+    step = UNOStep(CallableGenerator(lambda b: torch.zeros(2, 4, 16, 16)), critic, UNOLoss())
+    with pytest.raises(ValueError, match=r"images.*\(B, 3, H, W\)"):
+        step(_batch(critic))
+
+
+def test_unsupported_critic():
+    with pytest.raises(TypeError, match="Llava"):
+        Critic.from_hf(nn.Linear(2, 2), None)
+
+
+def test_out_of_range_is_clamped_not_rejected(small_step):
+    step, critic, gen = small_step
+    big = CallableGenerator(lambda b: torch.tanh(gen.pixels) * 3.0, module=gen)
+    s = UNOStep(big, critic, UNOLoss(caption=1.0))
+    out = s(_batch(critic))
+    assert torch.isfinite(out.loss)
+
+
+def test_check_inputs_off_skips_the_check(small_step):
+    _, critic, gen = small_step
+    s = UNOStep(CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen), critic, UNOLoss(),
+                UNOConfig(check_inputs=False))
+    s(_batch(critic, b=2))
+
+
+def test_profile_timings(small_step):
+    _, critic, gen = small_step
+    s = UNOStep(CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen), critic, UNOLoss(),
+                UNOConfig(profile=True))
+    out = s(_batch(critic))
+    out.loss.backward()
+    t = out.timings()
+    for k in ("generate_ms", "bridge_ms", "critic_ms", "loss_ms", "loss_bwd_ms", "critic_bwd_ms", "bridge_bwd_ms"):
+        assert k in t and t[k] >= 0, (k, t)
+
+
+def test_public_names():
+    assert uno_engine.UNOStep is UNOStep
+    for name in uno_engine.__all__:
+        getattr(uno_engine, name)

@@ -1,0 +1,112 @@
+"""The small base every generator builds on.
+
+A generator is an `nn.Module` whose `forward(batch: dict) -> images` returns `(B, 3, H, W)` images meant to lie in
+`[-1, 1]` (`output_range`), carrying a graph to `trainable_parameters()`. Generators never clamp: a decoder can
+overshoot the range a little, and the bridge (`ops.bridge(..., clamp=...)`) applies the documented clamp policy,
+so the gradient policy at the range edges lives in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+class Generator(nn.Module):
+    """Base class: `forward(batch) -> images (B, 3, H, W)` nominally in `output_range`, with grad to
+    `trainable_parameters()`. Subclasses freeze what they do not train (`requires_grad_(False)`) so that
+    `trainable_parameters()` is exactly the set of parameters that receive gradients."""
+
+    output_range: tuple[float, float] = (-1.0, 1.0)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that get gradients from `forward` (those with requires_grad=True), deduplicated."""
+        return list(_unique(p for p in self.parameters() if p.requires_grad))
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+
+def _unique(params: Iterator[nn.Parameter]) -> Iterator[nn.Parameter]:
+    seen: set[int] = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def require_key(batch: Mapping, key: str, owner: str) -> torch.Tensor:
+    """batch[key], or a KeyError that names the key and who needs it."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{owner}: batch must be a dict of tensors, got {type(batch).__name__}")
+    if key not in batch or batch[key] is None:
+        raise KeyError(f"{owner}: batch[{key!r}] is required but missing (batch has keys {sorted(batch)})")
+    return batch[key]
+
+
+def check_shape(x: torch.Tensor, name: str, owner: str, expected: Sequence[int | None]) -> None:
+    """Raise ValueError naming `name` when x's shape does not match `expected` (None = any size)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    ok = x.dim() == len(expected) and all(e is None or s == e for s, e in zip(x.shape, expected))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{owner}: {name} must have shape {want}, got {tuple(x.shape)}")
+
+
+def check_images(images: torch.Tensor, owner: str) -> torch.Tensor:
+    """Shape check of a generator's output (no device sync: values are not inspected)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{owner}: must return a torch.Tensor of images, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{owner}: images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def draw_generator(batch: Mapping, default: torch.Generator | None) -> torch.Generator | None:
+    """The random source for one forward: batch["seed"] (an int, or a 0-d/1-element CPU tensor) makes a fresh
+    CPU generator; else batch["generator"] (a torch.Generator); else the generator given at construction;
+    else None (torch's global RNG)."""
+    seed = batch.get("seed") if isinstance(batch, Mapping) else None
+    if seed is not None:
+        if isinstance(seed, torch.Tensor):
+            if seed.device.type != "cpu":
+                raise ValueError("batch['seed'] must be a Python int or a CPU tensor (a device tensor would sync)")
+            seed = int(seed.reshape(-1)[0])
+        return torch.Generator("cpu").manual_seed(int(seed))
+    g = batch.get("generator") if isinstance(batch, Mapping) else None
+    if g is not None:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"batch['generator'] must be a torch.Generator, got {type(g).__name__}")
+        return g
+    return default
+
+
+def randn(shape, *, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (so a CPU generator gives the same numbers on
+    every device), then moved to `device` in `dtype`."""
+    gen_device = generator.device if generator is not None else torch.device(device)
+    x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)
+
+
+def rand(shape, *, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else torch.device(device)
+    x = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)
+
+
+def randint(low: int, high: int, *, generator: torch.Generator | None) -> int:
+    """A Python int in [low, high] inclusive, drawn on the CPU (never a device sync)."""
+    if high <= low:
+        return low
+    g = generator if (generator is not None and generator.device.type == "cpu") else None
+    if generator is not None and g is None:
+        # A device generator: derive a CPU draw from it without syncing is impossible; use a CPU seed from it.
+        g = torch.Generator("cpu").manual_seed(int(generator.initial_seed()) + 1)
+    return int(torch.randint(low, high + 1, (1,), generator=g).item())

@@ -1,0 +1,120 @@
+"""`UNOStep`: one understanding-supervised training step, dropped into any trainer.
+
+    images = generator(batch)                    # uno/generate  (grad to the generator)
+    inputs = critic.prepare(images)              # uno/bridge    (exactly the critic's image processor)
+    out    = critic(inputs, captions, mask)      # uno/critic    (frozen, input-grad only, checkpointed)
+    loss   = uno_loss(out, batch)                # uno/loss      (fused caption CE + visual regression)
+
+`out.loss.backward()` sends the understanding losses back through the frozen critic into the generator.
+Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
+(`UNOConfig(check_inputs=False)` removes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from uno_engine._profiling import PhaseTimer
+from uno_engine.config import UNOConfig
+
+
+@dataclass
+class UNOOutput:
+    loss: torch.Tensor  # 0-d, carries the graph: out.loss.backward()
+    metrics: dict[str, torch.Tensor]  # detached, on the device until read
+    images: torch.Tensor  # (B, 3, H, W) generated images in config.input_range
+    timer: PhaseTimer | None = field(default=None, repr=False)
+
+    def timings(self) -> dict[str, float]:
+        """Per-phase milliseconds (needs UNOConfig(profile=True); call after loss.backward(); syncs once)."""
+        return self.timer.result() if self.timer is not None else {}
+
+
+class UNOStep(nn.Module):
+    """generator -> bridge -> frozen critic -> UNO losses. `step.parameters()` holds the generator's and the
+    loss heads' parameters (the critic's are frozen); `out = step(batch)` returns a `UNOOutput`.
+
+    Args:
+        generator: nn.Module, batch -> images (B, 3, H, W) in config.input_range with grad (uno_engine.generators).
+        critic: a `uno_engine.Critic` (`Critic.from_hf(model, image_processor)`).
+        loss: a `uno_engine.UNOLoss`; its heads are sized to the critic here.
+        config: `UNOConfig`.
+    """
+
+    def __init__(self, generator: nn.Module, critic: nn.Module, loss: nn.Module, config: UNOConfig | None = None):
+        super().__init__()
+        self.config = config or UNOConfig()
+        self.generator, self.critic, self.uno_loss = generator, critic, loss
+        loss.bind(critic)
+        if self.config.compile:
+            critic.compile_blocks()
+
+    def train(self, mode: bool = True):
+        """Trainers call .train(); the frozen critic stays in eval mode (no dropout, fixed norms)."""
+        super().train(mode)
+        self.critic.eval()
+        return self
+
+    def forward(self, batch: dict) -> UNOOutput:
+        cfg = self.config
+        timer = PhaseTimer(cfg.profile, _device_of(self.critic))
+        with timer.phase("generate"):
+            images = self.generator(batch)
+        if cfg.check_inputs:
+            check_step_inputs(images, batch)
+        with timer.phase("bridge"):
+            inputs = self.critic.prepare(images, input_range=cfg.input_range, clamp=cfg.clamp, backend=cfg.backend)
+        with timer.phase("critic"):
+            out = self.critic(inputs, batch["captions"], batch.get("caption_mask"))
+        with timer.phase("loss"):
+            loss, metrics = self.uno_loss(out, batch, critic=self.critic, backend=cfg.backend,
+                                          input_range=cfg.input_range)
+        timer.on_grad(loss, "grad.loss")
+        timer.on_grad(out.caption_hidden, "grad.caption")
+        timer.on_grad(inputs.pixel_values, "grad.pixels")
+        timer.on_grad(images, "grad.images")
+        return UNOOutput(loss, metrics, images, timer if cfg.profile else None)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_step_inputs(images: torch.Tensor, batch: dict) -> None:
+    """Clear errors, naming the argument, for bad step inputs. Shape and dtype checks are free; the
+    non-finite-image and empty-caption checks share ONE device->host read."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"generator output `images` must be (B, 3, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise TypeError(f"generator output `images` must be a float tensor, got {images.dtype}")
+    captions = batch.get("captions")
+    if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
+        raise ValueError("batch['captions'] must be an int64 tensor (B, L) of caption token ids, got "
+                         f"{tuple(captions.shape) if isinstance(captions, torch.Tensor) else type(captions).__name__}")
+    if captions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"batch['captions'] must hold integer token ids, got {captions.dtype}")
+    if captions.shape[0] != images.shape[0]:
+        raise ValueError(f"batch size differs: generator produced {images.shape[0]} images but batch['captions'] "
+                         f"has {captions.shape[0]} rows")
+    if captions.shape[1] == 0:
+        raise ValueError("batch['captions'] is empty (L == 0): every image needs a caption")
+    mask = batch.get("caption_mask")
+    if mask is not None and tuple(mask.shape) != tuple(captions.shape):
+        raise ValueError(f"batch['caption_mask'] must match batch['captions'] {tuple(captions.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    with torch.no_grad():
+        flags = [~torch.isfinite(images).all()]
+        if mask is not None:
+            flags.append((mask.sum(dim=1) == 0).any())
+        bad = torch.stack(flags).tolist()  # the one host read of the step
+    if bad[0]:
+        raise ValueError("generator output `images` contains NaN or Inf")
+    if len(bad) > 1 and bad[1]:
+        rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"batch['caption_mask'] marks an empty caption (no tokens) in rows {rows}")
