@@ -1,9 +1,9 @@
 """The small base every generator builds on.
 
-A generator is an `nn.Module` whose `forward(batch: dict) -> images` returns `(B, 3, H, W)` images meant to lie in
-`[-1, 1]` (`output_range`), carrying a graph to `trainable_parameters()`. Generators never clamp: a decoder can
-overshoot the range a little, and the bridge (`ops.bridge(..., clamp=...)`) applies the documented clamp policy,
-so the gradient policy at the range edges lives in one place.
+A generator is an `nn.Module` whose `forward(batch: dict) -> images` returns `(B, 3, H, W)` images meant to
+lie in `[-1, 1]` (`output_range`), carrying a graph to `trainable_parameters()`. Generators never clamp: a
+decoder can overshoot the range a little, and the bridge (`ops.bridge(..., clamp=...)`) applies the
+documented clamp policy, so the gradient policy at the range edges lives in one place.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def check_shape(x: torch.Tensor, name: str, owner: str, expected: Sequence[int |
     """Raise ValueError naming `name` when x's shape does not match `expected` (None = any size)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    ok = x.dim() == len(expected) and all(e is None or s == e for s, e in zip(x.shape, expected))
+    ok = x.dim() == len(expected) and all(e is None or s == e for s, e in zip(x.shape, expected, strict=True))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{owner}: {name} must have shape {want}, got {tuple(x.shape)}")
@@ -76,7 +76,9 @@ def draw_generator(batch: Mapping, default: torch.Generator | None) -> torch.Gen
     if seed is not None:
         if isinstance(seed, torch.Tensor):
             if seed.device.type != "cpu":
-                raise ValueError("batch['seed'] must be a Python int or a CPU tensor (a device tensor would sync)")
+                raise ValueError(
+                    "batch['seed'] must be a Python int or a CPU tensor (a device tensor would sync)"
+                )
             seed = int(seed.reshape(-1)[0])
         return torch.Generator("cpu").manual_seed(int(seed))
     g = batch.get("generator") if isinstance(batch, Mapping) else None
@@ -102,11 +104,10 @@ def rand(shape, *, generator: torch.Generator | None, device, dtype=torch.float3
 
 
 def randint(low: int, high: int, *, generator: torch.Generator | None) -> int:
-    """A Python int in [low, high] inclusive, drawn on the CPU (never a device sync)."""
+    """A Python int in [low, high] inclusive, drawn on the CPU (never a device sync): from `generator` when it
+    is a CPU generator, else from torch's global CPU RNG (a CUDA generator cannot give a host int without a
+    sync)."""
     if high <= low:
         return low
     g = generator if (generator is not None and generator.device.type == "cpu") else None
-    if generator is not None and g is None:
-        # A device generator: derive a CPU draw from it without syncing is impossible; use a CPU seed from it.
-        g = torch.Generator("cpu").manual_seed(int(generator.initial_seed()) + 1)
     return int(torch.randint(low, high + 1, (1,), generator=g).item())
