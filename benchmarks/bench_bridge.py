@@ -1,0 +1,167 @@
+"""Benchmark of the image -> critic bridge (issue 3): forward and backward, GB/s against the measured copy
+bandwidth.
+
+Providers: eager reference (`uno_engine.reference.bridge`), torch.compile of it, the HF fast image processor
+on a
+tensor that requires grad (needs torchvision; skipped with the reason otherwise), triton (`ops.bridge`).
+Bytes model: forward = images read once + output written once; backward = grad_out read once + grad_images
+written once + images read once (the clamp policy needs them for its masks).
+CUDA defaults: 8x3x1024x1024 -> Janus 384 and 32x3x512x512 -> SigLIP 224. CPU: small shapes, torch providers
+only.
+
+    python benchmarks/bench_bridge.py [--cases janus,siglip] [--rep 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import env_metadata, measure_ceilings, print_table, time_fn, write_results  # noqa: E402
+
+from uno_engine import ops, reference  # noqa: E402
+from uno_engine.bridge_spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, BridgeSpec  # noqa: E402
+
+JANUS = BridgeSpec(
+    resize="longest_edge",
+    size=(384, 384),
+    min_size=14,
+    pad_to_square=True,
+    background_color=(122, 116, 104),
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+)
+SIGLIP = BridgeSpec(resize="exact", size=(224, 224))
+
+
+def _hf_fast(name):
+    """A fast (torchvision) HF processor or the reason it cannot run."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchvision missing ({type(e).__name__})"
+    try:
+        import transformers
+
+        cls = {"janus": "JanusImageProcessor", "siglip": "SiglipImageProcessor"}[name]
+        proc = getattr(transformers, cls + "Fast", None) or getattr(transformers, cls)
+        return proc(), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="janus,siglip")
+    ap.add_argument("--rep", type=int, default=20 if torch.cuda.is_available() else 3)
+    ap.add_argument(
+        "--cpu-compile", action="store_true", help="also time torch.compile on the CPU (slow build)"
+    )
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    # do_bench replays backward on one graph (retain_graph=True); compiled graphs with donated buffers refuse that
+    torch._functorch.config.donated_buffer = False
+    device = "cuda" if cuda else "cpu"
+    shapes = (
+        {"janus": (8, 1024, 1024), "siglip": (32, 512, 512)}
+        if cuda
+        else {"janus": (1, 128, 96), "siglip": (1, 128, 96)}
+    )
+    specs = {"janus": JANUS, "siglip": SIGLIP}
+    ceil = measure_ceilings(device)
+    print(f"device {env_metadata(device)['device']}: copy {ceil['copy_GBps']:.1f} GB/s")
+    rows = []
+    for name in args.cases.split(","):
+        spec = specs[name]
+        B, H, W = shapes[name]
+        dtype = torch.float32
+        x = (torch.rand(B, 3, H, W, device=device, dtype=dtype) * 2 - 1).requires_grad_()
+        Hc, Wc = spec.output_size(H, W)
+        in_bytes = x.numel() * x.element_size()
+        out_bytes = B * 3 * Hc * Wc * x.element_size()
+        providers = {"eager": lambda t, spec=spec: reference.bridge(t, spec)}
+        if cuda or args.cpu_compile:
+            providers["compile"] = torch.compile(lambda t, spec=spec: reference.bridge(t, spec))
+        else:
+            print(
+                "compile: skipped on the CPU (inductor's C++ build alone exceeds the one-minute CPU budget; "
+                "--cpu-compile runs it)"
+            )
+        if cuda:
+            providers["triton"] = lambda t, spec=spec: ops.bridge(t, spec, backend="triton")
+        else:
+            print("triton: skipped on the CPU (the interpreter is not timed)")
+        proc, why = _hf_fast(name)
+        if proc is None:
+            print(f"hf_fast: skipped ({why})")
+        else:
+
+            def hf(t, proc=proc):
+                u = (t + 1) * 127.5
+                return proc(images=list(u), return_tensors="pt", do_convert_rgb=False)["pixel_values"]
+
+            try:
+                keeps = hf(x[:1]).requires_grad
+            except Exception as e:  # noqa: BLE001
+                keeps, why = False, f"{type(e).__name__}: {e}"
+            if keeps:
+                providers["hf_fast"] = hf
+            else:
+                print(f"hf_fast: skipped (does not keep the graph: {why or 'output has no grad_fn'})")
+        for prov, fn in providers.items():
+            out = fn(x)
+            g = torch.randn_like(out)
+            fwd = time_fn(lambda fn=fn, x=x: fn(x), device=device, rep=args.rep)
+            out = fn(x)
+            bwd = time_fn(
+                lambda out=out, x=x, g=g: torch.autograd.grad(out, x, g, retain_graph=True),
+                device=device,
+                rep=args.rep,
+            )
+            bwd_ms = bwd["median_ms"]
+            row = dict(
+                case=name,
+                provider=prov,
+                shape=f"{B}x3x{H}x{W}->{Hc}x{Wc}",
+                dtype="fp32",
+                fwd_ms=fwd["median_ms"],
+                bwd_ms=bwd_ms,
+                fwd_GBps=(in_bytes + out_bytes) / (fwd["median_ms"] * 1e-3) / 1e9,
+                bwd_GBps=(2 * in_bytes + out_bytes) / (bwd_ms * 1e-3) / 1e9,
+            )
+            row["fwd_frac_copy"] = row["fwd_GBps"] / ceil["copy_GBps"]
+            row["bwd_frac_copy"] = row["bwd_GBps"] / ceil["copy_GBps"]
+            if prov == "triton":
+                (g1,) = torch.autograd.grad(fn(x), x, g)
+                (g2,) = torch.autograd.grad(fn(x), x, g)
+                row["bwd_bit_identical"] = bool(torch.equal(g1, g2))
+                print(f"{name}: triton backward bit-identical across two runs: {row['bwd_bit_identical']}")
+            rows.append(row)
+    print_table(
+        rows,
+        [
+            "case",
+            "provider",
+            "shape",
+            "fwd_ms",
+            "bwd_ms",
+            "fwd_GBps",
+            "bwd_GBps",
+            "fwd_frac_copy",
+            "bwd_frac_copy",
+            "bwd_bit_identical",
+        ],
+        title="bridge (bwd: the backward alone, on a retained graph)",
+    )
+    meta = env_metadata(device)
+    meta.update(ceil)
+    paths = write_results("bench_bridge", rows, meta)
+    print("results:", *paths)
+
+
+if __name__ == "__main__":
+    main()
