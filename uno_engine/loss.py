@@ -13,8 +13,13 @@ patches (mask = 1 - edit_mask) to the source image.
 
 Normalization of the caption CE: "local" divides by this batch's caption tokens; "global" by the token count
 summed over data-parallel ranks (an all_reduce on the device, no host sync) and multiplies by the world size,
-so that DDP's gradient averaging yields the global token mean. `batch["num_caption_tokens"]` (a device scalar)
-overrides both, for gradient accumulation: pass the token count of the whole accumulated batch.
+so that DDP's gradient averaging yields the global token mean (under "global", `metrics["caption_ce"]` on one
+rank is scaled by the world size; average it over ranks to read it).
+
+Gradient accumulation: `batch["num_caption_tokens"]` (a device scalar) replaces the count, with no world-size
+factor applied: pass (caption tokens over all ranks and micro-batches) / world_size, which
+`uno_engine.distributed.accumulation_token_count` computes. `batch["num_images"]` (this rank's images over its
+micro-batches) rescales the per-patch regression terms likewise, so M accumulated micro-batches equal one batch.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class UNOLoss(nn.Module):
             fused = reference.fused_regression if backend == "reference" else ops.fused_regression
             kw = {} if backend == "reference" else {"backend": backend}
             reg_total, per_term = fused(terms, **kw)
+            if batch.get("num_images") is not None:  # accumulation: a micro-batch's share of the whole batch
+                reg_total = reg_total * (out.patch_features.shape[0] / batch["num_images"])
             total = total + reg_total
             for i, name in enumerate(names):
                 metrics[name] = per_term[i]

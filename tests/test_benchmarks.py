@@ -1,0 +1,207 @@
+"""Smoke test of the main benchmark on the CPU: `benchmarks/step_throughput.py` on the tiny preset with very
+few steps, in a subprocess (benchmarks are never imported by tests), then its JSON, `--compare` and `plot.py`.
+
+It checks the plumbing and the figures' consistency, not speed (no timing assertions)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the engine's CPU path is torch
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc
+
+
+def _explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    proc = _run(
+        [
+            str(BENCH / "step_throughput.py"),
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--profile-steps",
+            "1",
+            "--allow-few-steps",
+            "--device",
+            "cpu",
+            "--quick-ceilings",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    assert proc.returncode == 0, _explain(proc)
+    files = sorted(out.glob("step_throughput-tiny-*.json"))
+    assert len(files) == 1, (
+        f"expected one results JSON in {out}, found {[f.name for f in files]}\n" + _explain(proc)
+    )
+    return files[0], proc
+
+
+def test_step_throughput_tiny_writes_results(tiny_results):
+    path, proc = tiny_results
+    data = json.loads(path.read_text())
+    meta, rows = data["meta"], data["rows"]
+    for key in ("device", "date", "commit", "torch", "ceilings", "goals"):
+        assert key in meta, f"meta lacks {key!r}: {sorted(meta)}"
+    assert meta["ceilings"]["matmul_TFLOPs"] > 0 and meta["ceilings"]["copy_GBps"] > 0
+    assert path.with_suffix(".csv").exists()
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"generation-only", "eager", "engine"}, sorted(
+        by
+    )  # compile providers skipped on the CPU
+    assert "compile providers" in proc.stderr  # ... with a printed note
+    for prov, r in by.items():
+        assert not r.get("error"), f"{prov}: {r['error']}"
+        assert r["preset"] == "tiny" and r["batch"] >= 1 and r["steps"] == 2
+        assert r["median_ms"] > 0 and r["images_per_s"] > 0, r
+        assert r["peak_MB"] is not None and r["peak_MB"] > 0, r
+    gen = by["generation-only"]
+    for prov in ("eager", "engine"):
+        r = by[prov]
+        assert r["overhead_ms"] == pytest.approx(r["median_ms"] - gen["median_ms"])
+        assert r["overhead_pct"] == pytest.approx(100 * r["overhead_ms"] / gen["median_ms"])
+        assert r["critic_fwd_GFLOP"] > 0 and r["floor_ms"] > 0
+        assert r["overhead_over_floor"] == pytest.approx(r["overhead_ms"] / r["floor_ms"])
+        for ph in ("generate", "bridge", "critic", "loss", "loss_bwd", "critic_bwd", "bridge_bwd"):
+            assert r[f"phase_{ph}_ms"] >= 0, (prov, ph, r[f"phase_{ph}_ms"])
+        parts = sum(r[f"overhead_{k}_ms"] for k in ("bridge", "critic", "loss", "other"))
+        assert parts == pytest.approx(r["overhead_ms"])
+    assert by["engine"]["time_vs_eager"] == pytest.approx(
+        by["engine"]["median_ms"] / by["eager"]["median_ms"]
+    )
+    # the table is printed at the end
+    assert "median_ms" in proc.stdout and "overhead_pct" in proc.stdout and "engine" in proc.stdout
+
+
+def test_compare_flags_regressions(tiny_results, tmp_path):
+    path, _ = tiny_results
+    same = _run(
+        [str(BENCH / "step_throughput.py"), "--from-results", str(path), "--compare", str(path)], timeout=120
+    )
+    assert same.returncode == 0, _explain(same)
+    assert "compared with" in same.stdout
+    # a committed baseline twice as fast as this run: every time metric is > 10% worse -> exit 1
+    data = json.loads(path.read_text())
+    faster = copy.deepcopy(data)
+    for r in faster["rows"]:
+        r["median_ms"] = r["median_ms"] / 2
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps(faster))
+    worse = _run(
+        [str(BENCH / "step_throughput.py"), "--from-results", str(path), "--compare", str(base)], timeout=120
+    )
+    assert worse.returncode == 1, _explain(worse)
+    assert "WORSE" in worse.stdout
+
+
+def test_rejects_too_few_steps():
+    proc = _run([str(BENCH / "step_throughput.py"), "--steps", "3"], timeout=120)
+    assert proc.returncode == 2 and "--allow-few-steps" in proc.stderr, _explain(proc)
+
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed (an optional `bench` extra)")
+def test_plot_draws_png(tiny_results, tmp_path):
+    path, _ = tiny_results
+    png = tmp_path / "plot.png"
+    proc = _run([str(BENCH / "plot.py"), str(path), "--out", str(png)], timeout=120)
+    assert proc.returncode == 0, _explain(proc)
+    assert png.exists() and png.stat().st_size > 1000
+
+
+@pytest.mark.skipif(HAS_MPL, reason="matplotlib is installed: the no-matplotlib path is not reachable")
+def test_plot_without_matplotlib_exits_cleanly(tiny_results, tmp_path):
+    path, _ = tiny_results
+    proc = _run([str(BENCH / "plot.py"), str(path), "--out", str(tmp_path / "plot.png")], timeout=120)
+    assert proc.returncode == 0, _explain(proc)
+    assert "matplotlib is not installed" in proc.stdout
+
+
+def test_step_throughput_janus_preset(tmp_path):
+    """The unified-model path: tiny Janus as its own critic, with the cached-sampling generator."""
+    proc = _run(
+        [
+            str(BENCH / "step_throughput.py"),
+            "--preset",
+            "tiny-janus",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--profile-steps",
+            "1",
+            "--allow-few-steps",
+            "--device",
+            "cpu",
+            "--quick-ceilings",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert proc.returncode == 0, _explain(proc)
+    rows = json.loads(next(tmp_path.glob("step_throughput-tiny-janus-*.json")).read_text())["rows"]
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"generation-only", "eager", "engine"}, sorted(by)
+    for prov, r in by.items():
+        assert not r.get("error"), f"{prov}: {r['error']}"
+        assert r["median_ms"] > 0 and r["janus_sampling"] == "cached" and r["sample_ms"] > 0, r
+
+
+def test_cached_sampling_janus_matches_janus_generator():
+    """The benchmark's cached-sampling Janus generator computes the same images and generator gradients as
+    JanusGenerator on the same batch (later calls reuse the first call's tokens via batch["gen_tokens"])."""
+    import torch
+
+    from uno_engine.generators import JanusGenerator
+    from uno_engine.presets import build_preset
+
+    preset = build_preset("tiny-janus", janus_sampling="cached")
+    cached = preset.generator
+    plain = JanusGenerator(preset.hf_model)
+    batch = preset.make_batch()
+    params = cached.trainable_parameters()
+    assert params and [id(p) for p in params] == [id(p) for p in plain.trainable_parameters()]
+
+    def run(gen):
+        for p in params:
+            p.grad = None
+        images = gen(batch)
+        images.float().square().mean().backward()
+        return images.detach(), [p.grad.clone() for p in params]
+
+    ref_images, ref_grads = run(plain)
+    run(cached)  # first call: samples (the plain forward) and caches the tokens
+    assert torch.equal(cached.last_tokens, plain.last_tokens)
+    images, grads = run(cached)  # second call: the cached training part only
+    torch.testing.assert_close(images, ref_images, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
