@@ -194,7 +194,7 @@ def main(argv=None):
         print(f"  {'PASS' if value <= limit else 'FAIL'}  {name}: {value:.4g}")
     meta = harness.env_metadata(args.device)
     meta.update(ceilings=ceilings, args=vars(args))
-    paths = harness.write_results("bench_critic", rows, meta, tag=args.preset)
+    paths = harness.write_results("bench_critic", rows, meta, tag=f"{args.preset}-b{B}")
     print("wrote", *paths)
     return rows
 

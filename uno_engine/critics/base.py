@@ -1,0 +1,369 @@
+"""The critic: a frozen understanding model that captions the generated image and exposes its patch features.
+
+`Critic.from_hf(model, image_processor, checkpoint=..., attn_backend=...)` wraps a transformers model and
+returns the family's adapter (LLaVA, Janus, Qwen2-VL / Qwen2.5-VL). The adapter
+
+- freezes the understanding parameters (`requires_grad_(False)`) and keeps them in eval mode (`train()` is a
+  no-op on a critic: dropout never runs in the critic);
+- takes its preprocessing from the model's own image processor (`BridgeSpec.from_image_processor`);
+- assembles the sequence image tokens, then caption tokens (right padded), and returns the LM's final hidden
+  states (after the final norm) at the positions that predict each caption token, the lm_head weight (and
+  bias, softcap), and the vision patch features. The full [B, L, V] logits are never computed.
+
+Only the understanding modules are registered as submodules of the critic (so `critic.parameters()` are the
+frozen ones); the full HF model is kept as `critic.hf_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from uno_engine.critics.attention import check_attn_backend, resolve_attn_backend, set_attention
+from uno_engine.critics.checkpointing import (
+    RECOMPUTED_PROJECTIONS,
+    CheckpointState,
+    check_policy,
+    compile_layers,
+    offload_context,
+    wrap_layers,
+)
+
+__all__ = ["Critic", "CriticInputs", "CriticOutput", "SUPPORTED_CLASSES"]
+
+SUPPORTED_CLASSES = (
+    "LlavaForConditionalGeneration",
+    "JanusForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
+
+
+@dataclass
+class CriticInputs:
+    """What `Critic.prepare` returns and `Critic.forward` takes.
+
+    pixel_values: (B, 3, h, w) for LLaVA / Janus; (B*gh*gw, 3*tps*p*p) pre-patchified for Qwen2-VL.
+    image_grid_thw: (B, 3) int64, Qwen2-VL only.
+    patch_tokens: (B, N, D) patch embeddings already computed by the fused bridge (LLaVA / Janus), or None.
+    """
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor | None = None
+    patch_tokens: torch.Tensor | None = None
+
+
+@dataclass
+class CriticOutput:
+    """caption_hidden: (B, L, H) final-norm hidden states; position l predicts caption token l.
+    caption_labels: (B, L) int64 caption ids, -100 where caption_mask == 0.
+    lm_head_weight: (V, H); lm_head_bias: (V,) or None; logit_softcap: float or None.
+    patch_features: (B, N, Dv) vision patch features (no CLS), N = gh * gw in raster order; grid: (gh, gw)."""
+
+    caption_hidden: torch.Tensor
+    caption_labels: torch.Tensor
+    lm_head_weight: torch.Tensor
+    lm_head_bias: torch.Tensor | None
+    logit_softcap: float | None
+    patch_features: torch.Tensor
+    grid: tuple[int, int]
+
+    def logits(self) -> torch.Tensor:
+        """(B, L, V) caption logits. For tests and debugging only: the engine never materializes them."""
+        logits = self.caption_hidden @ self.lm_head_weight.T
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+class Critic(nn.Module):
+    """Base class of the family adapters. Build one with `Critic.from_hf`."""
+
+    hf_class_names: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------------------------------------- build
+    @staticmethod
+    def from_hf(
+        model: nn.Module, image_processor=None, *, checkpoint: str = "none", attn_backend: str = "auto"
+    ) -> Critic:
+        """Wrap a transformers model as a frozen critic.
+
+        Args:
+            model: LlavaForConditionalGeneration, JanusForConditionalGeneration (its understanding path),
+                Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration.
+            image_processor: the model's HF image processor (its settings define the bridge); may be None when
+                only `forward` on ready pixel_values is used (then `.spec` / `.prepare` raise).
+            checkpoint: "none" | "layer" | "selective" | "offload" (see uno_engine.critics.checkpointing).
+            attn_backend: "auto" | "sdpa" | "flash_attn" | "xformers" | "eager".
+        """
+        check_policy(checkpoint)
+        check_attn_backend(attn_backend)
+        from uno_engine.critics.janus import JanusCritic
+        from uno_engine.critics.llava import LlavaCritic
+        from uno_engine.critics.qwen2_vl import Qwen2VLCritic
+
+        names = {c.__name__ for c in type(model).__mro__}
+        for cls in (LlavaCritic, JanusCritic, Qwen2VLCritic):
+            if names & set(cls.hf_class_names):
+                return cls(model, image_processor, checkpoint=checkpoint, attn_backend=attn_backend)
+        raise TypeError(
+            f"Critic.from_hf: model of class {type(model).__name__} is not supported; supported classes: "
+            + ", ".join(SUPPORTED_CLASSES)
+        )
+
+    def __init__(self, model: nn.Module, image_processor, *, checkpoint: str, attn_backend: str):
+        super().__init__()
+        self.__dict__["hf_model"] = model  # not registered: a unified model's generation side is not ours
+        self.image_processor = image_processor
+        self.checkpoint_policy = check_policy(checkpoint)
+        self.attn_backend = check_attn_backend(attn_backend)
+        self._spec = None
+        self._ckpt = CheckpointState(checkpoint)
+        self._compiled = False
+        self._build()  # family: registers the understanding submodules
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+        device = self.lm_head_weight.device
+        impl, self.attn_reason = resolve_attn_backend(attn_backend, device)
+        self.attn_implementation = set_attention(
+            self._attention_modules(), impl, fallback="sdpa" if attn_backend == "auto" else None
+        )
+        if checkpoint in ("layer", "selective"):
+            wrap_layers(self._checkpoint_layers(), self._recomputed_projections())
+
+    # ------------------------------------------------------------------------------------- family hooks
+    def _build(self):
+        raise NotImplementedError
+
+    def _attention_modules(self) -> dict[str, nn.Module]:
+        """name -> PreTrainedModel whose attention implementation the critic sets."""
+        raise NotImplementedError
+
+    def _checkpoint_layers(self) -> list[nn.Module]:
+        """Vision-encoder layers + LM decoder layers (the checkpoint regions)."""
+        raise NotImplementedError
+
+    def _recomputed_projections(self) -> list[nn.Module]:
+        """Linears whose matmul outputs the "selective" policy recomputes instead of saving (see
+        uno_engine.critics.checkpointing): the attention input projections and each layer's last
+        projection."""
+        out = []
+        for layer in self._checkpoint_layers():
+            for name, mod in layer.named_modules():
+                if isinstance(mod, nn.Linear) and name.split(".")[-1] in RECOMPUTED_PROJECTIONS:
+                    out.append(mod)
+        return out
+
+    def _encode(self, inputs: CriticInputs) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """-> (image_embeds (B, Ni, H) LM-space tokens, patch_features (B, N, Dv), grid)."""
+        raise NotImplementedError
+
+    def _prefix_ids(self, n_image_tokens: int) -> tuple[list[int | None], int]:
+        """Token ids of the image prefix: None marks an image-feature slot. Default: image tokens only."""
+        return [None] * n_image_tokens, n_image_tokens
+
+    def _position_ids(
+        self, inputs: CriticInputs, prefix: list[int | None], batch: int, length: int, device
+    ) -> torch.Tensor | None:
+        return None
+
+    # language model parts, set by _build
+    language_model: nn.Module
+    lm_head: nn.Linear
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def spec(self):
+        """BridgeSpec of the model's own image processor."""
+        if self._spec is None:
+            if self.image_processor is None:
+                raise ValueError(f"{type(self).__name__}: image_processor is None, so there is no BridgeSpec")
+            from uno_engine.bridge_spec import BridgeSpec
+
+            self._spec = BridgeSpec.from_image_processor(self.image_processor)
+        return self._spec
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        return self.lm_head.bias
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head.weight.shape[1]
+
+    @property
+    def vision_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def text_config(self):
+        return self.language_model.config
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return getattr(self.text_config, "final_logit_softcapping", None)
+
+    def train(self, mode: bool = True):
+        """A critic always stays in eval mode (frozen; no dropout)."""
+        return super().train(False)
+
+    # ------------------------------------------------------------------------------------------- running
+    def prepare(
+        self, images: torch.Tensor, *, input_range=(-1.0, 1.0), clamp: str = "clamp", backend: str = "auto"
+    ) -> CriticInputs:
+        """Generated images (B, 3, H, W) in `input_range` -> CriticInputs, differentiably, with the model's
+        own preprocessing. backend "reference" -> uno_engine.reference.bridge, else uno_engine.ops.bridge."""
+        if backend == "reference":
+            from uno_engine import reference
+
+            pixel_values = reference.bridge(images, self.spec, input_range=input_range, clamp=clamp)
+        else:
+            from uno_engine.ops import bridge
+
+            pixel_values = bridge(images, self.spec, input_range=input_range, clamp=clamp, backend=backend)
+        grid_thw = None
+        if getattr(self.spec, "layout", "nchw") == "qwen2_vl":
+            grid_thw = self.spec.image_grid_thw(
+                images.shape[0], images.shape[-2], images.shape[-1], images.device
+            )
+        return CriticInputs(pixel_values=pixel_values, image_grid_thw=grid_thw)
+
+    def encode_patches(self, inputs: CriticInputs) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Vision only -> (patch_features (B, N, Dv), grid (gh, gw))."""
+        _check_inputs(inputs)
+        with self._running():
+            _, feats, grid = self._encode(inputs)
+        return feats, grid
+
+    def forward(
+        self, inputs: CriticInputs, captions: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ) -> CriticOutput:
+        """Run the critic on prepared images and captions.
+
+        Args:
+            inputs: from `prepare` (or built by hand with the processor's pixel layout).
+            captions: (B, L) int64 caption token ids (right padded).
+            caption_mask: (B, L) 1 for real tokens, 0 for padding; None means all real.
+        """
+        if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
+            raise ValueError(f"captions must be a (B, L) int64 tensor, got {_describe(captions)}")
+        if captions.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"captions must hold integer token ids, got dtype {captions.dtype}")
+        if caption_mask is not None and caption_mask.shape != captions.shape:
+            raise ValueError(
+                f"caption_mask must have the shape of captions {tuple(captions.shape)}, "
+                f"got {tuple(caption_mask.shape)}"
+            )
+        _check_inputs(inputs)
+        B, L = captions.shape
+        device = self.lm_head_weight.device
+        captions = captions.to(device=device, dtype=torch.long)
+        with self._running():
+            image_embeds, patch_features, grid = self._encode(inputs)
+            if image_embeds.shape[0] != B:
+                raise ValueError(f"captions has batch size {B} but the images have {image_embeds.shape[0]}")
+            prefix, _ = self._prefix_ids(image_embeds.shape[1])
+            embeds = self._assemble(image_embeds, prefix, captions)
+            P = len(prefix)
+            attention_mask = None
+            if caption_mask is not None:
+                caption_mask = caption_mask.to(device)
+                attention_mask = torch.cat(
+                    [torch.ones(B, P, dtype=torch.long, device=device), caption_mask.long()], dim=1
+                )
+            position_ids = self._position_ids(inputs, prefix, B, P + L, device)
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                return_dict=True,
+            )
+            hidden = out.last_hidden_state
+        labels = captions if caption_mask is None else captions.masked_fill(caption_mask == 0, -100)
+        return CriticOutput(
+            caption_hidden=hidden[:, P - 1 : P - 1 + L],
+            caption_labels=labels,
+            lm_head_weight=self.lm_head_weight,
+            lm_head_bias=self.lm_head_bias,
+            logit_softcap=self.logit_softcap,
+            patch_features=patch_features,
+            grid=grid,
+        )
+
+    def _assemble(self, image_embeds: torch.Tensor, prefix: list[int | None], captions: torch.Tensor):
+        """inputs_embeds (B, P + L, H): the prefix (image features and wrapper tokens), then the captions."""
+        B = captions.shape[0]
+        emb = self.embed_tokens
+        text = emb(captions)
+        image_embeds = image_embeds.to(text.dtype)
+        parts, i, n_img = [], 0, image_embeds.shape[1]
+        while i < len(prefix):
+            if prefix[i] is None:
+                parts.append(image_embeds)
+                i += n_img
+            else:
+                j = i
+                while j < len(prefix) and prefix[j] is not None:
+                    j += 1
+                ids = torch.tensor(prefix[i:j], dtype=torch.long, device=captions.device)
+                parts.append(emb(ids).unsqueeze(0).expand(B, -1, -1))
+                i = j
+        return torch.cat(parts + [text], dim=1)
+
+    def _running(self):
+        """Context of a critic pass: layer checkpointing active, offloading when asked for."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._ckpt.activate())
+        stack.enter_context(offload_context(self.checkpoint_policy, self.lm_head_weight.device))
+        return stack
+
+    # ------------------------------------------------------------------------------------------- compile
+    def compile_blocks(self, **compile_kwargs) -> int:
+        """torch.compile every vision-encoder layer and LM decoder layer, one by one (what
+        `UNOConfig(compile=True)` calls). Keyword arguments go to torch.compile. Returns the number of
+        blocks."""
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+        if (major, minor) < (2, 4) or not hasattr(nn.Module, "compile"):
+            raise RuntimeError(
+                f"compile=True needs torch >= 2.4 (layer-wise compile of non-reentrant checkpoint regions); "
+                f"this is torch {torch.__version__}. Upgrade torch or set UNOConfig(compile=False)."
+            )
+        n = compile_layers(self._checkpoint_layers(), **compile_kwargs)
+        self._compiled = True
+        return n
+
+
+def _check_inputs(inputs) -> None:
+    if not isinstance(inputs, CriticInputs):
+        raise TypeError(f"inputs must be a CriticInputs (from Critic.prepare), got {type(inputs).__name__}")
+    if inputs.patch_tokens is not None:
+        raise ValueError(
+            "inputs.patch_tokens (fused bridge patch embedding) is not consumed by the critics yet: "
+            "pass pixel_values (Critic.prepare does)"
+        )
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"a {type(x).__name__}"

@@ -1,0 +1,228 @@
+"""Activation checkpointing of a frozen critic that runs in eval mode and needs only input gradients.
+
+Policies (`Critic.from_hf(..., checkpoint=...)`), all non-reentrant (`use_reentrant=False`): reentrant
+checkpointing gives no gradients when no input of a region requires grad, and HF's
+`gradient_checkpointing_enable()` acts only in train mode, so the layers are wrapped here instead:
+
+- "none": autograd's own saving. With frozen weights it already skips every weight-gradient matmul and does
+  not keep the inputs of frozen linears (their backward needs only the weight).
+- "layer": `torch.utils.checkpoint.checkpoint` around every vision-encoder layer and every LM decoder layer;
+  only each layer's input is kept and the layer is recomputed in the backward (non-reentrant early stop ends
+  the recomputation as soon as the tensors the backward needs exist again, so a layer's last projection is
+  not redone).
+- "selective": the same regions under `create_selective_checkpoint_contexts`: the outputs of the attention
+  kernels and of the MLP's wide matmuls (up / gate / fc1) are saved; pointwise ops and norms are
+  recomputed, and so are the attention projections (q / k / v / o). Why not save every matmul output: with
+  frozen weights "none" already keeps only what the backward reads (a frozen linear's backward reads no
+  activation), so saving every matmul output keeps about 80% of what "none" keeps. Each attention
+  projection costs about 8% of a layer's FLOPs and frees one (tokens x hidden) tensor per layer;
+  recomputing the four brings the critic to about 55% of "none" at about 1.15x its FLOPs, while the MLP's
+  wide matmuls (the most FLOPs) run once. Each layer's last projection (MLP down / fc2) is not saved
+  either: no backward in the layer reads its output, and non-reentrant early stop never recomputes it.
+- "offload": `torch.autograd.graph.save_on_cpu(pin_memory=True)` around the critic's forward on CUDA; on the
+  CPU the activations already live in host memory, so it is the same as "none".
+
+The layer wrappers act only while a critic's forward runs (`CheckpointState.activate`), by that critic's
+policy: a model shared with a generator (Janus) is checkpointed only on the critic's path, and several critics
+with different policies can wrap the same HF model (benchmarks compare them on the same weights). The module
+tree and state_dict keys are unchanged (the wrapper is an instance attribute `forward`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+CHECKPOINT_POLICIES = ("none", "layer", "selective", "offload")
+# linears (by attribute name) whose matmul outputs "selective" recomputes rather than saves
+RECOMPUTED_PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv",
+    "query",
+    "key",
+    "value",  # attention input projections
+    "o_proj",
+    "out_proj",
+    "proj",
+    "projection_layer",
+    "dense",  # attention output projections
+    "down_proj",
+    "fc2",  # the layer's last projection (never recomputed: early stop)
+)
+
+_aten = torch.ops.aten
+_MATMUL_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+_ATTENTION_OPS = {
+    getattr(_aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    if hasattr(_aten, name)
+}
+
+
+def check_policy(checkpoint: str) -> str:
+    if checkpoint not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_POLICIES}, got {checkpoint!r}")
+    return checkpoint
+
+
+def _is_attention_op(func) -> bool:
+    if func in _ATTENTION_OPS:
+        return True
+    name = str(getattr(func, "_schema", func)).split("(")[0]
+    # custom attention ops of flash-attn and xformers (flash_attn::_flash_attn_forward, xformers::...)
+    return ("flash_attn" in name or "xformers" in name) and "backward" not in name and "bwd" not in name
+
+
+_ACTIVE: list[CheckpointState] = []  # the critic pass running now (innermost last)
+
+
+class CheckpointState:
+    """One critic's policy. The layer wrappers are shared by every critic built on the same HF model and act
+    according to the critic whose forward is running (`activate`); outside any critic pass (e.g. a Janus
+    generator running the shared LM) they call the layer unchanged."""
+
+    def __init__(self, policy: str):
+        self.policy = check_policy(policy)
+        self._in_skip = 0
+        # a functools.partial of a plain function: what torch.compile accepts as a checkpoint context_fn
+        self.context_fn = functools.partial(_selective_contexts, self)
+
+    @contextlib.contextmanager
+    def activate(self):
+        _ACTIVE.append(self)
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()
+
+    @property
+    def active(self) -> bool:
+        return self in _ACTIVE
+
+    def sac_policy(self, ctx, func, *args, **kwargs):
+        """The "selective" policy: save attention kernels and matmuls, except those of the recomputed
+        projections; recompute the rest."""
+        if func in _MATMUL_OPS:
+            return CheckpointPolicy.PREFER_RECOMPUTE if self._in_skip else CheckpointPolicy.MUST_SAVE
+        if _is_attention_op(func):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts(state: CheckpointState):
+    return create_selective_checkpoint_contexts(state.sac_policy)
+
+
+def _current() -> CheckpointState | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def _enter_recomputed(module, args):
+    st = _current()
+    if st is not None:
+        st._in_skip += 1
+
+
+def _exit_recomputed(module, args, output):
+    st = _current()
+    if st is not None:
+        st._in_skip -= 1
+
+
+def wrap_layers(layers: Iterable[nn.Module], recomputed: Iterable[nn.Module] = ()) -> int:
+    """Install the checkpoint wrapper on each module of `layers` (an instance attribute `forward`).
+    Idempotent.
+    `recomputed`: linears whose matmul outputs "selective" recomputes instead of saving.
+    Returns the number of newly wrapped layers."""
+    n = 0
+    for layer in layers:
+        if "_uno_inner" in layer.__dict__:  # already wrapped (by another critic on the same model)
+            continue
+        layer._uno_inner = layer.forward  # the class forward, bound
+
+        def forward(*args, __layer=layer, **kwargs):
+            inner = __layer.__dict__["_uno_inner"]
+            st = _ACTIVE[-1] if _ACTIVE else None
+            if st is None or not torch.is_grad_enabled() or st.policy not in ("layer", "selective"):
+                return inner(*args, **kwargs)
+            if st.policy == "selective":
+                return checkpoint(inner, *args, use_reentrant=False, context_fn=st.context_fn, **kwargs)
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+        n += 1
+    for proj in recomputed:
+        if "_uno_recomputed" not in proj.__dict__:
+            proj._uno_recomputed = True
+            proj.register_forward_pre_hook(_enter_recomputed)
+            proj.register_forward_hook(_exit_recomputed)
+    return n
+
+
+def offload_context(policy: str, device: torch.device):
+    """The context the critic's forward runs in: save_on_cpu for "offload" on CUDA, else nothing."""
+    if policy == "offload" and device.type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
+def compile_layers(layers: Iterable[nn.Module], **compile_kwargs) -> int:
+    """torch.compile each layer's forward, its checkpoint wrapper included (Dynamo traces a non-reentrant
+    checkpoint, selective context included, as one higher-order op). The layer's own forward hooks
+    (transformers' hidden-state capture) stay outside the compiled function."""
+    _make_output_capture_traceable()
+    n = 0
+    for layer in layers:
+        if "_uno_compiled" not in layer.__dict__:
+            layer.forward = torch.compile(layer.forward, **compile_kwargs)
+            layer._uno_compiled = True
+        n += 1
+    return n
+
+
+class _TraceableCollector:
+    """transformers' output-capturing hooks read a ContextVar, which Dynamo cannot trace (a graph break inside
+    every compiled layer). This stand-in delegates to it in eager code and answers "nothing to capture" inside
+    compiled code: hooks of modules *inside* a compiled layer (per-attention outputs) do not capture; the
+    layers' own hooks (hidden states) run outside the compiled function and still do."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def get(self):
+        if torch.compiler.is_compiling():
+            return None
+        return self._inner.get()
+
+    def set(self, value):
+        return self._inner.set(value)
+
+    def reset(self, token):
+        return self._inner.reset(token)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _make_output_capture_traceable():
+    try:
+        from transformers.utils import output_capturing as oc
+    except ImportError:  # layouts without output capturing hooks
+        return
+    collector = getattr(oc, "_active_collector", None)
+    if collector is not None and not isinstance(collector, _TraceableCollector):
+        oc._active_collector = _TraceableCollector(collector)

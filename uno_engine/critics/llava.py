@@ -1,0 +1,70 @@
+"""LLaVA critic: `LlavaForConditionalGeneration` with a CLIP or SigLIP vision tower.
+
+Image tokens are the projector output of `config.vision_feature_layer` (an int, or a list whose hidden states
+are concatenated), with the CLS token dropped when `vision_feature_select_strategy == "default"` (exactly as
+HF). Patch features are the same selected hidden states before the projector, always without a CLS token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from uno_engine.critics.base import Critic, CriticInputs
+
+
+def find_layers(module: nn.Module, names=("layers", "blocks")) -> nn.ModuleList:
+    """The first ModuleList called `layers` / `blocks` under `module` (encoder or decoder layers)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] in names and len(m) > 0:
+            return m
+    raise ValueError(f"no encoder/decoder layer list found in {type(module).__name__}")
+
+
+class LlavaCritic(Critic):
+    hf_class_names = ("LlavaForConditionalGeneration",)
+
+    def _build(self):
+        m = self.hf_model
+        self.vision_tower = m.model.vision_tower
+        self.projector = m.model.multi_modal_projector
+        self.language_model = m.model.language_model
+        self.lm_head = m.lm_head
+        cfg = m.config
+        self.feature_layer = cfg.vision_feature_layer
+        self.select_strategy = cfg.vision_feature_select_strategy
+        vcfg = cfg.vision_config
+        self.patch_size = vcfg.patch_size
+        n_layers = 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
+        self._vision_dim = vcfg.hidden_size * n_layers
+
+    @property
+    def vision_dim(self) -> int:
+        return self._vision_dim
+
+    def _attention_modules(self):
+        return {"vision_tower": self.vision_tower, "language_model": self.language_model}
+
+    def _checkpoint_layers(self):
+        return list(find_layers(self.vision_tower)) + list(find_layers(self.language_model))
+
+    def _encode(self, inputs: CriticInputs):
+        pv = inputs.pixel_values
+        if pv.dim() != 4 or pv.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, h, w) for a LLaVA critic, got {tuple(pv.shape)}")
+        gh, gw = pv.shape[-2] // self.patch_size, pv.shape[-1] // self.patch_size
+        dtype = self.projector.linear_1.weight.dtype
+        out = self.vision_tower(pv.to(dtype), output_hidden_states=True, return_dict=True)
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+        selected = [out.hidden_states[i] for i in layers]
+        del out
+        if self.select_strategy == "default":
+            lm_feats = [h[:, 1:] for h in selected]
+        else:
+            lm_feats = selected
+        lm_feats = torch.cat(lm_feats, dim=-1) if len(lm_feats) > 1 else lm_feats[0]
+        image_embeds = self.projector(lm_feats)
+        n = gh * gw
+        patch = [h[:, h.shape[1] - n :] for h in selected]  # drop a CLS token when the tower has one
+        patch = torch.cat(patch, dim=-1) if len(patch) > 1 else patch[0]
+        return image_embeds, patch, (gh, gw)
