@@ -122,7 +122,7 @@ class UNOLoss(nn.Module):
                 ref_feats, _ = critic.encode_patches(critic.prepare(ref_images, input_range=input_range, backend=backend))
         feats = out.patch_features.float()
         if self.w_density > 0:
-            target = self._target(batch, "density_target", ref_images, out.grid, "density")
+            target = self._target(batch, "density_target", ref_images, out.grid, "density", input_range)
             pred = self.density_head(feats, detach_params=True)
             terms.append(ops.RegressionTerm(pred, target, kind="mse", weight=self.w_density))
             names.append("density")
@@ -143,7 +143,7 @@ class UNOLoss(nn.Module):
                                                 mask=keep))
                 names.append("structure")
             else:
-                target = self._target(batch, "structure_target", ref_images, out.grid, "structure")
+                target = self._target(batch, "structure_target", ref_images, out.grid, "structure", input_range)
                 pred = self.structure_head(feats, detach_params=True)
                 terms.append(ops.RegressionTerm(pred, target, kind="mse", weight=self.w_structure, mask=keep))
                 names.append("structure")
@@ -154,12 +154,14 @@ class UNOLoss(nn.Module):
         return terms, names
 
     @staticmethod
-    def _target(batch, key, ref_images, grid, kind):
+    def _target(batch, key, ref_images, grid, kind, input_range):
         from uno_engine import targets
 
         if batch.get(key) is not None:
             return batch[key].float()
         if ref_images is None:
             raise ValueError(f"UNOLoss: the {kind} term needs batch['{key}'] (B, N) or batch['reference_images']")
+        lo, hi = input_range
+        images = (ref_images.float() - lo) * (2.0 / (hi - lo)) - 1.0  # targets take images in [-1, 1]
         fn = targets.density_targets if kind == "density" else targets.structure_targets
-        return fn(ref_images.float(), grid).float()  # targets take images in [-1, 1]
+        return fn(images, grid).float()
