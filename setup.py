@@ -38,7 +38,9 @@ if os.environ.get("UNO_SKIP_EXT", "0") != "1":
                 )
             )
     except ImportError as e:  # pybind11 missing: still install the Python package
-        warnings.warn(f"uno_engine: pybind11 not available ({e}); skipping the uno_engine._C build", stacklevel=1)
+        warnings.warn(
+            f"uno_engine: pybind11 not available ({e}); skipping the uno_engine._C build", stacklevel=1
+        )
 
 
 class OptionalBuildExt(build_ext):
@@ -48,7 +50,9 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as e:  # noqa: BLE001
-            warnings.warn(f"uno_engine: building uno_engine._C failed ({e}); using the Python fallback", stacklevel=1)
+            warnings.warn(
+                f"uno_engine: building uno_engine._C failed ({e}); using the Python fallback", stacklevel=1
+            )
 
     def build_extension(self, ext):
         try:
@@ -58,7 +62,9 @@ class OptionalBuildExt(build_ext):
                 warnings.warn(f"uno_engine: static C++ runtime link failed ({e}); retrying", stacklevel=1)
                 ext.extra_link_args = [f for f in ext.extra_link_args if f not in STATIC_RUNTIME]
                 return self.build_extension(ext)
-            warnings.warn(f"uno_engine: building {ext.name} failed ({e}); using the Python fallback", stacklevel=1)
+            warnings.warn(
+                f"uno_engine: building {ext.name} failed ({e}); using the Python fallback", stacklevel=1
+            )
 
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

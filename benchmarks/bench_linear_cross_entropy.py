@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
-    env_metadata, measure_ceilings, print_table, progress, time_fn, write_results)
+from harness import env_metadata, measure_ceilings, print_table, progress, time_fn, write_results  # noqa: E402
 
 from uno_engine import _optional  # noqa: E402
 from uno_engine.ops import linear_cross_entropy  # noqa: E402
@@ -58,16 +57,24 @@ def _make_providers(device: str) -> dict:
         cce = _optional.cut_cross_entropy.module
         out["cce_exact"] = (lambda h, w, y: cce.linear_cross_entropy(h, w, y, impl="cce_exact"), None)
     else:
-        out["cce_exact"] = (None, "needs CUDA and cut-cross-entropy" if _optional.cut_cross_entropy.available
-                            else f"cut-cross-entropy not importable ({_optional.cut_cross_entropy.error})")
+        out["cce_exact"] = (
+            None,
+            "needs CUDA and cut-cross-entropy"
+            if _optional.cut_cross_entropy.available
+            else f"cut-cross-entropy not importable ({_optional.cut_cross_entropy.error})",
+        )
     if _optional.liger_kernel.available and cuda:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss()
         out["liger"] = (lambda h, w, y: liger(w, h, y), None)
     else:
-        out["liger"] = (None, "needs CUDA and liger-kernel" if _optional.liger_kernel.available
-                        else f"liger-kernel not importable ({_optional.liger_kernel.error})")
+        out["liger"] = (
+            None,
+            "needs CUDA and liger-kernel"
+            if _optional.liger_kernel.available
+            else f"liger-kernel not importable ({_optional.liger_kernel.error})",
+        )
     backend = "auto" if cuda else "torch"
     out["ours"] = (lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend), None)
     return out
@@ -111,8 +118,12 @@ def main(argv=None):
     p.add_argument("--v", type=int, default=152064 if cuda else 8000)
     p.add_argument("--h", type=int, default=3584 if cuda else 256)
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS,
-                   default=list(ALL_PROVIDERS) if cuda else ["eager", "native", "ours"])
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=ALL_PROVIDERS,
+        default=list(ALL_PROVIDERS) if cuda else ["eager", "native", "ours"],
+    )
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
@@ -124,7 +135,7 @@ def main(argv=None):
     providers = _make_providers(device)
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
-    weight = (torch.randn(args.v, args.h, device=device, dtype=dtype, generator=g) / args.h**0.5)
+    weight = torch.randn(args.v, args.h, device=device, dtype=dtype, generator=g) / args.h**0.5
     for n in args.n:
         hidden = torch.randn(n, args.h, device=device, dtype=dtype, generator=g).requires_grad_(True)
         labels = torch.randint(0, args.v, (n,), device=device, generator=g)
@@ -137,7 +148,7 @@ def main(argv=None):
                 rows.append({**row, "skipped": why})
                 continue
 
-            def step(fn=fn):
+            def step(fn=fn, hidden=hidden, labels=labels):
                 hidden.grad = None
                 fn(hidden, weight, labels).backward()
 
@@ -151,23 +162,46 @@ def main(argv=None):
                     torch.cuda.empty_cache()
                 continue
             tflops = 2 * (2 * n * args.v * args.h) / (t["median_ms"] * 1e-3) / 1e12
-            rows.append({**row, "fwd_bwd_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
-                         "model_TFLOPs": tflops,
-                         "pct_of_matmul_ceiling": 100 * tflops / ceilings["matmul_TFLOPs"],
-                         "peak_extra_MiB": extra / 2**20, "pct_of_fp32_logits": 100 * extra / logits_bytes})
+            rows.append(
+                {
+                    **row,
+                    "fwd_bwd_ms": t["median_ms"],
+                    "p20_ms": t["p20_ms"],
+                    "p80_ms": t["p80_ms"],
+                    "model_TFLOPs": tflops,
+                    "pct_of_matmul_ceiling": 100 * tflops / ceilings["matmul_TFLOPs"],
+                    "peak_extra_MiB": extra / 2**20,
+                    "pct_of_fp32_logits": 100 * extra / logits_bytes,
+                }
+            )
             hidden.grad = None
             if device == "cuda":
                 torch.cuda.empty_cache()
-        eager = next((r for r in rows if r["N"] == n and r["provider"] == "eager" and "fwd_bwd_ms" in r),
-                     None)
+        eager = next(
+            (r for r in rows if r["N"] == n and r["provider"] == "eager" and "fwd_bwd_ms" in r), None
+        )
         for r in rows:
             if r["N"] == n and eager and "fwd_bwd_ms" in r:
                 r["time_vs_eager"] = r["fwd_bwd_ms"] / eager["fwd_bwd_ms"]
-    print(f"device: {meta['device']}  matmul ceiling {ceilings['matmul_TFLOPs']:.1f} TFLOP/s "
-          f"({ceilings['matmul_dtype']}), copy {ceilings['copy_GBps']:.0f} GB/s")
-    print_table(rows, ["provider", "N", "fwd_bwd_ms", "time_vs_eager", "model_TFLOPs",
-                       "pct_of_matmul_ceiling", "peak_extra_MiB", "pct_of_fp32_logits", "skipped"],
-                title=f"linear_cross_entropy fwd+bwd, frozen head, V={args.v}, H={args.h}, {args.dtype}")
+    print(
+        f"device: {meta['device']}  matmul ceiling {ceilings['matmul_TFLOPs']:.1f} TFLOP/s "
+        f"({ceilings['matmul_dtype']}), copy {ceilings['copy_GBps']:.0f} GB/s"
+    )
+    print_table(
+        rows,
+        [
+            "provider",
+            "N",
+            "fwd_bwd_ms",
+            "time_vs_eager",
+            "model_TFLOPs",
+            "pct_of_matmul_ceiling",
+            "peak_extra_MiB",
+            "pct_of_fp32_logits",
+            "skipped",
+        ],
+        title=f"linear_cross_entropy fwd+bwd, frozen head, V={args.v}, H={args.h}, {args.dtype}",
+    )
     paths = write_results("linear_cross_entropy", rows, meta, tag=args.tag)
     print("results:", *paths)
 

@@ -41,10 +41,16 @@ def device_name(device: str | torch.device | None = None) -> str:
 def _commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha or "unknown") + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001
         return "unknown"
@@ -61,7 +67,15 @@ def env_metadata(device: str | None = None) -> dict:
         "cuda": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
     }
-    for mod in ("triton", "transformers", "diffusers", "xformers", "flash_attn", "liger_kernel", "cut_cross_entropy"):
+    for mod in (
+        "triton",
+        "transformers",
+        "diffusers",
+        "xformers",
+        "flash_attn",
+        "liger_kernel",
+        "cut_cross_entropy",
+    ):
         try:
             m = __import__(mod)
             meta[mod] = getattr(m, "__version__", "installed")
@@ -85,8 +99,14 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], *, device: str | None = None, warmup: int = 3, rep: int = 10,
-            grad_to_none: list[torch.Tensor] | None = None) -> dict:
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    device: str | None = None,
+    warmup: int = 3,
+    rep: int = 10,
+    grad_to_none: list[torch.Tensor] | None = None,
+) -> dict:
     """Time `fn()`; returns {"median_ms", "p20_ms", "p80_ms", "n"}.
 
     On CUDA: triton.testing.do_bench (CUDA events, L2 flushed between runs); `warmup`/`rep` are run counts here
@@ -102,8 +122,13 @@ def time_fn(fn: Callable[[], object], *, device: str | None = None, warmup: int 
         fn()
         torch.cuda.synchronize()
         est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
-        q = triton.testing.do_bench(fn, warmup=max(25, int(est_ms * warmup)), rep=max(100, int(est_ms * rep)),
-                                    grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+        q = triton.testing.do_bench(
+            fn,
+            warmup=max(25, int(est_ms * warmup)),
+            rep=max(100, int(est_ms * rep)),
+            grad_to_none=grad_to_none,
+            quantiles=[0.5, 0.2, 0.8],
+        )
         return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "n": rep}
     for _ in range(warmup):
         fn()
@@ -116,12 +141,17 @@ def time_fn(fn: Callable[[], object], *, device: str | None = None, warmup: int 
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return {"median_ms": statistics.median(times), "p20_ms": times[int(0.2 * (len(times) - 1))],
-            "p80_ms": times[int(0.8 * (len(times) - 1))], "n": rep}
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": times[int(0.2 * (len(times) - 1))],
+        "p80_ms": times[int(0.8 * (len(times) - 1))],
+        "n": rep,
+    }
 
 
-def measure_ceilings(device: str | None = None, *, copy_bytes: int | None = None,
-                     matmul_n: int | None = None) -> dict:
+def measure_ceilings(
+    device: str | None = None, *, copy_bytes: int | None = None, matmul_n: int | None = None
+) -> dict:
     """Measured ceilings of this device: copy bandwidth in GB/s (bytes read + written) and matmul TFLOP/s
     (bf16 on CUDA, fp32 on the CPU), each the median of several runs on random data. `copy_bytes` and
     `matmul_n` override the sizes (defaults: 2 GiB and 8192 on CUDA, 256 MiB and 1024 on the CPU; smaller
@@ -131,7 +161,7 @@ def measure_ceilings(device: str | None = None, *, copy_bytes: int | None = None
     n_bytes = copy_bytes or ((2 << 30) if cuda else (256 << 20))
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy = time_fn(lambda: dst.copy_(src), device=device, warmup=3, rep=20)
+    copy = time_fn(lambda: dst.copy_(src), device=device, warmup=3, rep=20)  # noqa: F821 (deleted after)
     copy_gbps = 2 * n_bytes / (copy["median_ms"] * 1e-3) / 1e9
     del src, dst
     n = matmul_n or (8192 if cuda else 1024)
@@ -143,8 +173,14 @@ def measure_ceilings(device: str | None = None, *, copy_bytes: int | None = None
     return {"copy_GBps": copy_gbps, "matmul_TFLOPs": tflops, "matmul_dtype": str(dtype).replace("torch.", "")}
 
 
-def write_results(name: str, rows: list[dict], meta: dict | None = None, *, out_dir: Path | None = None,
-                  tag: str | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str,
+    rows: list[dict],
+    meta: dict | None = None,
+    *,
+    out_dir: Path | None = None,
+    tag: str | None = None,
+) -> tuple[Path, Path]:
     """Write `rows` (flat dicts) as JSON (with `meta`) and CSV; returns the two paths.
 
     Files: results/<name>[-<tag>]-<device slug>.json/.csv, overwritten by a newer run on the same device."""
@@ -169,16 +205,21 @@ def write_results(name: str, rows: list[dict], meta: dict | None = None, *, out_
 
 def print_table(rows: list[dict], columns: list[str], title: str | None = None) -> str:
     """Print rows as an aligned text table (and return it)."""
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ([title] if title else []) + ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-                                          "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ([title] if title else []) + [
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     text = "\n".join(lines)
     print(text)
     return text
@@ -192,13 +233,24 @@ def _quantile_summary(times_ms: list[float]) -> dict:
     s = sorted(times_ms)
     if not s:
         return {"median_ms": None, "p20_ms": None, "p80_ms": None, "n": 0, "times_ms": []}
-    return {"median_ms": statistics.median(s), "p20_ms": s[int(0.2 * (len(s) - 1))],
-            "p80_ms": s[int(0.8 * (len(s) - 1))], "n": len(s), "times_ms": list(times_ms)}
+    return {
+        "median_ms": statistics.median(s),
+        "p20_ms": s[int(0.2 * (len(s) - 1))],
+        "p80_ms": s[int(0.8 * (len(s) - 1))],
+        "n": len(s),
+        "times_ms": list(times_ms),
+    }
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int = 2,
-                     device: str | None = None, before: Callable[[str], None] | None = None,
-                     desc: str | None = None) -> dict[str, dict]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    steps: int,
+    warmup: int = 2,
+    device: str | None = None,
+    before: Callable[[str], None] | None = None,
+    desc: str | None = None,
+) -> dict[str, dict]:
     """Time several whole-step callables side by side: `warmup` untimed calls of each, then `steps` rounds,
     each calling every fn once (in order), so that drift of the machine (clocks, other load) hits them alike.
 
@@ -237,11 +289,24 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, steps: int, warmup
     return {name: _quantile_summary(times[name]) for name in names}
 
 
-def time_steps(fn: Callable[[], object], *, steps: int, warmup: int = 2, device: str | None = None,
-               before: Callable[[], None] | None = None, desc: str | None = None) -> dict:
+def time_steps(
+    fn: Callable[[], object],
+    *,
+    steps: int,
+    warmup: int = 2,
+    device: str | None = None,
+    before: Callable[[], None] | None = None,
+    desc: str | None = None,
+) -> dict:
     """`time_interleaved` for one callable: the median of `steps` individually timed calls after warm-up."""
-    return time_interleaved({"fn": fn}, steps=steps, warmup=warmup, device=device,
-                            before=(lambda _n: before()) if before else None, desc=desc)["fn"]
+    return time_interleaved(
+        {"fn": fn},
+        steps=steps,
+        warmup=warmup,
+        device=device,
+        before=(lambda _n: before()) if before else None,
+        desc=desc,
+    )["fn"]
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -260,8 +325,15 @@ def free_device_memory(device: str | None = None):
         torch.cuda.empty_cache()
 
 
-def largest_batch(try_batch: Callable[[int], object], *, start: int, max_trials: int = 8, cap: int = 4096,
-                  time_budget_s: float | None = None, device: str | None = None) -> dict:
+def largest_batch(
+    try_batch: Callable[[int], object],
+    *,
+    start: int,
+    max_trials: int = 8,
+    cap: int = 4096,
+    time_budget_s: float | None = None,
+    device: str | None = None,
+) -> dict:
     """The largest batch size b for which `try_batch(b)` does not run out of memory: double from `start`
     until the first OOM (or `cap`; halve instead if `start` itself runs out), then bisect between the last
     fit and the first OOM. Bounded by
@@ -315,13 +387,25 @@ def largest_batch(try_batch: Callable[[int], object], *, start: int, max_trials:
 
 
 # metric name -> +1 if higher is better, -1 if lower is better
-DEFAULT_COMPARE_METRICS = {"median_ms": -1, "images_per_s": +1, "peak_MB": -1, "overhead_ms": -1,
-                           "max_batch": +1, "GBps": +1, "TFLOPs": +1}
+DEFAULT_COMPARE_METRICS = {
+    "median_ms": -1,
+    "images_per_s": +1,
+    "peak_MB": -1,
+    "overhead_ms": -1,
+    "max_batch": +1,
+    "GBps": +1,
+    "TFLOPs": +1,
+}
 
 
-def compare_results(rows: list[dict], baseline_path: str | Path, *, keys: tuple[str, ...],
-                    metrics: dict[str, int] | None = None,
-                    tolerance: float = 0.10) -> tuple[list[dict], bool]:
+def compare_results(
+    rows: list[dict],
+    baseline_path: str | Path,
+    *,
+    keys: tuple[str, ...],
+    metrics: dict[str, int] | None = None,
+    tolerance: float = 0.10,
+) -> tuple[list[dict], bool]:
     """Compare `rows` with the rows of a results JSON written by `write_results`, matched on `keys`.
 
     For each metric present (and numeric) in both: ratio current/baseline and whether it is more than
@@ -343,6 +427,14 @@ def compare_results(rows: list[dict], baseline_path: str | Path, *, keys: tuple[
             ratio = cur / old
             worse = (ratio > 1 + tolerance) if sign < 0 else (ratio < 1 - tolerance)
             any_worse |= worse
-            out.append({**{k: r.get(k) for k in keys}, "metric": m, "baseline": old, "current": cur,
-                        "ratio": ratio, "status": "WORSE" if worse else "ok"})
+            out.append(
+                {
+                    **{k: r.get(k) for k in keys},
+                    "metric": m,
+                    "baseline": old,
+                    "current": cur,
+                    "ratio": ratio,
+                    "status": "WORSE" if worse else "ok",
+                }
+            )
     return out, any_worse

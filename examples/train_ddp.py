@@ -28,20 +28,27 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--critic", default="tiny-llava-clip")
     p.add_argument("--critic-checkpoint", default="none", help="none | layer | selective | offload")
-    p.add_argument("--generator", default="tiny-sd",
-                   help="a generator preset, or 'tiny-sd-onestep' (deterministic)")
+    p.add_argument(
+        "--generator", default="tiny-sd", help="a generator preset, or 'tiny-sd-onestep' (deterministic)"
+    )
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--global-batch", type=int, default=4, help="images per step over all ranks")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step on each rank")
     p.add_argument("--caption-len", type=int, default=6)
-    p.add_argument("--density", type=float, default=0.5,
-                   help="density-regression weight (0: caption CE only)")
+    p.add_argument(
+        "--density", type=float, default=0.5, help="density-regression weight (0: caption CE only)"
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dump", default=None,
-                   help="save the first step's loss and generator grads here (rank 0)")
-    p.add_argument("--fail-rank", type=int, default=None,
-                   help="raise an out-of-memory error on this rank in step 0 (failure drill)")
+    p.add_argument(
+        "--dump", default=None, help="save the first step's loss and generator grads here (rank 0)"
+    )
+    p.add_argument(
+        "--fail-rank",
+        type=int,
+        default=None,
+        help="raise an out-of-memory error on this rank in step 0 (failure drill)",
+    )
     return p.parse_args(argv)
 
 

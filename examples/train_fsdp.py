@@ -36,8 +36,11 @@ def main(argv=None):
         D.data_parallel(step, mode="fsdp", shard_critic=ours.shard_critic)
     if env.is_main:
         local, full = _critic_numel(step.critic)
-        print(f"critic parameters held per rank: {local} of {full} "
-              f"({'sharded' if ours.shard_critic and env.world_size > 1 else 'replicated'})", flush=True)
+        print(
+            f"critic parameters held per rank: {local} of {full} "
+            f"({'sharded' if ours.shard_critic and env.world_size > 1 else 'replicated'})",
+            flush=True,
+        )
     optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=args.lr)
     train(args, env, step, make_batch, optimizer)
 

@@ -12,5 +12,7 @@ if __name__ != "uno_engine.kernels":
     __file__ = None  # noqa: A001  (see the docstring)
 
     def __getattr__(name):
-        raise AttributeError(f"top-level `kernels` here is uno_engine's kernel folder, not a library: "
-                             f"import uno_engine.kernels instead (no attribute {name!r})")
+        raise AttributeError(
+            f"top-level `kernels` here is uno_engine's kernel folder, not a library: "
+            f"import uno_engine.kernels instead (no attribute {name!r})"
+        )

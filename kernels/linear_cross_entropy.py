@@ -49,12 +49,25 @@ def _tanh(x):
 
 @triton.jit
 def _logit_tile(
-    h_ptr, w_ptr, b_ptr,
-    rows, cols, row_mask, col_mask,
-    H, stride_hn, stride_hh, stride_wv, stride_wh,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
     softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """(BLOCK_N, BLOCK_V) tile of logits in fp32, and tanh(x / softcap) (or x itself without softcap)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -62,10 +75,16 @@ def _logit_tile(
     for k0 in range(0, H, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < H
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hh,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
-                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hh,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
+            mask=col_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -78,18 +97,28 @@ def _logit_tile(
 
 @triton.jit
 def _lce_fwd_kernel(
-    part_ptr,            # (4, S, N) fp32 out: running max, sum exp(z - max), target logit, sum of logits
-    h_ptr,               # (N, H) hidden
-    w_ptr,               # (V, H) weight
-    b_ptr,               # (V,) bias (unused without HAS_BIAS)
-    labels_ptr,          # (N,) int64
-    N, V, H,
-    stride_hn, stride_hh, stride_wv, stride_wh,
-    tiles_per_split,     # vocabulary tiles handled by one program
-    softcap,             # float (unused without HAS_SOFTCAP)
+    part_ptr,  # (4, S, N) fp32 out: running max, sum exp(z - max), target logit, sum of logits
+    h_ptr,  # (N, H) hidden
+    w_ptr,  # (V, H) weight
+    b_ptr,  # (V,) bias (unused without HAS_BIAS)
+    labels_ptr,  # (N,) int64
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    tiles_per_split,  # vocabulary tiles handled by one program
+    softcap,  # float (unused without HAS_SOFTCAP)
     ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    NEED_ZSUM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -106,9 +135,27 @@ def _lce_fwd_kernel(
         # The launcher makes the first tile of every split hold a valid column, so m is finite after it.
         cols = (split * tiles_per_split + t) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z, _ = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
-                           stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        z, _ = _logit_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+            DOT_PRECISION,
+        )
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -127,19 +174,31 @@ def _lce_fwd_kernel(
 
 @triton.jit
 def _lce_dlogits_kernel(
-    dz_ptr,              # (C, V) out, input dtype: dloss/dz before the upstream gradient (0 for ignored rows)
-    h_ptr,               # (C, H) hidden rows of this chunk
-    w_ptr,               # (V, H)
-    b_ptr,               # (V,)
-    labels_ptr,          # (C,) int64
-    lse_ptr,             # (2, N) fp32 from the forward, offset to the chunk: row max m and log sum exp(z - m)
-    n_rows, V, H,
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_lse,
-    softcap, ignore_index,
-    smoothing,           # label smoothing eps
-    z_coef,              # 2 * z_loss
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dz_ptr,  # (C, V) out, input dtype: dloss/dz before the upstream gradient (0 for ignored rows)
+    h_ptr,  # (C, H) hidden rows of this chunk
+    w_ptr,  # (V, H)
+    b_ptr,  # (V,)
+    labels_ptr,  # (C,) int64
+    lse_ptr,  # (2, N) fp32 from the forward, offset to the chunk: row max m and log sum exp(z - m)
+    n_rows,
+    V,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_dzn,
+    stride_lse,
+    softcap,
+    ignore_index,
+    smoothing,  # label smoothing eps
+    z_coef,  # 2 * z_loss
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
@@ -147,9 +206,27 @@ def _lce_dlogits_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
     col_mask = cols < V
-    z, t = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
-                       stride_hn, stride_hh, stride_wv, stride_wh, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    z, t = _logit_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        H,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+        DOT_PRECISION,
+    )
     m = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     log_s = tl.load(lse_ptr + stride_lse + rows, mask=row_mask, other=0.0)
     lse = m + log_s
@@ -163,21 +240,32 @@ def _lce_dlogits_kernel(
         u = u * (1.0 - t * t)
     valid = row_mask & (y != ignore_index)
     u = tl.where(valid[:, None] & col_mask[None, :], u, 0.0)
-    tl.store(dz_ptr + rows[:, None] * stride_dzn + cols[None, :], u.to(dz_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dzn + cols[None, :],
+        u.to(dz_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
 @triton.jit
 def _lce_dweight_kernel(
-    dw_ptr,              # (V, H) fp32 accumulator, contiguous (unused without NEED_DW)
-    db_ptr,              # (V,) fp32 accumulator (unused without NEED_DB)
-    dz_ptr,              # (C, V) from _lce_dlogits_kernel
-    h_ptr,               # (C, H)
-    g_ptr,               # (C,) fp32 upstream gradient per token
-    n_rows, V, H,
-    stride_dzn, stride_hn, stride_hh,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dw_ptr,  # (V, H) fp32 accumulator, contiguous (unused without NEED_DW)
+    db_ptr,  # (V,) fp32 accumulator (unused without NEED_DB)
+    dz_ptr,  # (C, V) from _lce_dlogits_kernel
+    h_ptr,  # (C, H)
+    g_ptr,  # (C,) fp32 upstream gradient per token
+    n_rows,
+    V,
+    H,
+    stride_dzn,
+    stride_hn,
+    stride_hh,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
@@ -192,13 +280,22 @@ def _lce_dweight_kernel(
         r = k0 + offs_k
         r_mask = r < n_rows
         g = tl.load(g_ptr + r, mask=r_mask, other=0.0)
-        u = tl.load(dz_ptr + r[None, :] * stride_dzn + cols_v[:, None],
-                    mask=r_mask[None, :] & v_mask[:, None], other=0.0).to(tl.float32) * g[None, :]
+        u = (
+            tl.load(
+                dz_ptr + r[None, :] * stride_dzn + cols_v[:, None],
+                mask=r_mask[None, :] & v_mask[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            * g[None, :]
+        )
         if NEED_DB:
             db += tl.sum(u, axis=1)
         if NEED_DW:
-            h = tl.load(h_ptr + r[:, None] * stride_hn + cols_h[None, :] * stride_hh,
-                        mask=r_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            h = tl.load(
+                h_ptr + r[:, None] * stride_hn + cols_h[None, :] * stride_hh,
+                mask=r_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             acc = tl.dot(u, h, acc, input_precision=DOT_PRECISION)
     if NEED_DW:
         ptrs = dw_ptr + cols_v[:, None] * H + cols_h[None, :]
@@ -224,13 +321,28 @@ def _settings(N: int, V: int, H: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and stages for the logit-tile kernels (one helper; no autotuning)."""
     if _interpreting():
         # Numpy runs each program in turn: few, mid-sized programs are fastest and still cover the masks.
-        return dict(BLOCK_N=max(16, min(32, _np2(N))), BLOCK_V=max(16, min(128, _np2(V))),
-                    BLOCK_K=max(16, min(64, _np2(H))), num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_N=max(16, min(32, _np2(N))),
+            BLOCK_V=max(16, min(128, _np2(V))),
+            BLOCK_K=max(16, min(64, _np2(H))),
+            num_warps=4,
+            num_stages=1,
+        )
     if dtype == torch.float32:
-        return dict(BLOCK_N=max(16, min(64, _np2(N))), BLOCK_V=max(16, min(128, _np2(V))),
-                    BLOCK_K=max(16, min(32, _np2(H))), num_warps=8, num_stages=3)
-    return dict(BLOCK_N=max(16, min(128, _np2(N))), BLOCK_V=max(16, min(128, _np2(V))),
-                BLOCK_K=max(16, min(64, _np2(H))), num_warps=8, num_stages=3)
+        return dict(
+            BLOCK_N=max(16, min(64, _np2(N))),
+            BLOCK_V=max(16, min(128, _np2(V))),
+            BLOCK_K=max(16, min(32, _np2(H))),
+            num_warps=8,
+            num_stages=3,
+        )
+    return dict(
+        BLOCK_N=max(16, min(128, _np2(N))),
+        BLOCK_V=max(16, min(128, _np2(V))),
+        BLOCK_K=max(16, min(64, _np2(H))),
+        num_warps=8,
+        num_stages=3,
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -259,8 +371,15 @@ def backward_chunk_rows(N: int, V: int, elem_size: int, block_n: int) -> int:
 
 
 def linear_cross_entropy_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, *,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss and log-sum-exp.
 
@@ -278,12 +397,30 @@ def linear_cross_entropy_forward(
     splits, per_split = _n_splits(n_blocks, triton.cdiv(V, cfg["BLOCK_V"]), hidden.device)
     part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
     _lce_fwd_kernel[(n_blocks, splits)](
-        part, hidden, weight, bias if bias is not None else hidden, labels,
-        N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        per_split, float(softcap or 1.0), ignore_index,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_ZSUM=label_smoothing > 0,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        part,
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        labels,
+        N,
+        V,
+        H,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        per_split,
+        float(softcap or 1.0),
+        ignore_index,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        NEED_ZSUM=label_smoothing > 0,
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_K=cfg["BLOCK_K"],
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     m, s, tgt, zsum = part.unbind(0)
     m_max = m.amax(0)
@@ -300,9 +437,20 @@ def linear_cross_entropy_forward(
 
 
 def linear_cross_entropy_backward(
-    g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-    bias: torch.Tensor | None, lse: torch.Tensor, *, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: float | None, need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    g: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients for an upstream gradient g of the per-token losses.
 
@@ -330,13 +478,33 @@ def linear_cross_entropy_backward(
         h_c = hidden[c0:c1]
         dz_c = dz[:n]
         _lce_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(V, bv))](
-            dz_c, h_c, weight, bias if bias is not None else hidden, labels[c0:c1], lse[:, c0:c1],
-            n, V, H, h_c.stride(0), h_c.stride(1), weight.stride(0), weight.stride(1), dz_c.stride(0),
+            dz_c,
+            h_c,
+            weight,
+            bias if bias is not None else hidden,
+            labels[c0:c1],
+            lse[:, c0:c1],
+            n,
+            V,
+            H,
+            h_c.stride(0),
+            h_c.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            dz_c.stride(0),
             lse.stride(0),
-            float(softcap or 1.0), ignore_index, float(label_smoothing), 2.0 * float(z_loss),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            float(softcap or 1.0),
+            ignore_index,
+            float(label_smoothing),
+            2.0 * float(z_loss),
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            BLOCK_N=bn,
+            BLOCK_V=bv,
+            BLOCK_K=bk,
+            DOT_PRECISION=prec,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
         if need_dhidden:
             # One GEMM over V (fp32 accumulation inside), then the per-token upstream scale in fp32.
@@ -345,11 +513,25 @@ def linear_cross_entropy_backward(
             bh = max(16, min(64, _np2(H))) if need_dweight else 16
             grid = (triton.cdiv(V, bv), triton.cdiv(H, bh) if need_dweight else 1)
             _lce_dweight_kernel[grid](
-                dw if dw is not None else g, db if db is not None else g, dz_c, h_c, g[c0:c1],
-                n, V, H, dz_c.stride(0), h_c.stride(0), h_c.stride(1),
-                NEED_DW=need_dweight, NEED_DB=need_dbias,
-                BLOCK_V=bv, BLOCK_H=bh, BLOCK_K=max(16, min(32, _np2(n))), DOT_PRECISION=prec,
-                num_warps=4, num_stages=cfg["num_stages"],
+                dw if dw is not None else g,
+                db if db is not None else g,
+                dz_c,
+                h_c,
+                g[c0:c1],
+                n,
+                V,
+                H,
+                dz_c.stride(0),
+                h_c.stride(0),
+                h_c.stride(1),
+                NEED_DW=need_dweight,
+                NEED_DB=need_dbias,
+                BLOCK_V=bv,
+                BLOCK_H=bh,
+                BLOCK_K=max(16, min(32, _np2(n))),
+                DOT_PRECISION=prec,
+                num_warps=4,
+                num_stages=cfg["num_stages"],
             )
     return dh, dw, db
 

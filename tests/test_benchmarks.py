@@ -141,9 +141,13 @@ def test_plot_without_matplotlib_exits_cleanly(tiny_results, tmp_path):
     """matplotlib is blocked in the child (sys.modules entry None), so this path runs whether or not it is
     installed."""
     path, _ = tiny_results
-    block = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = _run(["-c", block, str(BENCH / "plot.py"), str(path), "--out", str(tmp_path / "plot.png")], timeout=120)
+    block = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    proc = _run(
+        ["-c", block, str(BENCH / "plot.py"), str(path), "--out", str(tmp_path / "plot.png")], timeout=120
+    )
     assert proc.returncode == 0, _explain(proc)
     assert "matplotlib is not installed" in proc.stdout
 

@@ -39,13 +39,22 @@ def _run(cmd, cwd, timeout=TIMEOUT):
 
 
 def _check(proc, what):
-    assert proc.returncode == 0, f"{what} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n" \
-                                 f"--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{what} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+        f"--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 def _torchrun(script, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(EXAMPLES / script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLES / script),
+        *args,
+    ]
 
 
 def _free_port():
@@ -58,8 +67,9 @@ def _compare(got_path, ref_path, what):
     got, ref = torch.load(got_path), torch.load(ref_path)
     assert set(got["grads"]) == set(ref["grads"]), f"{what}: different trainable parameters"
     rel_loss = ((got["loss"] - ref["loss"]).abs() / ref["loss"].abs()).item()
-    per = {k: ((got["grads"][k] - g).norm() / g.norm().clamp_min(1e-30)).item()
-           for k, g in ref["grads"].items()}
+    per = {
+        k: ((got["grads"][k] - g).norm() / g.norm().clamp_min(1e-30)).item() for k, g in ref["grads"].items()
+    }
     num = sum((got["grads"][k] - g).double().norm() ** 2 for k, g in ref["grads"].items()) ** 0.5
     den = sum(g.double().norm() ** 2 for g in ref["grads"].values()) ** 0.5
     rel_all = (num / den).item()
@@ -75,10 +85,10 @@ def _compare(got_path, ref_path, what):
 
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory):
-    """Single-process references: with the density head (0.5) and caption-only (0)."""
+    """The single-process reference: caption CE + density head (0.5), one batch of 4."""
     d = tmp_path_factory.mktemp("uno_ref")
     out = {}
-    for name, extra in (("density", []), ("caption", ["--density", "0"])):
+    for name, extra in (("density", []),):
         path = d / f"single_{name}.pt"
         cmd = [sys.executable, str(EXAMPLES / "train_ddp.py"), *COMMON, *extra, "--dump", str(path)]
         proc, _ = _run(cmd, d)
@@ -89,23 +99,30 @@ def refs(tmp_path_factory):
 
 
 def test_ddp_with_accumulation_matches_single_process(refs, tmp_path):
-    """2 ranks x 2 accumulated micro-batches of 1 == one process, one batch of 4 (caption CE)."""
+    """2 ranks x 2 accumulated micro-batches of 1 == one process, one batch of 4 (caption CE + density)."""
     dump = tmp_path / "ddp.pt"
-    cmd = _torchrun("train_ddp.py", *COMMON, "--density", "0", "--accumulate", "2", "--dump", str(dump))
+    cmd = _torchrun("train_ddp.py", *COMMON, "--accumulate", "2", "--dump", str(dump))
     proc, secs = _run(cmd, tmp_path)
     _check(proc, "torchrun train_ddp.py")
     assert "world_size 2" in proc.stdout and "step 0 loss" in proc.stdout
-    _compare(dump, refs["caption"], f"DDP x accumulate 2 ({secs:.0f}s)")
+    _compare(dump, refs["density"], f"DDP x accumulate 2 ({secs:.0f}s)")
 
 
 def test_single_process_accumulation_matches_one_batch(refs, tmp_path):
     """Two accumulated micro-batches of 2 == one batch of 4, one process."""
     dump = tmp_path / "acc.pt"
-    cmd = [sys.executable, str(EXAMPLES / "train_ddp.py"), *COMMON, "--density", "0", "--accumulate", "2",
-           "--dump", str(dump)]
+    cmd = [
+        sys.executable,
+        str(EXAMPLES / "train_ddp.py"),
+        *COMMON,
+        "--accumulate",
+        "2",
+        "--dump",
+        str(dump),
+    ]
     proc, _ = _run(cmd, tmp_path)
     _check(proc, "train_ddp.py --accumulate 2")
-    _compare(dump, refs["caption"], "accumulate 2 (one process)")
+    _compare(dump, refs["density"], "accumulate 2 (one process)")
 
 
 def test_fsdp2_sharded_critic_matches_single_process(refs, tmp_path):
@@ -122,10 +139,27 @@ def test_fsdp2_sharded_critic_matches_single_process(refs, tmp_path):
 
 def test_accelerate_launch_matches_single_process(refs, tmp_path):
     dump = tmp_path / "acc.pt"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(EXAMPLES / "train_accelerate.py"), "--cpu", *COMMON,
-           "--dump", str(dump)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(EXAMPLES / "train_accelerate.py"),
+        "--cpu",
+        *COMMON,
+        "--dump",
+        str(dump),
+    ]
     proc, secs = _run(cmd, tmp_path)
     _check(proc, "accelerate launch train_accelerate.py")
     assert "world_size 2" in proc.stdout
@@ -152,8 +186,11 @@ def test_rank_failure_ends_every_rank(tmp_path):
 def test_shard_batch_and_token_counts():
     from uno_engine import distributed as D
 
-    batch = {"captions": torch.arange(24).view(4, 6), "caption_mask": torch.ones(4, 6, dtype=torch.long),
-             "seed": 3}
+    batch = {
+        "captions": torch.arange(24).view(4, 6),
+        "caption_mask": torch.ones(4, 6, dtype=torch.long),
+        "seed": 3,
+    }
     batch["caption_mask"][1, 4:] = 0
     parts = [D.shard_batch(batch, r, 2) for r in range(2)]
     assert torch.equal(torch.cat([p["captions"] for p in parts]), batch["captions"])
@@ -179,8 +216,10 @@ def test_shard_frozen_critic_refuses_trainable_parameters():
 
 
 def test_fail_fast_exits_at_once(tmp_path):
-    code = ("from uno_engine.distributed import fail_fast\n"
-            "with fail_fast():\n    raise MemoryError('simulated')\n")
+    code = (
+        "from uno_engine.distributed import fail_fast\n"
+        "with fail_fast():\n    raise MemoryError('simulated')\n"
+    )
     proc, secs = _run([sys.executable, "-c", code], tmp_path, timeout=60)
     assert proc.returncode == 1 and "rank 0 failed" in proc.stderr and "MemoryError" in proc.stderr
     ok = "from uno_engine.distributed import fail_fast\nwith fail_fast():\n    print('fine')\n"

@@ -14,9 +14,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from uno_engine.kernels import linear_cross_entropy as lce_kernels
 
 from uno_engine import ops, reference
-from uno_engine.kernels import linear_cross_entropy as lce_kernels
 from uno_engine.ops._dispatch import interpreter_enabled
 
 # Through the package's lazy attribute (this also registers the uno_engine:: custom ops). Importing the submodule
@@ -30,8 +30,18 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
 N, V, H = 37, 1007, 33  # odd on every axis
 
 
-def _eager_same_dtype(hidden, weight, labels, *, bias=None, ignore_index=-100, label_smoothing=0.0,
-                      z_loss=0.0, softcap=None, reduction="mean"):
+def _eager_same_dtype(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    reduction="mean",
+):
     """What a user would write in PyTorch, in the inputs' dtype: the error budget of the test."""
     logits = F.linear(hidden, weight, bias)
     if softcap is not None:
@@ -39,8 +49,9 @@ def _eager_same_dtype(hidden, weight, labels, *, bias=None, ignore_index=-100, l
     logits = logits.reshape(-1, weight.shape[0])
     flat = labels.reshape(-1)
     valid = flat != ignore_index
-    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           reduction="none")
+    loss = F.cross_entropy(
+        logits, flat, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
     if z_loss:
         loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * valid
     if reduction == "none":
@@ -56,8 +67,12 @@ def _loss_and_grads(fn, hidden, weight, bias, labels, upstream, **kw):
     b = None if bias is None else bias.detach().clone().requires_grad_(bias.requires_grad)
     loss = fn(h, w, labels, bias=b, **kw)
     loss.backward(upstream.to(loss.dtype))
-    return {"loss": loss.detach(), "dhidden": h.grad, "dweight": w.grad,
-            "dbias": None if b is None else b.grad}
+    return {
+        "loss": loss.detach(),
+        "dhidden": h.grad,
+        "dweight": w.grad,
+        "dbias": None if b is None else b.grad,
+    }
 
 
 def _to64(t):
@@ -85,20 +100,36 @@ def _check(ours: dict, gt: dict, torch_same: dict, dtype, what: str):
             raise AssertionError(
                 f"{what}: {name} max error {err.max().item():.3e} > bound {bound:.3e} (torch {dtype} error "
                 f"{err_torch:.3e}, scale {scale:.3e}); worst at {idx}: ours "
-                f"{[o[i].item() for i in idx]} vs gt {[g[i].item() for i in idx]}")
+                f"{[o[i].item() for i in idx]} vs gt {[g[i].item() for i in idx]}"
+            )
 
 
 def _compare(backend, hidden, weight, labels, *, bias=None, upstream=None, **kw):
     dtype = hidden.dtype
-    ref_out = reference.linear_cross_entropy(hidden.detach().double(), weight.double(), labels,
-                                             bias=None if bias is None else bias.double(), **kw)
+    ref_out = reference.linear_cross_entropy(
+        hidden.detach().double(), weight.double(), labels, bias=None if bias is None else bias.double(), **kw
+    )
     if upstream is None:
         upstream = torch.randn_like(ref_out) if ref_out.dim() else torch.tensor(1.0, device=ref_out.device)
-    gt = _loss_and_grads(reference.linear_cross_entropy, _to64(hidden), _to64(weight), _to64(bias), labels,
-                         upstream.double(), **kw)
+    gt = _loss_and_grads(
+        reference.linear_cross_entropy,
+        _to64(hidden),
+        _to64(weight),
+        _to64(bias),
+        labels,
+        upstream.double(),
+        **kw,
+    )
     same = _loss_and_grads(_eager_same_dtype, hidden, weight, bias, labels, upstream, **kw)
-    ours = _loss_and_grads(lambda *a, **k: ops.linear_cross_entropy(*a, backend=backend, **k), hidden, weight,
-                           bias, labels, upstream, **kw)
+    ours = _loss_and_grads(
+        lambda *a, **k: ops.linear_cross_entropy(*a, backend=backend, **k),
+        hidden,
+        weight,
+        bias,
+        labels,
+        upstream,
+        **kw,
+    )
     assert ours["loss"].dtype == torch.float32
     _check(ours, gt, same, dtype, f"backend={backend} dtype={dtype} {kw}")
     return ours
@@ -127,8 +158,13 @@ def test_reductions(backend, dtype, reduction, device):
 
 @pytest.mark.parametrize(
     "extra",
-    [dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=5.0),
-     dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0, reduction="none"), dict(ignore_index=7)],
+    [
+        dict(label_smoothing=0.1),
+        dict(z_loss=1e-3),
+        dict(softcap=5.0),
+        dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0, reduction="none"),
+        dict(ignore_index=7),
+    ],
     ids=["smoothing", "z_loss", "softcap", "all_options_none", "ignore_index_7"],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -172,8 +208,9 @@ def test_all_ignored_is_zero_not_nan(backend, reduction, device):
     hidden, weight, labels = _inputs(device, torch.float32, weight_grad=True)
     labels[:] = -100
     h = hidden.clone().requires_grad_(True)
-    loss = ops.linear_cross_entropy(h, weight, labels, reduction=reduction, backend=backend, z_loss=1e-2,
-                                    label_smoothing=0.1)
+    loss = ops.linear_cross_entropy(
+        h, weight, labels, reduction=reduction, backend=backend, z_loss=1e-2, label_smoothing=0.1
+    )
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros_like(loss)), loss
     assert torch.equal(h.grad, torch.zeros_like(h.grad))
@@ -210,8 +247,10 @@ def test_opcheck():
     hidden.requires_grad_(True)
     bias = torch.randn(40, requires_grad=True)
     for reduction in ("mean", "none"):
-        torch.library.opcheck(torch.ops.uno_engine.linear_cross_entropy.default,
-                              (hidden, weight, labels, bias, -100, 0.1, 1e-3, 2.0, reduction, "torch"))
+        torch.library.opcheck(
+            torch.ops.uno_engine.linear_cross_entropy.default,
+            (hidden, weight, labels, bias, -100, 0.1, 1e-3, 2.0, reduction, "torch"),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -242,8 +281,10 @@ def test_bad_input_errors(device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_label_out_of_range_cpu(backend):
     if backend == "triton" and not interpreter_enabled():
-        pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1; on a GPU machine "
-                    "test_label_out_of_range_cuda_raises_without_sync covers the kernel path")
+        pytest.skip(
+            "CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1; on a GPU machine "
+            "test_label_out_of_range_cuda_raises_without_sync covers the kernel path"
+        )
     hidden, weight, labels = _inputs("cpu", torch.float32)
     for bad in (V, V + 5, -3):
         lab = labels.clone()

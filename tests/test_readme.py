@@ -20,14 +20,24 @@ def test_readme_usage_example_runs():
 
     llava_model, llava_image_processor = build_critic_model("tiny-llava-clip")
     tiny, make_batch = build_generator("tiny-sd")
-    batches = [make_batch(2, 5, llava_model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(i))
-               for i in range(2)]
+    batches = [
+        make_batch(
+            2, 5, llava_model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(i)
+        )
+        for i in range(2)
+    ]
     for b in batches:
         b["reference_images"] = torch.rand(2, 3, 48, 64) * 2 - 1
     logged = []
-    namespace = {"llava_model": llava_model, "llava_image_processor": llava_image_processor,
-                 "unet": tiny.denoiser, "scheduler": tiny.scheduler, "vae": tiny.vae,
-                 "loader": batches, "log": logged.append}
+    namespace = {
+        "llava_model": llava_model,
+        "llava_image_processor": llava_image_processor,
+        "unet": tiny.denoiser,
+        "scheduler": tiny.scheduler,
+        "vae": tiny.vae,
+        "loader": batches,
+        "log": logged.append,
+    }
     code = _usage_block()
     assert "UNOStep" in code and "out.loss.backward()" in code
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102

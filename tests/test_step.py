@@ -33,7 +33,7 @@ def _batch(critic, b=2, length=6, seed=0, image_hw=(40, 56)):
     g = torch.Generator().manual_seed(seed)
     captions = torch.randint(3, critic.vocab_size - 1, (b, length), generator=g)
     mask = torch.ones(b, length, dtype=torch.long)
-    mask[-1, length - 2:] = 0  # one right-padded caption
+    mask[-1, length - 2 :] = 0  # one right-padded caption
     ref = torch.rand(b, 3, *image_hw, generator=g) * 2 - 1
     return {"captions": captions, "caption_mask": mask, "reference_images": ref}
 
@@ -46,7 +46,9 @@ def _grads(module):
 def test_generator_gets_grads_critic_none(critic_name):
     critic = _critic(critic_name)
     gen = PixelGenerator()
-    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, density=0.5, structure=0.5))
+    step = UNOStep(
+        CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, density=0.5, structure=0.5)
+    )
     out = step(_batch(critic))
     assert out.loss.dim() == 0 and out.loss.requires_grad
     assert set(out.metrics) >= {"loss", "caption_ce", "density", "structure"}
@@ -76,7 +78,9 @@ def test_engine_equals_reference(critic_name):
     (l_ref, g_ref, m_ref), (l_eng, g_eng, m_eng) = results
     torch.testing.assert_close(l_eng, l_ref, rtol=1e-5, atol=1e-6)
     for k in m_ref:
-        torch.testing.assert_close(m_eng[k], m_ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"metric {k}: {m}")
+        torch.testing.assert_close(
+            m_eng[k], m_ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"metric {k}: {m}"
+        )
     rel = (g_eng - g_ref).norm() / g_ref.norm()
     assert rel < 1e-5, f"generator grad differs from the reference path: relative {rel:.3e}"
 
@@ -85,7 +89,9 @@ def test_engine_equals_reference(critic_name):
 def test_sgd_lowers_caption_ce(critic_name):
     critic = _critic(critic_name)
     gen = PixelGenerator()
-    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0), UNOConfig(check_inputs=False))
+    step = UNOStep(
+        CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0), UNOConfig(check_inputs=False)
+    )
     batch = _batch(critic)
     opt = torch.optim.SGD(gen.parameters(), lr=2.0, momentum=0.9)
     first = last = None
@@ -100,8 +106,10 @@ def test_sgd_lowers_caption_ce(critic_name):
     assert last < first - 0.02, f"caption CE did not go down: {first:.4f} -> {last:.4f}"
 
 
-@pytest.mark.parametrize("critic_name,gen_name", [("tiny-llava-clip", "tiny-sd"), ("tiny-llava-siglip", "tiny-sana"),
-                                                   ("tiny-qwen2-vl", "tiny-sd")])
+@pytest.mark.parametrize(
+    "critic_name,gen_name",
+    [("tiny-llava-clip", "tiny-sd"), ("tiny-llava-siglip", "tiny-sana"), ("tiny-qwen2-vl", "tiny-sd")],
+)
 def test_diffusers_generator_pairs(critic_name, gen_name):
     critic = _critic(critic_name)
     gen, make_batch = build_generator(gen_name)
@@ -130,8 +138,10 @@ def test_janus_is_its_own_critic():
     gen = JanusGenerator(model)
     step = UNOStep(gen, critic, UNOLoss(caption=1.0))
     g = torch.Generator().manual_seed(0)
-    batch = {"captions": torch.randint(3, critic.vocab_size - 1, (2, 5), generator=g),
-             "gen_input_ids": torch.randint(3, critic.vocab_size - 1, (2, 4), generator=g)}
+    batch = {
+        "captions": torch.randint(3, critic.vocab_size - 1, (2, 5), generator=g),
+        "gen_input_ids": torch.randint(3, critic.vocab_size - 1, (2, 4), generator=g),
+    }
     out = step(batch)
     out.loss.backward()
     trainable = [p for p in gen.parameters() if p.requires_grad]
@@ -197,19 +207,35 @@ def test_out_of_range_is_clamped_not_rejected(small_step):
 
 def test_check_inputs_off_skips_the_check(small_step):
     _, critic, gen = small_step
-    s = UNOStep(CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen), critic, UNOLoss(),
-                UNOConfig(check_inputs=False))
+    s = UNOStep(
+        CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen),
+        critic,
+        UNOLoss(),
+        UNOConfig(check_inputs=False),
+    )
     s(_batch(critic, b=2))
 
 
 def test_profile_timings(small_step):
     _, critic, gen = small_step
-    s = UNOStep(CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen), critic, UNOLoss(),
-                UNOConfig(profile=True))
+    s = UNOStep(
+        CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen),
+        critic,
+        UNOLoss(),
+        UNOConfig(profile=True),
+    )
     out = s(_batch(critic))
     out.loss.backward()
     t = out.timings()
-    for k in ("generate_ms", "bridge_ms", "critic_ms", "loss_ms", "loss_bwd_ms", "critic_bwd_ms", "bridge_bwd_ms"):
+    for k in (
+        "generate_ms",
+        "bridge_ms",
+        "critic_ms",
+        "loss_ms",
+        "loss_bwd_ms",
+        "critic_bwd_ms",
+        "bridge_bwd_ms",
+    ):
         assert k in t and t[k] >= 0, (k, t)
 
 

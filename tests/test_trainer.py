@@ -18,7 +18,11 @@ class _Captions(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"captions": self.ids[i], "caption_mask": torch.ones_like(self.ids[i]), "index": torch.tensor(i)}
+        return {
+            "captions": self.ids[i],
+            "caption_mask": torch.ones_like(self.ids[i]),
+            "index": torch.tensor(i),
+        }
 
 
 class _Pixels(nn.Module):
@@ -44,9 +48,18 @@ def test_hf_trainer_runs_uno_step(tmp_path):
             out = model(inputs)
             return (out.loss, out) if return_outputs else out.loss
 
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
-                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
-                             remove_unused_columns=False, logging_steps=1, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = UNOTrainer(model=step, args=args, train_dataset=_Captions(8, 6, critic.vocab_size))
     result = trainer.train()
     assert result.global_step == 3

@@ -51,8 +51,12 @@ class OptionalDependency:
 
 triton = OptionalDependency("triton", "pip install triton  (Linux; ships with CUDA builds of torch)")
 nvtx = OptionalDependency("nvtx", "pip install nvtx")
-flash_attn = OptionalDependency("flash_attn", "pip install flash-attn --no-build-isolation  (or uno_engine[flash-attn])")
+flash_attn = OptionalDependency(
+    "flash_attn", "pip install flash-attn --no-build-isolation  (or uno_engine[flash-attn])"
+)
 xformers = OptionalDependency("xformers", "pip install xformers  (or uno_engine[xformers])")
 liger_kernel = OptionalDependency("liger_kernel", "pip install liger-kernel  (or uno_engine[bench])")
-cut_cross_entropy = OptionalDependency("cut_cross_entropy", "pip install cut-cross-entropy  (or uno_engine[bench])")
+cut_cross_entropy = OptionalDependency(
+    "cut_cross_entropy", "pip install cut-cross-entropy  (or uno_engine[bench])"
+)
 diffusers = OptionalDependency("diffusers", "pip install diffusers")

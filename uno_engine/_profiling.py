@@ -75,8 +75,12 @@ class PhaseTimer:
         for ph in ("generate", "bridge", "critic", "loss"):
             if f"{ph}.start" in s and f"{ph}.end" in s:
                 out[f"{ph}_ms"] = s[f"{ph}.end"].ms_since(s[f"{ph}.start"])
-        chain = [("grad.loss", "grad.caption"), ("grad.caption", "grad.pixels"), ("grad.pixels", "grad.images")]
-        for (a, b), ph in zip(chain, ("loss_bwd", "critic_bwd", "bridge_bwd")):
+        chain = [
+            ("grad.loss", "grad.caption"),
+            ("grad.caption", "grad.pixels"),
+            ("grad.pixels", "grad.images"),
+        ]
+        for (a, b), ph in zip(chain, ("loss_bwd", "critic_bwd", "bridge_bwd"), strict=True):
             if a in s and b in s:
                 out[f"{ph}_ms"] = s[b].ms_since(s[a])
         return out

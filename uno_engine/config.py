@@ -23,4 +23,6 @@ class UNOConfig:
             raise ValueError(f"UNOConfig.clamp must be 'clamp' or 'straight_through', got {self.clamp!r}")
         lo, hi = self.input_range
         if not hi > lo:
-            raise ValueError(f"UNOConfig.input_range must be (low, high) with high > low, got {self.input_range!r}")
+            raise ValueError(
+                f"UNOConfig.input_range must be (low, high) with high > low, got {self.input_range!r}"
+            )

@@ -82,8 +82,9 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None, *, timeout_s: float = 300.0,
-                     device: str | None = None) -> DistEnv:
+def init_distributed(
+    backend: str | None = None, *, timeout_s: float = 300.0, device: str | None = None
+) -> DistEnv:
     """Join the process group that torchrun / accelerate launch describe in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR, ...). Without those variables (a plain `python script.py`) nothing is initialized and a
     1-rank `DistEnv` is returned, so one script runs both ways.
@@ -100,8 +101,9 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 300.0,
     if kind == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if kind == "cuda" else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend or ("nccl" if kind == "cuda" else "gloo"), timeout=datetime.timedelta(seconds=timeout_s)
+        )
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, world_size, local_rank, dev)
@@ -142,10 +144,12 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             if value.shape[0] % world_size:
-                raise ValueError(f"shard_batch: batch[{key!r}] has {value.shape[0]} rows, not divisible by "
-                                 f"world_size={world_size}")
+                raise ValueError(
+                    f"shard_batch: batch[{key!r}] has {value.shape[0]} rows, not divisible by "
+                    f"world_size={world_size}"
+                )
             n = value.shape[0] // world_size
-            value = value[rank * n:(rank + 1) * n]
+            value = value[rank * n : (rank + 1) * n]
         out[key] = value
     return out
 
@@ -160,8 +164,9 @@ def caption_token_count(batch: dict) -> torch.Tensor:
     return torch.full((), captions.numel(), dtype=torch.float32, device=captions.device)
 
 
-def accumulation_token_count(micro_batches: Sequence[dict], *, group=None,
-                             stamp: bool = True) -> torch.Tensor:
+def accumulation_token_count(
+    micro_batches: Sequence[dict], *, group=None, stamp: bool = True
+) -> torch.Tensor:
     """The `batch["num_caption_tokens"]` that makes accumulated, rank-averaged gradients equal to the caption
     CE's mean over every token of every micro-batch on every rank. Stays on the device (one all_reduce when a
     process group is initialized, no host sync). With `stamp=True` it is written into each micro-batch.
@@ -230,20 +235,27 @@ def _require_fsdp2() -> None:
         raise RuntimeError(f"FSDP2 (fully_shard) needs torch >= 2.4; this is torch {torch.__version__}")
 
 
-def shard_module(module: nn.Module, *, mesh=None, blocks: Iterable[nn.Module] | None = None,
-                 reshard_after_forward: bool = True, **fsdp_kwargs) -> nn.Module:
+def shard_module(
+    module: nn.Module,
+    *,
+    mesh=None,
+    blocks: Iterable[nn.Module] | None = None,
+    reshard_after_forward: bool = True,
+    **fsdp_kwargs,
+) -> nn.Module:
     """FSDP2 for a trainable module: every block (default `transformer_blocks(module)`) is a unit that
     reshards after forward, then the module itself is the root unit (the rest of its parameters).
     Create the optimizer *after* this: the parameters become sharded DTensors."""
     _require_fsdp2()
-    for block in (transformer_blocks(module) if blocks is None else blocks):
+    for block in transformer_blocks(module) if blocks is None else blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     fully_shard(module, mesh=mesh, **fsdp_kwargs)  # root: not resharded after forward (freed after backward)
     return module
 
 
-def shard_frozen_critic(critic: nn.Module, *, mesh=None, blocks: Iterable[nn.Module] | None = None,
-                        **fsdp_kwargs) -> nn.Module:
+def shard_frozen_critic(
+    critic: nn.Module, *, mesh=None, blocks: Iterable[nn.Module] | None = None, **fsdp_kwargs
+) -> nn.Module:
     """FSDP2 for the frozen critic: each transformer block (default `transformer_blocks(critic)`, i.e. the
     vision tower's and the LM's layers) is sharded over the ranks with `reshard_after_forward=True`.
 
@@ -257,8 +269,10 @@ def shard_frozen_critic(critic: nn.Module, *, mesh=None, blocks: Iterable[nn.Mod
     _require_fsdp2()
     trainable = [n for n, p in critic.named_parameters() if p.requires_grad]
     if trainable:
-        raise ValueError(f"shard_frozen_critic: the critic must be frozen, but {len(trainable)} parameters "
-                         f"require grad (first: {trainable[0]!r}); use Critic.from_hf, which freezes it")
+        raise ValueError(
+            f"shard_frozen_critic: the critic must be frozen, but {len(trainable)} parameters "
+            f"require grad (first: {trainable[0]!r}); use Critic.from_hf, which freezes it"
+        )
     units = list(transformer_blocks(critic) if blocks is None else blocks)
     if not units:
         raise ValueError("shard_frozen_critic: found no transformer blocks to shard; pass `blocks=`")
@@ -283,8 +297,9 @@ def _has_trainable(module: nn.Module | None) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
 
 
-def data_parallel(step: nn.Module, *, mode: str = "ddp", shard_critic: bool = False, mesh=None,
-                  **wrapper_kwargs) -> nn.Module:
+def data_parallel(
+    step: nn.Module, *, mode: str = "ddp", shard_critic: bool = False, mesh=None, **wrapper_kwargs
+) -> nn.Module:
     """Wrap the trainable parts of a `UNOStep` in place and return it.
 
     Args:

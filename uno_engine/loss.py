@@ -33,25 +33,41 @@ from uno_engine import ops, reference
 
 class UNOLoss(nn.Module):
     """Args:
-        caption: weight of the caption cross-entropy.
-        density: weight of the density regression (needs batch "density_target" (B, N) or "reference_images").
-        structure: weight of the structure term (needs "structure_target" or "reference_images").
-        structure_mode: "edges" (StructureHead vs per-patch Sobel targets) or "features" (cosine between the
-            generated and the reference image's critic patch features).
-        head_fit: weight of fitting the heads on reference images (when the batch carries them).
-        label_smoothing, z_loss: passed to the caption cross-entropy.
-        normalize: "local" or "global" caption-token normalization (see module docstring).
+    caption: weight of the caption cross-entropy.
+    density: weight of the density regression (needs batch "density_target" (B, N) or "reference_images").
+    structure: weight of the structure term (needs "structure_target" or "reference_images").
+    structure_mode: "edges" (StructureHead vs per-patch Sobel targets) or "features" (cosine between the
+        generated and the reference image's critic patch features).
+    head_fit: weight of fitting the heads on reference images (when the batch carries them).
+    label_smoothing, z_loss: passed to the caption cross-entropy.
+    normalize: "local" or "global" caption-token normalization (see module docstring).
     """
 
-    def __init__(self, caption: float = 1.0, density: float = 0.0, structure: float = 0.0, *,
-                 structure_mode: str = "edges", head_fit: float = 1.0, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, normalize: str = "local"):
+    def __init__(
+        self,
+        caption: float = 1.0,
+        density: float = 0.0,
+        structure: float = 0.0,
+        *,
+        structure_mode: str = "edges",
+        head_fit: float = 1.0,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        normalize: str = "local",
+    ):
         super().__init__()
-        for name, w in (("caption", caption), ("density", density), ("structure", structure), ("head_fit", head_fit)):
+        for name, w in (
+            ("caption", caption),
+            ("density", density),
+            ("structure", structure),
+            ("head_fit", head_fit),
+        ):
             if not (isinstance(w, (int, float)) and w >= 0):
                 raise ValueError(f"UNOLoss: `{name}` must be a non-negative number, got {w!r}")
         if structure_mode not in ("edges", "features"):
-            raise ValueError(f"UNOLoss: `structure_mode` must be 'edges' or 'features', got {structure_mode!r}")
+            raise ValueError(
+                f"UNOLoss: `structure_mode` must be 'edges' or 'features', got {structure_mode!r}"
+            )
         if normalize not in ("local", "global"):
             raise ValueError(f"UNOLoss: `normalize` must be 'local' or 'global', got {normalize!r}")
         self.w_caption, self.w_density, self.w_structure, self.w_fit = caption, density, structure, head_fit
@@ -94,13 +110,21 @@ class UNOLoss(nn.Module):
 
     def caption_loss(self, out, batch: dict, backend: str) -> torch.Tensor:
         """Caption CE summed over tokens, divided by the (local, global or given) caption-token count."""
-        kw = dict(bias=out.lm_head_bias, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                  softcap=out.logit_softcap, reduction="sum")
+        kw = dict(
+            bias=out.lm_head_bias,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=out.logit_softcap,
+            reduction="sum",
+        )
         if backend == "reference":
-            ce_sum = reference.linear_cross_entropy(out.caption_hidden, out.lm_head_weight, out.caption_labels, **kw)
+            ce_sum = reference.linear_cross_entropy(
+                out.caption_hidden, out.lm_head_weight, out.caption_labels, **kw
+            )
         else:
-            ce_sum = ops.linear_cross_entropy(out.caption_hidden, out.lm_head_weight, out.caption_labels,
-                                              backend=backend, **kw)
+            ce_sum = ops.linear_cross_entropy(
+                out.caption_hidden, out.lm_head_weight, out.caption_labels, backend=backend, **kw
+            )
         count = batch.get("num_caption_tokens")
         scale = 1.0
         if count is None:
@@ -119,7 +143,9 @@ class UNOLoss(nn.Module):
         ref_feats = None
         if ref_images is not None:
             with torch.no_grad():
-                ref_feats, _ = critic.encode_patches(critic.prepare(ref_images, input_range=input_range, backend=backend))
+                ref_feats, _ = critic.encode_patches(
+                    critic.prepare(ref_images, input_range=input_range, backend=backend)
+                )
         feats = out.patch_features.float()
         if self.w_density > 0:
             target = self._target(batch, "density_target", ref_images, out.grid, "density", input_range)
@@ -137,19 +163,28 @@ class UNOLoss(nn.Module):
             if self.structure_mode == "features":
                 target = batch.get("structure_target", ref_feats)
                 if target is None:
-                    raise ValueError("UNOLoss(structure_mode='features') needs batch['reference_images'] or "
-                                     "batch['structure_target'] (B, N, D)")
-                terms.append(ops.RegressionTerm(feats, target.float(), kind="cosine", weight=self.w_structure,
-                                                mask=keep))
+                    raise ValueError(
+                        "UNOLoss(structure_mode='features') needs batch['reference_images'] or "
+                        "batch['structure_target'] (B, N, D)"
+                    )
+                terms.append(
+                    ops.RegressionTerm(
+                        feats, target.float(), kind="cosine", weight=self.w_structure, mask=keep
+                    )
+                )
                 names.append("structure")
             else:
-                target = self._target(batch, "structure_target", ref_images, out.grid, "structure", input_range)
+                target = self._target(
+                    batch, "structure_target", ref_images, out.grid, "structure", input_range
+                )
                 pred = self.structure_head(feats, detach_params=True)
                 terms.append(ops.RegressionTerm(pred, target, kind="mse", weight=self.w_structure, mask=keep))
                 names.append("structure")
                 if ref_feats is not None and self.w_fit > 0:
                     fit = self.structure_head(ref_feats.float())
-                    terms.append(ops.RegressionTerm(fit, target, kind="mse", weight=self.w_fit * self.w_structure))
+                    terms.append(
+                        ops.RegressionTerm(fit, target, kind="mse", weight=self.w_fit * self.w_structure)
+                    )
                     names.append("structure_head_fit")
         return terms, names
 
@@ -160,7 +195,9 @@ class UNOLoss(nn.Module):
         if batch.get(key) is not None:
             return batch[key].float()
         if ref_images is None:
-            raise ValueError(f"UNOLoss: the {kind} term needs batch['{key}'] (B, N) or batch['reference_images']")
+            raise ValueError(
+                f"UNOLoss: the {kind} term needs batch['{key}'] (B, N) or batch['reference_images']"
+            )
         lo, hi = input_range
         images = (ref_images.float() - lo) * (2.0 / (hi - lo)) - 1.0  # targets take images in [-1, 1]
         fn = targets.density_targets if kind == "density" else targets.structure_targets

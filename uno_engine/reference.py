@@ -20,7 +20,9 @@ def _bridge_clamp(x: torch.Tensor, straight_through: bool) -> torch.Tensor:
     return x + (c - x).detach() if straight_through else c
 
 
-def bridge_qwen2_vl_patchify(img: torch.Tensor, patch_size: int, merge_size: int, temporal: int) -> torch.Tensor:
+def bridge_qwen2_vl_patchify(
+    img: torch.Tensor, patch_size: int, merge_size: int, temporal: int
+) -> torch.Tensor:
     """(B, C, H, W) -> (B*gh*gw, C*T*p*p) in Qwen2VLImageProcessor order: rows (gh/m, gw/m, m, m) per image,
     columns (C, T, p, p), the still image repeated T times."""
     B, C, H, W = img.shape
@@ -80,6 +82,7 @@ def bridge(images, spec, *, input_range=(-1.0, 1.0), clamp="clamp", patch_embed=
         out = bridge_qwen2_vl_patchify(out, spec.patch_size, spec.merge_size, spec.temporal_patch_size)
     return out.to(images.dtype)
 
+
 # ------------------------------------------------------------------------------ linear_cross_entropy (#4)
 # (section owned by the linear cross-entropy op)
 
@@ -110,8 +113,9 @@ def linear_cross_entropy(
     logits = logits.reshape(-1, weight.shape[0])
     flat = labels.reshape(-1).long()
     valid = flat != ignore_index
-    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           reduction="none")
+    loss = F.cross_entropy(
+        logits, flat, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
     if z_loss:
         loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * valid
     if reduction == "none":
@@ -119,6 +123,7 @@ def linear_cross_entropy(
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum().clamp(min=1)
+
 
 # ------------------------------------------------------------------------------------- regression (#5)
 # (section owned by the regression ops)
@@ -171,8 +176,10 @@ def fused_regression(terms):
 
     terms: objects with .pred, .target, .kind, .weight, .mask, .beta (e.g. `uno_engine.ops.RegressionTerm`);
     per_term[t] is the term's loss including its weight, and total = per_term.sum() (with grad)."""
-    losses = [regression_loss(t.pred, t.target, kind=t.kind, weight=t.weight, mask=t.mask, beta=t.beta)
-              for t in terms]
+    losses = [
+        regression_loss(t.pred, t.target, kind=t.kind, weight=t.weight, mask=t.mask, beta=t.beta)
+        for t in terms
+    ]
     if not losses:
         raise ValueError("terms must not be empty")
     stacked = torch.stack([l.float() for l in losses])

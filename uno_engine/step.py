@@ -44,7 +44,9 @@ class UNOStep(nn.Module):
         config: `UNOConfig`.
     """
 
-    def __init__(self, generator: nn.Module, critic: nn.Module, loss: nn.Module, config: UNOConfig | None = None):
+    def __init__(
+        self, generator: nn.Module, critic: nn.Module, loss: nn.Module, config: UNOConfig | None = None
+    ):
         super().__init__()
         self.config = config or UNOConfig()
         self.generator, self.critic, self.uno_loss = generator, critic, loss
@@ -66,12 +68,15 @@ class UNOStep(nn.Module):
         if cfg.check_inputs:
             check_step_inputs(images, batch)
         with timer.phase("bridge"):
-            inputs = self.critic.prepare(images, input_range=cfg.input_range, clamp=cfg.clamp, backend=cfg.backend)
+            inputs = self.critic.prepare(
+                images, input_range=cfg.input_range, clamp=cfg.clamp, backend=cfg.backend
+            )
         with timer.phase("critic"):
             out = self.critic(inputs, batch["captions"], batch.get("caption_mask"))
         with timer.phase("loss"):
-            loss, metrics = self.uno_loss(out, batch, critic=self.critic, backend=cfg.backend,
-                                          input_range=cfg.input_range)
+            loss, metrics = self.uno_loss(
+                out, batch, critic=self.critic, backend=cfg.backend, input_range=cfg.input_range
+            )
         timer.on_grad(loss, "grad.loss")
         timer.on_grad(out.caption_hidden, "grad.caption")
         timer.on_grad(inputs.pixel_values, "grad.pixels")
@@ -95,19 +100,25 @@ def check_step_inputs(images: torch.Tensor, batch: dict) -> None:
         raise TypeError(f"generator output `images` must be a float tensor, got {images.dtype}")
     captions = batch.get("captions")
     if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
-        raise ValueError("batch['captions'] must be an int64 tensor (B, L) of caption token ids, got "
-                         f"{tuple(captions.shape) if isinstance(captions, torch.Tensor) else type(captions).__name__}")
+        raise ValueError(
+            "batch['captions'] must be an int64 tensor (B, L) of caption token ids, got "
+            f"{tuple(captions.shape) if isinstance(captions, torch.Tensor) else type(captions).__name__}"
+        )
     if captions.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"batch['captions'] must hold integer token ids, got {captions.dtype}")
     if captions.shape[0] != images.shape[0]:
-        raise ValueError(f"batch size differs: generator produced {images.shape[0]} images but batch['captions'] "
-                         f"has {captions.shape[0]} rows")
+        raise ValueError(
+            f"batch size differs: generator produced {images.shape[0]} images but batch['captions'] "
+            f"has {captions.shape[0]} rows"
+        )
     if captions.shape[1] == 0:
         raise ValueError("batch['captions'] is empty (L == 0): every image needs a caption")
     mask = batch.get("caption_mask")
     if mask is not None and tuple(mask.shape) != tuple(captions.shape):
-        raise ValueError(f"batch['caption_mask'] must match batch['captions'] {tuple(captions.shape)}, "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"batch['caption_mask'] must match batch['captions'] {tuple(captions.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
     with torch.no_grad():
         flags = [~torch.isfinite(images).all()]
         if mask is not None:

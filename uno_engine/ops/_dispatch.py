@@ -41,7 +41,9 @@ def triton_unsupported_reasons(tensors: Iterable[torch.Tensor | None]) -> list[s
             f"inputs are on {sorted(devices)}: Triton runs on CUDA, or on the CPU only under TRITON_INTERPRET=1"
         )
     if "cuda" in devices and interpreter_enabled():
-        reasons.append("TRITON_INTERPRET=1 is set but inputs are on CUDA: unset it to run the compiled kernels")
+        reasons.append(
+            "TRITON_INTERPRET=1 is set but inputs are on CUDA: unset it to run the compiled kernels"
+        )
     return reasons
 
 

@@ -72,46 +72,66 @@ def linear_cross_entropy(
     if labels1d.dtype != torch.int64:
         labels1d = labels1d.long()
     loss, _ = torch.ops.uno_engine.linear_cross_entropy(
-        hidden2d, weight, labels1d, bias, int(ignore_index), float(label_smoothing), float(z_loss),
-        float(softcap) if softcap is not None else 0.0, reduction, choice,
+        hidden2d,
+        weight,
+        labels1d,
+        bias,
+        int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        float(softcap) if softcap is not None else 0.0,
+        reduction,
+        choice,
     )
     return loss.reshape(lead_shape) if reduction == "none" else loss
 
 
 def _check_inputs(hidden, weight, labels, bias, label_smoothing, z_loss, softcap, reduction):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-        raise ValueError(f"linear_cross_entropy: hidden must be (N, H) or (B, L, H), got "
-                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden must be (N, H) or (B, L, H), got "
+            f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)}"
+        )
     if not hidden.is_floating_point():
         raise TypeError(f"linear_cross_entropy: hidden must be floating point, got {hidden.dtype}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"linear_cross_entropy: weight must be (V, H) with H = hidden.shape[-1] = "
-                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: weight must be (V, H) with H = hidden.shape[-1] = "
+            f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"linear_cross_entropy: weight dtype {weight.dtype} differs from hidden dtype "
-                        f"{hidden.dtype}")
+        raise TypeError(
+            f"linear_cross_entropy: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}"
+        )
     if weight.device != hidden.device:
-        raise ValueError(f"linear_cross_entropy: weight is on {weight.device} but hidden is on "
-                         f"{hidden.device}")
+        raise ValueError(
+            f"linear_cross_entropy: weight is on {weight.device} but hidden is on {hidden.device}"
+        )
     if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"linear_cross_entropy: labels must have shape hidden.shape[:-1] = "
-                         f"{tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)}")
+        raise ValueError(
+            f"linear_cross_entropy: labels must have shape hidden.shape[:-1] = "
+            f"{tuple(hidden.shape[:-1])}, got "
+            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)}"
+        )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"linear_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
     if labels.device != hidden.device:
-        raise ValueError(f"linear_cross_entropy: labels is on {labels.device} but hidden is on "
-                         f"{hidden.device}")
+        raise ValueError(
+            f"linear_cross_entropy: labels is on {labels.device} but hidden is on {hidden.device}"
+        )
     if bias is not None:
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"linear_cross_entropy: bias must be (V,) = ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape)}")
+            raise ValueError(
+                f"linear_cross_entropy: bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"linear_cross_entropy: bias dtype {bias.dtype} differs from hidden dtype "
-                            f"{hidden.dtype}")
+            raise TypeError(
+                f"linear_cross_entropy: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}"
+            )
         if bias.device != hidden.device:
-            raise ValueError(f"linear_cross_entropy: bias is on {bias.device} but hidden is on "
-                             f"{hidden.device}")
+            raise ValueError(
+                f"linear_cross_entropy: bias is on {bias.device} but hidden is on {hidden.device}"
+            )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -128,8 +148,10 @@ def _check_label_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
     if labels.device.type == "cpu":
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"linear_cross_entropy: labels must be in [0, {V}) or ignore_index="
-                             f"{ignore_index}; labels[{i}] = {int(labels[i])}")
+            raise ValueError(
+                f"linear_cross_entropy: labels must be in [0, {V}) or ignore_index="
+                f"{ignore_index}; labels[{i}] = {int(labels[i])}"
+            )
     else:
         # Device-side assert: no .item(); reported at the next synchronization.
         torch._assert_async(~bad.any(), f"linear_cross_entropy: labels must be in [0, {V}) or ignore_index")
@@ -202,8 +224,21 @@ def _torch_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, 
     return loss, lse
 
 
-def _torch_backward(g, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, z_loss, softcap,
-                    need_dh, need_dw, need_db):
+def _torch_backward(
+    g,
+    hidden,
+    weight,
+    labels,
+    bias,
+    lse,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    need_dh,
+    need_dw,
+    need_db,
+):
     N, H = hidden.shape
     V = weight.shape[0]
     dh = torch.empty((N, H), device=hidden.device, dtype=hidden.dtype) if need_dh else None
@@ -244,8 +279,16 @@ def _torch_backward(g, hidden, weight, labels, bias, lse, ignore_index, label_sm
 
 @torch.library.custom_op(_OP, mutates_args=())
 def _lce_op(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, reduction: str, backend: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse): loss as reduced by `reduction` (fp32); lse (2, N) fp32 = row max and log sum exp(z - max),
     saved for the backward. softcap 0 = off."""
@@ -255,11 +298,19 @@ def _lce_op(
         from uno_engine.kernels.linear_cross_entropy import linear_cross_entropy_forward
 
         loss_tok, lse = linear_cross_entropy_forward(
-            hidden, weight, labels, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=cap)
+            hidden,
+            weight,
+            labels,
+            bias,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=cap,
+        )
     else:
-        loss_tok, lse = _torch_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-                                       cap)
+        loss_tok, lse = _torch_forward(
+            hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, cap
+        )
     return _reduce(loss_tok, labels, ignore_index, reduction), lse
 
 
@@ -272,9 +323,21 @@ def _(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softc
 
 @torch.library.custom_op(_OP + "_backward", mutates_args=())
 def _lce_backward_op(
-    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-    bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: float, reduction: str, backend: str, need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+    backend: str,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes; a 0-element tensor for each gradient not needed."""
     cap = softcap if softcap > 0 else None
@@ -283,23 +346,66 @@ def _lce_backward_op(
         from uno_engine.kernels.linear_cross_entropy import linear_cross_entropy_backward
 
         dh, dw, db = linear_cross_entropy_backward(
-            g, hidden, weight, labels, bias, lse, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=cap, need_dhidden=need_dhidden, need_dweight=need_dweight,
-            need_dbias=need_dbias)
+            g,
+            hidden,
+            weight,
+            labels,
+            bias,
+            lse,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=cap,
+            need_dhidden=need_dhidden,
+            need_dweight=need_dweight,
+            need_dbias=need_dbias,
+        )
     else:
-        dh, dw, db = _torch_backward(g, hidden, weight, labels, bias, lse, ignore_index, label_smoothing,
-                                     z_loss, cap, need_dhidden, need_dweight, need_dbias)
-    return (dh if dh is not None else hidden.new_empty((0,)),
-            dw.to(weight.dtype) if dw is not None else hidden.new_empty((0,)),
-            db.to(bias.dtype) if db is not None else hidden.new_empty((0,)))
+        dh, dw, db = _torch_backward(
+            g,
+            hidden,
+            weight,
+            labels,
+            bias,
+            lse,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            cap,
+            need_dhidden,
+            need_dweight,
+            need_dbias,
+        )
+    return (
+        dh if dh is not None else hidden.new_empty((0,)),
+        dw.to(weight.dtype) if dw is not None else hidden.new_empty((0,)),
+        db.to(bias.dtype) if db is not None else hidden.new_empty((0,)),
+    )
 
 
 @_lce_backward_op.register_fake
-def _(grad, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, z_loss, softcap, reduction,
-      backend, need_dhidden, need_dweight, need_dbias):
-    return (hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty((0,)),
-            weight.new_empty(weight.shape) if need_dweight else hidden.new_empty((0,)),
-            bias.new_empty(bias.shape) if need_dbias else hidden.new_empty((0,)))
+def _(
+    grad,
+    hidden,
+    weight,
+    labels,
+    bias,
+    lse,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    backend,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+):
+    return (
+        hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty((0,)),
+        weight.new_empty(weight.shape) if need_dweight else hidden.new_empty((0,)),
+        bias.new_empty(bias.shape) if need_dbias else hidden.new_empty((0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -315,7 +421,8 @@ def _backward(ctx, grad_loss, grad_lse):
     if not (need_dh or need_dw or need_db):
         return (None,) * 10
     dh, dw, db = torch.ops.uno_engine.linear_cross_entropy_backward(
-        grad_loss, hidden, weight, labels, bias, lse, *ctx.args, need_dh, need_dw, need_db)
+        grad_loss, hidden, weight, labels, bias, lse, *ctx.args, need_dh, need_dw, need_db
+    )
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None) + (None,) * 6
 
 
