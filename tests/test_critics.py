@@ -318,3 +318,24 @@ def test_real_shapes_build_on_meta(name, params_b):
     assert processor is not None
     critic = Critic.from_hf(model, processor, checkpoint="selective")
     assert critic.hidden_size == model.config.text_config.hidden_size
+
+
+def test_qwen2_vl_grid_is_known_on_the_host():
+    """prepare() carries the grid as Python ints, so our adapter never reads image_grid_thw back (a sync per
+    read on CUDA). transformers' own Qwen2-VL vision tower still reads it inside its forward."""
+    from uno_engine import Critic
+    from uno_engine.critics.qwen2_vl import _host_grid
+    from uno_engine.presets.critics import build_critic_model
+
+    model, processor = build_critic_model("tiny-qwen2-vl")
+    critic = Critic.from_hf(model, processor)
+    inputs = critic.prepare(torch.rand(2, 3, 40, 56) * 2 - 1)
+    assert inputs.grid_thw is not None
+    assert list(inputs.grid_thw) == inputs.image_grid_thw[0].tolist()
+
+    class NoReadback(torch.Tensor):
+        def tolist(self):
+            raise AssertionError("image_grid_thw was read back to the host")
+
+    inputs.image_grid_thw = inputs.image_grid_thw.as_subclass(NoReadback)
+    assert _host_grid(inputs) == tuple(inputs.grid_thw)

@@ -48,11 +48,14 @@ class CriticInputs:
     pixel_values: (B, 3, h, w) for LLaVA / Janus; (B*gh*gw, 3*tps*p*p) pre-patchified for Qwen2-VL.
     image_grid_thw: (B, 3) int64, Qwen2-VL only.
     patch_tokens: (B, N, D) patch embeddings already computed by the fused bridge (LLaVA / Janus), or None.
+    grid_thw: (t, gh, gw) of every image as Python ints (Qwen2-VL), known on the host from the spec, so
+        the adapter never reads `image_grid_thw` back from the device; None -> read it (one sync).
     """
 
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor | None = None
     patch_tokens: torch.Tensor | None = None
+    grid_thw: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -238,12 +241,12 @@ class Critic(nn.Module):
             from uno_engine.ops import bridge
 
             pixel_values = bridge(images, self.spec, input_range=input_range, clamp=clamp, backend=backend)
-        grid_thw = None
+        grid_thw = grid_host = None
         if getattr(self.spec, "layout", "nchw") == "qwen2_vl":
-            grid_thw = self.spec.image_grid_thw(
-                images.shape[0], images.shape[-2], images.shape[-1], images.device
-            )
-        return CriticInputs(pixel_values=pixel_values, image_grid_thw=grid_thw)
+            H, W = images.shape[-2], images.shape[-1]
+            grid_thw = self.spec.image_grid_thw(images.shape[0], H, W, images.device)
+            grid_host = (1, *self.spec.grid(H, W))
+        return CriticInputs(pixel_values=pixel_values, image_grid_thw=grid_thw, grid_thw=grid_host)
 
     def encode_patches(self, inputs: CriticInputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """Vision only -> (patch_features (B, N, Dv), grid (gh, gw))."""

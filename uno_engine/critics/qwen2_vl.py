@@ -61,7 +61,7 @@ class Qwen2VLCritic(Critic):
                 f"got {tuple(pv.shape)}"
             )
         B = grid_thw.shape[0]
-        t, gh, gw = (int(x) for x in grid_thw[0].tolist())
+        t, gh, gw = _host_grid(inputs)
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pv.to(dtype), grid_thw=grid_thw, return_dict=True)
         hidden = out.last_hidden_state  # (B*t*gh*gw, Dv)
@@ -81,7 +81,7 @@ class Qwen2VLCritic(Critic):
         return image_embeds, patch, (gh, gw)
 
     def _position_ids(self, inputs: CriticInputs, prefix, batch: int, length: int, device):
-        grid = tuple(int(x) for x in inputs.image_grid_thw[0].tolist())
+        grid = _host_grid(inputs)
         key = (len(prefix), length, grid, str(device))
         pos = self._rope_cache.get(key)
         if pos is None:
@@ -96,3 +96,10 @@ class Qwen2VLCritic(Critic):
             pos = pos.to(device)
             self._rope_cache[key] = pos
         return pos.expand(-1, batch, -1)
+
+
+def _host_grid(inputs: CriticInputs) -> tuple[int, int, int]:
+    """(t, gh, gw) of the images: from the host copy `prepare` made, else read from the device (a sync)."""
+    if inputs.grid_thw is not None:
+        return tuple(int(x) for x in inputs.grid_thw)
+    return tuple(int(x) for x in inputs.image_grid_thw[0].tolist())
