@@ -4,8 +4,11 @@ bandwidth.
 Providers: eager reference (`uno_engine.reference.bridge`), torch.compile of it, the HF fast image processor
 on a
 tensor that requires grad (needs torchvision; skipped with the reason otherwise), triton (`ops.bridge`).
-Bytes model: forward = images read once + output written once; backward = grad_out read once + grad_images
-written once + images read once (the clamp policy needs them for its masks).
+Bytes model (issue 3): forward = images read once + output written once; backward = grad_out read once +
+grad_images written once. The Triton backward reads the images as well, but only in planes where the forward
+clamped a pixel: the default images lie in [-1, 1) (nothing clamped); the "triton+clamped" row scales them
+by 1.1 so that every plane has clamped pixels and the backward reads them (its bytes model adds that read).
+--sweep times the Triton kernels under several (BLOCK_R, BLOCK_C, num_warps) settings (UNO_BRIDGE_BLOCKS).
 CUDA defaults: 8x3x1024x1024 -> Janus 384 and 32x3x512x512 -> SigLIP 224. CPU: small shapes, torch providers
 only.
 
@@ -61,6 +64,11 @@ def main():
     ap.add_argument(
         "--cpu-compile", action="store_true", help="also time torch.compile on the CPU (slow build)"
     )
+    ap.add_argument(
+        "--sweep",
+        default="",
+        help="Triton block settings to compare, e.g. '4,256,4;8,128,4' (R,C,warps; see kernels.bridge.settings)",
+    )
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     # do_bench replays backward on one graph (retain_graph=True); compiled graphs with donated buffers refuse that
@@ -93,6 +101,7 @@ def main():
             )
         if cuda:
             providers["triton"] = lambda t, spec=spec: ops.bridge(t, spec, backend="triton")
+            providers["triton+clamped"] = providers["triton"]
         else:
             print("triton: skipped on the CPU (the interpreter is not timed)")
         proc, why = _hf_fast(name)
@@ -112,13 +121,32 @@ def main():
                 providers["hf_fast"] = hf
             else:
                 print(f"hf_fast: skipped (does not keep the graph: {why or 'output has no grad_fn'})")
+        x_clamped = (x.detach() * 1.1).requires_grad_()
         for prov, fn in providers.items():
-            out = fn(x)
+            xin = x_clamped if prov == "triton+clamped" else x
+            if prov == "triton" and args.sweep:
+                for cfg in args.sweep.split(";"):
+                    env = {"UNO_BRIDGE_BLOCKS": cfg}  # "R,C,W" or "R0,C0,W0/R1,C1,W1"
+                    os.environ.update(env)
+                    o = fn(xin)
+                    f = time_fn(lambda fn=fn, xin=xin: fn(xin), device=device, rep=args.rep)
+                    gg = torch.randn_like(o)
+                    b = time_fn(
+                        lambda o=o, xin=xin, gg=gg: torch.autograd.grad(o, xin, gg, retain_graph=True),
+                        device=device,
+                        rep=args.rep,
+                    )
+                    print(
+                        f"sweep {name} {prov} blocks={cfg}: fwd {f['median_ms']:.4f} ms, bwd {b['median_ms']:.4f} ms"
+                    )
+                    for k in env:
+                        os.environ.pop(k)
+            out = fn(xin)
             g = torch.randn_like(out)
-            fwd = time_fn(lambda fn=fn, x=x: fn(x), device=device, rep=args.rep)
-            out = fn(x)
+            fwd = time_fn(lambda fn=fn, xin=xin: fn(xin), device=device, rep=args.rep)
+            out = fn(xin)
             bwd = time_fn(
-                lambda out=out, x=x, g=g: torch.autograd.grad(out, x, g, retain_graph=True),
+                lambda out=out, xin=xin, g=g: torch.autograd.grad(out, xin, g, retain_graph=True),
                 device=device,
                 rep=args.rep,
             )
@@ -131,15 +159,17 @@ def main():
                 fwd_ms=fwd["median_ms"],
                 bwd_ms=bwd_ms,
                 fwd_GBps=(in_bytes + out_bytes) / (fwd["median_ms"] * 1e-3) / 1e9,
-                bwd_GBps=(2 * in_bytes + out_bytes) / (bwd_ms * 1e-3) / 1e9,
+                bwd_GBps=(in_bytes * (2 if prov == "triton+clamped" else 1) + out_bytes)
+                / (bwd_ms * 1e-3)
+                / 1e9,
             )
             row["fwd_frac_copy"] = row["fwd_GBps"] / ceil["copy_GBps"]
             row["bwd_frac_copy"] = row["bwd_GBps"] / ceil["copy_GBps"]
-            if prov == "triton":
-                (g1,) = torch.autograd.grad(fn(x), x, g)
-                (g2,) = torch.autograd.grad(fn(x), x, g)
+            if prov.startswith("triton"):
+                (g1,) = torch.autograd.grad(fn(xin), xin, g)
+                (g2,) = torch.autograd.grad(fn(xin), xin, g)
                 row["bwd_bit_identical"] = bool(torch.equal(g1, g2))
-                print(f"{name}: triton backward bit-identical across two runs: {row['bwd_bit_identical']}")
+                print(f"{name}: {prov} backward bit-identical across two runs: {row['bwd_bit_identical']}")
             rows.append(row)
     print_table(
         rows,

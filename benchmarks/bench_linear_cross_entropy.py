@@ -2,15 +2,25 @@
 
 Providers: eager (F.linear + F.cross_entropy in the input dtype), torch.compile of eager, torch's native
 F.linear_cross_entropy with chunking options (where the installed torch has it), cut-cross-entropy exact mode
-and liger-kernel (where installed), and ours (uno_engine.ops.linear_cross_entropy).
+(no gradient filtering) and liger-kernel (where installed), and ours (uno_engine.ops.linear_cross_entropy):
+  ours            the default dispatch (on CUDA: Triton, gradient in forward with cuBLAS GEMMs)
+  ours_recompute  UNO_LCE_IMPL=recompute (online-LSE forward kernel, backward recomputing logit tiles)
+  ours_c<C>       the default dispatch with UNO_LCE_GIF_CHUNK_ROWS=C (see --gif-chunk-rows): the memory /
+                  speed trade-off of the gradient-in-forward chunk size
+A provider that is not installed is reported as skipped with the reason; one that raises is reported as
+failed with the exception (and printed to stderr), never silently dropped.
 
 Reported per (provider, N): median fwd+bwd time, model TFLOP/s (2 GEMMs of 2*N*V*H: logits and dhidden; our
-recompute is not counted) against the matmul ceiling measured in the same run, and peak extra memory:
-peak bytes above the start of the step minus the returned dhidden, also as a % of the eager fp32 N x V logits
-(issue 4's target is <= 2%). CUDA: torch.cuda peak stats. CPU: the profiler's allocation events (the same
-measurement as tests/test_linear_cross_entropy.py::test_cpu_memory_torch_path).
+recompute is not counted) against the matmul ceiling measured in the same run, and peak memory: peak bytes
+above the start of the step minus the returned dhidden ("extra"), and without that subtraction ("total"),
+each also as a % of the eager fp32 N x V logits (issue 4's target is <= 2%). CUDA: torch.cuda peak stats.
+CPU: the profiler's allocation events (the same measurement as
+tests/test_linear_cross_entropy.py::test_cpu_memory_torch_path).
 
     python benchmarks/bench_linear_cross_entropy.py        # CUDA: bf16, V=152064, H=3584, N in {2048, 8192}
+    # ours vs recompute, and the gradient-in-forward chunk-size sweep:
+    python benchmarks/bench_linear_cross_entropy.py --n 8192 --providers eager ours ours_recompute
+        --gif-chunk-rows 256 512 1024 --rep 5
     python benchmarks/bench_linear_cross_entropy.py --n 2048 --v 32000 --h 1024   # the CPU memory shape
 CPU defaults are small and use the torch path only (the Triton interpreter is never timed).
 """
@@ -18,7 +28,10 @@ CPU defaults are small and use the torch path only (the Triton interpreter is ne
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -30,7 +43,7 @@ from harness import env_metadata, measure_ceilings, print_table, progress, time_
 from uno_engine import _optional  # noqa: E402
 from uno_engine.ops import linear_cross_entropy  # noqa: E402
 
-ALL_PROVIDERS = ("eager", "compile", "native", "cce_exact", "liger", "ours")
+ALL_PROVIDERS = ("eager", "compile", "native", "cce_exact", "liger", "ours", "ours_recompute")
 
 
 def _eager(h, w, y):
@@ -54,12 +67,12 @@ def _make_providers(device: str) -> dict:
     else:
         out["native"] = (None, f"torch {torch.__version__} has no F.linear_cross_entropy with options")
     if _optional.cut_cross_entropy.available and cuda:
-        cce = _optional.cut_cross_entropy.module
-        out["cce_exact"] = (lambda h, w, y: cce.linear_cross_entropy(h, w, y, impl="cce_exact"), None)
+        out["cce_exact"] = (_cce_exact(_optional.cut_cross_entropy.module), None)
     else:
         out["cce_exact"] = (
             None,
-            "needs CUDA and cut-cross-entropy"
+            "needs CUDA (its Triton kernels; its torch_compile impl is not the exact-mode peer) and "
+            "cut-cross-entropy"
             if _optional.cut_cross_entropy.available
             else f"cut-cross-entropy not importable ({_optional.cut_cross_entropy.error})",
         )
@@ -77,6 +90,78 @@ def _make_providers(device: str) -> dict:
         )
     backend = "auto" if cuda else "torch"
     out["ours"] = (lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend), None)
+    if cuda:
+
+        def recompute(h, w, y):
+            with _env(UNO_LCE_IMPL="recompute"):  # read by the forward call; the backward follows the graph
+                return linear_cross_entropy(h, w, y, backend="triton")
+
+        out["ours_recompute"] = (recompute, None)
+    else:
+        out["ours_recompute"] = (None, "needs CUDA (the Triton interpreter is never timed)")
+    return out
+
+
+def _gif_chunk_provider(rows: int, cuda: bool):
+    if not cuda:
+        return None, "needs CUDA (the Triton interpreter is never timed)"
+
+    def fn(h, w, y):
+        with _env(UNO_LCE_GIF_CHUNK_ROWS=rows):
+            return linear_cross_entropy(h, w, y, backend="triton")
+
+    return fn, None
+
+
+def _cce_exact(cce):
+    """cut-cross-entropy without gradient filtering. Releases that name a "cce_exact" impl (the enum member
+    CCE_EXACT; also fp32/Kahan accumulation) get it; older ones (25.1.1 on PyPI: impls "cce" and
+    "torch_compile" only, so impl="cce_exact" raised NotImplementedError) get impl="cce", filter_eps=None,
+    which is their documented way to turn filtering off. Inputs: (embeddings (N, H), classifier (V, H), targets)."""
+    impls = getattr(cce, "LinearCrossEntropyImpl", None)
+    if impls is not None and "CCE_EXACT" in impls.__members__:
+        return lambda h, w, y: cce.linear_cross_entropy(h, w, y, impl="cce_exact")
+    return lambda h, w, y: cce.linear_cross_entropy(h, w, y, impl="cce", filter_eps=None)
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fp32_reference(hidden, weight, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dhidden) of the eager computation in fp32 (IEEE matmuls: TF32 off for the duration)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        h = hidden.detach().float().requires_grad_(True)
+        loss = _eager(h, weight.float(), labels)
+        loss.backward()
+        return loss.detach(), h.grad
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _errors(fn, hidden, weight, labels, ref) -> dict:
+    """|loss - ref| and max|dhidden - ref| / max|ref| for one fwd+bwd of a provider."""
+    hidden.grad = None
+    loss = fn(hidden, weight, labels)
+    loss.backward()
+    ref_loss, ref_dh = ref
+    out = {
+        "loss_abs_err": (loss.detach().float() - ref_loss).abs().item(),
+        "dh_rel_err": ((hidden.grad.float() - ref_dh).abs().max() / ref_dh.abs().max()).item(),
+    }
+    hidden.grad = None
     return out
 
 
@@ -99,15 +184,16 @@ def _cpu_peak(fn) -> int:
     return peak
 
 
-def _peak_extra(step, device: str, dhidden_bytes: int) -> int:
+def _peak_above_start(step, device: str) -> int:
+    """Peak bytes allocated above the start of one step (the returned dhidden included)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start - dhidden_bytes
-    return _cpu_peak(step) - dhidden_bytes
+        return torch.cuda.max_memory_allocated() - start
+    return _cpu_peak(step)
 
 
 def main(argv=None):
@@ -124,8 +210,24 @@ def main(argv=None):
         choices=ALL_PROVIDERS,
         default=list(ALL_PROVIDERS) if cuda else ["eager", "native", "ours"],
     )
+    p.add_argument(
+        "--gif-chunk-rows",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="C",
+        help="also time ours with UNO_LCE_GIF_CHUNK_ROWS=C, as providers ours_c<C> (CUDA only)",
+    )
+    p.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also report each provider's loss and dhidden error against an fp32 eager reference "
+        "(IEEE fp32 matmuls; needs about 4 x N x V x 4 bytes once per N)",
+    )
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--tag", default=None)
+    p.add_argument("--out-dir", default=None, help="where results go (default: benchmarks/results)")
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
 
@@ -133,6 +235,14 @@ def main(argv=None):
     ceilings = measure_ceilings(device)
     meta.update(ceilings=ceilings, shape={"V": args.v, "H": args.h, "dtype": args.dtype, "frozen_head": True})
     providers = _make_providers(device)
+    names = list(args.providers)
+    for rows in args.gif_chunk_rows:
+        providers[f"ours_c{rows}"] = _gif_chunk_provider(rows, device == "cuda")
+        names.append(f"ours_c{rows}")
+    if _optional.cut_cross_entropy.available:
+        meta["cut_cross_entropy"] = _optional.cut_cross_entropy.version
+    if _optional.liger_kernel.available:
+        meta["liger_kernel"] = _optional.liger_kernel.version
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     weight = torch.randn(args.v, args.h, device=device, dtype=dtype, generator=g) / args.h**0.5
@@ -141,7 +251,8 @@ def main(argv=None):
         labels = torch.randint(0, args.v, (n,), device=device, generator=g)
         labels[::13] = -100
         logits_bytes = n * args.v * 4
-        for name in progress(args.providers, desc=f"N={n}"):
+        ref = _fp32_reference(hidden, weight, labels) if args.check else None
+        for name in progress(names, desc=f"N={n}"):
             fn, why = providers[name]
             row = {"provider": name, "N": n, "V": args.v, "H": args.h, "dtype": args.dtype}
             if fn is None:
@@ -155,12 +266,18 @@ def main(argv=None):
             try:
                 step()  # compile / autotune outside the measurements
                 t = time_fn(step, device=device, warmup=2, rep=args.rep, grad_to_none=[hidden])
-                extra = _peak_extra(step, device, hidden.numel() * hidden.element_size())
+                hidden.grad = None  # the previous step's dhidden must not count in the start
+                total = _peak_above_start(step, device)
             except Exception as e:  # noqa: BLE001  (report a failing provider, keep the others)
-                rows.append({**row, "skipped": f"{type(e).__name__}: {str(e)[:200]}"})
+                print(f"[bench_linear_cross_entropy] provider {name} FAILED at N={n}:", file=sys.stderr)
+                traceback.print_exc()
+                rows.append({**row, "skipped": f"FAILED {type(e).__name__}: {str(e)[:200]}"})
+                hidden.grad = None
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            extra = total - hidden.numel() * hidden.element_size()
+            errors = _errors(fn, hidden, weight, labels, ref) if ref is not None else {}
             tflops = 2 * (2 * n * args.v * args.h) / (t["median_ms"] * 1e-3) / 1e12
             rows.append(
                 {
@@ -172,6 +289,9 @@ def main(argv=None):
                     "pct_of_matmul_ceiling": 100 * tflops / ceilings["matmul_TFLOPs"],
                     "peak_extra_MiB": extra / 2**20,
                     "pct_of_fp32_logits": 100 * extra / logits_bytes,
+                    "peak_total_MiB": total / 2**20,
+                    "pct_total_of_fp32_logits": 100 * total / logits_bytes,
+                    **errors,
                 }
             )
             hidden.grad = None
@@ -198,11 +318,17 @@ def main(argv=None):
             "pct_of_matmul_ceiling",
             "peak_extra_MiB",
             "pct_of_fp32_logits",
+            "peak_total_MiB",
+            "pct_total_of_fp32_logits",
+            "loss_abs_err",
+            "dh_rel_err",
             "skipped",
         ],
         title=f"linear_cross_entropy fwd+bwd, frozen head, V={args.v}, H={args.h}, {args.dtype}",
     )
-    paths = write_results("linear_cross_entropy", rows, meta, tag=args.tag)
+    paths = write_results(
+        "linear_cross_entropy", rows, meta, tag=args.tag, out_dir=Path(args.out_dir) if args.out_dir else None
+    )
     print("results:", *paths)
 
 

@@ -1,371 +1,374 @@
-"""Image -> critic bridge: separable Pillow resampling + clamp + pad/crop + normalize + patch layout, fused.
+"""Image -> critic bridge: separable Pillow resampling + clamp + pad/crop + normalize + patch layout.
 
 Math (per image b and channel c; u = clamp((x - lo) / (hi - lo), 0, 1) is the processor's uint8 value / 255):
-    t = clip(u @ Wx^T)          (H, Wc)   horizontal pass, Pillow's first
+    t = clip(u @ Wx^T)          (H, Wc)   horizontal pass (Pillow's first for most shapes)
     r = clip(Wy @ t)            (Hc, Wc)  vertical pass
     out = where(inside, r, fill) * scale_c + shift_c, stored in the spec's layout (NCHW or Qwen2-VL patches)
 Wy (Hc, H) and Wx (Wc, W) are the banded Pillow weight matrices on the output canvas (zero rows = padding).
+When Pillow runs the vertical pass first (`BridgeSpec.vertical_first`), t = clip(Wy @ u) is (Hc, W).
 
-Forward (`_bridge_fwd_kernel`): one program per output tile (BLOCK_OH x BLOCK_OW) of one plane. It walks the
-input band of the tile in (BLOCK_K x BLOCK_K) chunks with `tl.dot` against the weight chunks (horizontal pass
-into a (BLOCK_K x BLOCK_OW) strip, clip, vertical pass into the accumulator), so each input pixel is read by
-the tiles whose band holds it (a halo of ~support x scale pixels, from L2) and each output element is written
-once (T times for Qwen2-VL's temporal copies, which are distinct outputs). The clip masks of the vertical
-pass are written as one uint8 per canvas pixel when a backward will need them.
+Kernels. Each resampling pass is one launch of a tap kernel: every output element is a short weighted sum of
+K consecutive source elements along the pass's axis (K = the widest filter support, ~4 * scale + 1 taps for a
+bicubic downscale), read as K gathered loads of the program's source band (L1/L2 hits after the first) and
+accumulated with fp32 FMAs in a fixed order. So the result is exact fp32 (no tensor-core rounding) and
+deterministic, and the work is O(K) per output instead of the O(band) of a dense banded matmul.
 
-The clip masks of both passes are written as one uint8 each (second pass: one per canvas pixel; first pass:
-one per (input row, canvas col)) when a backward will need them: about 1/4 byte per fp32 input byte for a
-2.7x downscale, so the backward needs no recompute of the first pass.
+- `_resample_fwd_kernel`, launched twice: pass 1 reads the images once (any strides and float dtype; input
+  normalization and clamp fused) and writes the fp32 intermediate t; pass 2 reads t once and writes the critic
+  input once, with the second clip, padding fill, normalization and the output layout fused in. When a
+  backward will need them, pass 1 and pass 2 write their clip masks (one uint8 per element of t and of the
+  canvas), and pass 1 raises a per-plane flag (int32, atomic max) when any pixel lies outside input_range.
+- `_resample_bwd_kernel`, launched twice: the transposed passes, as gathers over the transposed tap tables
+  (for each source index: the first output index that reads it, and the weights), so there are no atomics and
+  two runs are bit-identical. Pass 2^T reads grad_out once (in the output layout, summing Qwen2-VL's temporal
+  copies) with the second-pass mask and writes the fp32 gradient of t; pass 1^T reads it once and writes
+  grad_images once. It reads the images (for the input-clamp mask) only in planes whose flag is set, so for
+  images inside input_range the backward never touches them.
 
-Backward (`_bridge_bwd_kernel`): a gather, no atomics, deterministic. One program per input tile
-(BLOCK_I x BLOCK_I): it loops over the canvas-column chunks that touch the tile, gathers
-g1 = Wy^T (m2 * g * scale) over the canvas rows that touch the tile, masks it with the first-pass clip mask,
-and accumulates g1 @ Wx; then the input clamp mask (one read of the tile's own pixels). It writes
-grad_images once. With clamp="straight_through" no mask is applied and the images are not read at all.
+Memory traffic, 8x3x1024x1024 fp32 -> 384 (Janus): forward reads 100.7 MB and writes 14.2 MB plus the
+intermediate t (37.7 MB written and read back; in L2 in part); backward the same in reverse. Measured on an
+H200 (benchmarks/results/GPU_RUNS.md): the passes are bound by the latency of their gathers, not by DRAM.
+A fused variant (taps for one pass, a dense band `tl.dot` in tf32x3 for the other, no intermediate) measured
+slower in both directions (0.68 / 0.23 ms against 0.17 / 0.16 ms) and was dropped; a fused pass would need
+a register gather (shared-memory staging) that Triton does not expose.
 
-Vertical pass first (Pillow >= 13 for some shapes; it matters where a pass clips): both kernels run the
-transposed problem (swapped image strides, weights and tables; TRANS maps tile coordinates back to the real
-canvas for the output layout, the masks and the gradient store).
-
-Precision: fp32 accumulation; fp32 `tl.dot` uses `input_precision` from the launcher ("ieee" in the
-interpreter, "tf32x3" on GPUs: about fp32 accuracy on tensor cores). References: Pillow `Resample.c`
-(`precompute_coeffs`, two-pass order, 8-bit clip), transformers image processors (crop/pad/patch order).
+References: Pillow `Resample.c` (`precompute_coeffs`, two-pass order, 8-bit clip), transformers image
+processors (crop/pad/patch order).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 32  # every tile and chunk edge (tl.dot needs >= 16)
-
 
 @triton.jit
-def _bridge_fwd_kernel(
-    out_ptr,  # nchw: (B, 3, Hc, Wc) contiguous; qwen2_vl: (B*gh*gw, 3*T*p*p) contiguous
-    mask_ptr,  # uint8 clip masks (written if STORE_MASK): [B*3*Hr*Wr second pass | B*3*H*Wc first pass]
-    x_ptr,  # (B, 3, H, W) images, any strides
-    wy_ptr,  # (Hc, H) fp32 contiguous
-    wx_ptr,  # (Wc, W) fp32 contiguous
-    ystart_ptr,  # (n_tiles_y,) int32: first input row of each output tile-row's band
-    xstart_ptr,  # (n_tiles_x,) int32: first input col of each output tile-col's band
-    consts_ptr,  # (3, 3) fp32: per channel [scale, shift, fill]
-    stride_xb,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    H,
-    W,
-    Hc,
-    Wc,
+def _resample_fwd_kernel(
+    out_ptr,  # FINAL: the critic input ((B, 3, Hc, Wc) or (B*gh*gw, 3*T*p*p)); else t (P, R_out, C_out) fp32
+    m_ptr,  # uint8 clip mask of this pass, (P, R_out, C_out) (written if STORE_MASK and CLIP)
+    flag_ptr,  # int32 (P,): set to 1 if a pixel of the plane is outside input_range (FIRST and STORE_MASK)
+    in_ptr,  # FIRST: images (B, 3, H, W), any strides, any float dtype; else t (P, R_in, C_in) fp32
+    start_ptr,  # (n_out,) int32: first source index along AXIS of each output index along AXIS
+    w_ptr,  # (n_out, K) fp32: tap weights (zero padded)
+    consts_ptr,  # (3, 3) fp32: per channel [scale, shift, fill] (FINAL)
+    stride_ib,
+    stride_ic,
+    stride_ir,
+    stride_icol,  # input strides (batch, channel, row, col)
+    R_in,
+    C_in,  # input plane size
+    R_out,
+    C_out,  # output plane size (the canvas Hc, Wc when FINAL)
+    K,  # taps
     reg_y0,
     reg_y1,
     reg_x0,
-    reg_x1,  # canvas rectangle that shows the image
+    reg_x1,  # canvas rectangle that shows the image (FINAL)
     lo,
-    inv_range,  # u = (x - lo) * inv_range
-    n_ky,
-    n_kx,  # chunks of the widest band (rows, cols)
+    inv_range,  # u = (x - lo) * inv_range (FIRST)
     gw,
     patch,
-    merge,  # qwen2_vl layout: grid width, patch size, merge size
-    Hr,
-    Wr,  # the real canvas (Hc, Wc swapped when TRANS)
-    m1_base,  # offset of the first-pass masks in mask_ptr (B*3*Hr*Wr)
-    CLIP_PASS: tl.constexpr,
+    merge,  # qwen2_vl layout: grid width, patch size, merge size (FINAL and QWEN)
+    AXIS: tl.constexpr,  # 0: resample rows (vertical pass), 1: resample columns (horizontal pass)
+    FIRST: tl.constexpr,
+    FINAL: tl.constexpr,
+    CLIP: tl.constexpr,
     STORE_MASK: tl.constexpr,
-    TRANS: tl.constexpr,  # vertical pass first: the kernel runs on the transposed problem
     QWEN: tl.constexpr,
     TEMPORAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    pid_x = tl.program_id(0)
-    pid_y = tl.program_id(1)
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
     plane = tl.program_id(2).to(tl.int64)  # b * 3 + c
     b = plane // 3
     c = plane % 3
-    oy = pid_y * BLOCK_O + tl.arange(0, BLOCK_O)
-    ox = pid_x * BLOCK_O + tl.arange(0, BLOCK_O)
-    oy_ok = oy < Hc
-    ox_ok = ox < Wc
-    ys = tl.load(ystart_ptr + pid_y)
-    xs = tl.load(xstart_ptr + pid_x)
-    x_base = x_ptr + b * stride_xb + c * stride_xc
-    kk = tl.arange(0, BLOCK_K)
-
-    acc = tl.zeros((BLOCK_O, BLOCK_O), dtype=tl.float32)
-    for i in range(n_ky):
-        iy = ys + i * BLOCK_K + kk
-        iy_ok = iy < H
-        t = tl.zeros((BLOCK_K, BLOCK_O), dtype=tl.float32)
-        for j in range(n_kx):
-            ix = xs + j * BLOCK_K + kk
-            ix_ok = ix < W
-            xv = tl.load(
-                x_base + iy[:, None].to(tl.int64) * stride_xh + ix[None, :] * stride_xw,
-                mask=iy_ok[:, None] & ix_ok[None, :],
-                other=0.0,
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < R_out
+    c_ok = cols < C_out
+    base = in_ptr + b * stride_ib + c * stride_ic
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+    if AXIS == 1:
+        start = tl.load(start_ptr + cols, mask=c_ok, other=0)
+        row_off = rows.to(tl.int64)[:, None] * stride_ir
+        for k in range(K):
+            w = tl.load(w_ptr + cols * K + k, mask=c_ok, other=0.0)
+            src = start + k
+            ok = r_ok[:, None] & (c_ok & (src < C_in))[None, :]
+            v = tl.load(base + row_off + src[None, :] * stride_icol, mask=ok, other=0.0).to(tl.float32)
+            if FIRST:
+                v = (v - lo) * inv_range
+                if STORE_MASK:
+                    bad = tl.maximum(bad, (ok & ((v < 0.0) | (v > 1.0))).to(tl.int32))
+                v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+            acc += w[None, :] * v
+    else:
+        start = tl.load(start_ptr + rows, mask=r_ok, other=0)
+        for k in range(K):
+            w = tl.load(w_ptr + rows * K + k, mask=r_ok, other=0.0)
+            src = start + k
+            ok = (r_ok & (src < R_in))[:, None] & c_ok[None, :]
+            v = tl.load(
+                base + src.to(tl.int64)[:, None] * stride_ir + cols[None, :] * stride_icol, mask=ok, other=0.0
             ).to(tl.float32)
-            u = tl.minimum(tl.maximum((xv - lo) * inv_range, 0.0), 1.0)
-            wxt = tl.load(
-                wx_ptr + ox[None, :] * W + ix[:, None], mask=ix_ok[:, None] & ox_ok[None, :], other=0.0
-            )
-            t = tl.dot(u, wxt, t, input_precision=PRECISION)
-        if CLIP_PASS:
-            if (
-                STORE_MASK
-            ):  # first-pass clip mask at [input row, canvas col] (rows of the band overlap between
-                # vertically adjacent tiles: they write the same values)
-                m1 = ((t >= 0.0) & (t <= 1.0)).to(tl.uint8)
-                m1_off = m1_base + plane * H * Wc + iy[:, None] * Wc + ox[None, :]
-                tl.store(mask_ptr + m1_off, m1, mask=iy_ok[:, None] & ox_ok[None, :])
-            t = tl.minimum(tl.maximum(t, 0.0), 1.0)
-        wyv = tl.load(wy_ptr + oy[:, None] * H + iy[None, :], mask=oy_ok[:, None] & iy_ok[None, :], other=0.0)
-        acc = tl.dot(wyv, t, acc, input_precision=PRECISION)
-
-    # real canvas coordinates of the tile's elements (the problem is transposed when TRANS)
-    zero = tl.zeros((BLOCK_O, BLOCK_O), dtype=tl.int32)
-    if TRANS:
-        ry = ox[None, :] + zero
-        rx = oy[:, None] + zero
-    else:
-        ry = oy[:, None] + zero
-        rx = ox[None, :] + zero
-    ok2 = (ry < Hr) & (rx < Wr)
-    if CLIP_PASS:
+            if FIRST:
+                v = (v - lo) * inv_range
+                if STORE_MASK:
+                    bad = tl.maximum(bad, (ok & ((v < 0.0) | (v > 1.0))).to(tl.int32))
+                v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+            acc += w[:, None] * v
+    if FIRST:
         if STORE_MASK:
-            ok = (acc >= 0.0) & (acc <= 1.0)
-            tl.store(mask_ptr + plane * Hr * Wr + ry * Wr + rx, ok.to(tl.uint8), mask=ok2)
+            any_bad = tl.max(tl.max(bad, axis=1), axis=0)
+            if any_bad > 0:
+                tl.atomic_max(flag_ptr + plane, any_bad)
+
+    ok2 = r_ok[:, None] & c_ok[None, :]
+    off = plane * R_out * C_out + rows.to(tl.int64)[:, None] * C_out + cols[None, :]
+    if CLIP:
+        if STORE_MASK:
+            tl.store(m_ptr + off, ((acc >= 0.0) & (acc <= 1.0)).to(tl.uint8), mask=ok2)
         acc = tl.minimum(tl.maximum(acc, 0.0), 1.0)
-    scale = tl.load(consts_ptr + c * 3)
-    shift = tl.load(consts_ptr + c * 3 + 1)
-    fill = tl.load(consts_ptr + c * 3 + 2)
-    inside = (ry >= reg_y0) & (ry < reg_y1) & (rx >= reg_x0) & (rx < reg_x1)
-    val = tl.where(inside, acc, fill) * scale + shift
-    val = val.to(out_ptr.dtype.element_ty)
-    if QWEN:
-        gy = ry // patch
-        gx = rx // patch
-        row = (gy // merge) * (gw // merge) + gx // merge
-        row = row * (merge * merge) + (gy % merge) * merge + gx % merge
-        row = b * ((Hr // patch) * gw) + row
-        pp = patch * patch
-        col = (ry % patch) * patch + rx % patch
-        base = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
-        for tt in tl.static_range(TEMPORAL):
-            tl.store(out_ptr + base + tt * pp, val, mask=ok2)
+    if FINAL:
+        scale = tl.load(consts_ptr + c * 3)
+        shift = tl.load(consts_ptr + c * 3 + 1)
+        fill = tl.load(consts_ptr + c * 3 + 2)
+        ry = rows[:, None]
+        rx = cols[None, :]
+        inside = (ry >= reg_y0) & (ry < reg_y1) & (rx >= reg_x0) & (rx < reg_x1)
+        val = (tl.where(inside, acc, fill) * scale + shift).to(out_ptr.dtype.element_ty)
+        if QWEN:
+            gy = ry // patch
+            gx = rx // patch
+            row = (gy // merge) * (gw // merge) + gx // merge
+            row = row * (merge * merge) + (gy % merge) * merge + gx % merge
+            row = b * ((R_out // patch) * gw) + row
+            pp = patch * patch
+            col = (ry % patch) * patch + rx % patch
+            obase = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
+            for tt in tl.static_range(TEMPORAL):
+                tl.store(out_ptr + obase + tt * pp, val, mask=ok2)
+        else:
+            tl.store(out_ptr + off, val, mask=ok2)
     else:
-        tl.store(out_ptr + plane * Hr * Wr + ry * Wr + rx, val, mask=ok2)
+        tl.store(out_ptr + off, acc, mask=ok2)
 
 
 @triton.jit
-def _bridge_bwd_kernel(
-    gx_ptr,  # (B, 3, H, W) grad of the images, contiguous, images dtype
-    g_ptr,  # grad of the output, same layout as the forward output, contiguous
-    mask_ptr,  # uint8 clip masks from the forward (read if USE_MASKS and CLIP_PASS)
-    x_ptr,  # (B, 3, H, W) images, any strides (read if USE_MASKS)
-    wy_ptr,  # (Hc, H) fp32
-    wx_ptr,  # (Wc, W) fp32
-    oystart_ptr,  # (n_tiles_iy,) int32: first canvas row touching each input tile-row
-    oxstart_ptr,  # (n_tiles_ix,) int32: first canvas col touching each input tile-col
-    consts_ptr,  # (3, 3) fp32: per channel [scale, shift, fill]
+def _resample_bwd_kernel(
+    out_ptr,  # LAST: grad_images (B, 3, H, W) contiguous, images dtype; else grad of t (P, R_out, C_out) fp32
+    in_ptr,  # FIRST: grad_out in the output layout (contiguous); else grad of t (P, R_in, C_in) fp32
+    m_in_ptr,  # FIRST: uint8 second-pass clip mask on the canvas (P, R_in, C_in) (USE_MASKS and CLIP)
+    m_out_ptr,  # not LAST: uint8 first-pass clip mask (P, R_out, C_out) (USE_MASKS and CLIP)
+    flag_ptr,  # LAST: int32 (P,) per-plane input-clamp flags (USE_MASKS)
+    x_ptr,  # LAST: images (B, 3, H, W), any strides (read only in flagged planes)
+    start_ptr,  # (n_out,) int32: first source (output-side) index that reads each index along AXIS
+    w_ptr,  # (n_out, K) fp32: transposed tap weights (zero padded)
+    consts_ptr,  # (3, 3) fp32: per channel [scale, shift, fill] (FIRST)
     stride_xb,
     stride_xc,
     stride_xh,
-    stride_xw,
-    H,
-    W,
-    Hc,
-    Wc,
+    stride_xw,  # image strides (LAST)
+    R_in,
+    C_in,  # source plane size (the canvas when FIRST)
+    R_out,
+    C_out,  # result plane size (H, W when LAST)
+    K,  # taps
     reg_y0,
     reg_y1,
     reg_x0,
     reg_x1,
     lo,
     inv_range,
-    n_oy,
-    n_ox,  # chunk counts: canvas rows / cols touching an input tile
     gw,
     patch,
     merge,
-    Hr,
-    Wr,
-    W_img,  # the real canvas and the real image width (swapped problem when TRANS)
-    m1_base,  # offset of the first-pass masks in mask_ptr
+    AXIS: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
     USE_MASKS: tl.constexpr,
-    CLIP_PASS: tl.constexpr,
-    TRANS: tl.constexpr,
+    CLIP: tl.constexpr,
     QWEN: tl.constexpr,
     TEMPORAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    pid_x = tl.program_id(0)
-    pid_y = tl.program_id(1)
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
     plane = tl.program_id(2).to(tl.int64)
     b = plane // 3
     c = plane % 3
-    iy = pid_y * BLOCK_I + tl.arange(0, BLOCK_I)
-    ix = pid_x * BLOCK_I + tl.arange(0, BLOCK_I)
-    iy_ok = iy < H
-    ix_ok = ix < W
-    oys = tl.load(oystart_ptr + pid_y)
-    oxs = tl.load(oxstart_ptr + pid_x)
-    x_base = x_ptr + b * stride_xb + c * stride_xc
-    scale = tl.load(consts_ptr + c * 3)
-    oo = tl.arange(0, BLOCK_O)
-    gh = Hr // patch
-    pp = patch * patch
-    zero = tl.zeros((BLOCK_O, BLOCK_O), dtype=tl.int32)
-
-    gacc = tl.zeros((BLOCK_I, BLOCK_I), dtype=tl.float32)
-    for j in range(n_ox):
-        ox = oxs + j * BLOCK_O + oo
-        ox_ok = ox < Wc
-        # g1[y, ox] = sum_oy Wy[oy, y] * m2 * g[oy, ox] * scale   (second pass, transposed)
-        g1 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
-        for i in range(n_oy):
-            oy = oys + i * BLOCK_O + oo
-            oy_ok = oy < Hc
-            if TRANS:
-                ry = ox[None, :] + zero
-                rx = oy[:, None] + zero
-            else:
-                ry = oy[:, None] + zero
-                rx = ox[None, :] + zero
-            ok2 = (ry < Hr) & (rx < Wr) & (ry >= reg_y0) & (ry < reg_y1) & (rx >= reg_x0) & (rx < reg_x1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < R_out
+    c_ok = cols < C_out
+    zero = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if AXIS == 1:
+        start = tl.load(start_ptr + cols, mask=c_ok, other=0)
+    else:
+        start = tl.load(start_ptr + rows, mask=r_ok, other=0)
+    for k in range(K):
+        if AXIS == 1:
+            w = tl.load(w_ptr + cols * K + k, mask=c_ok, other=0.0)[None, :]
+            src = start + k
+            sy = rows[:, None] + zero
+            sx = src[None, :] + zero
+            ok = r_ok[:, None] & (c_ok & (src < C_in))[None, :]
+        else:
+            w = tl.load(w_ptr + rows * K + k, mask=r_ok, other=0.0)[:, None]
+            src = start + k
+            sy = src[:, None] + zero
+            sx = cols[None, :] + zero
+            ok = (r_ok & (src < R_in))[:, None] & c_ok[None, :]
+        if FIRST:
+            ok = ok & (sy >= reg_y0) & (sy < reg_y1) & (sx >= reg_x0) & (sx < reg_x1)  # padding has no grad
             if QWEN:
-                gy = ry // patch
-                gx = rx // patch
+                gy = sy // patch
+                gx = sx // patch
                 row = (gy // merge) * (gw // merge) + gx // merge
                 row = row * (merge * merge) + (gy % merge) * merge + gx % merge
-                row = b * (gh * gw) + row
-                col = (ry % patch) * patch + rx % patch
-                base = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
-                g = tl.zeros((BLOCK_O, BLOCK_O), dtype=tl.float32)
+                row = b * ((R_in // patch) * gw) + row
+                pp = patch * patch
+                col = (sy % patch) * patch + sx % patch
+                gbase = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
+                g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
                 for tt in tl.static_range(TEMPORAL):
-                    g += tl.load(g_ptr + base + tt * pp, mask=ok2, other=0.0).to(tl.float32)
+                    g += tl.load(in_ptr + gbase + tt * pp, mask=ok, other=0.0).to(tl.float32)
             else:
-                g = tl.load(g_ptr + plane * Hr * Wr + ry * Wr + rx, mask=ok2, other=0.0).to(tl.float32)
+                goff = plane * R_in * C_in + sy.to(tl.int64) * C_in + sx
+                g = tl.load(in_ptr + goff, mask=ok, other=0.0).to(tl.float32)
             if USE_MASKS:
-                if CLIP_PASS:
-                    m2 = tl.load(mask_ptr + plane * Hr * Wr + ry * Wr + rx, mask=ok2, other=0)
+                if CLIP:
+                    m2 = tl.load(
+                        m_in_ptr + plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0
+                    )
                     g = tl.where(m2 != 0, g, 0.0)
-            wyt = tl.load(
-                wy_ptr + oy[None, :] * H + iy[:, None], mask=iy_ok[:, None] & oy_ok[None, :], other=0.0
-            )
-            g1 = tl.dot(wyt, g, g1, input_precision=PRECISION)
-        g1 = g1 * scale
-        if USE_MASKS:
-            if CLIP_PASS:
-                # Pillow's first clip, as the forward saw it
-                m1 = tl.load(
-                    mask_ptr + m1_base + plane * H * Wc + iy[:, None] * Wc + ox[None, :],
-                    mask=iy_ok[:, None] & ox_ok[None, :],
-                    other=0,
-                )
-                g1 = tl.where(m1 != 0, g1, 0.0)
-        wxv = tl.load(wx_ptr + ox[:, None] * W + ix[None, :], mask=ox_ok[:, None] & ix_ok[None, :], other=0.0)
-        gacc = tl.dot(g1, wxv, gacc, input_precision=PRECISION)
+        else:
+            g = tl.load(in_ptr + plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0.0)
+        acc += w * g
 
-    gacc = gacc * inv_range
-    ok = iy_ok[:, None] & ix_ok[None, :]
-    if USE_MASKS:
-        xv = tl.load(
-            x_base + iy[:, None].to(tl.int64) * stride_xh + ix[None, :] * stride_xw, mask=ok, other=0.0
-        ).to(tl.float32)
-        u = (xv - lo) * inv_range
-        gacc = tl.where((u >= 0.0) & (u <= 1.0), gacc, 0.0)
-    zi = tl.zeros((BLOCK_I, BLOCK_I), dtype=tl.int32)
-    if TRANS:
-        g_off = plane * H * W + (ix[None, :] + zi).to(tl.int64) * W_img + iy[:, None]
+    ok2 = r_ok[:, None] & c_ok[None, :]
+    off = plane * R_out * C_out + rows.to(tl.int64)[:, None] * C_out + cols[None, :]
+    if FIRST:
+        acc = acc * tl.load(consts_ptr + c * 3)
+    if LAST:
+        acc = acc * inv_range
+        if USE_MASKS:
+            flag = tl.load(flag_ptr + plane)
+            if flag != 0:  # some pixel of this plane was clamped: zero its gradient there
+                xv = tl.load(
+                    x_ptr
+                    + b * stride_xb
+                    + c * stride_xc
+                    + rows.to(tl.int64)[:, None] * stride_xh
+                    + cols[None, :] * stride_xw,
+                    mask=ok2,
+                    other=0.0,
+                ).to(tl.float32)
+                u = (xv - lo) * inv_range
+                acc = tl.where((u >= 0.0) & (u <= 1.0), acc, 0.0)
+        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=ok2)
     else:
-        g_off = plane * H * W + (iy[:, None] + zi).to(tl.int64) * W_img + ix[None, :]
-    tl.store(gx_ptr + g_off, gacc.to(gx_ptr.dtype.element_ty), mask=ok)
+        if USE_MASKS:
+            if CLIP:
+                m1 = tl.load(m_out_ptr + off, mask=ok2, other=0)
+                acc = tl.where(m1 != 0, acc, 0.0)
+        tl.store(out_ptr + off, acc, mask=ok2)
 
 
 # ------------------------------------------------------------------------------------------ host side
-def _first_last(nz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of a boolean matrix: first and one-past-last True column (0, 0 for empty rows)."""
+TABLES = ("ys", "wy", "xs", "wx", "oys", "wyT", "oxs", "wxT")  # the order of the device tables
+COUNTS = ("KY", "KX", "KTY", "KTX")
+
+
+def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows of a banded matrix (n_out, n_in) as (start (n_out,) int32, weights (n_out, K) float32, K): row o is
+    sum_k weights[o, k] * src[start[o] + k]. The band is the first..last nonzero of each row, interior zeros
+    included, so the taps equal the dense row exactly. Empty rows (padding) get zero weights and the start of
+    the nearest non-empty row."""
+    nz = m != 0
+    n_out, n_in = m.shape
     any_ = nz.any(1)
     first = np.where(any_, nz.argmax(1), 0)
-    last = np.where(any_, nz.shape[1] - nz[:, ::-1].argmax(1), 0)
-    return first, last
+    last = np.where(any_, n_in - nz[:, ::-1].argmax(1), 0)
+    if (
+        any_.any()
+    ):  # empty rows borrow the nearest start, so a tile's band [min start, max start + K) stays tight
+        idx_ne = np.flatnonzero(any_)
+        near = idx_ne[np.clip(np.searchsorted(idx_ne, np.arange(n_out)), 0, len(idx_ne) - 1)]
+        first = np.where(any_, first, first[near])
+        last = np.where(any_, last, first)
+    K = max(int((last - first).max()) if n_out else 0, 1)
+    idx = np.minimum(first[:, None] + np.arange(K)[None, :], n_in - 1)
+    w = np.where(np.arange(K)[None, :] < (last - first)[:, None], np.take_along_axis(m, idx, 1), 0.0)
+    return first.astype(np.int32), np.ascontiguousarray(w, dtype=np.float32), K
 
 
-def band_tables(wy: np.ndarray, wx: np.ndarray, block: int = BLOCK) -> dict:
-    """Band start tables and loop counts of both kernels, from the nonzero structure of the weights.
+def tap_tables(wy: np.ndarray, wx: np.ndarray) -> dict:
+    """The tap tables of both passes and of their transposes, from the canvas matrices wy (Hc, H), wx (Wc, W).
 
-    wy: (Hc, H), wx: (Wc, W) numpy arrays. Returns int32 numpy arrays and python ints (see the kernels)."""
-
-    def fwd(m):  # per output tile: first input index, chunks
-        n_out = m.shape[0]
-        nz = m != 0
-        starts, counts = [], []
-        for t0 in range(0, n_out, block):
-            f, l = _first_last(nz[t0 : t0 + block].any(0, keepdims=True))
-            starts.append(int(f[0]))
-            counts.append(-(-int(l[0] - f[0]) // block))
-        return np.array(starts, np.int32), max(counts + [0])
-
-    def bwd(m):  # per input tile: first output index touching it, chunks
-        n_in = m.shape[1]
-        nz = (m != 0).T  # (in, out)
-        starts, counts = [], []
-        for t0 in range(0, n_in, block):
-            f, l = _first_last(nz[t0 : t0 + block].any(0, keepdims=True))
-            starts.append(int(f[0]))
-            counts.append(-(-int(l[0] - f[0]) // block))
-        return np.array(starts, np.int32), max(counts + [0])
-
-    ystart, n_ky = fwd(wy)
-    xstart, n_kx = fwd(wx)
-    oystart, n_oy = bwd(wy)
-    oxstart, n_ox = bwd(wx)
-    return dict(
-        ystart=ystart,
-        xstart=xstart,
-        n_ky=n_ky,
-        n_kx=n_kx,
-        oystart=oystart,
-        oxstart=oxstart,
-        n_oy=n_oy,
-        n_ox=n_ox,
-    )
+    Forward: ys/wy (Hc,), (Hc, KY) and xs/wx (Wc,), (Wc, KX). Backward: for each image row (column), the first
+    canvas row (column) that reads it and the weights: oys/wyT (H,), (H, KTY) and oxs/wxT (W,), (W, KTX)."""
+    wy = np.asarray(wy, dtype=np.float64)
+    wx = np.asarray(wx, dtype=np.float64)
+    out = {}
+    for name, m in (("y", wy), ("x", wx)):
+        s, w, k = _taps(m)
+        out[name + "s"], out["w" + name], out["K" + name.upper()] = s, w, k
+        s, w, k = _taps(np.ascontiguousarray(m.T))
+        out["o" + name + "s"], out["w" + name + "T"], out["KT" + name.upper()] = s, w, k
+    return out
 
 
-def _precision(device: torch.device) -> str:
-    return "tf32x3" if device.type == "cuda" else "ieee"
+def settings(axis: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of a pass along `axis` (0: rows, 1: columns); columns are the contiguous
+    dimension. UNO_BRIDGE_BLOCKS="R,C,W" (both axes) or "R0,C0,W0/R1,C1,W1" overrides them (sweeps).
+
+    GPU default from the H200 sweep (GPU time, 8x3x1024x1024 -> 384, fwd / bwd): 4x256x4 0.168 / 0.156 ms;
+    2x128x2 0.213 / 0.170; 8x128x4 0.240 / 0.171; 16x128x4 0.289 / 0.278; 32x64x4 0.51 / 0.49. Short, wide
+    tiles win: more programs in flight hide the latency of the dependent gathers. Unrolling the tap loop
+    (constexpr K) measured slower (0.268 ms fwd at 4x256)."""
+    env = os.environ.get("UNO_BRIDGE_BLOCKS")
+    if env:
+        parts = env.split("/")
+        r, c, w = (int(v) for v in parts[axis if len(parts) > 1 else 0].split(","))
+        return r, c, w
+    if device.type != "cuda":  # the interpreter: fewer, larger programs run faster
+        return 32, 64, 4
+    return 4, 256, 4
 
 
-def mask_numel(B: int, H: int, W: int, Hc: int, Wc: int, vertical_first: bool) -> int:
-    """Size of the forward's clip masks: the second pass on the canvas, the first pass on (input rows, canvas
-    cols) of the problem the kernels run (transposed when vertical_first)."""
-    first = W * Hc if vertical_first else H * Wc
-    return B * 3 * (Hc * Wc + first)
+def mask_layout(
+    B: int, H: int, W: int, Hc: int, Wc: int, vertical_first: bool, clip: bool = True
+) -> tuple[int, int, int, int]:
+    """(numel of the uint8 buffer, start and end of the first-pass mask, offset of the int32 flags) of the
+    forward's side outputs: the second-pass mask on the canvas [0, m1_at), the first-pass mask on t
+    [m1_at, m1_end), zero padding to 16 bytes, the per-plane clamp flags [flags_at, numel). Without
+    `clip` (no per-pass clip) there are no pass masks, only the flags."""
+    P = B * 3
+    n2 = P * Hc * Wc if clip else 0
+    n1 = P * (Hc * W if vertical_first else H * Wc) if clip else 0
+    flags_at = -(-(n2 + n1) // 16) * 16
+    return flags_at + 4 * P, n2, n2 + n1, flags_at
 
 
-def _oriented(images, wy, wx, trans):
-    """The problem the kernels run: the transposed one (vertical pass first) when `trans`."""
-    B, C, H, W = images.shape
-    sb, sc, sh, sw = images.stride()
-    if trans:
-        return (W, H, sb, sc, sw, sh, wx, wy)
-    return (H, W, sb, sc, sh, sw, wy, wx)
+def _grid(R: int, C: int, P: int, br: int, bc: int) -> tuple[int, int, int]:
+    return (triton.cdiv(C, bc), triton.cdiv(R, br), P)
 
 
 def bridge_forward(
     images: torch.Tensor,
-    wy: torch.Tensor,
-    wx: torch.Tensor,
-    consts: torch.Tensor,
     tables: dict,
+    consts: torch.Tensor,
+    canvas: tuple[int, int],
     region: tuple[int, int, int, int],
     input_range: tuple[float, float],
     *,
@@ -375,81 +378,113 @@ def bridge_forward(
     out_dtype: torch.dtype,
     vertical_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the forward. images: (B, 3, H, W); wy: (Hc, H) fp32; wx: (Wc, W) fp32; consts: (3, 3) fp32;
-    tables: `band_tables` of the oriented problem (band_tables(wx, wy) when vertical_first) as int32 tensors;
-    qwen: (patch, merge, temporal) or None. vertical_first: run the vertical pass first (on the transposed
-    problem). Returns (out, mask): out (B, 3, Hc, Wc) or (B*gh*gw, 3*T*p*p); mask: the flat uint8 clip masks
-    (`mask_numel` of them) the backward reads, or None."""
+    """Run the forward. images: (B, 3, H, W) any strides; tables: `tap_tables` as int32 / fp32 device tensors
+    plus the int counts; consts: (3, 3) fp32; canvas: (Hc, Wc); qwen: (patch, merge, temporal) or
+    None; vertical_first: Pillow's pass order. Returns (out, side): out (B, 3, Hc, Wc) or (B*gh*gw, 3*T*p*p)
+    in out_dtype; side: the uint8 buffer of `mask_layout` the backward reads (store_mask), or None."""
     B, C, H, W = images.shape
-    Hc, Wc = wy.shape[0], wx.shape[0]
+    Hc, Wc = canvas
+    P = B * C
+    dev = images.device
     if qwen is None:
-        out = torch.empty((B, C, Hc, Wc), device=images.device, dtype=out_dtype)
+        out = torch.empty((B, C, Hc, Wc), device=dev, dtype=out_dtype)
         patch, merge, temporal, gw = 1, 1, 1, 1
     else:
         patch, merge, temporal = qwen
         gw = Wc // patch
-        out = torch.empty(
-            (B * (Hc // patch) * gw, C * temporal * patch * patch), device=images.device, dtype=out_dtype
-        )
-    store_mask = store_mask and clip_each_pass
+        out = torch.empty((B * (Hc // patch) * gw, C * temporal * patch * patch), device=dev, dtype=out_dtype)
+    side = m1 = m2 = flags = None
+    if store_mask:
+        numel, m1_at, m1_end, flags_at = mask_layout(B, H, W, Hc, Wc, vertical_first, clip_each_pass)
+        side = torch.empty(numel, device=dev, dtype=torch.uint8)
+        side[m1_end:].zero_()  # padding and flags (the masks are written whole by the kernels)
+        flags = side[flags_at:].view(torch.int32)
+        m2, m1 = side[:m1_at], side[m1_at:m1_end]
     lo, hi = input_range
-    Hv, Wv, sb, sc, sh, sw, wy_v, wx_v = _oriented(images, wy, wx, vertical_first)
-    Hcv, Wcv = wy_v.shape[0], wx_v.shape[0]
-    mask = (
-        torch.empty(mask_numel(B, H, W, Hc, Wc, vertical_first), device=images.device, dtype=torch.uint8)
-        if store_mask
-        else None
-    )
-    grid = (triton.cdiv(Wcv, BLOCK), triton.cdiv(Hcv, BLOCK), B * C)
-    _bridge_fwd_kernel[grid](
-        out,
-        mask if mask is not None else out,
+    inv = 1.0 / (float(hi) - float(lo))
+    if vertical_first:  # t = Wy u: (Hc, W)
+        ax1, ax2, shape_t = 0, 1, (Hc, W)
+        tab1 = (tables["ys"], tables["wy"], tables["KY"])
+        tab2 = (tables["xs"], tables["wx"], tables["KX"])
+    else:  # t = u Wx^T: (H, Wc)
+        ax1, ax2, shape_t = 1, 0, (H, Wc)
+        tab1 = (tables["xs"], tables["wx"], tables["KX"])
+        tab2 = (tables["ys"], tables["wy"], tables["KY"])
+    t = torch.empty((P, *shape_t), device=dev, dtype=torch.float32)
+    dummy = out
+    common = dict(CLIP=clip_each_pass, STORE_MASK=store_mask, QWEN=qwen is not None, TEMPORAL=temporal)
+
+    br, bc, nw = settings(ax1, dev)
+    _resample_fwd_kernel[_grid(*shape_t, P, br, bc)](
+        t,
+        m1 if m1 is not None else dummy,
+        flags if flags is not None else dummy,
         images,
-        wy_v,
-        wx_v,
-        tables["ystart"],
-        tables["xstart"],
+        tab1[0],
+        tab1[1],
         consts,
-        sb,
-        sc,
-        sh,
-        sw,
-        Hv,
-        Wv,
-        Hcv,
-        Wcv,
+        *images.stride(),
+        H,
+        W,
+        *shape_t,
+        int(tab1[2]),
         *region,
         float(lo),
-        1.0 / (float(hi) - float(lo)),
-        int(tables["n_ky"]),
-        int(tables["n_kx"]),
+        inv,
         gw,
         patch,
         merge,
+        AXIS=ax1,
+        FIRST=True,
+        FINAL=False,
+        BLOCK_R=br,
+        BLOCK_C=bc,
+        num_warps=nw,
+        **common,
+    )
+    br, bc, nw = settings(ax2, dev)
+    R, Cc = shape_t
+    _resample_fwd_kernel[_grid(Hc, Wc, P, br, bc)](
+        out,
+        m2 if m2 is not None else dummy,
+        dummy,
+        t,
+        tab2[0],
+        tab2[1],
+        consts,
+        3 * R * Cc,
+        R * Cc,
+        Cc,
+        1,
+        R,
+        Cc,
         Hc,
         Wc,
-        B * C * Hc * Wc,
-        CLIP_PASS=clip_each_pass,
-        STORE_MASK=store_mask,
-        TRANS=vertical_first,
-        QWEN=qwen is not None,
-        TEMPORAL=temporal,
-        PRECISION=_precision(images.device),
-        BLOCK_O=BLOCK,
-        BLOCK_K=BLOCK,
-        num_warps=4,
+        int(tab2[2]),
+        *region,
+        float(lo),
+        inv,
+        gw,
+        patch,
+        merge,
+        AXIS=ax2,
+        FIRST=False,
+        FINAL=True,
+        BLOCK_R=br,
+        BLOCK_C=bc,
+        num_warps=nw,
+        **common,
     )
-    return out, mask
+    return out, side
 
 
 def bridge_backward(
     grad_out: torch.Tensor,
     images: torch.Tensor,
-    mask: torch.Tensor | None,
-    wy: torch.Tensor,
-    wx: torch.Tensor,
-    consts: torch.Tensor,
+    side: torch.Tensor | None,
     tables: dict,
+    consts: torch.Tensor,
+    canvas: tuple[int, int],
     region: tuple[int, int, int, int],
     input_range: tuple[float, float],
     *,
@@ -458,62 +493,93 @@ def bridge_backward(
     qwen: tuple[int, int, int] | None,
     vertical_first: bool = False,
 ) -> torch.Tensor:
-    """Launch the backward: grad of the images (B, 3, H, W) in images.dtype, one write per element.
-    use_masks=False is the straight-through policy (images and mask are not read)."""
+    """Run both backward passes: grad of the images (B, 3, H, W) in images.dtype, each element written once.
+    use_masks=False is the straight-through policy (no masks; the images are not read)."""
     B, C, H, W = images.shape
-    Hc, Wc = wy.shape[0], wx.shape[0]
+    Hc, Wc = canvas
+    P = B * C
+    dev = images.device
     grad_out = grad_out.contiguous()
-    gx = torch.empty((B, C, H, W), device=images.device, dtype=images.dtype)
+    gx = torch.empty((B, C, H, W), device=dev, dtype=images.dtype)
     if qwen is None:
         patch, merge, temporal, gw = 1, 1, 1, 1
     else:
         patch, merge, temporal = qwen
         gw = Wc // patch
-    if use_masks and clip_each_pass and mask is None:
-        raise ValueError("bridge_backward: the clip masks of the forward are needed (store_mask=True)")
+    m1 = m2 = flags = None
+    if use_masks:
+        if side is None:
+            raise ValueError(
+                "bridge_backward: the forward's masks are needed (store_mask=True) for clamp='clamp'"
+            )
+        _, m1_at, m1_end, flags_at = mask_layout(B, H, W, Hc, Wc, vertical_first, clip_each_pass)
+        m2, m1, flags = side[:m1_at], side[m1_at:m1_end], side[flags_at:].view(torch.int32)
     lo, hi = input_range
-    Hv, Wv, sb, sc, sh, sw, wy_v, wx_v = _oriented(images, wy, wx, vertical_first)
-    Hcv, Wcv = wy_v.shape[0], wx_v.shape[0]
-    grid = (triton.cdiv(Wv, BLOCK), triton.cdiv(Hv, BLOCK), B * C)
-    _bridge_bwd_kernel[grid](
-        gx,
+    inv = 1.0 / (float(hi) - float(lo))
+    if vertical_first:  # undo pass 2 (along x) into g_t (Hc, W), then pass 1 (along y)
+        ax2, ax1, shape_t = 1, 0, (Hc, W)
+        tab2 = (tables["oxs"], tables["wxT"], tables["KTX"])
+        tab1 = (tables["oys"], tables["wyT"], tables["KTY"])
+    else:
+        ax2, ax1, shape_t = 0, 1, (H, Wc)
+        tab2 = (tables["oys"], tables["wyT"], tables["KTY"])
+        tab1 = (tables["oxs"], tables["wxT"], tables["KTX"])
+    g_t = torch.empty((P, *shape_t), device=dev, dtype=torch.float32)
+    dummy = grad_out
+    common = dict(USE_MASKS=use_masks, CLIP=clip_each_pass, QWEN=qwen is not None, TEMPORAL=temporal)
+    geo = (*region, float(lo), inv, gw, patch, merge)
+
+    br, bc, nw = settings(ax2, dev)
+    _resample_bwd_kernel[_grid(*shape_t, P, br, bc)](
+        g_t,
         grad_out,
-        mask if mask is not None else grad_out,
-        images,
-        wy_v,
-        wx_v,
-        tables["oystart"],
-        tables["oxstart"],
+        m2 if m2 is not None else dummy,
+        m1 if m1 is not None else dummy,
+        dummy,
+        dummy,
+        tab2[0],
+        tab2[1],
         consts,
-        sb,
-        sc,
-        sh,
-        sw,
-        Hv,
-        Wv,
-        Hcv,
-        Wcv,
-        *region,
-        float(lo),
-        1.0 / (float(hi) - float(lo)),
-        int(tables["n_oy"]),
-        int(tables["n_ox"]),
-        gw,
-        patch,
-        merge,
+        0,
+        0,
+        0,
+        0,
         Hc,
         Wc,
+        *shape_t,
+        int(tab2[2]),
+        *geo,
+        AXIS=ax2,
+        FIRST=True,
+        LAST=False,
+        BLOCK_R=br,
+        BLOCK_C=bc,
+        num_warps=nw,
+        **common,
+    )
+    br, bc, nw = settings(ax1, dev)
+    _resample_bwd_kernel[_grid(H, W, P, br, bc)](
+        gx,
+        g_t,
+        dummy,
+        dummy,
+        flags if flags is not None else dummy,
+        images,
+        tab1[0],
+        tab1[1],
+        consts,
+        *images.stride(),
+        *shape_t,
+        H,
         W,
-        B * C * Hc * Wc,
-        USE_MASKS=use_masks,
-        CLIP_PASS=clip_each_pass,
-        TRANS=vertical_first,
-        QWEN=qwen is not None,
-        TEMPORAL=temporal,
-        PRECISION=_precision(images.device),
-        BLOCK_I=BLOCK,
-        BLOCK_O=BLOCK,
-        BLOCK_K=BLOCK,
-        num_warps=4,
+        int(tab1[2]),
+        *geo,
+        AXIS=ax1,
+        FIRST=False,
+        LAST=True,
+        BLOCK_R=br,
+        BLOCK_C=bc,
+        num_warps=nw,
+        **common,
     )
     return gx

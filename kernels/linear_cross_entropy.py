@@ -20,9 +20,21 @@ GEMM with fp32 accumulation over V. `_lce_dweight_kernel` adds the chunk's dW = 
 dbias into fp32 buffers (each program owns one BLOCK_V x BLOCK_H tile: no atomics); it is skipped when
 the head is frozen. So the frozen-head backward is one fused recompute kernel plus one GEMM per chunk.
 
+Gradient in forward ("gif", the default when a gradient is needed; `linear_cross_entropy_gif`): tokens in
+chunks of C rows (`gif_chunk_rows`). Per chunk: logits_c = hidden_c @ weight.T (+ bias) as one cuBLAS GEMM in
+the input dtype (fp32 accumulation inside), then `_lce_gif_rows_kernel` (one program per row, two passes
+over V in fp32 registers) writes the per-token loss and overwrites logits_c in place with dloss_i/dz (the
+"unit" gradient, upstream gradient 1; softcap chain rule included; 0 for ignored rows); then
+dhidden_c = grad_c @ weight (cuBLAS) into an N x H buffer in the input dtype, and, for a trainable head,
+dweight += grad_c.T @ hidden_c and dbias += colsum(grad_c) in fp32. The backward only scales the saved
+gradients by the upstream gradient per token (`scale_rows_`, in place, fp32 arithmetic). Work: the 2 GEMMs
+of eager (3 with a trainable head) plus 2 reads and 1 write of each logits chunk; memory: one C x V chunk
+plus the N x H gradient, which becomes hidden.grad.
+
 References followed (facts and algorithms, no code): Apple's Cut Cross-Entropy (blockwise LSE, recomputed
-logit tiles in the backward), Liger-Kernel's fused linear cross-entropy (chunking over tokens, the
-label-smoothing and z-loss gradients, fp32 accumulation of dW), flash-attention's cross-entropy (split LSE).
+logit tiles in the backward), Liger-Kernel's fused linear cross-entropy (chunking over tokens, gradients in
+the forward, the label-smoothing and z-loss gradients, fp32 accumulation of dW), flash-attention's
+cross-entropy (split LSE).
 
 Interpreter notes (TRITON_INTERPRET=1): tanh is written with exp (no libdevice); fp32 dots ask for
 input_precision="ieee" so the GPU matches the exact interpreter; bf16 dots only run on a GPU.
@@ -31,6 +43,7 @@ input_precision="ieee" so the GPU matches the exact interpreter; bf16 dots only 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -306,6 +319,109 @@ def _lce_dweight_kernel(
             tl.store(db_ptr + cols_v, tl.load(db_ptr + cols_v, mask=v_mask, other=0.0) + db, mask=v_mask)
 
 
+@triton.jit
+def _lce_gif_rows_kernel(
+    z_ptr,  # (C, V) in: logits in the input dtype; out (WRITE_GRAD): dloss/dz for upstream gradient 1
+    loss_ptr,  # (C,) fp32 out: loss per token (0 where ignored)
+    labels_ptr,  # (C,) int64
+    n_rows,
+    V,
+    stride_zn,
+    softcap,  # float (unused without HAS_SOFTCAP)
+    ignore_index,
+    smoothing,  # label smoothing eps
+    z_loss,  # z-loss coefficient zl
+    HAS_SOFTCAP: tl.constexpr,
+    NEED_ZSUM: tl.constexpr,  # label smoothing needs sum_j z_j
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows per program: 1 on a GPU; more only to cut the interpreter's per-program cost
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (y != ignore_index)
+    z_rows = z_ptr + rows[:, None] * stride_zn
+    offs = tl.arange(0, BLOCK_V)
+
+    # Pass 1: online log-sum-exp per row, in fp32. Every block holds a valid column (v0 < V), so m is finite
+    # after the first one and exp(m - m_new) never sees inf - inf (rows past n_rows read 0s, never stored).
+    # The target logit is picked up here too, not loaded after the loop: every pass-1 load feeds a reduction
+    # that all warps pass together, so none can still be pending when another warp overwrites the row in
+    # pass 2 (a separate load of z[y] could race with that store).
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        col_mask = cols < V
+        z = tl.load(z_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(
+            tl.float32
+        )
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        if NEED_ZSUM:
+            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    log_s = tl.log(s)
+    lse = m + log_s
+    # (m - z_y) + log_s: exact to fp32 rounding even for logits around 1e4.
+    loss = (1.0 - smoothing) * ((m - z_y) + log_s)
+    if NEED_ZSUM:
+        loss += smoothing * ((m - zsum / V) + log_s)
+    loss += z_loss * lse * lse
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+
+    if WRITE_GRAD:
+        # Pass 2: dloss/dz in place. Each element is read once and written once by its program, and the
+        # target column's p - (1 - eps) is formed in fp32 before the single rounding to the input dtype.
+        coef = 1.0 + 2.0 * z_loss * lse
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            mask = row_mask[:, None] & (cols < V)[None, :]
+            z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            t = z
+            if HAS_SOFTCAP:
+                t = _tanh(z / softcap)
+                z = softcap * t
+            # exp((z - m) - log_s), not exp(z - lse): lse ~ 1e4 would carry an fp32 rounding of ~1e-3 into p.
+            u = tl.exp((z - m[:, None]) - log_s[:, None]) * coef[:, None] - smoothing / V
+            u -= tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0)
+            if HAS_SOFTCAP:
+                u = u * (1.0 - t * t)
+            u = tl.where(valid[:, None], u, 0.0)
+            tl.store(z_rows + cols[None, :], u.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(
+    x_ptr,  # (R, K) in/out, any float dtype, unit stride along K (one row of R * K when G_PER_ROW=False)
+    g_ptr,  # (R,) fp32 factor per row, or (1,) one factor for all (G_PER_ROW=False)
+    K,
+    stride_xr,
+    G_PER_ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # grid: (R, cdiv(K, BLOCK)) per row, or (cdiv(K, BLOCK),) for one factor over a flat K.
+    if G_PER_ROW:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + row)
+    else:
+        row = 0
+        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr)
+    mask = cols < K
+    ptrs = x_ptr + row * stride_xr + cols
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 
@@ -537,3 +653,172 @@ def linear_cross_entropy_backward(
 
 
 _CHUNK_ROWS_OVERRIDE: int | None = None
+
+# ------------------------------------------------------------------------------ gradient in forward (gif)
+
+# logits chunk budget with a frozen head (issue 4's shape: 256 rows, 1.56% of N*V*4)
+GIF_CHUNK_BYTES = 80_000_000
+GIF_CHUNK_ROWS_ENV = "UNO_LCE_GIF_CHUNK_ROWS"  # force C (tests, benchmark sweeps)
+
+
+def gif_chunk_rows(N: int, V: int, H: int, elem_size: int, need_dweight: bool) -> int:
+    """Tokens per chunk C of the gradient-in-forward path.
+
+    Frozen head: the largest power of two with C * V * elem_size <= 80 MB, clamped to [64, 2048]: 256 rows at
+    V=152064 in bf16, a 77.9 MB chunk: the op's peak memory beyond its output (the N x H gradient) is 1.56% of
+    the 4.98 GB fp32 logits at N=8192, under issue 4's 2%. Measured on an H200 (bench, N=8192, H=3584): 128
+    rows 41.0 ms, 256 rows 31.9 ms, 512 rows 31.3 ms (but 3.1% of the logits); each chunk streams W twice,
+    so small chunks are bound by W's reads. With a trainable head the fp32 dW buffer (V x H) dominates
+    memory and every chunk reads and writes it once, so the budget grows to V * H * 4 / 8 (fewer, longer
+    dW GEMMs). The env var UNO_LCE_GIF_CHUNK_ROWS overrides both. Never more than N.
+    """
+    forced = os.environ.get(GIF_CHUNK_ROWS_ENV)
+    if forced:
+        rows = int(forced)
+        if rows < 1:
+            raise ValueError(f"{GIF_CHUNK_ROWS_ENV} must be a positive integer, got {forced!r}")
+        return min(rows, max(N, 1))
+    budget = GIF_CHUNK_BYTES
+    if need_dweight:
+        budget = max(budget, V * H * 4 // 8)
+    rows = max(1, budget // max(V * elem_size, 1))
+    rows = 1 << (rows.bit_length() - 1)  # power of two <= rows
+    return min(max(rows, 64), 2048, max(N, 1))
+
+
+def _gif_rows_settings(V: int) -> dict:
+    if _interpreting():
+        # Numpy runs programs one by one: many rows per program; a few blocks per row even at test sizes, so
+        # the online merge and the tail mask run.
+        return dict(BLOCK_N=16, BLOCK_V=max(16, min(512, _np2(V))), num_warps=4)
+    # One row per program, 16K columns per step over up to 32 warps (16 fp32 per thread and tensor): enough
+    # bytes in flight per SM to stream the chunk at HBM speed when C >= the number of SMs.
+    block = max(128, min(16384, _np2(V)))
+    warps = 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return dict(BLOCK_N=1, BLOCK_V=block, num_warps=warps)
+
+
+_ADDMM_OUT_DTYPE = {
+    "usable": None
+}  # torch.addmm(..., out_dtype=float32) on half CUDA operands; None: untried
+
+
+def _accumulate_dweight(dw: torch.Tensor, grad_c: torch.Tensor, h_c: torch.Tensor) -> None:
+    """dw (V, H) fp32 += grad_c.T @ h_c, accumulated in fp32 and added to dw in fp32 (no half-precision
+    product)."""
+    if grad_c.dtype == torch.float32:
+        dw.addmm_(grad_c.t(), h_c)
+        return
+    if dw.is_cuda and _ADDMM_OUT_DTYPE["usable"] is not False and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        # cuBLAS: half operands, fp32 accumulator and fp32 C with beta = 1 (torch >= 2.8).
+        try:
+            torch.addmm(dw, grad_c.t(), h_c, out_dtype=torch.float32, out=dw)
+            _ADDMM_OUT_DTYPE["usable"] = True
+            return
+        except (RuntimeError, TypeError) as e:
+            if _ADDMM_OUT_DTYPE["usable"]:  # it worked before: a real error
+                raise
+            _ADDMM_OUT_DTYPE["usable"] = False
+            warnings.warn(
+                f"linear_cross_entropy: addmm with out_dtype=float32 is unavailable ({e}); dweight chunks "
+                "are widened to fp32 before the GEMM instead (same result, more memory traffic)",
+                stacklevel=2,
+            )
+    # CPU (interpreter tests) or an older torch: widen the chunk operands
+    dw.addmm_(grad_c.t().float(), h_c.float())
+
+
+def linear_cross_entropy_gif(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token loss and the gradients for an upstream gradient of 1 on every token, in one pass.
+
+    Args:
+        hidden: (N, H) fp32/fp16/bf16, any strides. weight: (V, H), same dtype and device. labels: (N,) int64
+        in [0, V) or ignore_index. bias: (V,) or None. softcap: None or > 0.
+        need_dhidden / need_dweight / need_dbias: which gradients to form (none: the loss only).
+    Returns:
+        loss: (N,) fp32, 0 where labels == ignore_index.
+        dhidden: (N, H) in hidden.dtype, dloss[n]/dhidden[n] (0 rows where ignored), or None.
+        dweight: (V, H) fp32, sum_n dloss[n]/dweight, or None. dbias: (V,) fp32, sum_n dloss[n]/dbias, or None.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev, dtype = hidden.device, hidden.dtype
+    write_grad = need_dhidden or need_dweight or need_dbias
+    chunk = gif_chunk_rows(N, V, H, hidden.element_size(), need_dweight)
+    logits = torch.empty((min(chunk, N), V), device=dev, dtype=dtype)
+    loss = torch.empty((N,), device=dev, dtype=torch.float32)
+    dh = torch.empty((N, H), device=dev, dtype=dtype) if need_dhidden else None
+    dw = torch.zeros((V, H), device=dev, dtype=torch.float32) if need_dweight else None
+    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_dbias else None
+    cfg = _gif_rows_settings(V)
+    weight_t = weight.t()
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        h_c = hidden[c0:c1]
+        z = logits[: c1 - c0]
+        if bias is not None:
+            torch.addmm(bias, h_c, weight_t, out=z)
+        else:
+            torch.mm(h_c, weight_t, out=z)
+        _lce_gif_rows_kernel[(triton.cdiv(c1 - c0, cfg["BLOCK_N"]),)](
+            z,
+            loss[c0:c1],
+            labels[c0:c1],
+            c1 - c0,
+            V,
+            z.stride(0),
+            float(softcap or 1.0),
+            ignore_index,
+            float(label_smoothing),
+            float(z_loss),
+            HAS_SOFTCAP=softcap is not None,
+            NEED_ZSUM=label_smoothing > 0,
+            WRITE_GRAD=write_grad,
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_V=cfg["BLOCK_V"],
+            num_warps=cfg["num_warps"],
+        )
+        if need_dhidden:
+            torch.mm(z, weight, out=dh[c0:c1])
+        if need_dweight:
+            _accumulate_dweight(dw, z, h_c)
+        if need_dbias:
+            db += z.sum(dim=0, dtype=torch.float32)
+    return loss, dh, dw, db
+
+
+def scale_rows_(x: torch.Tensor, g: torch.Tensor) -> None:
+    """x[r, :] *= g[r] in place, or x *= g[0] when g has one element; fp32 arithmetic, one rounding.
+
+    Args:
+        x: (R, K) float tensor with unit stride along K (contiguous for a single factor), or (K,).
+        g: (R,) or (1,) fp32.
+    """
+    if x.numel() == 0:
+        return
+    block_max = 1024 if _interpreting() else 4096
+    g = g.to(torch.float32).contiguous()
+    if g.numel() == 1:
+        assert x.is_contiguous(), "scale_rows_ with one factor needs a contiguous x"
+        flat = x.view(-1)
+        block = max(16, min(block_max, _np2(flat.numel())))
+        grid = (triton.cdiv(flat.numel(), block),)
+        _scale_kernel[grid](flat, g, flat.numel(), 0, G_PER_ROW=False, BLOCK=block, num_warps=8)
+        return
+    R, K = x.shape
+    assert g.numel() == R and x.stride(1) == 1, (tuple(g.shape), tuple(x.shape), x.stride())
+    block = max(16, min(block_max, _np2(K)))
+    _scale_kernel[(R, triton.cdiv(K, block))](x, g, K, x.stride(0), G_PER_ROW=True, BLOCK=block, num_warps=8)

@@ -1,338 +1,625 @@
 """Fused multi-term regression: every term's loss sums AND every pred's gradient in one Triton launch.
 
-Math, per term t with pred p, target y, broadcast mask m (default 1) and elementwise weight w (default 1):
+Math, per term t with pred p, target y, broadcast mask m (default 1) and weight w (default 1):
     mse:        l = (p - y)^2                                   dl/dp = 2 (p - y)
     smooth_l1:  l = 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta   (d = p - y; beta = 0 is L1)
                 dl/dp = d / beta if |d| < beta else sign(d)
     cosine:     per row r over the last dim: l_r = 1 - <p_r, y_r> / (max(|p_r|, eps) max(|y_r|, eps));
                 m and w are per row.
-The kernel writes, per work item, the partial sums  num_t = sum(s w m l)  and  den_t = sum(m)  (the mask
-broadcast to the loss's shape: elements, or rows for cosine), and the UNSCALED gradients
-g_t = s w m dl/dp (and -s w m dl/dy, or the cosine target formula, when the target needs a gradient).
-The host turns num/den into losses; autograd scales g_t by d total / d num_t in backward.
+Each program writes ONE partial (num, den) = (s sum(w m l), sum(m)) of its term (the mask broadcast to the
+loss's shape: elements, or rows for cosine), and the gradients g = s w m dl/dp, not yet divided by the mask
+sum (and -g, or the cosine target formula, for a target that needs a gradient); s is the term's float weight. `_finish_kernel` turns
+the partials into the per-term losses num / den and their total; `_scale_grads_kernel` (the backward)
+multiplies each saved gradient by d total / d num = grad_output / den.
 
-Launch: ONE launch for all terms that share (pred dtype, target dtype). Each term is a row of an int64
-descriptor table (addresses, sizes, strides, kind, output row) plus (beta, scale) in a float32 table; a
-persistent grid (SMs x 16 programs) walks the (term, row block) work items, so terms of different shapes
-and kinds share the launch. Terms are viewed as (R, D) with a unit last-dim stride; masks and weights are
-float32 with any (row, col) strides (0 for broadcast dims). The float term weight s is folded into num and g.
+Launch: one launch for up to MAX_TERMS terms (more terms: one launch per MAX_TERMS). Each term is a slot of
+plain kernel arguments (tensors, sizes, strides, floats) plus compile-time flags (kind, mask / weight
+layout, which gradients, block sizes), so Triton specializes every term: alignment and divisibility of the
+pointers, sizes and strides come from its argument specialization (16-byte vector loads, no hints needed),
+and no descriptor table travels to the device. Each program serves one term (the slot dispatch runs once
+per program) and walks that term's tiles with a grid stride, keeping its sums in registers; the grid is
+either one program per `group` tiles (the default: the hardware scheduler balances terms of unequal cost)
+or persistent (SMs x programs per SM, shared among the terms in proportion to their sizes).
 
-Memory traffic (the aim): read pred + target (+ mask/weight at their broadcast size), write grad: one
-pass. Cosine reads each row twice (the second read hits L1/L2 for rows of a few KB).
+Paths per term (chosen by the host, `term_settings`):
+- mse / smooth_l1: (BLOCK_R, BLOCK_D) tiles of a (R, D) view with a unit column stride. The fast case
+  (R % BLOCK_R == 0 and D % BLOCK_D == 0, BLOCK_D a power of two dividing D) has no bounds masks; a term
+  with no mask and no weight tensor that is contiguous is viewed as (numel / D', D') with a convenient D'.
+  Masks / weights: per row (a column stride of 0: one load per tile row) or (R, D) with a unit column stride.
+- cosine: (BLOCK_R, next_pow2(D)) row blocks, each row read once and kept in registers for the gradient;
+  rows wider than `cos_max_d` take two passes over D chunks (the second read mostly hits L2).
+Index math: a tile's base offset in int64 (a scalar), the offsets inside a tile in int32.
 
-Follows: the pointer-table multi-tensor launch of PyTorch's `multi_tensor_apply` (apex), and the
-gradient-in-forward trick of Liger-Kernel's fused linear cross-entropy.
+Memory traffic (the aim): read pred + target (+ mask / weight at their broadcast size), write the gradient;
+the backward reads and writes the gradient once more.
+
+Follows: the multi-tensor launch of PyTorch's `multi_tensor_apply` (several tensors' arguments in one launch)
+and the gradient-in-forward trick of Liger-Kernel's fused linear cross-entropy.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import os
 
 import triton
 import triton.language as tl
 
 KIND_IDS = {"mse": 0, "smooth_l1": 1, "cosine": 2}
+MAX_TERMS = 4  # term slots of one forward launch (and gradient slots of one backward launch)
+COSINE_EPS = 1e-8
+# aux (mask / weight) layouts of a term, as the kernel takes them
+AUX_NONE, AUX_ROW, AUX_2D = 0, 1, 2
 
-# descriptor columns (int64)
-D_PRED, D_TGT, D_GRAD, D_TGRAD, D_MASK, D_WEIGHT = 0, 1, 2, 3, 4, 5
-D_R, D_D, D_S_PR, D_S_TR, D_S_MR, D_S_MD, D_S_WR, D_S_WD, D_KIND, D_OUT_ROW = (
-    6,
-    7,
-    8,
-    9,
-    10,
-    11,
-    12,
-    13,
-    14,
-    15,
-)
-N_DESC = 16
+
+# ------------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _load(ptr, ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _term_block(
-    part_ptr,
-    desc_ptr,
-    fpar_ptr,
-    pred_witness_ptr,
-    tgt_witness_ptr,
-    mask_witness_ptr,
-    t,
-    pid_r,
-    part_stride,
-    eps,
-    N_DESC: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    ALIGNED: tl.constexpr,
+def _store(ptr, val, ok, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptr, val.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _elementwise_term(
+    out_ptr,  # this program's (num, den)
+    q,  # this program's index among the NP programs of the term
+    NP,
+    P,
+    Y,
+    G,
+    GY,
+    M,
+    W,  # pred, target, grad, target grad, mask, weight
+    R,
+    D,  # the (R, D) view
+    SP,
+    SY,
+    SM,
+    SW,  # row strides of pred, target, mask, weight (columns: unit stride, 0 for AUX_ROW)
+    beta,
+    scale,
+    KIND: tl.constexpr,
+    M_MODE: tl.constexpr,
+    W_MODE: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    EVEN: tl.constexpr,  # R % BLOCK_R == 0 and D % BLOCK_D == 0: no bounds masks
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rows [pid_r * BLOCK_R, +BLOCK_R) of the launch's term t: partial (num, den) and the gradients."""
-    base = desc_ptr + t * N_DESC
-    p_addr = tl.load(base + 0)
-    y_addr = tl.load(base + 1)
-    g_addr = tl.load(base + 2)
-    gy_addr = tl.load(base + 3)
-    m_addr = tl.load(base + 4)
-    w_addr = tl.load(base + 5)
-    R = tl.load(base + 6)
-    D = tl.load(base + 7)
-    s_pr = tl.load(base + 8)
-    s_yr = tl.load(base + 9)
-    s_mr = tl.load(base + 10)
-    s_md = tl.load(base + 11)
-    s_wr = tl.load(base + 12)
-    s_wd = tl.load(base + 13)
-    kind = tl.load(base + 14)
-    out_row = tl.load(base + 15)
-    beta = tl.load(fpar_ptr + t * 2)
-    scale = tl.load(fpar_ptr + t * 2 + 1)  # the term's float weight, folded into num and the gradients
-
-    p_ptr = p_addr.to(pred_witness_ptr.dtype)
-    y_ptr = y_addr.to(tgt_witness_ptr.dtype)
-    g_ptr = g_addr.to(pred_witness_ptr.dtype)
-    gy_ptr = gy_addr.to(tgt_witness_ptr.dtype)
-    m_ptr = m_addr.to(mask_witness_ptr.dtype)
-    w_ptr = w_addr.to(mask_witness_ptr.dtype)
-    if ALIGNED:
-        # addresses come from memory, so Triton cannot see their alignment: say it (the launcher checked), so
-        # loads and stores are 16-byte vectors and `cols < D` is constant over 8 lanes (checked in the PTX:
-        # without these hints every bf16 element is its own 2-byte load). The hint must sit on the pointer
-        # after the int -> pointer cast; on the int it is lost.
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        y_ptr = tl.multiple_of(y_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        gy_ptr = tl.multiple_of(gy_ptr, 16)
-        D = tl.multiple_of(D, 8)
-        s_pr = tl.multiple_of(s_pr, 8)
-        s_yr = tl.multiple_of(s_yr, 8)
-
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    cols0 = tl.arange(0, BLOCK_D).to(tl.int64)
-    num = tl.zeros((BLOCK_R,), tl.float32)
-    den = tl.zeros((BLOCK_R,), tl.float32)
-
-    if kind == 2:
-        # ---- cosine: pass 1 reduces <p,y>, |p|^2, |y|^2 per row; pass 2 writes the gradients
-        dot = tl.zeros((BLOCK_R,), tl.float32)
-        pp = tl.zeros((BLOCK_R,), tl.float32)
-        yy = tl.zeros((BLOCK_R,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            ok = row_ok[:, None] & (cols < D)[None, :]
-            p = tl.load(p_ptr + rows[:, None] * s_pr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + rows[:, None] * s_yr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            dot += tl.sum(p * y, axis=1)
-            pp += tl.sum(p * p, axis=1)
-            yy += tl.sum(y * y, axis=1)
-        np_ = tl.sqrt(pp)
-        ny = tl.sqrt(yy)
-        a = tl.maximum(np_, eps)
-        b = tl.maximum(ny, eps)
-        inv_ab = 1.0 / (a * b)
-        cos = dot * inv_ab
-        m = tl.where(row_ok, 1.0, 0.0)
-        if m_addr != 0:
-            m = tl.load(m_ptr + rows * s_mr, mask=row_ok, other=0.0)
-        w = tl.full((BLOCK_R,), 1.0, tl.float32)
-        if w_addr != 0:
-            w = tl.load(w_ptr + rows * s_wr, mask=row_ok, other=0.0)
-        wm = w * m * scale
-        num += tl.where(row_ok, wm * (1.0 - cos), 0.0)
-        den += m
-        if WRITE_GRAD:
-            # d(1 - cos)/dp = -(y / (a b) - [|p| > eps] cos p / a^2), and symmetrically for y
-            cp = tl.where(np_ > eps, cos / (a * a), 0.0)
-            cy = tl.where(ny > eps, cos / (b * b), 0.0)
-            for d0 in range(0, D, BLOCK_D):
-                cols = d0 + cols0
-                ok = row_ok[:, None] & (cols < D)[None, :]
-                p = tl.load(p_ptr + rows[:, None] * s_pr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                y = tl.load(y_ptr + rows[:, None] * s_yr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                if g_addr != 0:
-                    gp = -wm[:, None] * (y * inv_ab[:, None] - cp[:, None] * p)
-                    tl.store(
-                        g_ptr + rows[:, None] * D + cols[None, :], gp.to(g_ptr.dtype.element_ty), mask=ok
-                    )
-                if gy_addr != 0:
-                    gy = -wm[:, None] * (p * inv_ab[:, None] - cy[:, None] * y)
-                    tl.store(
-                        gy_ptr + rows[:, None] * D + cols[None, :], gy.to(gy_ptr.dtype.element_ty), mask=ok
-                    )
-    else:
-        # ---- mse / smooth_l1: one pass, elementwise
-        is_mse = kind == 0
-        inv_beta = 1.0 / tl.maximum(beta, 1e-30)  # beta = 0: |d| < 0 never holds, so this branch is unused
-        acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        macc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            ok = row_ok[:, None] & (cols < D)[None, :]
-            p = tl.load(p_ptr + rows[:, None] * s_pr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + rows[:, None] * s_yr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            m = tl.where(ok, 1.0, 0.0)
-            if m_addr != 0:
-                m = tl.load(m_ptr + rows[:, None] * s_mr + cols[None, :] * s_md, mask=ok, other=0.0)
-            w = tl.where(ok, 1.0, 0.0)
-            if w_addr != 0:
-                w = tl.load(w_ptr + rows[:, None] * s_wr + cols[None, :] * s_wd, mask=ok, other=0.0)
-            d = p - y
+    n_cb = tl.cdiv(D, BLOCK_D)
+    n_items = tl.cdiv(R, BLOCK_R) * n_cb
+    r_loc = tl.arange(0, BLOCK_R)
+    c_loc = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)  # sum of w m l (s applied at the end)
+    den2 = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)  # AUX_2D mask sums
+    den1 = tl.zeros((BLOCK_R,), tl.float32)  # AUX_ROW mask sums x valid columns
+    inv_beta = 1.0 / tl.maximum(beta, 1e-30)  # beta = 0: |d| < 0 never holds, this branch is unused
+    for i in range(q, n_items, NP):
+        rb = i // n_cb
+        cb = i - rb * n_cb
+        row0 = tl.cast(rb, tl.int64) * BLOCK_R
+        col0 = cb * BLOCK_D
+        row_ok = r_loc < R - row0
+        col_ok = c_loc < D - col0
+        ok = row_ok[:, None] & col_ok[None, :]
+        p = _load(P + (row0 * SP + col0) + (r_loc[:, None] * SP + c_loc[None, :]), ok, EVEN)
+        y = _load(Y + (row0 * SY + col0) + (r_loc[:, None] * SY + c_loc[None, :]), ok, EVEN)
+        d = p - y
+        if KIND == 0:
+            l = d * d
+            dl = 2.0 * d
+        else:
             ad = tl.abs(d)
             small = ad < beta
-            l_sl1 = tl.where(small, 0.5 * d * d * inv_beta, ad - 0.5 * beta)
-            sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-            dl_sl1 = tl.where(small, d * inv_beta, sgn)
-            l = tl.where(is_mse, d * d, l_sl1)
-            dl = tl.where(is_mse, 2.0 * d, dl_sl1)
-            wm = w * m * scale
-            acc += wm * l
-            macc += m
-            if WRITE_GRAD:
-                g = wm * dl
-                if g_addr != 0:
-                    tl.store(g_ptr + rows[:, None] * D + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
-                if gy_addr != 0:
-                    tl.store(
-                        gy_ptr + rows[:, None] * D + cols[None, :], (-g).to(gy_ptr.dtype.element_ty), mask=ok
-                    )
-        num += tl.sum(acc, axis=1)
-        den += tl.sum(macc, axis=1)
-
-    out = part_ptr + (out_row * part_stride + pid_r) * 2
-    tl.store(out, tl.sum(num, axis=0))
-    tl.store(out + 1, tl.sum(den, axis=0))
+            l = tl.where(small, 0.5 * d * d * inv_beta, ad - 0.5 * beta)
+            dl = tl.where(small, d * inv_beta, tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)))
+        # masked-off lanes load p = y = 0, so l = dl = 0 there
+        if M_MODE == 1:
+            m1 = _load(M + row0 * SM + r_loc * SM, row_ok, EVEN)
+            den1 += m1 * tl.minimum(D - col0, BLOCK_D)
+            l = l * m1[:, None]
+            dl = dl * m1[:, None]
+        elif M_MODE == 2:
+            m2 = _load(M + (row0 * SM + col0) + (r_loc[:, None] * SM + c_loc[None, :]), ok, EVEN)
+            den2 += m2
+            l = l * m2
+            dl = dl * m2
+        if W_MODE == 1:
+            w1 = _load(W + row0 * SW + r_loc * SW, row_ok, EVEN)
+            l = l * w1[:, None]
+            dl = dl * w1[:, None]
+        elif W_MODE == 2:
+            w2 = _load(W + (row0 * SW + col0) + (r_loc[:, None] * SW + c_loc[None, :]), ok, EVEN)
+            l = l * w2
+            dl = dl * w2
+        acc += l
+        g_offs = (row0 * D + col0) + (r_loc[:, None] * D + c_loc[None, :])  # the gradient is contiguous
+        if HAS_G:
+            _store(G + g_offs, dl * scale, ok, EVEN)
+        if HAS_GY:
+            _store(GY + g_offs, dl * (-scale), ok, EVEN)
+    if M_MODE == 0:
+        den = tl.where(q == 0, R * 1.0 * D, 0.0)  # R * 1.0: float math (R or D may be a constexpr 1)
+    elif M_MODE == 1:
+        den = tl.sum(den1, axis=0)
+    else:
+        den = tl.sum(tl.sum(den2, axis=1), axis=0)
+    tl.store(out_ptr, tl.sum(tl.sum(acc, axis=1), axis=0) * scale)
+    tl.store(out_ptr + 1, den)
 
 
 @triton.jit
-def _fused_regression_fwd_kernel(
-    part_ptr,  # (T_all, part_stride, 2) float32 out: per row block (num, den), at the term's out_row
-    desc_ptr,  # (T, N_DESC) int64: addresses, sizes, strides, kind, out_row (see D_* above)
-    fpar_ptr,  # (T, 2) float32: smooth_l1 beta, term scale
-    pred_witness_ptr,  # any pred of this launch: its pointer type is every pred's (and grad's) type
-    tgt_witness_ptr,  # any target of this launch: its pointer type is every target's (and target grad's)
-    mask_witness_ptr,  # a float32 tensor: the pointer type of masks and weights
-    n_blocks,  # row blocks per term in this launch
-    n_work,  # T * n_blocks work items
-    part_stride,  # part's blocks dim (>= n_blocks)
-    eps,  # cosine norm floor
-    N_DESC: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,  # False under no_grad: losses only
-    ALIGNED: tl.constexpr,  # every pred/target/grad address 16-byte aligned, every D and row stride % 8 == 0
+def _cosine_term(
+    out_ptr,
+    q,
+    NP,
+    P,
+    Y,
+    G,
+    GY,
+    M,
+    W,
+    R,
+    D,
+    SP,
+    SY,
+    SM,  # row stride of the (R,) mask / weight
+    SW,
+    scale,
+    M_MODE: tl.constexpr,  # AUX_NONE or AUX_ROW
+    W_MODE: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # D <= BLOCK_D: each row is read once and kept in registers
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EPS: tl.constexpr,
 ):
-    # persistent: a grid of about (SMs x resident programs) walks the (term, row block) items, so the last
-    # wave is not a mostly idle one (measured on an H200: one program per item lost ~30% to the tail)
-    for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
-        t = (w // n_blocks).to(tl.int64)
-        pid_r = (w % n_blocks).to(tl.int64)
-        _term_block(
-            part_ptr,
-            desc_ptr,
-            fpar_ptr,
-            pred_witness_ptr,
-            tgt_witness_ptr,
-            mask_witness_ptr,
-            t,
-            pid_r,
-            part_stride,
-            eps,
-            N_DESC,
-            WRITE_GRAD,
-            ALIGNED,
-            BLOCK_R,
-            BLOCK_D,
+    n_items = tl.cdiv(R, BLOCK_R)
+    r_loc = tl.arange(0, BLOCK_R)
+    c_loc = tl.arange(0, BLOCK_D)
+    num1 = tl.zeros((BLOCK_R,), tl.float32)
+    den1 = tl.zeros((BLOCK_R,), tl.float32)
+    for i in range(q, n_items, NP):
+        row0 = tl.cast(i, tl.int64) * BLOCK_R
+        row_ok = r_loc < R - row0
+        p_row = P + row0 * SP + r_loc[:, None] * SP
+        y_row = Y + row0 * SY + r_loc[:, None] * SY
+        if ONE_PASS:
+            ok = row_ok[:, None] & (c_loc < D)[None, :]
+            p = tl.load(p_row + c_loc[None, :], mask=ok, other=0.0).to(tl.float32)
+            y = tl.load(y_row + c_loc[None, :], mask=ok, other=0.0).to(tl.float32)
+            dot = tl.sum(p * y, axis=1)
+            pp = tl.sum(p * p, axis=1)
+            yy = tl.sum(y * y, axis=1)
+        else:
+            dot = tl.zeros((BLOCK_R,), tl.float32)
+            pp = tl.zeros((BLOCK_R,), tl.float32)
+            yy = tl.zeros((BLOCK_R,), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                okc = row_ok[:, None] & (c_loc < D - d0)[None, :]
+                pc = tl.load(p_row + d0 + c_loc[None, :], mask=okc, other=0.0).to(tl.float32)
+                yc = tl.load(y_row + d0 + c_loc[None, :], mask=okc, other=0.0).to(tl.float32)
+                dot += tl.sum(pc * yc, axis=1)
+                pp += tl.sum(pc * pc, axis=1)
+                yy += tl.sum(yc * yc, axis=1)
+        na = tl.sqrt(pp)
+        nb = tl.sqrt(yy)
+        a = tl.maximum(na, EPS)
+        b = tl.maximum(nb, EPS)
+        inv_ab = 1.0 / (a * b)
+        cos = dot * inv_ab
+        if M_MODE == 1:
+            m = tl.load(M + row0 * SM + r_loc * SM, mask=row_ok, other=0.0).to(tl.float32)
+        else:
+            m = tl.where(row_ok, 1.0, 0.0)
+        wm = m
+        if W_MODE == 1:
+            wm = m * tl.load(W + row0 * SW + r_loc * SW, mask=row_ok, other=0.0).to(tl.float32)
+        num1 += wm * (1.0 - cos)
+        den1 += m
+        # d(1 - cos)/dp = [|p| > eps] cos p / a^2 - y / (a b), and symmetrically for y
+        f = wm * scale
+        cp = tl.where(na > EPS, cos / (a * a), 0.0)
+        cy = tl.where(nb > EPS, cos / (b * b), 0.0)
+        g_row = row0 * D + r_loc[:, None] * D
+        if ONE_PASS:
+            if HAS_G:
+                gp = f[:, None] * (cp[:, None] * p - inv_ab[:, None] * y)
+                tl.store(G + g_row + c_loc[None, :], gp.to(G.dtype.element_ty), mask=ok)
+            if HAS_GY:
+                gy = f[:, None] * (cy[:, None] * y - inv_ab[:, None] * p)
+                tl.store(GY + g_row + c_loc[None, :], gy.to(GY.dtype.element_ty), mask=ok)
+        else:
+            if HAS_G or HAS_GY:
+                for d0 in range(0, D, BLOCK_D):
+                    okc = row_ok[:, None] & (c_loc < D - d0)[None, :]
+                    pc = tl.load(p_row + d0 + c_loc[None, :], mask=okc, other=0.0).to(tl.float32)
+                    yc = tl.load(y_row + d0 + c_loc[None, :], mask=okc, other=0.0).to(tl.float32)
+                    if HAS_G:
+                        gp = f[:, None] * (cp[:, None] * pc - inv_ab[:, None] * yc)
+                        tl.store(G + g_row + d0 + c_loc[None, :], gp.to(G.dtype.element_ty), mask=okc)
+                    if HAS_GY:
+                        gy = f[:, None] * (cy[:, None] * yc - inv_ab[:, None] * pc)
+                        tl.store(GY + g_row + d0 + c_loc[None, :], gy.to(GY.dtype.element_ty), mask=okc)
+    tl.store(out_ptr, tl.sum(num1, axis=0) * scale)
+    tl.store(out_ptr + 1, tl.sum(den1, axis=0))
+
+
+# fmt: off
+# (the argument lists below keep one term slot per line, so that the slots read side by side)
+@triton.jit
+def _term_program(
+    out_ptr, q, NP, P, Y, G, GY, M, W, R, D, SP, SY, SM, SW, beta, scale,
+    KIND: tl.constexpr, M_MODE: tl.constexpr, W_MODE: tl.constexpr, HAS_G: tl.constexpr,
+    HAS_GY: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    if KIND == 2:
+        _cosine_term(
+            out_ptr, q, NP, P, Y, G, GY, M, W, R, D, SP, SY, SM, SW, scale,
+            M_MODE, W_MODE, HAS_G, HAS_GY, FAST, BLOCK_R, BLOCK_D, EPS,
+        )
+    else:
+        _elementwise_term(
+            out_ptr, q, NP, P, Y, G, GY, M, W, R, D, SP, SY, SM, SW, beta, scale,
+            KIND, M_MODE, W_MODE, HAS_G, HAS_GY, FAST, BLOCK_R, BLOCK_D,
         )
 
 
 @triton.jit
-def _scale_kernel(
-    out_ptr,  # (n,) out: x * scale, in x's dtype
-    x_ptr,  # (n,) contiguous
-    scale_ptr,  # float32 device scalar(s)
-    scale_index,  # which one
-    n,
+def _fused_regression_kernel(
+    part_ptr,  # (n_programs, 2) float32 out: each program's (num, den), programs of term k after term k-1's
+    # term slot k (k < NUM_TERMS): pred, target, grad, target grad, mask, weight (None where absent), R, D of
+    # the (R, D) view, row strides of pred / target / mask / weight, smooth_l1 beta, the term's float weight,
+    # its number of programs; then its flags (kind, mask / weight mode, grads, FAST, BLOCK_R, BLOCK_D)
+    P0, Y0, G0, GY0, M0, W0, R0, D0, SP0, SY0, SM0, SW0, BETA0, SCALE0, NP0,
+    P1, Y1, G1, GY1, M1, W1, R1, D1, SP1, SY1, SM1, SW1, BETA1, SCALE1, NP1,
+    P2, Y2, G2, GY2, M2, W2, R2, D2, SP2, SY2, SM2, SW2, BETA2, SCALE2, NP2,
+    P3, Y3, G3, GY3, M3, W3, R3, D3, SP3, SY3, SM3, SW3, BETA3, SCALE3, NP3,
+    K0: tl.constexpr, MM0: tl.constexpr, WM0: tl.constexpr, HG0: tl.constexpr, HGY0: tl.constexpr,
+    F0: tl.constexpr, BR0: tl.constexpr, BD0: tl.constexpr,
+    K1: tl.constexpr, MM1: tl.constexpr, WM1: tl.constexpr, HG1: tl.constexpr, HGY1: tl.constexpr,
+    F1: tl.constexpr, BR1: tl.constexpr, BD1: tl.constexpr,
+    K2: tl.constexpr, MM2: tl.constexpr, WM2: tl.constexpr, HG2: tl.constexpr, HGY2: tl.constexpr,
+    F2: tl.constexpr, BR2: tl.constexpr, BD2: tl.constexpr,
+    K3: tl.constexpr, MM3: tl.constexpr, WM3: tl.constexpr, HG3: tl.constexpr, HGY3: tl.constexpr,
+    F3: tl.constexpr, BR3: tl.constexpr, BD3: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    EPS: tl.constexpr,  # cosine norm floor
+):
+    # each program serves one term: this dispatch runs once per program, not per tile
+    pid = tl.program_id(0)
+    out = part_ptr + pid * 2
+    if pid < NP0:
+        _term_program(
+            out, pid, NP0, P0, Y0, G0, GY0, M0, W0, R0, D0, SP0, SY0, SM0, SW0, BETA0, SCALE0,
+            K0, MM0, WM0, HG0, HGY0, F0, BR0, BD0, EPS,
+        )
+    if NUM_TERMS > 1:
+        s1 = NP0
+        if (pid >= s1) & (pid < s1 + NP1):
+            _term_program(
+                out, pid - s1, NP1, P1, Y1, G1, GY1, M1, W1, R1, D1, SP1, SY1, SM1, SW1, BETA1, SCALE1,
+                K1, MM1, WM1, HG1, HGY1, F1, BR1, BD1, EPS,
+            )
+        if NUM_TERMS > 2:
+            s2 = s1 + NP1
+            if (pid >= s2) & (pid < s2 + NP2):
+                _term_program(
+                    out, pid - s2, NP2, P2, Y2, G2, GY2, M2, W2, R2, D2, SP2, SY2, SM2, SW2, BETA2, SCALE2,
+                    K2, MM2, WM2, HG2, HGY2, F2, BR2, BD2, EPS,
+                )
+            if NUM_TERMS > 3:
+                s3 = s2 + NP2
+                if pid >= s3:
+                    _term_program(
+                        out, pid - s3, NP3, P3, Y3, G3, GY3, M3, W3, R3, D3, SP3, SY3, SM3, SW3, BETA3,
+                        SCALE3, K3, MM3, WM3, HG3, HGY3, F3, BR3, BD3, EPS,
+                    )
+# fmt: on
+
+
+@triton.jit
+def _sum_parts(part_ptr, start, n, BLOCK: tl.constexpr):
+    """(sum of num, sum of den) over programs [start, start + n), in a fixed order (deterministic)."""
+    offs = tl.arange(0, BLOCK)
+    num = tl.zeros((BLOCK,), tl.float32)
+    den = tl.zeros((BLOCK,), tl.float32)
+    for o in range(0, n, BLOCK):
+        ok = offs < n - o
+        base = part_ptr + (start + o) * 2 + offs * 2
+        num += tl.load(base, mask=ok, other=0.0)
+        den += tl.load(base + 1, mask=ok, other=0.0)
+    return tl.sum(num, axis=0), tl.sum(den, axis=0)
+
+
+@triton.jit
+def _finish_term(stats_ptr, part_ptr, start, n, t, T_ALL, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    num, den = _sum_parts(part_ptr, start, n, BLOCK)
+    loss = num
+    if MEAN:
+        loss = num / tl.where(den > 0, den, 1.0)  # an all-zero mask gives 0, not NaN
+    tl.store(stats_ptr + t, loss)
+    tl.store(stats_ptr + T_ALL + t, den)
+    return loss
+
+
+@triton.jit
+def _finish_kernel(
+    total_ptr,  # () float32 out: the sum of every term's loss (written by the last launch's finish)
+    stats_ptr,  # (2 T_ALL,) float32 out: per-term loss (num / den, or num), then per-term den
+    part_ptr,  # (n_programs, 2) float32: the forward launch's partials
+    NP0,
+    NP1,
+    NP2,
+    NP3,  # programs of each term slot of that launch
+    T_OFF,  # index of the launch's first term
+    T_ALL,  # all terms of the op
+    NUM_TERMS: tl.constexpr,
+    MEAN: tl.constexpr,  # loss = num / den (else num)
+    LAST: tl.constexpr,  # the op's last launch: also write the total
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    total = _finish_term(stats_ptr, part_ptr, 0, NP0, T_OFF, T_ALL, MEAN, BLOCK)
+    if NUM_TERMS > 1:
+        total += _finish_term(stats_ptr, part_ptr, NP0, NP1, T_OFF + 1, T_ALL, MEAN, BLOCK)
+    if NUM_TERMS > 2:
+        total += _finish_term(stats_ptr, part_ptr, NP0 + NP1, NP2, T_OFF + 2, T_ALL, MEAN, BLOCK)
+    if NUM_TERMS > 3:
+        total += _finish_term(stats_ptr, part_ptr, NP0 + NP1 + NP2, NP3, T_OFF + 3, T_ALL, MEAN, BLOCK)
+    if LAST:
+        offs = tl.arange(0, BLOCK)
+        prev = tl.zeros((BLOCK,), tl.float32)
+        for o in range(0, T_OFF, BLOCK):  # losses of earlier launches (stream order makes them visible)
+            prev += tl.load(stats_ptr + o + offs, mask=offs < T_OFF - o, other=0.0)
+        tl.store(total_ptr, total + tl.sum(prev, axis=0))
+
+
+# fmt: off
+@triton.jit
+def _scale_block(
+    out_ptr, src_ptr, n, t, blk, gtotal_ptr, gstats_ptr, stats_ptr, T_ALL,
+    HAS_GTOTAL: tl.constexpr, HAS_GSTATS: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    mult = 0.0
+    if HAS_GTOTAL:
+        mult += tl.load(gtotal_ptr)
+    if HAS_GSTATS:
+        mult += tl.load(gstats_ptr + t)
+    if MEAN:
+        den = tl.load(stats_ptr + T_ALL + t)
+        mult = mult / tl.where(den > 0, den, 1.0)
+    offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    s = tl.load(scale_ptr + scale_index)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (x * s).to(out_ptr.dtype.element_ty), mask=ok)
+    x = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x * mult).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def scale(x, scales, index: int):
-    """x * scales[index] in x's dtype (fp32 math): the backward's one read + write of a saved gradient.
-    (A bf16 tensor times a 0-d fp32 CUDA tensor in eager PyTorch takes its slow casting path: ~3x slower.)"""
-    out = x.new_empty(x.shape)
-    n = x.numel()
-    block = 4096
-    _scale_kernel[(triton.cdiv(n, block),)](out, x, scales, index, n, BLOCK=block, num_warps=8)
-    return out
+@triton.jit
+def _scale_grads_kernel(
+    # gradient slot k (k < NUM): out, saved gradient (contiguous, numel n), its term index
+    O0, S0, N0, T0,
+    O1, S1, N1, T1,
+    O2, S2, N2, T2,
+    O3, S3, N3, T3,
+    gtotal_ptr,  # () float32: d out / d total (None: unused)
+    gstats_ptr,  # (2 T_ALL,) float32: d out / d stats (None: unused)
+    stats_ptr,  # (2 T_ALL,) float32: the forward's stats (the den of each term)
+    T_ALL,
+    NUM: tl.constexpr,
+    HAS_GTOTAL: tl.constexpr,
+    HAS_GSTATS: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out_k = saved_k * (d total + d loss_t) / den_t: one read + write of each gradient, one launch."""
+    pid = tl.program_id(0)
+    b1 = tl.cdiv(N0, BLOCK)
+    if pid < b1:
+        _scale_block(O0, S0, N0, T0, pid, gtotal_ptr, gstats_ptr, stats_ptr, T_ALL,
+                     HAS_GTOTAL, HAS_GSTATS, MEAN, BLOCK)
+    if NUM > 1:
+        b2 = b1 + tl.cdiv(N1, BLOCK)
+        if (pid >= b1) & (pid < b2):
+            _scale_block(O1, S1, N1, T1, pid - b1, gtotal_ptr, gstats_ptr, stats_ptr, T_ALL,
+                         HAS_GTOTAL, HAS_GSTATS, MEAN, BLOCK)
+        if NUM > 2:
+            b3 = b2 + tl.cdiv(N2, BLOCK)
+            if (pid >= b2) & (pid < b3):
+                _scale_block(O2, S2, N2, T2, pid - b2, gtotal_ptr, gstats_ptr, stats_ptr, T_ALL,
+                             HAS_GTOTAL, HAS_GSTATS, MEAN, BLOCK)
+            if NUM > 3:
+                if pid >= b3:
+                    _scale_block(O3, S3, N3, T3, pid - b3, gtotal_ptr, gstats_ptr, stats_ptr, T_ALL,
+                                 HAS_GTOTAL, HAS_GSTATS, MEAN, BLOCK)
+# fmt: on
 
 
-def regression_settings(d_max: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps) for rows of length up to d_max: BLOCK_D the largest of 128/64/32 that
-    wastes at most ~12% of the last chunk's lanes; 512-element tiles on 2 warps. The best of a sweep on an
-    H200 at D = 1152, bf16, kernel only: 4 x 128 / 2 warps / 16 programs per SM 0.196 ms; 16 x 128 / 4 warps
-    0.221 ms; 32 x 128 / 8 warps 0.236 ms; 8 x 256 / 8 warps 0.375 ms."""
-    d_max = max(int(d_max), 1)
-    block_d = min(triton.next_power_of_2(d_max), 128)
-    while block_d > 32:
-        chunks = triton.cdiv(d_max, block_d)
-        if d_max / (chunks * block_d) >= 0.88:
-            break
-        block_d //= 2
-    block_r = max(1, min(64, 512 // block_d))
-    return block_r, block_d, 2
+# ------------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class RegressionConfig:
+    """Launch settings of the fused regression kernels (`regression_settings` holds the ones in force).
+
+    Defaults from the H200 sweep (`bench_regression.py --configs`, 3 bf16 terms of 32x729x1152, GPU time):
+    tile=2048, cos_tile=2048, num_warps=4, group=8: 0.218 ms (86% of copy bandwidth); the previous defaults
+    (4096, 4096, 8 warps, group 4) 0.241 ms; tile 8192 / group 2 0.248 ms; per_sm=-1 0.281 ms."""
+
+    tile: int = 2048  # elements of an mse / smooth_l1 tile (BLOCK_R x BLOCK_D)
+    cos_tile: int = 2048  # lanes of a cosine tile (BLOCK_R x next_pow2(D))
+    cos_max_d: int = 8192  # widest cosine row held in registers (one read); wider rows take two passes
+    num_warps: int = 4
+    # forward grid: per_sm > 0: SMs x per_sm programs striding over the tiles (persistent); -1: as many per
+    # SM as fit (from the compiled kernel's registers, learned on the first call); 0: one program per `group`
+    # tiles (the hardware scheduler balances the terms)
+    per_sm: int = 0
+    group: int = 8
+    bwd_block: int = 4096  # elements per program of the backward scale
+
+    def __post_init__(self):
+        for f in ("tile", "cos_tile", "cos_max_d", "num_warps", "bwd_block"):
+            v = getattr(self, f)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"RegressionConfig.{f} must be a power of two >= 1, got {v}")
+        if self.per_sm < -1 or self.group < 1:
+            raise ValueError(f"RegressionConfig: per_sm must be >= -1 and group >= 1, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> RegressionConfig:
+        """'tile=8192,num_warps=4,per_sm=0' (any subset of the fields; the rest keep their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, sep, val = item.partition("=")
+            if not sep or key.strip() not in names:
+                raise ValueError(
+                    f"bad regression config item {item!r}: expected NAME=INT, NAME in {sorted(names)}"
+                )
+            kw[key.strip()] = int(val)
+        return cls(**kw)
+
+    def label(self) -> str:
+        """The fields that differ from the defaults ('default' if none)."""
+        base = RegressionConfig()
+        diff = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(base, f.name)
+        ]
+        return ",".join(diff) or "default"
 
 
-def n_row_blocks(r_max: int, d_max: int) -> int:
-    block_r, _, _ = regression_settings(d_max)
-    return max(1, triton.cdiv(int(r_max), block_r))
+@functools.cache
+def regression_settings() -> RegressionConfig:
+    """THE launch settings: `RegressionConfig()`'s defaults, or the environment variable
+    UNO_REGRESSION_CONFIG ('tile=8192,per_sm=-1', read once). `benchmarks/bench_regression.py --configs`
+    sweeps configurations on a GPU; set the defaults from its result (benchmarks/results)."""
+    text = os.environ.get("UNO_REGRESSION_CONFIG", "")
+    return RegressionConfig.parse(text) if text else RegressionConfig()
 
 
-def fused_regression_forward(
-    part,
-    desc,
-    fpar,
-    pred_witness,
-    tgt_witness,
-    mask_witness,
-    *,
-    n_blocks: int,
-    n_terms: int,
-    d_max: int,
-    write_grad: bool,
-    aligned: bool,
-    n_programs: int,
-    eps: float = 1e-8,
-) -> None:
-    """Launch the fused kernel over n_terms x n_blocks work items on n_programs persistent programs.
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n (n > 0)."""
+    return min(n & -n, cap)
 
-    part: (T_all, >= n_blocks, 2) float32, zeroed (each item writes its own (num, den) at the term's out_row);
-    desc: (n_terms, N_DESC) int64 on the device; fpar: (n_terms, 2) float32 (beta, scale); aligned: see the
-    kernel's ALIGNED; witnesses: tensors whose dtypes are the launch's pred / target / float32 mask dtypes.
-    The caller allocates the gradient buffers whose addresses sit in `desc` and keeps every tensor alive."""
-    block_r, block_d, num_warps = regression_settings(d_max)
-    n_work = n_terms * n_blocks
-    grid = (max(1, min(n_work, n_programs)),)
-    _fused_regression_fwd_kernel[grid](
-        part,
-        desc,
-        fpar,
-        pred_witness,
-        tgt_witness,
-        mask_witness,
-        n_blocks,
-        n_work,
-        part.shape[1],
-        eps,
-        N_DESC=N_DESC,
-        WRITE_GRAD=write_grad,
-        ALIGNED=aligned,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
+
+def term_settings(kind: int, R: int, D: int, config: RegressionConfig) -> tuple[int, int, bool]:
+    """(BLOCK_R, BLOCK_D, FAST) of one term of the (R, D) view.
+
+    mse / smooth_l1: BLOCK_D the largest power of two (<= 512) dividing D when D % 16 == 0 (then no column
+    masks), else the largest of 128 / 64 / 32 / 16 that wastes at most ~12% of the last chunk's lanes;
+    BLOCK_R = tile / BLOCK_D (not past R's power of two). FAST: no bounds masks at all.
+    cosine: BLOCK_D = next_pow2(D) up to cos_max_d (FAST: one read of each row), else cos_max_d-wide chunks;
+    BLOCK_R = cos_tile / BLOCK_D."""
+    R, D = max(int(R), 1), max(int(D), 1)
+    if kind == 2:
+        block_d = triton.next_power_of_2(D)
+        one_pass = block_d <= config.cos_max_d
+        block_d = min(block_d, config.cos_max_d)
+        block_r = max(1, min(config.cos_tile // block_d, triton.next_power_of_2(R)))
+        return block_r, block_d, one_pass
+    if D % 16 == 0:
+        block_d = _pow2_divisor(D, min(512, config.tile))
+    else:
+        block_d = min(triton.next_power_of_2(D), 128, config.tile)
+        while block_d > 16 and D / (triton.cdiv(D, block_d) * block_d) < 0.88:
+            block_d //= 2
+    block_r = max(1, min(config.tile // block_d, triton.next_power_of_2(R)))
+    return block_r, block_d, R % block_r == 0 and D % block_d == 0
+
+
+def n_tiles(kind: int, R: int, D: int, block_r: int, block_d: int) -> int:
+    """Work items of a term: tiles (mse / smooth_l1) or row blocks (cosine)."""
+    if R <= 0 or D <= 0:
+        return 0
+    return triton.cdiv(R, block_r) * (1 if kind == 2 else triton.cdiv(D, block_d))
+
+
+def split_programs(work: list[int], tiles: list[int], n_programs: int, group: int) -> list[int]:
+    """Programs per term: n_programs > 0 shared in proportion to `work` (elements), at least 1 and at most
+    the term's tiles each; n_programs = 0: one program per `group` tiles."""
+    if n_programs <= 0:
+        return [max(1, triton.cdiv(t, group)) for t in tiles]
+    total = max(sum(work), 1)
+    return [max(1, min(t, round(n_programs * w / total))) for w, t in zip(work, tiles, strict=True)]
+
+
+def resident_programs(
+    kernel, num_warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048
+) -> int | None:
+    """Programs of a compiled kernel that fit on one SM at once (registers, threads, shared memory), or
+    None when the launch returned no compiled kernel (the interpreter)."""
+    n_regs = getattr(kernel, "n_regs", None)
+    if not n_regs:
+        return None
+    warp_regs = triton.cdiv(n_regs * 32, 256) * 256  # registers are allocated per warp in 256s
+    fit = min(regs_per_sm // (warp_regs * num_warps), threads_per_sm // (32 * num_warps), 32)
+    shared = getattr(getattr(kernel, "metadata", None), "shared", 0) or 0
+    if shared:
+        fit = min(fit, (228 * 1024) // shared)
+    return max(1, fit)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+_EMPTY_SLOT = (None,) * 6 + (1, 1, 0, 0, 0, 0, 0.0, 0.0, 1)  # an unused term slot's arguments
+_EMPTY_FLAGS = (0, 0, 0, False, False, False, 1, 16)
+
+
+def launch_forward(part, slots: list[tuple], flags: list[tuple], n_programs: int, num_warps: int):
+    """One forward launch over up to MAX_TERMS terms.
+
+    part: (n_programs, 2) float32 (every entry written); slots[k]: the term's 15 runtime arguments (see
+    `_fused_regression_kernel`); flags[k]: its 8 compile-time flags (kind, mask mode, weight mode, grad,
+    target grad, FAST, BLOCK_R, BLOCK_D). Returns what Triton returns (the compiled kernel on a GPU)."""
+    n = len(slots)
+    args = [part]
+    for k in range(MAX_TERMS):
+        args += slots[k] if k < n else _EMPTY_SLOT
+    for k in range(MAX_TERMS):
+        args += flags[k] if k < n else _EMPTY_FLAGS
+    return _fused_regression_kernel[(n_programs,)](*args, n, COSINE_EPS, num_warps=num_warps)
+
+
+def launch_finish(total, stats, part, nps: list[int], t_off: int, t_all: int, mean: bool, last: bool) -> None:
+    """Per-term losses (and, on the last launch, the total) from one forward launch's partials."""
+    n = len(nps)
+    nps = list(nps) + [0] * (MAX_TERMS - n)
+    _finish_kernel[(1,)](total, stats, part, *nps, t_off, t_all, n, mean, last, 1024, num_warps=4)
+
+
+def launch_scale(outs, srcs, terms, g_total, g_stats, stats, t_all: int, mean: bool, block: int) -> None:
+    """outs[k] = srcs[k] * (g_total + g_stats[terms[k]]) / den (up to MAX_TERMS gradients in one launch)."""
+    n = len(outs)
+    args, n_blocks = [], 0
+    for k in range(MAX_TERMS):
+        if k < n:
+            numel = srcs[k].numel()
+            args += [outs[k], srcs[k], numel, terms[k]]
+            n_blocks += triton.cdiv(numel, block)
+        else:
+            args += [None, None, 0, 0]
+    _scale_grads_kernel[(max(n_blocks, 1),)](
+        *args,
+        g_total,
+        g_stats,
+        stats,
+        t_all,
+        n,
+        g_total is not None,
+        g_stats is not None,
+        mean,
+        block,
+        num_warps=8 if block >= 2048 else 4,
     )

@@ -364,19 +364,44 @@ def test_non_contiguous_and_fp16(backend, device):
     assert x16.grad is not None and x16.grad.dtype == torch.float16 and torch.isfinite(x16.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("clamp", ["clamp", "straight_through"])
-def test_clamp_policy(clamp):
+def test_clamp_policy(clamp, backend, device):
     spec = SPECS["exact"]
-    x = _rand_images(1, 20, 30, lo=-3.0, hi=3.0).requires_grad_()
+    x = _rand_images(1, 20, 30, lo=-3.0, hi=3.0).to(device).requires_grad_()
     # the forward clamps out-of-range values under both policies
     torch.testing.assert_close(reference.bridge(x, spec, clamp=clamp), reference.bridge(x.clamp(-1, 1), spec))
-    out = ops.bridge(x, spec, clamp=clamp, backend="torch")
+    out = ops.bridge(x, spec, clamp=clamp, backend=backend)
     out.sum().backward()
     far = x.detach().abs() > 1.0
     if clamp == "clamp":
         assert (x.grad[far] == 0).all()
     else:
         assert (x.grad[far] != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("spec_name", ["janus", "vertical-first"])
+def test_clamp_flags_per_plane(spec_name, device):
+    """The Triton backward reads the images only in planes where the forward saw a clamped pixel (per-plane
+    flags): planes in range and out of range in one batch, and values exactly at the bounds (gradient
+    passes there, as torch.clamp)."""
+    spec = SPECS[spec_name]
+    x = _rand_images(2, 37, 50, lo=-0.9, hi=0.9)
+    x[1, 2, 5:9, 7:30] = 1.7  # one plane with clamped pixels
+    # at the bound: not clamped (isolated pixels: a whole row at 1.0 would put the first pass exactly on its
+    # clip bound, where the mask depends on the summation order)
+    x[0, 1, 3, ::4] = 1.0
+    x[0, 0, ::4, 4] = -1.0
+    x = x.to(device).requires_grad_()
+    out = ops.bridge(x, spec, backend="triton")
+    ref = reference.bridge(x, spec)
+    g = torch.randn_like(ref)
+    (g_out,) = torch.autograd.grad(out, x, g)
+    (g_ref,) = torch.autograd.grad(ref, x, g)
+    assert (g_out[1, 2, 5:9, 7:30] == 0).all()
+    assert (g_out[0, 1, 3, :] != 0).any()
+    scale = g_ref.abs().max().item()
+    assert_close_verbose(g_out, g_ref, atol=1e-5 * scale, rtol=0, what="grad with per-plane flags")
 
 
 def test_backward_deterministic_triton(device):
@@ -459,27 +484,36 @@ def test_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------- a real op
-def test_compiles_without_graph_break():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_without_graph_break(backend, device):
     spec = SPECS["qwen2_vl"]
-    x = _rand_images(1, 23, 37).requires_grad_()
-    ops.bridge(x, spec, backend="torch")  # builds the cached per-size constants outside the compiled region
+    x = _rand_images(1, 23, 37).to(device).requires_grad_()
+    ops.bridge(x, spec, backend=backend)  # builds the cached per-size constants outside the compiled region
     fn = torch.compile(
-        lambda t: ops.bridge(t, spec, backend="torch").square().sum(), backend="aot_eager", fullgraph=True
+        lambda t: ops.bridge(t, spec, backend=backend).square().sum(), backend="aot_eager", fullgraph=True
     )
     fn(x).backward()
     g = x.grad.clone()
     x.grad = None
-    ops.bridge(x, spec, backend="torch").square().sum().backward()
+    ops.bridge(x, spec, backend=backend).square().sum().backward()
     torch.testing.assert_close(g, x.grad)
 
 
-def test_opcheck():
+def test_opcheck(device):
     from uno_engine.ops.bridge import _bridge_fwd, _plan
 
     spec = SPECS["janus"]
-    x = _rand_images(1, 21, 30).requires_grad_()
+    x = _rand_images(1, 21, 30).to(device).requires_grad_()
     wy, wx, consts, tables, meta = _plan(spec, 21, 30, x.device, torch.float32, False)
     torch.library.opcheck(_bridge_fwd, (x, wy, wx, consts, tables, meta, -1.0, 1.0, False, True))
+    wy, wx, consts, tables, meta = _plan(spec, 21, 30, x.device, torch.float32, True)
+    torch.library.opcheck(_bridge_fwd, (x, wy, wx, consts, tables, meta, -1.0, 1.0, True, True))
+    # the eager path (an autograd.Function over the same implementation) equals the registered op
+    out_op, _ = _bridge_fwd(x, wy, wx, consts, tables, meta, -1.0, 1.0, True, True)
+    out = ops.bridge(x, spec, backend="triton")
+    assert torch.equal(out, out_op)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(out_op, x, g)[0])
 
 
 @pytest.mark.gpu

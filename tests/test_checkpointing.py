@@ -70,6 +70,26 @@ def test_memory_ratios_and_equal_gradients():
     assert ratios["offload"] <= 1.0 + 1e-9, ratios  # on the CPU offload is "none"
 
 
+def test_fused_patch_embed_under_every_policy():
+    """Fused bridge patch tokens give the unfused "none" gradient under every checkpoint policy (the stand-in
+    patch embedding runs outside the checkpointed layers, once per forward)."""
+    model, processor = build_critic_model("tiny-llava-clip")
+    caps = torch.randint(0, 100, (2, 6))
+    images0 = torch.rand(2, 3, 40, 56) * 2 - 1
+    grads = {}
+    for policy in CHECKPOINT_POLICIES:
+        critic = Critic.from_hf(model, processor, checkpoint=policy)
+        for fuse in (False, True):
+            images = images0.clone().requires_grad_(True)
+            out = critic(critic.prepare(images, backend="torch", fuse_patch_embed=fuse), caps)
+            (out.caption_hidden.square().mean() + out.patch_features.square().mean()).backward()
+            grads[policy, fuse] = images.grad
+    ref = grads["none", False]
+    for key, g in grads.items():
+        rel = ((g - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-6, f"{key}: gradient differs from unfused 'none' by {rel:.3g} (relative)"
+
+
 class _ForwardMatmuls(TorchDispatchMode):
     """Counts, for each forward matmul, its operands that require grad: the input-gradient matmuls the
     backward must run (a frozen weight needs none)."""
@@ -209,3 +229,35 @@ def test_offload_and_checkpointing_on_cuda():
     for policy in CHECKPOINT_POLICIES:
         torch.testing.assert_close(grads[policy], grads["none"], rtol=1e-5, atol=1e-7)
     assert peaks["offload"] < peaks["none"]
+
+
+def test_selective_state_seen_in_recompute():
+    """Selective checkpointing replays saved outputs by position, and torch < 2.13 asks the policy again for
+    every op of the recomputation: it must decide as in the forward. The policy reads the critic's state
+    (which projection is running), so that state must be current when the backward recomputes the layer,
+    after the critic's `activate` scope has exited (measured on torch 2.11: a mismatch replays the wrong
+    tensors)."""
+    from uno_engine.critics import checkpointing as ckpt
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 8, bias=False)
+            self.up = torch.nn.Linear(8, 16, bias=False)
+
+        def forward(self, x):
+            return torch.relu(self.up(torch.tanh(self.q_proj(x))))
+
+    layer = Layer().requires_grad_(False)
+    ckpt.wrap_layers([layer], recomputed=[layer.q_proj])
+    st = ckpt.CheckpointState("selective")
+    seen = []
+    layer.q_proj.register_forward_pre_hook(lambda m, a: seen.append((ckpt._current() is st, st._in_skip)))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    with st.activate():
+        y = layer(x)
+    assert seen == [(True, 1)]
+    y.square().sum().backward()
+    assert len(seen) == 2, "the backward should recompute the layer"
+    assert seen[1] == (True, 1)
+    assert st._in_skip == 0

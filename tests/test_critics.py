@@ -339,3 +339,106 @@ def test_qwen2_vl_grid_is_known_on_the_host():
 
     inputs.image_grid_thw = inputs.image_grid_thw.as_subclass(NoReadback)
     assert _host_grid(inputs) == tuple(inputs.grid_thw)
+
+
+# ------------------------------------------------------------------------------- fused bridge patch embedding
+FUSED = ["tiny-llava-clip", "tiny-llava-siglip", "tiny-janus"]
+
+
+@pytest.mark.parametrize("name,backend", [(n, "torch") for n in FUSED] + [("tiny-llava-siglip", "triton")])
+def test_fused_patch_embed_equals_unfused_and_keeps_no_image(name, backend, device, monkeypatch):
+    """prepare(fuse_patch_embed=True): the bridge applies the tower's conv patch embedding. Loss and image
+    gradient equal the unfused path (<= 1e-6 relative, fp32), and the normalized image (B, 3, S, S) that the
+    frozen conv keeps for its backward (PyTorch issue 133566) is no longer saved."""
+    dev = device if backend == "triton" else "cpu"  # triton: CUDA, or the interpreter on the CPU
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs on CUDA, as on the CPU
+    model, processor = build_critic_model(name, device=dev)
+    critic = Critic.from_hf(model, processor)
+    S = critic.image_size
+    images0 = (torch.rand(B, 3, 40, 56) * 2 - 1).to(dev)  # not S x S: the bridge's saved input is told apart
+    caps, mask = (t.to(dev) for t in _captions())
+    runs = {}
+    for fuse in (False, True):
+        images = images0.clone().requires_grad_(True)
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inputs = critic.prepare(images, backend=backend, fuse_patch_embed=fuse)
+            out = critic(inputs, caps, mask)
+        loss = _ce(out) + out.patch_features.square().mean()
+        loss.backward()
+        runs[fuse] = (loss.detach(), images.grad, saved.count((B, 3, S, S)), inputs)
+    (l0, g0, n0, _), (l1, g1, n1, fused) = runs[False], runs[True]
+    assert fused.pixel_values is None and fused.patch_tokens.shape[:2] == (B, out.patch_features.shape[1])
+    assert abs(l1 - l0) <= 1e-6 * abs(l0), f"{name}: fused loss {l1.item()} != unfused {l0.item()}"
+    rel = ((g1 - g0).norm() / g0.norm()).item()
+    tol = 1e-6 if dev == "cpu" else 1e-5  # CUDA: the attention backward's own atomics
+    assert rel <= tol, f"{name}: image gradient differs by {rel:.3g} (relative)"
+    assert n0 >= 1, "the unfused conv should keep its input (B, 3, S, S)"
+    assert n1 == 0, f"fused: {n1} tensors of the normalized image's shape were saved for the backward"
+    emb = [m for n, m in model.named_modules() if n.endswith("patch_embedding")]
+    assert len(emb) == 1 and isinstance(emb[0], torch.nn.Conv2d), "the conv must be back after the forward"
+
+
+def test_fuse_patch_embed_auto_and_qwen2_vl():
+    """ "auto" fuses only where it is exact and saves memory; Qwen2-VL never takes patch tokens."""
+    model, processor = build_critic_model("tiny-llava-clip")
+    critic = Critic.from_hf(model, processor)
+    x = torch.rand(2, 3, 40, 56) * 2 - 1
+
+    def fused(images, **kw):
+        return critic.prepare(images, fuse_patch_embed="auto", **kw).patch_tokens is not None
+
+    assert fused(x.clone().requires_grad_(True), backend="torch")
+    assert not fused(x), "no grad: nothing to save, pixel_values are kept"
+    assert not fused(x.clone().requires_grad_(True), backend="reference"), "the eager baseline stays unfused"
+    assert not fused(x.bfloat16().requires_grad_(True), backend="torch"), (
+        "images in another dtype than the critic"
+    )
+    assert critic.prepare(x).patch_tokens is None, "prepare's default is the unfused path"
+
+    qmodel, qproc = build_critic_model("tiny-qwen2-vl")
+    qwen = Critic.from_hf(qmodel, qproc)
+    assert any("Conv3d" in r for r in qwen.fused_patch_embed_reasons())
+    xq = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    assert qwen.prepare(xq, fuse_patch_embed="auto").pixel_values is not None
+    with pytest.raises(ValueError, match="fuse_patch_embed=True.*Qwen2-VL.*Conv3d"):
+        qwen.prepare(xq, fuse_patch_embed=True)
+    with pytest.raises(ValueError, match="patch_tokens.*Qwen2-VL"):
+        qwen(CriticInputs(patch_tokens=torch.zeros(2, 64, 32)), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_fused_patch_tokens_bad_input_names_the_argument():
+    model, processor = build_critic_model("tiny-llava-clip")  # 30 px, patch 6 -> N = 25, D = 32
+    critic = Critic.from_hf(model, processor)
+    images = torch.rand(2, 3, 40, 56) * 2 - 1
+    tokens = critic.prepare(images, fuse_patch_embed=True).patch_tokens
+    caps = torch.zeros(2, 4, dtype=torch.long)
+    for bad in (tokens[:, 1:], torch.zeros(2, 25, 31), torch.zeros(50, 32), tokens.long()):
+        with pytest.raises(ValueError, match=r"inputs.patch_tokens must be .*\(B, N=25, D=32\)"):
+            critic(CriticInputs(patch_tokens=bad), caps)
+    with pytest.raises(ValueError, match="exactly one of pixel_values and patch_tokens, got both"):
+        critic(CriticInputs(pixel_values=torch.zeros(2, 3, 30, 30), patch_tokens=tokens), caps)
+    with pytest.raises(ValueError, match="exactly one of pixel_values and patch_tokens, got neither"):
+        critic(CriticInputs(), caps)
+    with pytest.raises(ValueError, match="fuse_patch_embed must be True, False or 'auto'"):
+        critic.prepare(images, fuse_patch_embed="yes")
+    # an error inside the tower still puts the conv back
+    layer = model.model.vision_tower.encoder.layers[0]
+
+    def boom(*a):
+        raise RuntimeError("boom")
+
+    h = layer.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            critic(CriticInputs(patch_tokens=tokens), caps)
+    finally:
+        h.remove()
+    assert isinstance(model.model.vision_tower.embeddings.patch_embedding, torch.nn.Conv2d)
+    out = critic(CriticInputs(patch_tokens=tokens), caps)  # and it still works
+    assert out.patch_features.shape == (2, 25, critic.vision_dim)

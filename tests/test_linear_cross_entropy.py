@@ -3,10 +3,17 @@
 Pass rule (per output: loss, dhidden, dweight, dbias): max|ours - gt| <= 2 max|torch - gt| + atol max|gt|,
 where "torch" is the plain eager computation (F.linear, then F.cross_entropy) in the same dtype as the inputs.
 On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32 and fp16; bf16 needs a GPU).
+
+Backends: "torch"; "triton" (default dispatch: the gradient-in-forward path whenever a gradient is needed and
+it can take the inputs); "triton_recompute" (UNO_LCE_IMPL=recompute: the online-LSE forward and the
+recomputing backward).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,9 +32,40 @@ assert callable(ops.linear_cross_entropy)
 lce_op_module = sys.modules["uno_engine.ops.linear_cross_entropy"]
 
 BACKENDS = ["torch", "triton"]
+# and the recompute implementation explicitly where the default Triton dispatch would take gif (the options and
+# bias tests reach it through reduction="none" with a trainable head, test_triton_several_backward_chunks too)
+BACKENDS_ALL = [*BACKENDS, "triton_recompute"]
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 N, V, H = 37, 1007, 33  # odd on every axis
+
+
+@contextlib.contextmanager
+def _env(**values):
+    """Set environment variables for the duration (None removes one)."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _lce(*args, backend, **kw):
+    """ops.linear_cross_entropy for a test backend name ("triton_recompute": Triton with UNO_LCE_IMPL=recompute).
+    The implementation is picked in the forward call; the backward follows the graph."""
+    if backend == "triton_recompute":
+        with _env(UNO_LCE_IMPL="recompute"):
+            return ops.linear_cross_entropy(*args, backend="triton", **kw)
+    return ops.linear_cross_entropy(*args, backend=backend, **kw)
 
 
 def _eager_same_dtype(
@@ -122,7 +160,7 @@ def _compare(backend, hidden, weight, labels, *, bias=None, upstream=None, **kw)
     )
     same = _loss_and_grads(_eager_same_dtype, hidden, weight, bias, labels, upstream, **kw)
     ours = _loss_and_grads(
-        lambda *a, **k: ops.linear_cross_entropy(*a, backend=backend, **k),
+        lambda *a, **k: _lce(*a, backend=backend, **k),
         hidden,
         weight,
         bias,
@@ -150,9 +188,10 @@ def _inputs(device, dtype, *, n=N, v=V, h=H, ignore_frac=0.2, weight_grad=False,
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
 def test_reductions(backend, dtype, reduction, device):
-    hidden, weight, labels = _inputs(device, dtype, weight_grad=reduction != "sum")
+    # frozen head for mean and none (gif on "triton"), trainable for sum (gif with dW)
+    hidden, weight, labels = _inputs(device, dtype, weight_grad=reduction == "sum")
     _compare(backend, hidden, weight, labels, reduction=reduction)
 
 
@@ -185,7 +224,7 @@ def test_bias(backend, dtype, weight_grad, device):
     _compare(backend, hidden, weight, labels, bias=bias, softcap=4.0, label_smoothing=0.05)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
 def test_non_contiguous_and_3d(backend, device):
     dtype = torch.float32
     base = torch.randn(N, 2 * H, device=device)
@@ -203,21 +242,21 @@ def test_non_contiguous_and_3d(backend, device):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
 def test_all_ignored_is_zero_not_nan(backend, reduction, device):
-    hidden, weight, labels = _inputs(device, torch.float32, weight_grad=True)
+    # trainable head for mean / sum, frozen for none: every case reaches gif on "triton"
+    hidden, weight, labels = _inputs(device, torch.float32, weight_grad=reduction != "none")
     labels[:] = -100
     h = hidden.clone().requires_grad_(True)
-    loss = ops.linear_cross_entropy(
-        h, weight, labels, reduction=reduction, backend=backend, z_loss=1e-2, label_smoothing=0.1
-    )
+    loss = _lce(h, weight, labels, reduction=reduction, backend=backend, z_loss=1e-2, label_smoothing=0.1)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros_like(loss)), loss
     assert torch.equal(h.grad, torch.zeros_like(h.grad))
-    assert torch.equal(weight.grad, torch.zeros_like(weight.grad))
+    if weight.requires_grad:
+        assert torch.equal(weight.grad, torch.zeros_like(weight.grad))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
 def test_extreme_logits(backend, device):
     # logits around +-1e4: the loss and gradients must stay finite and exact.
     hidden, weight, labels = _inputs(device, torch.float32, weight_grad=True, ignore_frac=0.1)
@@ -233,6 +272,187 @@ def test_triton_several_backward_chunks(monkeypatch, device):
     hidden, weight, labels = _inputs(device, torch.float32, weight_grad=True)
     bias = torch.randn(V, device=device, requires_grad=True)
     _compare("triton", hidden, weight, labels, bias=bias, reduction="none", softcap=6.0)
+
+
+# ------------------------------------------------------------------------------ gradient in forward (gif)
+
+
+class _Spy:
+    """Wraps the two Triton entry points of the kernels module and records which ran (and the gif dhidden)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.gif_dhidden = None
+        gif, fwd = lce_kernels.linear_cross_entropy_gif, lce_kernels.linear_cross_entropy_forward
+
+        def spy_gif(*a, **k):
+            self.calls.append("gif")
+            out = gif(*a, **k)
+            self.gif_dhidden = out[1]
+            return out
+
+        def spy_fwd(*a, **k):
+            self.calls.append("recompute")
+            return fwd(*a, **k)
+
+        monkeypatch.setattr(lce_kernels, "linear_cross_entropy_gif", spy_gif)
+        monkeypatch.setattr(lce_kernels, "linear_cross_entropy_forward", spy_fwd)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="needs Triton")
+def test_gif_is_the_path_when_a_gradient_is_needed(monkeypatch, device, caplog):
+    hidden, weight, labels = _inputs(device, torch.float32, n=9, v=40, h=8)
+    spy = _Spy(monkeypatch)
+    monkeypatch.delenv("UNO_LCE_IMPL", raising=False)
+    monkeypatch.setattr(lce_op_module, "_announced", set())
+
+    def run(h, w, **kw):
+        spy.calls.clear()
+        ops.linear_cross_entropy(h, w, labels, backend="triton", **kw)
+        return spy.calls
+
+    h_grad = hidden.clone().requires_grad_(True)
+    w_grad = weight.clone().requires_grad_(True)
+    with caplog.at_level(logging.INFO, logger="uno_engine.ops"):
+        assert run(h_grad, weight) == ["gif"]  # frozen head, mean
+    assert any("-> gif" in r.getMessage() for r in caplog.records), caplog.text
+    assert run(h_grad, w_grad, reduction="sum") == ["gif"]  # trainable head, sum
+    assert run(h_grad, weight, reduction="none") == ["gif"]  # frozen head: none is linear per token
+    assert run(hidden, w_grad, reduction="mean") == ["gif"]  # only the head trains
+    assert run(hidden, weight) == ["recompute"]  # no gradient needed
+    with torch.no_grad():
+        assert run(h_grad, w_grad) == ["recompute"]
+    lce_op_module._announced.clear()  # the choice is logged once per implementation
+    with caplog.at_level(logging.INFO, logger="uno_engine.ops"):
+        assert run(h_grad, w_grad, reduction="none") == ["recompute"]  # dW needs per-token upstream grads
+    assert any("reduction='none' with a trainable" in r.getMessage() for r in caplog.records), caplog.text
+    monkeypatch.setenv("UNO_LCE_IMPL", "recompute")
+    assert run(h_grad, weight) == ["recompute"]
+    monkeypatch.setenv("UNO_LCE_IMPL", "gif")
+    with pytest.raises(RuntimeError, match="UNO_LCE_IMPL=gif cannot run: reduction='none'"):
+        run(h_grad, w_grad, reduction="none")
+    with torch.no_grad():
+        assert run(h_grad, weight) == ["gif"]  # explicit gif without a gradient: the loss-only pass
+    monkeypatch.setenv("UNO_LCE_IMPL", "fast")
+    with pytest.raises(ValueError, match="UNO_LCE_IMPL must be one of"):
+        run(h_grad, weight)
+    # the torch backend never reaches Triton
+    monkeypatch.delenv("UNO_LCE_IMPL")
+    spy.calls.clear()
+    ops.linear_cross_entropy(h_grad, weight, labels, backend="torch")
+    assert spy.calls == []
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(weight_grad=True, bias=True, softcap=6.0, label_smoothing=0.1, z_loss=1e-3, reduction="mean"),
+        dict(weight_grad=False, bias=False, softcap=None, label_smoothing=0.2, z_loss=0.0, reduction="none"),
+    ],
+    ids=["trainable_head_mean", "frozen_head_none"],
+)
+def test_gif_several_chunks(kw, monkeypatch, device):
+    # 5 chunks of 8 rows (the last partial), every option.
+    monkeypatch.setenv("UNO_LCE_GIF_CHUNK_ROWS", "8")
+    kw = dict(kw)
+    hidden, weight, labels = _inputs(device, torch.float32, weight_grad=kw.pop("weight_grad"))
+    bias = torch.randn(V, device=device, requires_grad=True) if kw.pop("bias") else None
+    spy = _Spy(monkeypatch)
+    _compare("triton", hidden, weight, labels, bias=bias, **kw)
+    assert "gif" in spy.calls
+
+
+def test_gif_hands_its_buffer_over_and_refuses_a_second_backward(monkeypatch, device):
+    hidden, weight, labels = _inputs(device, torch.float32, n=9, v=40, h=8)
+    spy = _Spy(monkeypatch)
+    h = hidden.clone().requires_grad_(True)
+    loss = ops.linear_cross_entropy(h, weight, labels, backend="triton", label_smoothing=0.1)
+    assert spy.calls == ["gif"]
+    loss.backward(retain_graph=True)
+    # hidden.grad is the N x H buffer the forward filled: no second N x H in the backward.
+    assert h.grad.data_ptr() == spy.gif_dhidden.data_ptr()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    # the recompute path keeps the usual autograd behaviour
+    h.grad = None
+    with _env(UNO_LCE_IMPL="recompute"):
+        loss = ops.linear_cross_entropy(h, weight, labels, backend="triton", label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first)
+
+
+def test_gif_cpu_memory(monkeypatch):
+    """gif holds one C x V logits chunk and the N x H gradient (which becomes hidden.grad), nothing N x V."""
+    if not interpreter_enabled():
+        pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1")
+    n, v, h, rows = 256, 3000, 16, 32
+    monkeypatch.setenv("UNO_LCE_GIF_CHUNK_ROWS", str(rows))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).requires_grad_(True)
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    labels = torch.randint(0, v, (n,), generator=g)
+
+    def step():
+        ops.linear_cross_entropy(hidden, weight, labels, backend="triton", label_smoothing=0.1).backward()
+
+    step()  # warm the kernels' caches outside the measurement
+    hidden.grad = None
+    peak, largest = _cpu_alloc_profile(step)
+    chunk = rows * v * 4
+    assert largest <= chunk, f"largest allocation {largest} B > one chunk {chunk} B"
+    assert peak <= chunk + n * h * 4 + (32 << 10), f"peak {peak} B: more than a chunk and dhidden"
+
+
+def test_gif_forward_only_matches(monkeypatch, device):
+    hidden, weight, labels = _inputs(device, torch.float32)
+    monkeypatch.setenv("UNO_LCE_IMPL", "gif")
+    kw = dict(softcap=4.0, label_smoothing=0.1, z_loss=1e-3, reduction="none")
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(hidden, weight, labels, backend="triton", **kw)
+    ref = reference.linear_cross_entropy(hidden.double(), weight.double(), labels, **kw)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="needs Triton")
+def test_gif_under_torch_compile(device):
+    # Decided in Python before the custom op; the in-place backward scale is a mutating custom op.
+    hidden, weight, labels = _inputs(device, torch.float32, n=9, v=40, h=8)
+    kw = dict(softcap=3.0, label_smoothing=0.1, reduction="sum")
+
+    def f(h, w):
+        return ops.linear_cross_entropy(h, w, labels, backend="triton", **kw)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (f, compiled):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        loss = fn(h, w)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gif_chunk_rows(monkeypatch):
+    rows = lce_kernels.gif_chunk_rows
+    monkeypatch.delenv("UNO_LCE_GIF_CHUNK_ROWS", raising=False)
+    n, v, h = 8192, 152064, 3584  # the issue's GPU shape, bf16, frozen head
+    c = rows(n, v, h, 2, False)
+    assert c == 256
+    # one logits chunk (the op's memory beyond the N x H gradient it returns) within 2% of the fp32 logits
+    assert c * v * 2 <= 0.02 * n * v * 4
+    assert rows(37, 1007, 33, 4, False) == 37  # never more than N
+    assert rows(100_000, 2_000_000, 64, 4, False) == 64  # at least 64 rows
+    assert rows(100_000, 1000, 64, 2, False) == 2048  # at most 2048 rows
+    assert rows(n, v, h, 2, True) == 512  # trainable head: budget V*H*4/8 (the fp32 dW is 2.2 GB)
+    monkeypatch.setenv("UNO_LCE_GIF_CHUNK_ROWS", "300")
+    assert rows(n, v, h, 2, False) == 300
+    monkeypatch.setenv("UNO_LCE_GIF_CHUNK_ROWS", "0")
+    with pytest.raises(ValueError, match="UNO_LCE_GIF_CHUNK_ROWS"):
+        rows(n, v, h, 2, False)
 
 
 def test_torch_path_chunks():
@@ -251,6 +471,31 @@ def test_opcheck():
             torch.ops.uno_engine.linear_cross_entropy.default,
             (hidden, weight, labels, bias, -100, 0.1, 1e-3, 2.0, reduction, "torch"),
         )
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_enabled()), reason="needs Triton")
+def test_opcheck_gif(device):
+    hidden, weight, labels = _inputs(device, torch.float32, n=9, v=40, h=8, weight_grad=True)
+    hidden.requires_grad_(True)
+    bias = torch.randn(40, device=device, requires_grad=True)
+    gif = torch.ops.uno_engine.linear_cross_entropy_gif.default
+    # Not test_aot_dispatch_dynamic: it compares the op's outputs after a backward, and the eager backward
+    # scales the op's gradient outputs in place (they never leave ops.linear_cross_entropy, which drops
+    # them). The compiled path through the public function is test_gif_under_torch_compile.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in (
+        (hidden, weight, labels, bias, -100, 0.1, 1e-3, 2.0, "mean", True, True, True),
+        (hidden, weight.detach(), labels, None, -100, 0.0, 0.0, 0.0, "none", True, False, False),
+    ):
+        torch.library.opcheck(gif, args, test_utils=utils)
+    # the in-place scale kernel of the eager backward
+    x, g = torch.randn(9, 40, device=device), torch.rand(9, device=device)
+    expect = x * g[:, None]
+    lce_kernels.scale_rows_(x, g)
+    torch.testing.assert_close(x, expect)
+    expect = x * g[:1]
+    lce_kernels.scale_rows_(x, g[:1])
+    torch.testing.assert_close(x, expect)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -278,9 +523,9 @@ def test_bad_input_errors(device):
         ops.linear_cross_entropy(hidden, weight, labels, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
 def test_label_out_of_range_cpu(backend):
-    if backend == "triton" and not interpreter_enabled():
+    if backend.startswith("triton") and not interpreter_enabled():
         pytest.skip(
             "CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1; on a GPU machine "
             "test_label_out_of_range_cuda_raises_without_sync covers the kernel path"
@@ -290,16 +535,20 @@ def test_label_out_of_range_cpu(backend):
         lab = labels.clone()
         lab[4] = bad
         with pytest.raises(ValueError, match=r"labels\[4\]"):
-            ops.linear_cross_entropy(hidden, weight, lab, backend=backend)
+            _lce(hidden, weight, lab, backend=backend)
+        with pytest.raises(ValueError, match=r"labels\[4\]"):  # with a gradient: the gif path on Triton
+            _lce(hidden.requires_grad_(True), weight, lab, backend=backend)
+        hidden.requires_grad_(False)
 
 
 @pytest.mark.gpu
-def test_label_out_of_range_cuda_raises_without_sync():
+@pytest.mark.parametrize("grad", [False, True], ids=["recompute", "gif"])
+def test_label_out_of_range_cuda_raises_without_sync(grad):
     # A device-side assert poisons the CUDA context, so it runs in a child process.
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import torch
         from uno_engine import ops
-        h = torch.randn(8, 16, device="cuda"); w = torch.randn(50, 16, device="cuda")
+        h = torch.randn(8, 16, device="cuda").requires_grad_({grad}); w = torch.randn(50, 16, device="cuda")
         y = torch.zeros(8, dtype=torch.long, device="cuda"); y[3] = 50
         loss = ops.linear_cross_entropy(h, w, y)   # returns without a host sync
         torch.cuda.synchronize()                   # the assert surfaces here
@@ -367,19 +616,26 @@ def test_cpu_memory_torch_path():
 
 
 @pytest.mark.gpu
-def test_cuda_memory_issue_shape():
+@pytest.mark.parametrize("impl", ["gif", "recompute"])
+def test_cuda_memory_issue_shape(impl):
     """Issue 4 on a GPU: bf16, frozen head, N=8192, V=152064, H=3584; peak extra <= 2% of the fp32 logits.
-    Extra = peak allocated above the start minus the returned dhidden."""
+    Extra = peak allocated above the start minus the returned dhidden; for gif also without subtracting it
+    (its N x H gradient is held from the forward on and becomes hidden.grad)."""
     n, v, h = 8192, 152064, 3584
     hidden = (torch.randn(n, h, device="cuda", dtype=torch.bfloat16)).requires_grad_(True)
     weight = torch.randn(v, h, device="cuda", dtype=torch.bfloat16) / h**0.5
     labels = torch.randint(0, v, (n,), device="cuda")
-    ops.linear_cross_entropy(hidden, weight, labels, backend="triton").backward()  # compile before measuring
-    hidden.grad = None
+    with _env(UNO_LCE_IMPL=impl, UNO_LCE_GIF_CHUNK_ROWS=None):
+        ops.linear_cross_entropy(hidden, weight, labels, backend="triton").backward()  # compile first
+        hidden.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        ops.linear_cross_entropy(hidden, weight, labels, backend="triton").backward()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    ops.linear_cross_entropy(hidden, weight, labels, backend="triton").backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - start - hidden.grad.numel() * hidden.grad.element_size()
-    assert extra <= 0.02 * n * v * 4, f"peak extra {extra / 2**20:.1f} MiB > 2% of {n * v * 4 / 2**20} MiB"
+    total = torch.cuda.max_memory_allocated() - start
+    extra = total - hidden.grad.numel() * hidden.grad.element_size()
+    bar = 0.02 * n * v * 4
+    # the bar is on the op's memory beyond the dhidden it returns (every implementation, eager included,
+    # returns that N x H gradient); the total with it is reported by benchmarks/bench_linear_cross_entropy.py
+    assert extra <= bar, f"peak extra {extra / 2**20:.1f} MiB > 2% of {n * v * 4 / 2**20} MiB"

@@ -263,17 +263,226 @@ def test_target_without_grad_gets_none():
 
 
 def test_custom_op_opcheck():
-    from uno_engine.ops.regression import _fused_regression_fwd
+    """Schema, fake tensors, autograd registration and AOTAutograd (forward + backward) of the op."""
+    from uno_engine.ops.regression import fused_regression_fwd
 
     p = torch.randn(3, 8, requires_grad=True)
     y = torch.randn(3, 8)
-    m = (torch.rand(3, 1) > 0.5).float()
-    none = torch.empty(0)
-    torch.library.opcheck(
-        _fused_regression_fwd,
-        ([p], [y], [m], [none], [0], [1.0], [0.5], [True], [False]),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    m = torch.rand(3, 1) > 0.5
+    p2 = torch.randn(2, 5, requires_grad=True)
+    y2 = torch.randn(2, 5, requires_grad=True)
+    # layout: mean, then (kind, has_mask, has_weight, grad_pred, grad_target) per term
+    layout = [1, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0]
+    torch.library.opcheck(fused_regression_fwd, ([p, y, m, p2, y2], layout, [1.0, 0.5, 1.0, 2.0]))
+
+
+def _terms_vs_reference(terms, config=None, *, check_plan=None):
+    """fused_regression (Triton) against autograd through the float64 and float32 references."""
+    ctx = ops.regression.kernel_config_override(config) if config else torch.enable_grad()
+    with ctx:
+        total, per_term = ops.fused_regression(terms, backend="triton")
+    leaves = [x for t in terms for x in (t.pred, t.target) if x.requires_grad]
+    grads = torch.autograd.grad(total, leaves)
+
+    def ref(dtype):
+        rterms = [
+            RegressionTerm(
+                t.pred.detach().to(dtype).requires_grad_(t.pred.requires_grad),
+                t.target.detach().to(dtype).requires_grad_(t.target.requires_grad),
+                t.kind,
+                t.weight.to(dtype) if isinstance(t.weight, torch.Tensor) else t.weight,
+                t.mask,
+                t.beta,
+            )
+            for t in terms
+        ]
+        tot, per = reference.fused_regression(rterms)
+        rl = [x for t in rterms for x in (t.pred, t.target) if x.requires_grad]
+        return tot, per, torch.autograd.grad(tot, rl)
+
+    t64, p64, g64 = ref(torch.float64)
+    t32, p32, g32 = ref(torch.float32)
+    assert_close(total.detach(), t64, t32, name="total")
+    assert_close(per_term, p64, p32, name="per_term")
+    for i, (g, e, r) in enumerate(zip(grads, g64, g32, strict=True)):
+        assert g.shape == e.shape
+        assert_close(g, e, r, name=f"grad {i}")
+
+
+def _plans_for(terms, config):
+    """The launch plan the op builds for these terms (kind, FAST, BLOCK_R, BLOCK_D, mask / weight modes)."""
+    from uno_engine.ops import regression as R
+
+    with R.kernel_config_override(config) as cfg:
+        tensors, layout, _ = [], [1], []
+        for t in terms:
+            tensors += [t.pred, t.target] + [x for x in (t.mask, t.weight) if isinstance(x, torch.Tensor)]
+            layout += [
+                R._KIND_IDS[t.kind],
+                int(t.mask is not None),
+                int(isinstance(t.weight, torch.Tensor)),
+                1,
+                0,
+            ]
+        plan = R._build_plan(tensors, layout, tensors[0].device, cfg)
+    return [tp for chunk in plan.chunks for tp in chunk]
+
+
+FAST_CFG = "tile=64,cos_tile=64,group=2"  # small tiles: many tiles and grid-stride steps on tiny shapes
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1"])
+def test_fast_path_row_masks_and_flat_terms(kind):
+    """The streaming case: contiguous (R, D) with D % 16 == 0 and R % BLOCK_R == 0 (no bounds masks), a
+    per-row mask and per-row weight (one load per tile row), and a term with no mask read flat."""
+    gen = torch.Generator(DEV).manual_seed(8)
+    shape = (4, 8, 32)
+    terms = [
+        RegressionTerm(
+            torch.randn(shape, generator=gen).requires_grad_(),
+            torch.randn(shape, generator=gen),
+            kind,
+            torch.rand(4, 8, 1, generator=gen) + 0.5,
+            torch.rand(4, 8, 1, generator=gen) > 0.3,
+            0.4,
+        ),
+        RegressionTerm(
+            torch.randn(4, 48, generator=gen).requires_grad_(), torch.randn(4, 48, generator=gen), kind
+        ),
+    ]
+    plans = _plans_for(terms, FAST_CFG)
+    assert [p.flags[5] for p in plans] == [True, True], "both terms take the no-bounds-mask path"
+    assert plans[0].modes == (1, 1) and plans[0].flags[7] == 32  # per-row mask and weight, BLOCK_D = 32
+    assert (plans[1].R, plans[1].D) == (3, 64)  # no mask / weight: the 192 elements read as (3, 64)
+    _terms_vs_reference(terms, FAST_CFG)
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["tile=64,cos_tile=64,group=1", "tile=64,cos_tile=64,per_sm=2", "tile=32,cos_tile=32,cos_max_d=16"],
+)
+def test_general_path_grid_modes_and_two_pass_cosine(config):
+    """Odd shapes, elementwise (2-D) masks and weights, a target that needs a gradient, mixed dtypes; one
+    program per tile, persistent programs, and cosine rows wider than cos_max_d (two passes over D)."""
+    gen = torch.Generator(DEV).manual_seed(9)
+    terms = [
+        RegressionTerm(
+            torch.randn(3, 7, 37, generator=gen).requires_grad_(),
+            torch.randn(3, 7, 37, generator=gen).requires_grad_(),
+            "smooth_l1",
+            torch.rand(7, 37, generator=gen)
+            + 0.5,  # broadcast over the batch: a (R, D) view with row stride 37
+            torch.rand(3, 7, 37, generator=gen) > 0.4,
+            0.7,
+        ),
+        RegressionTerm(
+            torch.randn(5, 37, generator=gen).requires_grad_(),
+            torch.randn(5, 37, generator=gen).requires_grad_(),
+            "cosine",
+            torch.rand(5, generator=gen) + 0.5,
+            torch.rand(5, generator=gen) > 0.3,
+        ),
+        RegressionTerm(
+            torch.randn(2, 3, 17, generator=gen).to(torch.float16).requires_grad_(),
+            torch.randn(2, 3, 17, generator=gen),
+            "mse",
+            2.0,
+            torch.rand(2, 1, 1, generator=gen),  # a copy (no single row stride): (2, 3) rows
+        ),
+    ]
+    plans = _plans_for(terms, config)
+    assert not plans[0].flags[5] and plans[0].modes == (2, 2)
+    assert plans[1].flags[5] == ("cos_max_d" not in config)
+    assert plans[2].modes == (1, 0)
+    fp16 = terms[2]
+    terms[2] = RegressionTerm(fp16.pred.float().detach().requires_grad_(), fp16.target, "mse", 2.0, fp16.mask)
+    _terms_vs_reference(terms, config)
+    with ops.regression.kernel_config_override(config):  # the fp16 pred: its gradient is stored in fp16
+        k_total, k_per = ops.fused_regression([fp16], backend="triton")
+        (g,) = torch.autograd.grad(k_total, fp16.pred)
+    r_total, _ = reference.fused_regression([fp16])
+    (rg,) = torch.autograd.grad(r_total, fp16.pred)
+    assert g.dtype == torch.float16
+    torch.testing.assert_close(k_total, r_total.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.float(), rg.float(), rtol=2e-3, atol=1e-6)
+
+
+def test_more_terms_than_one_launch_takes():
+    """6 terms: two forward launches (4 + 2), the total over both; 6 gradients: two backward launches."""
+    gen = torch.Generator(DEV).manual_seed(10)
+    kinds = ["mse", "cosine", "smooth_l1", "mse", "cosine", "smooth_l1"]
+    terms = [
+        RegressionTerm(
+            torch.randn(3, 4 + i, generator=gen).requires_grad_(),
+            torch.randn(3, 4 + i, generator=gen),
+            k,
+            0.5 + i,
+            (torch.rand(3, generator=gen) > 0.3) if k == "cosine" else None,
+        )
+        for i, k in enumerate(kinds)
+    ]
+    _terms_vs_reference(terms, "tile=32,cos_tile=32")
+
+
+def test_tensor_weight_sum_reduction_and_direct_op_call():
+    gen = torch.Generator(DEV).manual_seed(11)
+    pred = torch.randn(4, 19, generator=gen, requires_grad=True)
+    target = torch.randn(4, 19, generator=gen)
+    w = torch.tensor(0.3)
+    # 0-d tensor weight: scales outside the kernel, with grad through the per-term loss
+    pred2 = pred.detach().clone().requires_grad_()
+    _terms_vs_reference([RegressionTerm(pred, target, "mse", w), RegressionTerm(pred2, target, "cosine")])
+    s = ops.regression_loss(
+        pred, target, kind="smooth_l1", weight=w, beta=0.2, reduction="sum", backend="triton"
     )
+    r = reference.regression_loss(pred, target, kind="smooth_l1", weight=w, beta=0.2, reduction="sum")
+    torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(*(torch.autograd.grad(x, pred)[0] for x in (s, r)), rtol=1e-5, atol=1e-7)
+    # the op called directly with all gradient flags 0: requires_grad decides (the target's too)
+    from uno_engine.ops.regression import fused_regression_fwd
+
+    y = target.clone().requires_grad_()
+    total, stats, grads = fused_regression_fwd([pred, y], [1, 0, 0, 0, 0, 0], [1.0, 1.0])
+    assert len(grads) == 2 and stats.shape == (2,)
+    gp, gy = torch.autograd.grad(total, [pred, y])
+    torch.testing.assert_close(gp, -gy)
+    torch.testing.assert_close(gp, 2 * (pred - target).detach() / pred.numel())
+
+
+def test_op_compiles_fullgraph():
+    """The op under torch.compile (AOTAutograd, fake tensors, the backward op traced): one graph, same
+    numbers as eager."""
+    from uno_engine.ops.regression import _triton_terms
+
+    gen = torch.Generator(DEV).manual_seed(12)
+    p = torch.randn(3, 5, 32, generator=gen, requires_grad=True)
+    y = torch.randn(3, 5, 32, generator=gen)
+    m = torch.rand(3, 5, generator=gen) > 0.3
+
+    def f(p, y, m):
+        total, per = _triton_terms(
+            [RegressionTerm(p, y, "mse", 0.5), RegressionTerm(p, y, "cosine", 1.0, m)], True
+        )
+        return total * 2, per
+
+    outs = []
+    for fn in (torch.compile(f, backend="aot_eager", fullgraph=True), f):
+        total, per = fn(p, y, m)
+        outs.append((total, per, torch.autograd.grad(total, p)[0]))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("tile=100", "power of two"), ("tiles=64", "bad regression config"), ("per_sm=-2", "per_sm")],
+)
+def test_bad_kernel_config(text, match):
+    from uno_engine.kernels.regression import RegressionConfig
+
+    with pytest.raises(ValueError, match=match):
+        RegressionConfig.parse(text)
+    assert RegressionConfig.parse("tile=8192, num_warps=8").label() == "tile=8192,num_warps=8"
 
 
 @pytest.mark.parametrize(
@@ -307,6 +516,29 @@ def test_custom_op_opcheck():
         ),
         (lambda: ops.fused_regression([]), "terms", ValueError),
         (
+            lambda: ops.fused_regression(
+                [
+                    RegressionTerm(torch.randn(2, 3), torch.randn(2, 3)),
+                    RegressionTerm(torch.randn(3), torch.randn(2)),
+                ]
+            ),
+            r"terms\[1\].target",
+            ValueError,
+        ),
+        (lambda: ops.fused_regression([(torch.randn(2), torch.randn(2))]), "RegressionTerm", TypeError),
+        (
+            lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4).long()),
+            "target must be a floating",
+            TypeError,
+        ),
+        (
+            lambda: ops.regression_loss(
+                torch.randn(3, 4), torch.randn(3, 4), kind="cosine", mask=torch.ones(3, 4)
+            ),
+            "mask",
+            ValueError,
+        ),
+        (
             lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4), backend="cuda"),
             "backend",
             ValueError,
@@ -329,8 +561,11 @@ def test_triton_refuses_weight_requiring_grad_and_auto_falls_back():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", ["default", "per_sm=-1", "per_sm=0,group=1,tile=2048"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_regression_cuda(dtype):
+def test_fused_regression_cuda(dtype, config):
+    """Compiled kernels at a real shape: the issue's three terms; grid modes (per_sm=-1 learns the resident
+    programs from the first launch and rebuilds its plan)."""
     gen = torch.Generator("cuda").manual_seed(7)
     shape = (4, 729, 1152)
     terms = [
@@ -345,8 +580,14 @@ def test_fused_regression_cuda(dtype):
         )
         for i, k in enumerate(KINDS)
     ]
-    total, per = ops.fused_regression(terms, backend="triton")
-    grads = torch.autograd.grad(total, [t.pred for t in terms])
+    from uno_engine.ops import regression as R
+
+    with R.kernel_config_override("" if config == "default" else config):
+        for _ in range(2):  # the second call runs the learned plan (per_sm=-1)
+            total, per = ops.fused_regression(terms, backend="triton")
+            grads = torch.autograd.grad(total, [t.pred for t in terms])
+    if config == "per_sm=-1":
+        assert not any(p.learn_resident for p in R._PLANS.values() if p.chunks[0][0].R == 4 * 729)
     rterms = [
         RegressionTerm(t.pred.detach().double().requires_grad_(), t.target.double(), t.kind, t.weight, t.mask)
         for t in terms

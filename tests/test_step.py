@@ -167,6 +167,39 @@ def test_janus_is_its_own_critic():
     assert all(p.grad is None for p in critic.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("critic_name", ["tiny-llava-clip", "tiny-llava-siglip", "tiny-janus"])
+def test_fused_patch_embed_gives_the_same_step(critic_name):
+    """UNOConfig(fuse_patch_embed=True / False): the same loss, metrics and generator gradients (<= 1e-6
+    relative, fp32), the reference images' features (loss side) included."""
+    critic = _critic(critic_name)
+    gen = PixelGenerator()
+    batch = _batch(critic)
+    runs = []
+    for fuse in (False, True):
+        gen.pixels.grad = None
+        torch.manual_seed(1)  # identical head init
+        loss = UNOLoss(caption=1.0, density=0.5, structure=0.5, structure_mode="features")
+        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, UNOConfig(fuse_patch_embed=fuse))
+        out = step(batch)
+        out.loss.backward()
+        runs.append((out.metrics, gen.pixels.grad.clone()))
+    (m0, g0), (m1, g1) = runs
+    for k in m0:
+        assert abs(m1[k] - m0[k]) <= 1e-6 * abs(m0[k]) + 1e-7, f"metric {k}: {m1[k]} != {m0[k]}"
+    rel = ((g1 - g0).norm() / g0.norm()).item()
+    assert rel <= 1e-6, f"generator gradient differs with the fused patch embedding: {rel:.3g} relative"
+
+
+def test_fuse_patch_embed_config_errors():
+    with pytest.raises(ValueError, match="fuse_patch_embed"):
+        UNOConfig(fuse_patch_embed="on")
+    critic = _critic("tiny-qwen2-vl")
+    gen = PixelGenerator()
+    with pytest.raises(ValueError, match=r"fuse_patch_embed=True.*Conv3d"):
+        UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(), UNOConfig(fuse_patch_embed=True))
+    UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(), UNOConfig(fuse_patch_embed="auto"))
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def small_step():

@@ -4,7 +4,6 @@ only when a feature that needs the package is asked for (pattern: xformers `ops/
 from __future__ import annotations
 
 import importlib
-from functools import cached_property
 
 
 class OptionalDependency:
@@ -14,13 +13,18 @@ class OptionalDependency:
     def __init__(self, module: str, hint: str):
         self.module_name = module
         self.hint = hint
+        self._cache = None
 
-    @cached_property
+    @property
     def _loaded(self):
-        try:
-            return importlib.import_module(self.module_name), None
-        except Exception as e:  # noqa: BLE001  (a broken install raises more than ImportError)
-            return None, e
+        # a plain cache, not functools.cached_property: on Python < 3.12 that takes an RLock, which Dynamo
+        # cannot trace (a compiled critic reads `.available` through the ops' dispatch)
+        if self._cache is None:
+            try:
+                self._cache = (importlib.import_module(self.module_name), None)
+            except Exception as e:  # noqa: BLE001  (a broken install raises more than ImportError)
+                self._cache = (None, e)
+        return self._cache
 
     @property
     def available(self) -> bool:

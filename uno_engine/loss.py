@@ -87,15 +87,25 @@ class UNOLoss(nn.Module):
             self.structure_head = StructureHead(critic.vision_dim).to(device)
 
     # -------------------------------------------------------------------------------------------------
-    def forward(self, out, batch: dict, *, critic, backend: str = "auto", input_range=(-1.0, 1.0)):
-        """Returns (loss: 0-d tensor with grad, metrics: dict of detached 0-d device tensors)."""
+    def forward(
+        self,
+        out,
+        batch: dict,
+        *,
+        critic,
+        backend: str = "auto",
+        input_range=(-1.0, 1.0),
+        fuse_patch_embed="auto",
+    ):
+        """Returns (loss: 0-d tensor with grad, metrics: dict of detached 0-d device tensors).
+        `fuse_patch_embed` goes to `critic.prepare` of the reference images (UNOConfig.fuse_patch_embed)."""
         metrics: dict[str, torch.Tensor] = {}
         total = out.caption_hidden.new_zeros((), dtype=torch.float32)
         if self.w_caption > 0:
             ce = self.caption_loss(out, batch, backend)
             metrics["caption_ce"] = ce.detach()
             total = total + self.w_caption * ce
-        terms, names = self._regression_terms(out, batch, critic, backend, input_range)
+        terms, names = self._regression_terms(out, batch, critic, backend, input_range, fuse_patch_embed)
         if terms:
             fused = reference.fused_regression if backend == "reference" else ops.fused_regression
             kw = {} if backend == "reference" else {"backend": backend}
@@ -135,7 +145,7 @@ class UNOLoss(nn.Module):
                 scale = float(dist.get_world_size())
         return ce_sum.float() * scale / count.to(torch.float32).clamp_min(1.0)
 
-    def _regression_terms(self, out, batch, critic, backend, input_range):
+    def _regression_terms(self, out, batch, critic, backend, input_range, fuse_patch_embed):
         terms, names = [], []
         if self.w_density <= 0 and self.w_structure <= 0:
             return terms, names
@@ -143,9 +153,10 @@ class UNOLoss(nn.Module):
         ref_feats = None
         if ref_images is not None:
             with torch.no_grad():
-                ref_feats, _ = critic.encode_patches(
-                    critic.prepare(ref_images, input_range=input_range, backend=backend)
+                ref_inputs = critic.prepare(
+                    ref_images, input_range=input_range, backend=backend, fuse_patch_embed=fuse_patch_embed
                 )
+                ref_feats, _ = critic.encode_patches(ref_inputs)
         feats = out.patch_features.float()
         if self.w_density > 0:
             target = self._target(batch, "density_target", ref_images, out.grid, "density", input_range)

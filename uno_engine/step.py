@@ -1,7 +1,8 @@
 """`UNOStep`: one understanding-supervised training step, dropped into any trainer.
 
     images = generator(batch)                    # uno/generate  (grad to the generator)
-    inputs = critic.prepare(images)              # uno/bridge    (exactly the critic's image processor)
+    inputs = critic.prepare(images)              # uno/bridge    (exactly the critic's image processor; with
+                                                 #  fuse_patch_embed, also its conv patch embedding)
     out    = critic(inputs, captions, mask)      # uno/critic    (frozen, input-grad only, checkpointed)
     loss   = uno_loss(out, batch)                # uno/loss      (fused caption CE + visual regression)
 
@@ -51,6 +52,8 @@ class UNOStep(nn.Module):
         self.config = config or UNOConfig()
         self.generator, self.critic, self.uno_loss = generator, critic, loss
         loss.bind(critic)
+        if self.config.fuse_patch_embed is True and (why := critic.fused_patch_embed_reasons()):
+            raise ValueError("UNOConfig(fuse_patch_embed=True) with this critic: " + "; ".join(why))
         if self.config.compile:
             critic.compile_blocks()
 
@@ -63,23 +66,21 @@ class UNOStep(nn.Module):
     def forward(self, batch: dict) -> UNOOutput:
         cfg = self.config
         timer = PhaseTimer(cfg.profile, _device_of(self.critic))
+        # every bridge call (generated images here, reference images in the loss) runs with these
+        bridge = dict(input_range=cfg.input_range, backend=cfg.backend, fuse_patch_embed=cfg.fuse_patch_embed)
         with timer.phase("generate"):
             images = self.generator(batch)
         if cfg.check_inputs:
             check_step_inputs(images, batch)
         with timer.phase("bridge"):
-            inputs = self.critic.prepare(
-                images, input_range=cfg.input_range, clamp=cfg.clamp, backend=cfg.backend
-            )
+            inputs = self.critic.prepare(images, clamp=cfg.clamp, **bridge)
         with timer.phase("critic"):
             out = self.critic(inputs, batch["captions"], batch.get("caption_mask"))
         with timer.phase("loss"):
-            loss, metrics = self.uno_loss(
-                out, batch, critic=self.critic, backend=cfg.backend, input_range=cfg.input_range
-            )
+            loss, metrics = self.uno_loss(out, batch, critic=self.critic, **bridge)
         timer.on_grad(loss, "grad.loss")
         timer.on_grad(out.caption_hidden, "grad.caption")
-        timer.on_grad(inputs.pixel_values, "grad.pixels")
+        timer.on_grad(inputs.bridge_output, "grad.pixels")
         timer.on_grad(images, "grad.images")
         return UNOOutput(loss, metrics, images, timer if cfg.profile else None)
 

@@ -6,6 +6,10 @@ returns the family's adapter (LLaVA, Janus, Qwen2-VL / Qwen2.5-VL). The adapter
 - freezes the understanding parameters (`requires_grad_(False)`) and keeps them in eval mode (`train()` is a
   no-op on a critic: dropout never runs in the critic);
 - takes its preprocessing from the model's own image processor (`BridgeSpec.from_image_processor`);
+- can take the vision tower's patch tokens from the fused bridge instead of pixel_values
+  (`prepare(..., fuse_patch_embed=...)`, see uno_engine.critics.patch_embed): LLaVA (CLIP / SigLIP towers)
+  and Janus. Qwen2-VL's patch embedding is a Conv3d over the processor's flattened patch rows, a layout the
+  bridge's `patch_embed` does not take, so Qwen2-VL always gets pixel_values;
 - assembles the sequence image tokens, then caption tokens (right padded), and returns the LM's final hidden
   states (after the final norm) at the positions that predict each caption token, the lm_head weight (and
   bias, softcap), and the vision patch features. The full [B, L, V] logits are never computed.
@@ -16,6 +20,7 @@ frozen ones); the full HF model is kept as `critic.hf_model`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,7 @@ from uno_engine.critics.checkpointing import (
     offload_context,
     wrap_layers,
 )
+from uno_engine.critics.patch_embed import find_patch_embedding, precomputed_patch_embedding
 
 __all__ = ["Critic", "CriticInputs", "CriticOutput", "SUPPORTED_CLASSES"]
 
@@ -43,19 +49,26 @@ SUPPORTED_CLASSES = (
 
 @dataclass
 class CriticInputs:
-    """What `Critic.prepare` returns and `Critic.forward` takes.
+    """What `Critic.prepare` returns and `Critic.forward` takes: pixel_values or patch_tokens, not both.
 
-    pixel_values: (B, 3, h, w) for LLaVA / Janus; (B*gh*gw, 3*tps*p*p) pre-patchified for Qwen2-VL.
+    pixel_values: (B, 3, h, w) for LLaVA / Janus; (B*gh*gw, 3*tps*p*p) pre-patchified for Qwen2-VL; None when
+        patch_tokens are given.
     image_grid_thw: (B, 3) int64, Qwen2-VL only.
-    patch_tokens: (B, N, D) patch embeddings already computed by the fused bridge (LLaVA / Janus), or None.
+    patch_tokens: (B, N, D) output of the vision tower's conv patch embedding, computed by the fused bridge
+        (LLaVA / Janus; N = (image_size // p)**2, D = the conv's output channels), or None.
     grid_thw: (t, gh, gw) of every image as Python ints (Qwen2-VL), known on the host from the spec, so
         the adapter never reads `image_grid_thw` back from the device; None -> read it (one sync).
     """
 
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     patch_tokens: torch.Tensor | None = None
     grid_thw: tuple[int, int, int] | None = None
+
+    @property
+    def bridge_output(self) -> torch.Tensor:
+        """The tensor the bridge produced: patch_tokens when fused, else pixel_values."""
+        return self.pixel_values if self.patch_tokens is None else self.patch_tokens
 
 
 @dataclass
@@ -87,6 +100,7 @@ class Critic(nn.Module):
     """Base class of the family adapters. Build one with `Critic.from_hf`."""
 
     hf_class_names: tuple[str, ...] = ()
+    family: str = "?"  # for messages
 
     # ---------------------------------------------------------------------------------------------- build
     @staticmethod
@@ -127,6 +141,7 @@ class Critic(nn.Module):
         self._spec = None
         self._ckpt = CheckpointState(checkpoint)
         self._compiled = False
+        self._patch_site = None  # (site | None, reasons) of the fused patch embedding, found on first use
         self._build()  # family: registers the understanding submodules
         for p in self.parameters():
             p.requires_grad_(False)
@@ -165,6 +180,84 @@ class Critic(nn.Module):
     def _encode(self, inputs: CriticInputs) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """-> (image_embeds (B, Ni, H) LM-space tokens, patch_features (B, N, Dv), grid)."""
         raise NotImplementedError
+
+    def _vision_tower(self) -> nn.Module:
+        """The vision tower whose conv patch embedding the fused bridge may compute."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- fused patch embedding
+    def fused_patch_embed_reasons(self) -> list[str]:
+        """Why this critic cannot take patch tokens from the fused bridge (`prepare(fuse_patch_embed=True)`);
+        empty when it can."""
+        reasons = list(self._find_patch_site()[1])
+        if self.image_processor is not None and self.spec.layout != "nchw":
+            reasons.append(
+                f"the bridge takes patch_embed for layout 'nchw' only, this spec is {self.spec.layout!r}"
+            )
+        return reasons
+
+    def _find_patch_site(self):
+        """(site | None, reasons) of the tower's conv patch embedding (patch_embed.find_patch_embedding)."""
+        if self._patch_site is None:
+            self._patch_site = find_patch_embedding(self._vision_tower())
+        return self._patch_site
+
+    def _use_fused_patch_embed(self, fuse, images: torch.Tensor, backend: str) -> bool:
+        if fuse is False:
+            return False
+        if fuse not in (True, "auto"):
+            raise ValueError(f"fuse_patch_embed must be True, False or 'auto', got {fuse!r}")
+        reasons = self.fused_patch_embed_reasons()
+        if fuse is True:
+            if reasons:
+                raise ValueError(
+                    f"fuse_patch_embed=True: this {self.family} critic cannot take fused patch tokens: "
+                    + "; ".join(reasons)
+                    + ". Use fuse_patch_embed='auto' or False"
+                )
+            return True
+        conv = self._find_patch_site()[0][2] if not reasons else None
+        return (
+            conv is not None
+            and isinstance(images, torch.Tensor)
+            and backend != "reference"  # the eager baseline keeps the plain HF path
+            and torch.is_grad_enabled()
+            and images.requires_grad  # without a backward there is nothing to save
+            and images.dtype == conv.weight.dtype  # the conv in the critic's own dtype: the same forward
+        )
+
+    @contextlib.contextmanager
+    def _vision_pixels(self, inputs: CriticInputs, dtype: torch.dtype):
+        """Yields (what to pass the vision tower as pixel_values, grid (gh, gw)). With patch_tokens: a
+        zero-stride placeholder of the critic image's shape, while the tower's patch embedding returns the
+        tokens (uno_engine.critics.patch_embed.precomputed_patch_embedding)."""
+        p = self.patch_size
+        if inputs.patch_tokens is None:
+            pv = inputs.pixel_values
+            if pv.dim() != 4 or pv.shape[1] != 3:
+                raise ValueError(
+                    f"pixel_values must be (B, 3, h, w) for a {self.family} critic, got {tuple(pv.shape)}"
+                )
+            yield pv.to(dtype), (pv.shape[-2] // p, pv.shape[-1] // p)
+            return
+        site = self._find_patch_site()[0]  # not None: _check_inputs ran
+        weight = site[2].weight
+        tokens, side = inputs.patch_tokens, self.image_size
+        g, D = side // p, weight.shape[0]
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or not tokens.is_floating_point()
+            or tokens.dim() != 3
+            or tuple(tokens.shape[1:]) != (g * g, D)
+        ):
+            raise ValueError(
+                f"inputs.patch_tokens must be a float tensor (B, N={g * g}, D={D}) for this {self.family} critic "
+                f"({side}px images, patch {p}), got {_describe(tokens)}; make them with "
+                "Critic.prepare(images, fuse_patch_embed=True)"
+            )
+        placeholder = weight.new_zeros(()).expand(tokens.shape[0], 3, side, side)
+        with precomputed_patch_embedding(site, tokens, (g, g)):
+            yield placeholder, (g, g)
 
     def _prefix_ids(self, n_image_tokens: int) -> tuple[list[int | None], int]:
         """Token ids of the image prefix: None marks an image-feature slot. Default: image tokens only."""
@@ -229,18 +322,41 @@ class Critic(nn.Module):
 
     # ------------------------------------------------------------------------------------------- running
     def prepare(
-        self, images: torch.Tensor, *, input_range=(-1.0, 1.0), clamp: str = "clamp", backend: str = "auto"
+        self,
+        images: torch.Tensor,
+        *,
+        input_range=(-1.0, 1.0),
+        clamp: str = "clamp",
+        backend: str = "auto",
+        fuse_patch_embed: bool | str = False,
     ) -> CriticInputs:
         """Generated images (B, 3, H, W) in `input_range` -> CriticInputs, differentiably, with the model's
-        own preprocessing. backend "reference" -> uno_engine.reference.bridge, else uno_engine.ops.bridge."""
+        own preprocessing. backend "reference" -> uno_engine.reference.bridge, else uno_engine.ops.bridge.
+
+        fuse_patch_embed: False: pixel_values. True: the bridge also applies the vision tower's conv patch
+            embedding and returns patch_tokens (B, N, D), so the normalized image is not kept for the backward
+            (raises ValueError for a critic that cannot take them: `fused_patch_embed_reasons()`). "auto": True
+            where it is exact and saves memory: the critic can take them, backend is not "reference" (the eager
+            baseline keeps the plain HF path), the images require grad under grad mode (else nothing is saved
+            anyway), and images.dtype is the critic's dtype (the conv then runs in the same dtype as unfused:
+            the same forward). Either bridge backend saves the same (both apply the conv after the resampling
+            through the same no-save autograd function), so "auto" does not depend on it.
+        """
+        fuse = self._use_fused_patch_embed(fuse_patch_embed, images, backend)
+        conv = self._find_patch_site()[0][2] if fuse else None
+        kw = dict(
+            input_range=input_range, clamp=clamp, patch_embed=(conv.weight, conv.bias) if fuse else None
+        )
         if backend == "reference":
             from uno_engine import reference
 
-            pixel_values = reference.bridge(images, self.spec, input_range=input_range, clamp=clamp)
+            pixel_values = reference.bridge(images, self.spec, **kw)
         else:
             from uno_engine.ops import bridge
 
-            pixel_values = bridge(images, self.spec, input_range=input_range, clamp=clamp, backend=backend)
+            pixel_values = bridge(images, self.spec, backend=backend, **kw)
+        if fuse:
+            return CriticInputs(patch_tokens=pixel_values)
         grid_thw = grid_host = None
         if getattr(self.spec, "layout", "nchw") == "qwen2_vl":
             H, W = images.shape[-2], images.shape[-1]
@@ -250,7 +366,7 @@ class Critic(nn.Module):
 
     def encode_patches(self, inputs: CriticInputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """Vision only -> (patch_features (B, N, Dv), grid (gh, gw))."""
-        _check_inputs(inputs)
+        self._check_inputs(inputs)
         with self._running():
             _, feats, grid = self._encode(inputs)
         return feats, grid
@@ -274,7 +390,7 @@ class Critic(nn.Module):
                 f"caption_mask must have the shape of captions {tuple(captions.shape)}, "
                 f"got {tuple(caption_mask.shape)}"
             )
-        _check_inputs(inputs)
+        self._check_inputs(inputs)
         B, L = captions.shape
         device = self.lm_head_weight.device
         captions = captions.to(device=device, dtype=torch.long)
@@ -331,10 +447,26 @@ class Critic(nn.Module):
                 i = j
         return torch.cat(parts + [text], dim=1)
 
+    def _check_inputs(self, inputs) -> None:
+        if not isinstance(inputs, CriticInputs):
+            raise TypeError(
+                f"inputs must be a CriticInputs (from Critic.prepare), got {type(inputs).__name__}"
+            )
+        if (inputs.pixel_values is None) == (inputs.patch_tokens is None):
+            raise ValueError(
+                "inputs must carry exactly one of pixel_values and patch_tokens, got "
+                + ("both" if inputs.pixel_values is not None else "neither")
+            )
+        reasons = self.fused_patch_embed_reasons() if inputs.patch_tokens is not None else []
+        if reasons:
+            raise ValueError(
+                f"inputs.patch_tokens: this {self.family} critic cannot take fused patch tokens: "
+                + "; ".join(reasons)
+                + ". Pass pixel_values"
+            )
+
     def _running(self):
         """Context of a critic pass: layer checkpointing active, offloading when asked for."""
-        import contextlib
-
         stack = contextlib.ExitStack()
         stack.enter_context(self._ckpt.activate())
         stack.enter_context(offload_context(self.checkpoint_policy, self.lm_head_weight.device))
@@ -354,16 +486,6 @@ class Critic(nn.Module):
         n = compile_layers(self._checkpoint_layers(), **compile_kwargs)
         self._compiled = True
         return n
-
-
-def _check_inputs(inputs) -> None:
-    if not isinstance(inputs, CriticInputs):
-        raise TypeError(f"inputs must be a CriticInputs (from Critic.prepare), got {type(inputs).__name__}")
-    if inputs.patch_tokens is not None:
-        raise ValueError(
-            "inputs.patch_tokens (fused bridge patch embedding) is not consumed by the critics yet: "
-            "pass pixel_values (Critic.prepare does)"
-        )
 
 
 def _describe(x) -> str:

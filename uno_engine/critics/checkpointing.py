@@ -127,8 +127,32 @@ def _selective_contexts(state: CheckpointState):
     return create_selective_checkpoint_contexts(state.sac_policy)
 
 
+# the state of the checkpointed layer running now: set by the layer wrapper around the function it
+# checkpoints, so it is set both in the forward and when the backward recomputes the layer (the critic's
+# `activate` scope has exited by then). The "selective" policy must decide the same for every op in both
+# runs, or the recomputation replays the wrong saved tensors.
+_IN_LAYER: list[CheckpointState] = []
+
+
 def _current() -> CheckpointState | None:
+    if _IN_LAYER:
+        return _IN_LAYER[-1]
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+def _scoped(st: CheckpointState, fn):
+    def run(*args, **kwargs):
+        # the projection counter starts at 0 in each run of the layer: a recomputation ended early (non-
+        # reentrant early stop raises out of a projection's forward) leaves no count behind
+        _IN_LAYER.append(st)
+        saved, st._in_skip = st._in_skip, 0
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            st._in_skip = saved
+            _IN_LAYER.pop()
+
+    return run
 
 
 def _enter_recomputed(module, args):
@@ -160,7 +184,10 @@ def wrap_layers(layers: Iterable[nn.Module], recomputed: Iterable[nn.Module] = (
             if st is None or not torch.is_grad_enabled() or st.policy not in ("layer", "selective"):
                 return inner(*args, **kwargs)
             if st.policy == "selective":
-                return checkpoint(inner, *args, use_reentrant=False, context_fn=st.context_fn, **kwargs)
+                # eager: scope the layer so the recomputation sees the same state; a compiled layer is
+                # one higher-order op whose policy is applied to the traced graph (no Python replay)
+                fn = inner if torch.compiler.is_compiling() else _scoped(st, inner)
+                return checkpoint(fn, *args, use_reentrant=False, context_fn=st.context_fn, **kwargs)
             return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward

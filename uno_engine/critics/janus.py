@@ -15,6 +15,7 @@ from uno_engine.critics.llava import find_layers
 
 class JanusCritic(Critic):
     hf_class_names = ("JanusForConditionalGeneration",)
+    family = "Janus"
 
     def _build(self):
         m = self.hf_model
@@ -23,7 +24,7 @@ class JanusCritic(Critic):
         self.language_model = m.model.language_model
         self.lm_head = m.lm_head
         vcfg = m.config.vision_config
-        self.patch_size = vcfg.patch_size
+        self.patch_size, self.image_size = vcfg.patch_size, vcfg.image_size
         self._vision_dim = vcfg.hidden_size
 
     @property
@@ -36,12 +37,12 @@ class JanusCritic(Critic):
     def _checkpoint_layers(self):
         return list(find_layers(self.vision_model)) + list(find_layers(self.language_model))
 
+    def _vision_tower(self):
+        return self.vision_model
+
     def _encode(self, inputs: CriticInputs):
-        pv = inputs.pixel_values
-        if pv.dim() != 4 or pv.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, h, w) for a Janus critic, got {tuple(pv.shape)}")
-        gh, gw = pv.shape[-2] // self.patch_size, pv.shape[-1] // self.patch_size
         dtype = self.aligner.fc1.weight.dtype
-        feats = self.vision_model(pv.to(dtype), return_dict=True).last_hidden_state  # (B, N, Dv), no CLS
+        with self._vision_pixels(inputs, dtype) as (pv, (gh, gw)):  # pixel_values, or the fused patch tokens
+            feats = self.vision_model(pv, return_dict=True).last_hidden_state  # (B, N, Dv), no CLS
         image_embeds = self.aligner(feats)
         return image_embeds, feats, (gh, gw)

@@ -23,6 +23,7 @@ def find_layers(module: nn.Module, names=("layers", "blocks")) -> nn.ModuleList:
 
 class LlavaCritic(Critic):
     hf_class_names = ("LlavaForConditionalGeneration",)
+    family = "LLaVA"
 
     def _build(self):
         m = self.hf_model
@@ -34,7 +35,7 @@ class LlavaCritic(Critic):
         self.feature_layer = cfg.vision_feature_layer
         self.select_strategy = cfg.vision_feature_select_strategy
         vcfg = cfg.vision_config
-        self.patch_size = vcfg.patch_size
+        self.patch_size, self.image_size = vcfg.patch_size, vcfg.image_size
         n_layers = 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
         self._vision_dim = vcfg.hidden_size * n_layers
 
@@ -48,13 +49,13 @@ class LlavaCritic(Critic):
     def _checkpoint_layers(self):
         return list(find_layers(self.vision_tower)) + list(find_layers(self.language_model))
 
+    def _vision_tower(self):
+        return self.vision_tower
+
     def _encode(self, inputs: CriticInputs):
-        pv = inputs.pixel_values
-        if pv.dim() != 4 or pv.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, h, w) for a LLaVA critic, got {tuple(pv.shape)}")
-        gh, gw = pv.shape[-2] // self.patch_size, pv.shape[-1] // self.patch_size
         dtype = self.projector.linear_1.weight.dtype
-        out = self.vision_tower(pv.to(dtype), output_hidden_states=True, return_dict=True)
+        with self._vision_pixels(inputs, dtype) as (pv, (gh, gw)):  # pixel_values, or the fused patch tokens
+            out = self.vision_tower(pv, output_hidden_states=True, return_dict=True)
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
         selected = [out.hidden_states[i] for i in layers]
         del out

@@ -6,6 +6,8 @@ position ids come from the model's own `get_rope_index` (computed once per (sequ
 cached: they do not depend on the caption ids, and positions after right padding never influence real tokens).
 Patch features are the vision blocks' output before the merger, reordered from the processor's merge-window
 order (and, for Qwen2.5-VL, from window-attention order) into raster order.
+No fused bridge patch embedding: the patch embedding is a Conv3d over the flattened patch rows (a linear map
+of each row), a layout `ops.bridge(patch_embed=)` does not take; the critic always gets pixel_values.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from uno_engine.critics.base import Critic, CriticInputs
 
 class Qwen2VLCritic(Critic):
     hf_class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    family = "Qwen2-VL"
 
     def _build(self):
         m = self.hf_model
@@ -43,6 +46,12 @@ class Qwen2VLCritic(Critic):
 
     def _checkpoint_layers(self):
         return list(self.visual.blocks) + list(self.language_model.layers)
+
+    def fused_patch_embed_reasons(self) -> list[str]:
+        return [
+            "Qwen2-VL's patch embedding is a Conv3d over the processor's flattened patch rows "
+            "(B*gh*gw, 3*T*p*p), and ops.bridge(patch_embed=) takes layout 'nchw' only"
+        ]
 
     def _prefix_ids(self, n_image_tokens: int):
         prefix = [self.vision_start_token_id] + [None] * n_image_tokens + [self.vision_end_token_id]

@@ -30,11 +30,19 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str:
+    """'' when triton imports, else the error. Under torch.compile it is evaluated once, eagerly, as a
+    constant (the import is not traced)."""
+    return "" if _optional.triton.available else str(_optional.triton.error)
+
+
 def triton_unsupported_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
     """Why Triton cannot run on these tensors (empty list when it can)."""
     reasons = []
-    if not _optional.triton.available:
-        reasons.append(f"triton cannot be imported ({_optional.triton.error})")
+    err = _triton_import_error()
+    if err:
+        reasons.append(f"triton cannot be imported ({err})")
     devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
     if devices - {"cuda"} and not interpreter_enabled():
         reasons.append(
@@ -73,7 +81,7 @@ def resolve_backend(
         choice = "triton" if not reasons and devices == {"cuda"} else "torch"
     else:
         choice = "triton"
-    if (op, choice) not in _announced:
+    if not torch.compiler.is_compiling() and (op, choice) not in _announced:
         _announced.add((op, choice))
         log.info("%s: backend=%r -> %s%s", op, backend, choice, f" ({'; '.join(reasons)})" if reasons else "")
     return choice

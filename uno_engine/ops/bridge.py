@@ -2,9 +2,10 @@
 gradient.
 
 Registered as torch custom ops `uno_engine::bridge_fwd` / `uno_engine::bridge_bwd` (register_fake +
-register_autograd), so a compiled step has no graph break. Backends: "triton" (kernels/bridge.py: one launch
-forward, one deterministic gather launch backward) and "torch" (dense resampling matmuls, forward and an
-explicit deterministic backward). The eager oracle is `uno_engine.reference.bridge`.
+register_autograd), so a compiled step has no graph break. Backends: "triton" (kernels/bridge.py: one tap
+launch per resampling pass, forward and backward; exact fp32, deterministic gathers, no atomics on the data)
+and "torch" (dense resampling matmuls, forward and an explicit deterministic backward). The eager oracle is
+`uno_engine.reference.bridge`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from uno_engine.bridge_spec import BridgeSpec, bridge_tensors
 from uno_engine.ops._dispatch import resolve_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TABLES = ("ystart", "xstart", "oystart", "oxstart")
 
 
 # --------------------------------------------------------------------------------------- torch path
@@ -83,10 +83,15 @@ def _torch_backward(grad_out, images, wy, wx, consts, region, lo, hi, clip, qwen
 
 # ----------------------------------------------------------------------------------------- the ops
 def _unpack(meta):
-    y0, y1, x0, x1, clip, is_qwen, p, m, T, vf, n_ky, n_kx, n_oy, n_ox = meta
+    y0, y1, x0, x1, clip, is_qwen, p, m, T, vf, *counts = meta
     qwen = (p, m, T) if is_qwen else None
-    tables_n = dict(n_ky=n_ky, n_kx=n_kx, n_oy=n_oy, n_ox=n_ox)
-    return (y0, y1, x0, x1), bool(clip), qwen, tables_n, bool(vf)
+    return (y0, y1, x0, x1), bool(clip), qwen, counts, bool(vf)
+
+
+def _tables(tables, counts) -> dict:
+    from uno_engine.kernels.bridge import COUNTS, TABLES
+
+    return dict(zip(TABLES, tables, strict=True), **dict(zip(COUNTS, counts, strict=True)))
 
 
 def _out_shape(images, wy, wx, qwen):
@@ -98,30 +103,16 @@ def _out_shape(images, wy, wx, qwen):
     return (B * (Hc // p) * (Wc // p), C * T * p * p)
 
 
-@torch.library.custom_op("uno_engine::bridge_fwd", mutates_args=())
-def _bridge_fwd(
-    images: torch.Tensor,
-    wy: torch.Tensor,
-    wx: torch.Tensor,
-    consts: torch.Tensor,
-    tables: list[torch.Tensor],
-    meta: list[int],
-    lo: float,
-    hi: float,
-    use_triton: bool,
-    store_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    region, clip, qwen, tables_n, vf = _unpack(meta)
+def _fwd_impl(images, wy, wx, consts, tables, meta, lo, hi, use_triton, store_mask):
+    region, clip, qwen, counts, vf = _unpack(meta)
     if use_triton:
         from uno_engine.kernels.bridge import bridge_forward
 
-        tab = dict(zip(_TABLES, tables, strict=True), **tables_n)
         out, mask = bridge_forward(
             images,
-            wy,
-            wx,
+            _tables(tables, counts),
             consts,
-            tab,
+            (wy.shape[0], wx.shape[0]),
             region,
             (lo, hi),
             clip_each_pass=clip,
@@ -137,15 +128,54 @@ def _bridge_fwd(
     return out, images.new_empty((0,), dtype=torch.uint8)
 
 
+def _bwd_impl(grad_out, images, mask, wy, wx, consts, tables, meta, lo, hi, use_triton, use_masks):
+    region, clip, qwen, counts, vf = _unpack(meta)
+    if use_triton:
+        from uno_engine.kernels.bridge import bridge_backward
+
+        return bridge_backward(
+            grad_out,
+            images,
+            mask if mask.numel() else None,
+            _tables(tables, counts),
+            consts,
+            (wy.shape[0], wx.shape[0]),
+            region,
+            (lo, hi),
+            clip_each_pass=clip,
+            use_masks=use_masks,
+            qwen=qwen,
+            vertical_first=vf,
+        )
+    return _torch_backward(grad_out, images, wy, wx, consts, region, lo, hi, clip, qwen, use_masks, vf)
+
+
+@torch.library.custom_op("uno_engine::bridge_fwd", mutates_args=())
+def _bridge_fwd(
+    images: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    consts: torch.Tensor,
+    tables: list[torch.Tensor],
+    meta: list[int],
+    lo: float,
+    hi: float,
+    use_triton: bool,
+    store_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(images, wy, wx, consts, tables, meta, lo, hi, use_triton, store_mask)
+
+
 @_bridge_fwd.register_fake
 def _(images, wy, wx, consts, tables, meta, lo, hi, use_triton, store_mask):
     region, clip, qwen, _, vf = _unpack(meta)
     out = images.new_empty(_out_shape(images, wy, wx, qwen))
-    if use_triton and store_mask and clip:
+    if use_triton and store_mask:
+        from uno_engine.kernels.bridge import mask_layout
+
         B, _, H, W = images.shape
-        Hc, Wc = wy.shape[0], wx.shape[0]
-        first = W * Hc if vf else H * Wc
-        mask = images.new_empty((B * 3 * (Hc * Wc + first),), dtype=torch.uint8)
+        numel = mask_layout(B, H, W, wy.shape[0], wx.shape[0], vf, clip)[0]
+        mask = images.new_empty((numel,), dtype=torch.uint8)
     else:
         mask = images.new_empty((0,), dtype=torch.uint8)
     return out, mask
@@ -166,27 +196,7 @@ def _bridge_bwd(
     use_triton: bool,
     use_masks: bool,
 ) -> torch.Tensor:
-    region, clip, qwen, tables_n, vf = _unpack(meta)
-    if use_triton:
-        from uno_engine.kernels.bridge import bridge_backward
-
-        tab = dict(zip(_TABLES, tables, strict=True), **tables_n)
-        return bridge_backward(
-            grad_out,
-            images,
-            mask if mask.numel() else None,
-            wy,
-            wx,
-            consts,
-            tab,
-            region,
-            (lo, hi),
-            clip_each_pass=clip,
-            use_masks=use_masks,
-            qwen=qwen,
-            vertical_first=vf,
-        )
-    return _torch_backward(grad_out, images, wy, wx, consts, region, lo, hi, clip, qwen, use_masks, vf)
+    return _bwd_impl(grad_out, images, mask, wy, wx, consts, tables, meta, lo, hi, use_triton, use_masks)
 
 
 @_bridge_bwd.register_fake
@@ -225,6 +235,26 @@ def _backward(ctx, grad_out, grad_mask):
 _bridge_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _BridgeFunction(torch.autograd.Function):
+    """The eager path: the same implementation as the custom ops, without their dispatch (the custom op's
+    autograd wrapper flattens every list argument on each call: ~0.15 ms of host time per direction, more than
+    the kernels take on an H200). `bridge` uses the custom ops whenever torch.compile traces it."""
+
+    @staticmethod
+    def forward(ctx, images, wy, wx, consts, tables, meta, lo, hi, use_triton, store_mask):
+        out, mask = _fwd_impl(images, wy, wx, consts, tables, meta, lo, hi, use_triton, store_mask)
+        ctx.save_for_backward(images, mask)
+        ctx.args = (wy, wx, consts, tables, meta, lo, hi, use_triton, store_mask)  # cached plan constants
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        images, mask = ctx.saved_tensors
+        wy, wx, consts, tables, meta, lo, hi, use_triton, use_masks = ctx.args
+        gx = _bwd_impl(grad_out, images, mask, wy, wx, consts, tables, meta, lo, hi, use_triton, use_masks)
+        return gx, None, None, None, None, None, None, None, None, None
+
+
 # ------------------------------------------------------------------------------------- host helpers
 _PLANS: dict = {}
 
@@ -249,14 +279,12 @@ def _build_plan(spec: BridgeSpec, H: int, W: int, device: torch.device, dtype: t
     p, m, T = (spec.patch_size, spec.merge_size, spec.temporal_patch_size) if qwen else (1, 1, 1)
     vf = spec.vertical_first(H, W)
     if triton:
-        from uno_engine.kernels.bridge import band_tables
+        from uno_engine.kernels.bridge import COUNTS, TABLES, tap_tables
 
         wy_np, wx_np = spec.resize_matrices(H, W)
-        if vf:  # the kernels run the transposed problem
-            wy_np, wx_np = wx_np, wy_np
-        tab = band_tables(np.asarray(wy_np), np.asarray(wx_np))
-        tables = [torch.from_numpy(tab[k]).to(device) for k in _TABLES]
-        counts = [tab[k] for k in ("n_ky", "n_kx", "n_oy", "n_ox")]
+        tab = tap_tables(np.asarray(wy_np), np.asarray(wx_np))
+        tables = [torch.from_numpy(tab[k]).to(device) for k in TABLES]
+        counts = [int(tab[k]) for k in COUNTS]
     else:
         tables, counts = [], [0] * 4
     meta = [*region, int(spec.clip_each_pass), int(qwen), p, m, T, int(vf), *counts]
@@ -352,9 +380,12 @@ def bridge(
         backend: "auto" | "triton" | "torch" (see `uno_engine.ops._dispatch`).
 
     Memory: with clamp="clamp" and images that require grad, the Triton forward keeps uint8 clip masks of
-    both resampling passes for the backward (one byte per canvas pixel and per (input row, canvas column));
-    the backward reads them, grad_out and the images (input-clamp mask), and writes grad_images once,
-    deterministically (a gather, no atomics). The torch path recomputes the passes in its backward instead.
+    both resampling passes for the backward (one byte per canvas pixel and per element of the intermediate
+    pass) and one int32 flag per image plane that says whether any pixel was clamped. The backward reads them
+    and grad_out, reads the images only in flagged planes (input-clamp mask), and writes grad_images once,
+    deterministically (gathers, no atomics). Each direction also holds one fp32 intermediate (the first pass's
+    output, (B, 3, H, Wc) or (B, 3, Hc, W)) while it runs. The torch path recomputes the passes in its
+    backward instead.
 
     Returns:
         layout "nchw": pixel_values (B, 3, h, w), (h, w) = spec.output_size(H, W); layout "qwen2_vl": patches
@@ -374,9 +405,11 @@ def bridge(
     wy, wx, consts, tables, meta = _plan(spec, H, W, images.device, cdtype, use_triton)
     lo, hi = float(input_range[0]), float(input_range[1])
     use_masks = clamp == "clamp"
-    out, _ = _bridge_fwd(
-        images, wy, wx, consts, tables, meta, lo, hi, use_triton, use_masks and images.requires_grad
-    )
+    args = (images, wy, wx, consts, tables, meta, lo, hi, use_triton, use_masks and images.requires_grad)
+    if torch.compiler.is_compiling():
+        out, _ = _bridge_fwd(*args)  # the registered op: traced as one node, no graph break
+    else:
+        out = _BridgeFunction.apply(*args)
     if patch_embed is None:
         return out
     weight, bias = patch_embed

@@ -1,12 +1,24 @@
 """Fused linear + cross-entropy: `F.cross_entropy(hidden @ weight.T + bias, labels)` without N x V logits.
 
-Two backends behind one custom op (`uno_engine::linear_cross_entropy`, with a fake and an autograd formula, so
-a compiled critic has no graph break):
-- "triton": `uno_engine.kernels.linear_cross_entropy` (blockwise online log-sum-exp forward, recomputed logit
-  tiles in the backward; see that file).
+Two backends, as custom ops with a fake and an autograd formula (so a compiled critic has no graph break):
+- "triton", with two implementations (`uno_engine.kernels.linear_cross_entropy`; see that file):
+  - "gif" (gradient in forward; `uno_engine::linear_cross_entropy_gif`), the default when a gradient is needed:
+    chunks of tokens, cuBLAS GEMMs for the logits and dhidden, one Triton kernel for the loss and the logits
+    gradient in place; the backward only scales the saved gradients by the upstream gradient.
+  - "recompute" (`uno_engine::linear_cross_entropy`): online log-sum-exp forward in Triton, the backward
+    recomputes the logit tiles. Used without a gradient, and for reduction="none" with a trainable weight or
+    bias, whose gradient needs the per-token upstream gradients that only the backward knows.
+  The environment variable UNO_LCE_IMPL = auto | gif | recompute picks one (auto: as above; an explicit
+  "gif" that cannot take the inputs raises with the reason). The choice is made here, in Python, before the
+  custom op, and logged once per choice (logger "uno_engine.ops").
 - "torch": the same math in plain PyTorch, chunked over tokens so that memory stays O(chunk * V); the backward
   recomputes each chunk's logits. Runs anywhere (CPU CI, or a GPU without Triton).
 The eager, unchunked oracle is `uno_engine.reference.linear_cross_entropy`.
+
+The gif path runs one backward per forward: in eager its backward scales the saved gradient in place and hands
+that buffer over as the gradient of hidden (no second N x H allocation), so a second backward through the
+same graph (retain_graph=True) raises; set UNO_LCE_IMPL=recompute for that. Under torch.compile the scale is
+out of place (see `_scale_unit_grad`).
 
 No host sync: the "mean" divisor (number of non-ignored tokens) stays a device tensor, and the check that
 labels lie in [0, V) is `torch._assert_async` on CUDA (the error surfaces at the next synchronization, as a
@@ -15,12 +27,21 @@ CUDA device assert); on the CPU it is an ordinary ValueError.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 
 from uno_engine.ops._dispatch import resolve_backend
 
+log = logging.getLogger("uno_engine.ops")
+
 _OP = "uno_engine::linear_cross_entropy"
+_GIF_OP = "uno_engine::linear_cross_entropy_gif"
+IMPL_ENV = "UNO_LCE_IMPL"
+IMPLS = ("auto", "gif", "recompute")
+_announced: set[tuple[str, str]] = set()
 _REDUCTIONS = ("none", "sum", "mean")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,7 +77,8 @@ def linear_cross_entropy(
         z_loss: coefficient >= 0 of lse**2 per non-ignored token.
         softcap: None or > 0.
         reduction: "mean" | "sum" | "none" ("none" returns labels.shape, 0 at ignored tokens).
-        backend: "auto" | "triton" | "torch" (see uno_engine.ops._dispatch).
+        backend: "auto" | "triton" | "torch" (see uno_engine.ops._dispatch). On Triton, a call that needs a
+            gradient computes it during the forward (see the module docstring; UNO_LCE_IMPL overrides).
     Returns:
         float32 loss: a 0-d tensor, or labels.shape for reduction="none".
     """
@@ -71,6 +93,23 @@ def linear_cross_entropy(
     labels1d = labels.reshape(-1)
     if labels1d.dtype != torch.int64:
         labels1d = labels1d.long()
+    if choice == "triton" and resolve_triton_impl(hidden, weight, bias, reduction) == "gif":
+        grad_on = torch.is_grad_enabled()
+        loss, *_ = torch.ops.uno_engine.linear_cross_entropy_gif(
+            hidden2d,
+            weight,
+            labels1d,
+            bias,
+            int(ignore_index),
+            float(label_smoothing),
+            float(z_loss),
+            float(softcap) if softcap is not None else 0.0,
+            reduction,
+            grad_on and hidden.requires_grad,
+            grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad,
+        )
+        return loss.reshape(lead_shape) if reduction == "none" else loss
     loss, _ = torch.ops.uno_engine.linear_cross_entropy(
         hidden2d,
         weight,
@@ -84,6 +123,46 @@ def linear_cross_entropy(
         choice,
     )
     return loss.reshape(lead_shape) if reduction == "none" else loss
+
+
+def resolve_triton_impl(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reduction: str
+) -> str:
+    """Pick the Triton implementation, "gif" or "recompute", from UNO_LCE_IMPL (auto | gif | recompute).
+
+    auto: "gif" when a gradient is needed and gif can take the inputs, else "recompute" (silently, logged).
+    An explicit "gif" that cannot take the inputs raises with the reason; without a gradient it still runs
+    (the loss-only pass: the logits GEMM and the row kernel).
+    """
+    requested = os.environ.get(IMPL_ENV, "auto") or "auto"
+    if requested not in IMPLS:
+        raise ValueError(f"linear_cross_entropy: {IMPL_ENV} must be one of {IMPLS}, got {requested!r}")
+    head_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_trainable)
+    reasons = []
+    if needs_grad and reduction == "none" and head_trainable:
+        reasons.append(
+            "reduction='none' with a trainable weight or bias: dweight = sum_n g_n dloss_n/dweight needs the "
+            "per-token upstream gradients g_n, which only the backward knows"
+        )
+    if requested == "gif" and reasons:
+        raise RuntimeError(f"linear_cross_entropy: {IMPL_ENV}=gif cannot run: " + "; ".join(reasons))
+    if requested == "auto":
+        if not needs_grad:
+            reasons.append("no gradient needed: the loss-only online log-sum-exp kernel")
+        choice = "gif" if not reasons else "recompute"
+    else:
+        choice = requested
+    if ("linear_cross_entropy", choice) not in _announced:
+        _announced.add(("linear_cross_entropy", choice))
+        log.info(
+            "linear_cross_entropy: triton %s=%r -> %s%s",
+            IMPL_ENV,
+            requested,
+            choice,
+            f" ({'; '.join(reasons)})" if reasons else "",
+        )
+    return choice
 
 
 def _check_inputs(hidden, weight, labels, bias, label_smoothing, z_loss, softcap, reduction):
@@ -427,3 +506,163 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ gradient in forward (gif)
+
+
+@torch.library.custom_op(_GIF_OP, mutates_args=())
+def _lce_gif_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dhidden, dweight, dbias): loss as reduced by `reduction` (fp32), and the gradients for an upstream
+    gradient of 1 on every token's loss (dhidden (N, H) in hidden.dtype, dweight (V, H) and dbias (V,) in
+    fp32; a 0-element tensor where not needed), which the backward scales. softcap 0 = off."""
+    from uno_engine.kernels.linear_cross_entropy import linear_cross_entropy_gif
+
+    if reduction == "none" and (need_dweight or need_dbias):
+        raise ValueError(
+            "linear_cross_entropy_gif: reduction='none' cannot form dweight / dbias in the forward (they need "
+            "the per-token upstream gradients); use the recompute op"
+        )
+    cap = softcap if softcap > 0 else None
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    loss_tok, dh, dw, db = linear_cross_entropy_gif(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=cap,
+        need_dhidden=need_dhidden,
+        need_dweight=need_dweight,
+        need_dbias=need_dbias,
+    )
+    return (
+        _reduce(loss_tok, labels, ignore_index, reduction),
+        dh if dh is not None else hidden.new_empty((0,)),
+        dw if dw is not None else hidden.new_empty((0,), dtype=torch.float32),
+        db if db is not None else hidden.new_empty((0,), dtype=torch.float32),
+    )
+
+
+@_lce_gif_op.register_fake
+def _(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = torch.float32
+    return (
+        hidden.new_empty((N,) if reduction == "none" else (), dtype=f32),
+        hidden.new_empty((N, H) if need_dhidden else (0,)),
+        hidden.new_empty((V, H) if need_dweight else (0,), dtype=f32),
+        hidden.new_empty((V,) if need_dbias else (0,), dtype=f32),
+    )
+
+
+def _scale_unit_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x * g[:, None] for a per-row g (R,), or x * g for a one-element g, in fp32 arithmetic, rounded once.
+
+    In eager x is the op's own buffer, which nothing else holds: it is scaled in place by a Triton kernel and
+    handed over (no second N x H). Under tracing (torch.compile, export) x is a subclass (functional / fake
+    tensor) and the op's outputs are graph values: an in-place write to them from the backward cannot be
+    partitioned, so the scale is out of place there (the compiler may fuse it).
+    """
+    if type(x) is torch.Tensor:
+        from uno_engine.kernels.linear_cross_entropy import scale_rows_
+
+        scale_rows_(x, g)
+        return x
+    factor = g[:, None] if g.numel() != 1 else g
+    return (x.float() * factor).to(x.dtype)
+
+
+def _gif_setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, ignore_index, *_, reduction, need_dh, need_dw, need_db = inputs
+    _, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.save_for_backward(labels, dh, dw, db)
+    ctx.args = (
+        ignore_index,
+        reduction,
+        need_dh,
+        need_dw,
+        need_db,
+        weight.dtype,
+        bias.dtype if bias is not None else None,
+    )
+    ctx.gif_used = False
+
+
+def _gif_backward(ctx, grad_loss, *_unused):
+    if ctx.gif_used:
+        raise RuntimeError(
+            "linear_cross_entropy: a second backward through the same gradient-in-forward graph "
+            "(retain_graph=True). Its backward scales the saved gradient in place and hands it over as the "
+            f"gradient; set {IMPL_ENV}=recompute for graphs that are run backward more than once."
+        )
+    ctx.gif_used = True
+    labels, dh, dw, db = ctx.saved_tensors
+    ignore_index, reduction, need_dh, need_dw, need_db, w_dtype, b_dtype = ctx.args
+    wanted = ctx.needs_input_grad
+    missing = [
+        name
+        for name, asked, formed in (
+            ("hidden", wanted[0], need_dh),
+            ("weight", wanted[1], need_dw),
+            ("bias", wanted[3], need_db),
+        )
+        if asked and not formed
+    ]
+    if missing:
+        raise RuntimeError(
+            f"linear_cross_entropy: the forward formed no gradient for {missing} (they did not require grad, or "
+            "grad mode was off, when it ran)"
+        )
+    if need_dh:
+        # dloss_n/dhidden_n is linear in the upstream gradient g_n of token n: one scale per row.
+        dh = _scale_unit_grad(dh, _upstream(grad_loss, labels, ignore_index, reduction))
+    if need_dw or need_db:
+        # "mean" / "sum" only (the dispatch sends "none" with a trainable head to the recompute path): every
+        # token has the same upstream gradient, so the summed unit gradients scale by one factor.
+        g = grad_loss.float().reshape(1)
+        if reduction == "mean":
+            g = g / (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+        if need_dw:
+            dw = _scale_unit_grad(dw, g)
+        if need_db:
+            db = _scale_unit_grad(db, g)
+    return (
+        dh if need_dh else None,
+        dw.to(w_dtype) if need_dw else None,
+        None,
+        db.to(b_dtype) if need_db else None,
+    ) + (None,) * 8
+
+
+_lce_gif_op.register_autograd(_gif_backward, setup_context=_gif_setup_context)

@@ -9,21 +9,32 @@ Semantics (identical to `uno_engine.reference.regression_loss`):
 - "mean" divides sum(weight * mask * loss) by sum(mask broadcast to the loss's shape), a device tensor (no
   host sync). An all-zero mask gives a loss of 0 (and zero gradients), not NaN.
 
-The Triton path (`backend="triton"`, or "auto" on CUDA) is the custom op `uno_engine::fused_regression_fwd`:
-ONE persistent launch computes every term's (numerator, mask sum) and writes the gradient s*w*m*dl/dp of every
-pred that needs one (and of every target that requires grad) in the same pass; the gradients are saved, and
-backward multiplies them by d total / d numerator (grad_output / mask sum) in one read + write each. All terms
-that share (pred dtype, target dtype) go in one launch, whatever their shapes and kinds (a descriptor table
-per launch); a term with another dtype pair gets its own launch. weight and mask are constants on this path
-(a weight or mask that requires grad sends "auto" to the torch path and makes "triton" raise).
-The torch path is the eager reference (autograd through it).
+The Triton path (`backend="triton"`, or "auto" on CUDA) is the op `uno_engine::fused_regression_fwd`:
+ONE launch computes every term's (numerator, mask sum) and writes the gradient s*w*m*dl/dp of every pred
+that needs one (and of every target that requires grad) in the same pass, a one-program launch turns the
+partial sums into the losses and their total; the gradients are saved, and the backward
+(`uno_engine::fused_regression_bwd`, one launch) multiplies them by d total / d numerator = grad_output /
+mask sum. weight and mask are constants on this path (a weight or mask that requires grad sends "auto" to
+the torch path and makes "triton" raise). Masks and weights of any dtype (bool included) are read as they
+are: no conversion kernels. The torch path is the eager reference (autograd through it).
+
+Host cost. The op is host-bound at the issue's shape (a few hundred microseconds of kernels), so the host
+path is kept short: the launch plan (views, strides, block sizes, programs per term) is cached per
+(layout, shapes, strides, dtypes); tensors go to the kernel as plain arguments (no descriptor table, no
+host-to-device copy); the op is registered with `torch.library.Library` and a small autograd kernel rather
+than `torch.library.custom_op`, whose generic autograd adapter costs O(arguments^2) (`fill_defaults`) plus a
+pytree pass per list element on every call, several times this op's own host time (measured on a 2-core
+CPU: a 12-tensor custom_op 63 us forward / 160 us forward + backward against 26 / 66 us here). It is still
+a real op: `register_fake`, an Autograd kernel, opcheck-tested, and its backward is an op too, so
+torch.compile and AOTAutograd trace it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,209 +133,407 @@ def _triton_reasons(terms: Sequence[RegressionTerm]) -> list[str]:
     return reasons
 
 
-# ------------------------------------------------------------------------------------------ the custom op
-def _rows_view(x: torch.Tensor) -> torch.Tensor:
-    """(R, D) view with a unit last-dim stride (a copy only when no such view exists)."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+# ------------------------------------------------------------------------------------- kernel settings
+_config_override = None
 
 
-def _aux_view(a: torch.Tensor | None, pred: torch.Tensor, kind: int):
-    """Mask/weight as float32 (R, D) (or (R,) for cosine) strided view; returns (tensor, s_row, s_col)."""
-    if a.numel() == 0:
-        return None, 0, 0
-    if kind == 2:
-        a2 = a.expand(pred.shape[:-1]).reshape(-1)
-        return a2, (a2.stride(0) if a2.numel() > 1 else 0), 0
-    a2 = a.expand(pred.shape).reshape(-1, pred.shape[-1]) if pred.dim() >= 1 else a.reshape(1, 1)
-    return a2, (a2.stride(0) if a2.shape[0] > 1 else 0), (a2.stride(1) if a2.shape[1] > 1 else 0)
+def kernel_config():
+    """The `RegressionConfig` in force: `kernel_config_override`'s, else `regression_settings()` (its
+    defaults, or the environment variable UNO_REGRESSION_CONFIG)."""
+    from uno_engine.kernels import regression as K
+
+    return _config_override or K.regression_settings()
+
+
+@contextlib.contextmanager
+def kernel_config_override(config):
+    """Run the Triton path with another `uno_engine.kernels.regression.RegressionConfig` (benchmark sweeps,
+    tests); a string is parsed ('tile=8192,per_sm=0')."""
+    global _config_override
+    from uno_engine.kernels import regression as K
+
+    prev = _config_override
+    _config_override = K.RegressionConfig.parse(config) if isinstance(config, str) else config
+    try:
+        yield _config_override
+    finally:
+        _config_override = prev
 
 
 @functools.cache
-def _n_programs(device: torch.device) -> int:
-    """Persistent programs of the fused kernel: SMs x resident programs on CUDA; a few on the interpreter (so
-    the tests walk the grid-stride loop)."""
+def _sm_props(device: torch.device) -> tuple[int, int, int]:
+    """(SMs, registers per SM, threads per SM) of a CUDA device."""
+    p = torch.cuda.get_device_properties(device)
+    regs = getattr(p, "regs_per_multiprocessor", 65536)
+    return p.multi_processor_count, regs, getattr(p, "max_threads_per_multi_processor", 2048)
+
+
+def _n_programs(device: torch.device, per_sm: int, resident: int | None) -> int:
+    """Forward programs: SMs x per_sm on CUDA (per_sm -1: x resident, 2 until it is known; 0: see
+    `split_programs`); 4 under the interpreter, so the tests walk the grid-stride loops."""
+    if per_sm == 0:
+        return 0
     if device.type != "cuda":
-        return 3
-    per_sm = int(os.environ.get("UNO_REGRESSION_PROGRAMS_PER_SM", "16"))
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+        return 4
+    return _sm_props(device)[0] * (per_sm if per_sm > 0 else resident or 2)
 
 
-def _host_table(rows: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small table to the device without a host sync: through pinned memory (the caching host allocator
-    keeps the block until the copy is done). A pageable copy waits for the stream: measured on an H200, that
-    made the op host-bound (1.2 ms a call around a 0.25 ms kernel)."""
-    t = torch.tensor(rows, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    pinned = torch.empty(t.shape, dtype=dtype, pin_memory=True)
-    pinned.copy_(t)
-    return pinned.to(device, non_blocking=True)
+# ---------------------------------------------------------------------------------------------- the plan
+# layout (the op's int[] argument): [mean, then per term: kind, has_mask, has_weight, grad_pred, grad_target]
+# tensors (Tensor[]): per term pred, target, then its mask and weight when present; params (float[]): per term
+# beta, scale (the float weight folded into the kernel).
+_L_HEAD, _L_TERM = 1, 5
+# how a tensor reaches the kernel: as it is, or through a copy (`_prep`)
+_AS_IS, _CONTIG, _ROW_COPY, _ROW_COPY_COS, _TILE_COPY = 0, 1, 2, 3, 4
 
 
-@torch.library.custom_op("uno_engine::fused_regression_fwd", mutates_args=(), device_types=None)
-def _fused_regression_fwd(
-    preds: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    masks: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    kinds: list[int],
-    betas: list[float],
-    scales: list[float],
-    grad_pred: list[bool],
-    grad_target: list[bool],
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """sums (T, 2) = per term (sum(s w m l), sum(m)), and the gradients s w m dl/dp (not yet divided by the
-    mask sum; empty where not asked). masks/weights: float32, broadcastable (see RegressionTerm), or an empty
-    (numel 0) tensor for "none" (not Optional: lists of optional tensors complicate the autograd structure);
-    viewed strided. scales: each term's float weight s."""
+@dataclass(frozen=True)
+class _TermPlan:
+    index: int  # position of the term in the op
+    kind: int
+    tensors: tuple  # positions in `tensors` of pred, target, mask, weight (-1: absent)
+    preps: tuple  # (_AS_IS | copy kind) for pred, target, mask, weight
+    R: int
+    D: int
+    strides: tuple  # row strides of pred, target, mask, weight as the kernel reads them
+    modes: tuple  # (mask mode, weight mode): kernels.regression.AUX_*
+    grads: tuple  # (grad_pred, grad_target)
+    flags: tuple  # (kind, mask mode, weight mode, grad, target grad, FAST, BLOCK_R, BLOCK_D)
+    tiles: int  # work items: tiles (mse / smooth_l1) or row blocks (cosine)
+    n_programs: int = 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    chunks: tuple  # tuples of _TermPlan, <= MAX_TERMS each: one forward launch each
+    part_rows: int  # programs of the largest launch
+    num_warps: int
+    mean: bool
+    learn_resident: bool  # per_sm = -1 and not yet known: rebuild after the first launch
+
+
+def _rows_of(shape) -> tuple[int, int]:
+    D = shape[-1] if len(shape) else 1
+    return (math.prod(shape) // D if D else math.prod(shape[:-1])), D
+
+
+def _is_view_of(v: torch.Tensor, x: torch.Tensor) -> bool:
+    return v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and v.data_ptr() == x.data_ptr()
+
+
+def _as_rows(x: torch.Tensor, D: int):
+    """(prep, row stride) of x read as an (R, D) view with a unit column stride (a copy when none exists)."""
+    if x.dim() == 0 or x.numel() == 0:
+        return _AS_IS, max(D, 1)
+    v = x.reshape(-1, D)
+    if _is_view_of(v, x) and (v.stride(1) == 1 or D == 1):
+        return _AS_IS, (v.stride(0) if v.shape[0] > 1 else D)
+    return _CONTIG, D
+
+
+def _aux_plan(a: torch.Tensor, pred: torch.Tensor, kind: int, R: int, D: int):
+    """(prep, row stride, mode) of a mask / weight broadcast to pred (to pred.shape[:-1] for cosine)."""
     from uno_engine.kernels import regression as K
 
-    n = len(preds)
-    device = preds[0].device
-    grads_p = [
-        torch.empty(p.shape, dtype=p.dtype, device=device) if g else p.new_empty(0)
-        for p, g in zip(preds, grad_pred, strict=False)
-    ]
-    grads_t = [
-        torch.empty(y.shape, dtype=y.dtype, device=device) if g else y.new_empty(0)
-        for y, g in zip(targets, grad_target, strict=False)
-    ]
-    write_grad = any(grad_pred) or any(grad_target)
-    groups: dict[tuple, list[int]] = {}
+    if kind == 2 or a.dim() == 0 or a.shape[-1] == 1 or pred.dim() == 0:  # one value per row
+        rows = a.expand(pred.shape[:-1]) if kind == 2 else a.expand(pred.shape)[..., 0] if pred.dim() else a
+        v = rows.reshape(-1)
+        if _is_view_of(v, a):
+            return _AS_IS, (v.stride(0) if v.numel() > 1 else 0), K.AUX_ROW
+        return (_ROW_COPY_COS if kind == 2 else _ROW_COPY), 1, K.AUX_ROW
+    v = a.expand(pred.shape).reshape(-1, D)
+    if _is_view_of(v, a) and v.stride(1) == 1:
+        return _AS_IS, (v.stride(0) if v.shape[0] > 1 else 0), K.AUX_2D
+    return _TILE_COPY, D, K.AUX_2D
+
+
+def _prep(x: torch.Tensor, prep: int, pred: torch.Tensor, D: int) -> torch.Tensor:
+    """The tensor the kernel reads (a copy only where no strided view exists)."""
+    if prep == _AS_IS:
+        return x
+    if prep == _CONTIG:
+        return x.contiguous()
+    if prep == _ROW_COPY:
+        return x.expand(pred.shape)[..., 0].reshape(-1).contiguous()
+    if prep == _ROW_COPY_COS:
+        return x.expand(pred.shape[:-1]).reshape(-1).contiguous()
+    return x.expand(pred.shape).reshape(-1, D).contiguous()
+
+
+def _build_plan(tensors, layout, device, config, resident: int | None = None) -> _Plan:
+    from uno_engine.kernels import regression as K
+
+    n = (len(layout) - _L_HEAD) // _L_TERM
+    terms, pos = [], 0
     for i in range(n):
-        groups.setdefault((preds[i].dtype, targets[i].dtype), []).append(i)
-    f32 = torch.empty(0, dtype=torch.float32, device=device)
-    launches = []
-    keep = []  # views whose addresses sit in the descriptor tables must live through the launches
-    for idx in groups.values():
-        rows, fpar = [], []
-        r_max, d_max, aligned = 1, 1, True
-        for i in idx:
-            p2, y2 = _rows_view(preds[i]), _rows_view(targets[i])
-            m2, s_mr, s_md = _aux_view(masks[i], preds[i], kinds[i])
-            w2, s_wr, s_wd = _aux_view(weights[i], preds[i], kinds[i])
-            keep += [p2, y2, m2, w2]
-            R, D = p2.shape
-            r_max, d_max = max(r_max, R), max(d_max, D)
-            desc = [0] * K.N_DESC
-            desc[K.D_PRED], desc[K.D_TGT] = p2.data_ptr(), y2.data_ptr()
-            desc[K.D_GRAD] = grads_p[i].data_ptr() if grad_pred[i] else 0
-            desc[K.D_TGRAD] = grads_t[i].data_ptr() if grad_target[i] else 0
-            desc[K.D_MASK] = m2.data_ptr() if m2 is not None else 0
-            desc[K.D_WEIGHT] = w2.data_ptr() if w2 is not None else 0
-            desc[K.D_R], desc[K.D_D], desc[K.D_S_PR], desc[K.D_S_TR] = R, D, p2.stride(0), y2.stride(0)
-            desc[K.D_S_MR], desc[K.D_S_MD], desc[K.D_S_WR], desc[K.D_S_WD] = s_mr, s_md, s_wr, s_wd
-            desc[K.D_KIND], desc[K.D_OUT_ROW] = kinds[i], i
-            rows.append(desc)
-            fpar.append([betas[i], scales[i]])
-            aligned &= all(a % 16 == 0 for a in desc[K.D_PRED : K.D_TGRAD + 1]) and all(
-                v % 8 == 0 for v in (D, desc[K.D_S_PR], desc[K.D_S_TR])
+        kind, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
+        ip, iy = pos, pos + 1
+        im = pos + 2 if has_m else -1
+        iw = pos + 2 + bool(has_m) if has_w else -1
+        pos += 2 + bool(has_m) + bool(has_w)
+        pred, tgt = tensors[ip], tensors[iy]
+        R, D = _rows_of(tuple(pred.shape))
+        prep_p, sp = _as_rows(pred, D)
+        prep_y, sy = _as_rows(tgt, D)
+        aux = [(_AS_IS, 0, K.AUX_NONE), (_AS_IS, 0, K.AUX_NONE)]
+        for j, ia in enumerate((im, iw)):
+            if ia >= 0:
+                aux[j] = _aux_plan(tensors[ia], pred, kind, R, D)
+        if kind != 2 and not has_m and not has_w and prep_p == prep_y == _AS_IS and pred.numel() % 16 == 0:
+            if pred.is_contiguous() and tgt.is_contiguous() and pred.numel() > 0:
+                # no per-row data: any (R', D') factorization of the flat tensors; take D' a power of two
+                D = K._pow2_divisor(pred.numel(), min(512, config.tile))
+                R, sp, sy = pred.numel() // D, D, D
+        block_r, block_d, fast = K.term_settings(kind, R, D, config)
+        modes = (aux[0][2], aux[1][2])
+        grads = (bool(g_p), bool(g_t))
+        terms.append(
+            _TermPlan(
+                index=i,
+                kind=kind,
+                tensors=(ip, iy, im, iw),
+                preps=(prep_p, prep_y, aux[0][0], aux[1][0]),
+                R=R,
+                D=D,
+                strides=(sp, sy, aux[0][1], aux[1][1]),
+                modes=modes,
+                grads=grads,
+                flags=(kind, *modes, *grads, fast, block_r, block_d),
+                tiles=K.n_tiles(kind, R, D, block_r, block_d),
             )
-        launches.append((idx, rows, fpar, r_max, d_max, aligned))
-    n_blocks_all = max(K.n_row_blocks(r, d) for _, _, _, r, d, _ in launches)
-    part = torch.zeros((n, n_blocks_all, 2), dtype=torch.float32, device=device)
-    for idx, rows, fpar, r_max, d_max, aligned in launches:
-        desc_t = _host_table(rows, torch.int64, device)
-        fpar_t = _host_table(fpar, torch.float32, device)
-        K.fused_regression_forward(
-            part,
-            desc_t,
-            fpar_t,
-            preds[idx[0]],
-            targets[idx[0]],
-            f32,
-            n_blocks=K.n_row_blocks(r_max, d_max),
-            n_terms=len(idx),
-            d_max=d_max,
-            write_grad=write_grad,
-            aligned=aligned,
-            n_programs=_n_programs(device),
         )
-    del keep
-    sums = part.sum(dim=1, dtype=torch.float64).to(torch.float32)
-    return sums, grads_p, grads_t
+    total = _n_programs(device, config.per_sm, resident)
+    chunks = []
+    for c in range(0, n, K.MAX_TERMS):
+        chunk = terms[c : c + K.MAX_TERMS]
+        nps = K.split_programs([t.R * t.D for t in chunk], [t.tiles for t in chunk], total, config.group)
+        chunks.append(tuple(dataclasses.replace(t, n_programs=k) for t, k in zip(chunk, nps, strict=True)))
+    part_rows = max(sum(t.n_programs for t in ch) for ch in chunks)
+    learn = config.per_sm == -1 and resident is None and device.type == "cuda"
+    return _Plan(tuple(chunks), part_rows, config.num_warps, bool(layout[0]), learn)
 
 
-@_fused_regression_fwd.register_fake
-def _(preds, targets, masks, weights, kinds, betas, scales, grad_pred, grad_target):
-    sums = preds[0].new_empty((len(preds), 2), dtype=torch.float32)
-    grads_p = [p.new_empty(p.shape) if g else p.new_empty(0) for p, g in zip(preds, grad_pred, strict=False)]
-    grads_t = [
-        y.new_empty(y.shape) if g else y.new_empty(0) for y, g in zip(targets, grad_target, strict=False)
-    ]
-    return sums, grads_p, grads_t
+_PLANS: dict = {}
 
 
-def _setup_context(ctx, inputs, output):
-    grad_pred, grad_target = inputs[-2], inputs[-1]
-    _, grads_p, grads_t = output
-    ctx.grad_pred = list(grad_pred)
-    ctx.grad_target = list(grad_target)
-    ctx.save_for_backward(*grads_p, *grads_t)
+def _plan(tensors, layout, device, config) -> tuple[tuple, _Plan]:
+    key = (tuple(layout), device, config, *((x.shape, x.stride(), x.dtype) for x in tensors))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 512:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_plan(tensors, layout, device, config)
+    return key, plan
 
 
-def _backward(ctx, g_sums, g_gp, g_gt):
-    """d total / d pred = saved gradient x d total / d num (grad_output / mask sum): one read + write of each
-    gradient (a Triton scale: bf16 x a 0-d fp32 CUDA tensor takes eager PyTorch's slow casting path)."""
+# ------------------------------------------------------------------------------------------ the op
+_LIB = torch.library.Library("uno_engine", "FRAGMENT")
+_LIB.define(
+    "fused_regression_fwd(Tensor[] tensors, int[] layout, float[] params) -> (Tensor, Tensor, Tensor[])"
+)
+_LIB.define(
+    "fused_regression_bwd(Tensor[] grads, Tensor stats, Tensor? g_total, Tensor? g_stats, int[] terms, "
+    "bool mean) -> Tensor[]"
+)
+fused_regression_fwd = torch.ops.uno_engine.fused_regression_fwd.default
+fused_regression_bwd = torch.ops.uno_engine.fused_regression_bwd.default
+
+
+def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous buffer like x (empty_like is the cheap call; it keeps x's strides, so only when contiguous)."""
+    return torch.empty_like(x) if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _fwd_impl(tensors, layout, params):
+    """(total (), stats (2T,) = per-term losses then mask sums, grads) where grads are the UNSCALED gradients
+    s w m dl/dp (not yet divided by the mask sum) of each pred / target that layout flags, in that order."""
     from uno_engine.kernels import regression as K
 
-    saved = ctx.saved_tensors
-    n = len(ctx.grad_pred)
-    gp, gt = saved[:n], saved[n:]
-    nones = [None] * n
-    if g_sums is None:
-        return nones, nones, nones, nones, None, None, None, None, None
-    d_num = g_sums[:, 0].to(torch.float32).contiguous()
-    d_preds = [K.scale(g, d_num, i) if ctx.grad_pred[i] else None for i, g in enumerate(gp)]
-    d_tgts = [K.scale(g, d_num, i) if ctx.grad_target[i] else None for i, g in enumerate(gt)]
-    return d_preds, d_tgts, nones, nones, None, None, None, None, None
+    device = tensors[0].device
+    config = kernel_config()
+    key, plan = _plan(tensors, layout, device, config)
+    n = (len(layout) - _L_HEAD) // _L_TERM
+    grads = []
+    total = torch.empty((), dtype=torch.float32, device=device)
+    stats = torch.empty(2 * n, dtype=torch.float32, device=device)
+    part = torch.empty((plan.part_rows, 2), dtype=torch.float32, device=device)
+    learned = None
+    for c, chunk in enumerate(plan.chunks):
+        slots, flags = [], []
+        for t in chunk:
+            ip, iy, im, iw = t.tensors
+            pred = tensors[ip]
+            p = _prep(pred, t.preps[0], pred, t.D)
+            y = _prep(tensors[iy], t.preps[1], pred, t.D)
+            m = _prep(tensors[im], t.preps[2], pred, t.D) if im >= 0 else None
+            w = _prep(tensors[iw], t.preps[3], pred, t.D) if iw >= 0 else None
+            g = gy = None
+            if t.grads[0]:
+                g = _grad_buffer(pred)
+                grads.append(g)
+            if t.grads[1]:
+                gy = _grad_buffer(tensors[iy])
+                grads.append(gy)
+            beta, scale = params[2 * t.index], params[2 * t.index + 1]
+            slots.append((p, y, g, gy, m, w, t.R, t.D, *t.strides, beta, scale, t.n_programs))
+            flags.append(t.flags)
+        n_prog = sum(t.n_programs for t in chunk)
+        kernel = K.launch_forward(part, slots, flags, n_prog, plan.num_warps)
+        if plan.learn_resident:  # per_sm = -1: size the persistent grid by what fits on an SM
+            _, regs, threads = _sm_props(device)
+            fit = K.resident_programs(kernel, plan.num_warps, regs, threads)
+            learned = fit if learned is None or fit is None else min(learned, fit)
+        K.launch_finish(
+            total,
+            stats,
+            part,
+            [t.n_programs for t in chunk],
+            chunk[0].index,
+            n,
+            plan.mean,
+            c == len(plan.chunks) - 1,
+        )
+    if learned is not None:
+        _PLANS[key] = _build_plan(tensors, layout, device, config, resident=learned)
+    return total, stats, grads
 
 
-_fused_regression_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _fwd_fake(tensors, layout, params):
+    n = (len(layout) - _L_HEAD) // _L_TERM
+    x0 = tensors[0]
+    grads, pos = [], 0
+    for i in range(n):
+        _, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
+        if g_p:
+            grads.append(torch.empty_like(tensors[pos], memory_format=torch.contiguous_format))
+        if g_t:
+            grads.append(torch.empty_like(tensors[pos + 1], memory_format=torch.contiguous_format))
+        pos += 2 + bool(has_m) + bool(has_w)
+    total = x0.new_empty((), dtype=torch.float32)
+    return total, x0.new_empty(2 * n, dtype=torch.float32), grads
+
+
+def _bwd_impl(grads, stats, g_total, g_stats, terms, mean):
+    """d pred = saved gradient x (g_total + g_stats[t]) / den_t: one launch per MAX_TERMS gradients."""
+    from uno_engine.kernels import regression as K
+
+    outs = [torch.empty_like(g) for g in grads]
+    t_all = stats.shape[0] // 2
+    block = kernel_config().bwd_block
+    for c in range(0, len(grads), K.MAX_TERMS):
+        sl = slice(c, c + K.MAX_TERMS)
+        K.launch_scale(outs[sl], grads[sl], terms[sl], g_total, g_stats, stats, t_all, mean, block)
+    return outs
+
+
+def _bwd_fake(grads, stats, g_total, g_stats, terms, mean):
+    return [torch.empty_like(g) for g in grads]
+
+
+class _FusedRegressionFn(torch.autograd.Function):
+    """Autograd of fused_regression_fwd: inputs (layout, params, *tensors); outputs (total, stats, *grads)."""
+
+    @staticmethod
+    def forward(ctx, layout, params, *tensors):
+        with torch._C._AutoDispatchBelowAutograd():
+            total, stats, grads = fused_regression_fwd(list(tensors), layout, params)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*grads)
+        ctx.save_for_backward(stats, *grads)
+        ctx.layout = layout
+        ctx.n_tensors = len(tensors)
+        return (total, stats, *grads)
+
+    @staticmethod
+    def backward(ctx, g_total, g_stats, *_):
+        stats, *saved = ctx.saved_tensors
+        layout = ctx.layout
+        out = [None] * ctx.n_tensors
+        if g_total is None and g_stats is None:
+            return (None, None, *out)
+        targets, terms, pos = [], [], 0  # which input each saved gradient belongs to, and its term
+        for i in range((len(layout) - _L_HEAD) // _L_TERM):
+            _, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
+            if g_p:
+                targets.append(pos)
+                terms.append(i)
+            if g_t:
+                targets.append(pos + 1)
+                terms.append(i)
+            pos += 2 + bool(has_m) + bool(has_w)
+        if g_stats is not None:
+            g_stats = g_stats.contiguous()
+        scaled = fused_regression_bwd(saved, stats, g_total, g_stats, terms, bool(layout[0]))
+        for j, g in zip(targets, scaled, strict=True):
+            out[j] = g
+        return (None, None, *out)
+
+
+def _fwd_autograd(tensors, layout, params):
+    """The Autograd kernel: a pred / target that requires grad gets its gradient flag set (so the public
+    functions pass 0 and a direct call of the op is right too); flags already set stay set (a compiled
+    forward calls the op with grad mode off and the flags it was traced with)."""
+    grad_on = torch.is_grad_enabled()
+    layout = list(layout)
+    pos, any_grad = 0, False
+    for i in range((len(layout) - _L_HEAD) // _L_TERM):
+        b = _L_HEAD + _L_TERM * i
+        if grad_on:
+            layout[b + 3] = int(layout[b + 3] or tensors[pos].requires_grad)
+            layout[b + 4] = int(layout[b + 4] or tensors[pos + 1].requires_grad)
+            any_grad |= tensors[pos].requires_grad or tensors[pos + 1].requires_grad
+        pos += 2 + bool(layout[b + 1]) + bool(layout[b + 2])
+    if any_grad:
+        total, stats, *grads = _FusedRegressionFn.apply(layout, params, *tensors)
+        return total, stats, grads
+    with torch._C._AutoDispatchBelowAutograd():
+        return fused_regression_fwd(tensors, layout, params)
+
+
+_LIB.impl("fused_regression_fwd", _fwd_impl, "CompositeExplicitAutograd")
+_LIB.impl("fused_regression_fwd", _fwd_autograd, "Autograd")
+_LIB.impl("fused_regression_bwd", _bwd_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("uno_engine::fused_regression_fwd", _fwd_fake, lib=_LIB)
+torch.library.register_fake("uno_engine::fused_regression_bwd", _bwd_fake, lib=_LIB)
 
 
 # ---------------------------------------------------------------------------------------------- public
-def _split_weight(weight):
-    """(scale: float | 0-d tensor, elementwise tensor | None)."""
-    if weight is None:
-        return 1.0, None
-    if isinstance(weight, (int, float)):
-        return float(weight), None
-    if weight.dim() == 0:
-        return weight, None
-    return 1.0, weight
+def _triton_terms(terms: Sequence[RegressionTerm], mean: bool):
+    """Run the op; returns (total with grad, per-term losses (T,) with grad, tensor scales or None).
 
-
-def _triton_terms(terms: Sequence[RegressionTerm]):
-    """Run the custom op; returns (per_term (T,) weighted mean losses with grad, num (T,), tensor scales)."""
-    grad_on = torch.is_grad_enabled()
-    preds, targets, masks, weights, kinds, betas, scales, gp, gt = [], [], [], [], [], [], [], [], []
-    tensor_scales = []
-    for t in terms:
-        scale, w_el = _split_weight(t.weight)
-        m = t.mask
+    Float weights go into the kernel; a 0-d tensor weight multiplies the term's loss outside it (then the
+    total is recomputed from the per-term losses, with grad through them)."""
+    tensors, layout, params = [], [int(mean)], []
+    tensor_scales = None
+    for i, t in enumerate(terms):
+        w, m = t.weight, t.mask
+        scale = 1.0
+        if w is None:
+            pass
+        elif isinstance(w, (int, float)):
+            scale, w = float(w), None
+        elif w.dim() == 0:
+            tensor_scales = tensor_scales or [None] * len(terms)
+            tensor_scales[i], w = w, None
         if isinstance(m, (int, float)):
             m = torch.full((), float(m), device=t.pred.device)
-        none = t.pred.new_empty(0, dtype=torch.float32)
-        preds.append(t.pred)
-        targets.append(t.target)
-        masks.append(none if m is None else m.to(torch.float32))
-        weights.append(none if w_el is None else w_el.to(torch.float32))
-        kinds.append(_KIND_IDS[t.kind])
-        betas.append(float(t.beta))
-        scales.append(scale if isinstance(scale, float) else 1.0)  # a float weight goes into the kernel
-        tensor_scales.append(None if isinstance(scale, float) else scale)
-        gp.append(grad_on and t.pred.requires_grad)
-        gt.append(grad_on and t.target.requires_grad)
-    sums, _, _ = _fused_regression_fwd(preds, targets, masks, weights, kinds, betas, scales, gp, gt)
-    num, den = sums[:, 0], sums[:, 1]
-    per_term = num / torch.where(den > 0, den, torch.ones_like(den))
-    if any(s is not None for s in tensor_scales):  # 0-d tensor weights: on the device, no sync
+        elif m is not None and m.device != t.pred.device:
+            m = m.to(t.pred.device)  # a 0-d CPU mask
+        tensors += [t.pred, t.target]
+        if m is not None:
+            tensors.append(m)
+        if w is not None:
+            tensors.append(w if w.device == t.pred.device else w.to(t.pred.device))
+        layout += [_KIND_IDS[t.kind], int(m is not None), int(w is not None), 0, 0]
+        params += [float(t.beta), scale]
+    total, stats, _ = fused_regression_fwd(tensors, layout, params)
+    per_term = stats[: len(terms)]
+    if tensor_scales is not None:  # on the device, no sync
         per_term = per_term * torch.stack(
             [per_term.new_ones(()) if s is None else s.to(per_term).reshape(()) for s in tensor_scales]
         )
-    return per_term, num, tensor_scales
+        total = per_term.sum()
+    return total, per_term
 
 
 def fused_regression(terms: Sequence[RegressionTerm], *, backend: str = "auto"):
@@ -344,15 +553,17 @@ def fused_regression(terms: Sequence[RegressionTerm], *, backend: str = "auto"):
         if not isinstance(t, RegressionTerm):
             raise TypeError(f"terms[{i}] must be a RegressionTerm, got {type(t).__name__}")
         _check_term(t.pred, t.target, t.kind, t.weight, t.mask, t.beta, f"terms[{i}].")
-    devices = {t.pred.device for t in terms}
-    if len(devices) > 1:
-        raise ValueError(f"terms must all be on one device, got {sorted(map(str, devices))}")
+    device = terms[0].pred.device
+    if any(t.pred.device != device for t in terms):
+        raise ValueError(
+            f"terms must all be on one device, got {sorted({str(t.pred.device) for t in terms})}"
+        )
     tensors = [x for t in terms for x in (t.pred, t.target, t.mask, t.weight) if isinstance(x, torch.Tensor)]
     choice = resolve_backend("fused_regression", backend, tensors, _triton_reasons(terms))
     if choice == "torch":
         return reference.fused_regression(terms)
-    per_term, _, _ = _triton_terms(terms)
-    return per_term.sum(), per_term.detach()
+    total, per_term = _triton_terms(terms, mean=True)
+    return total, per_term.detach()
 
 
 def regression_loss(
@@ -386,7 +597,16 @@ def regression_loss(
         return reference.regression_loss(
             pred, target, kind=kind, weight=weight, mask=mask, beta=beta, reduction=reduction
         )
-    per_term, num, tensor_scales = _triton_terms([term])
-    if reduction == "mean":
-        return per_term[0]
-    return num[0] if tensor_scales[0] is None else num[0] * tensor_scales[0].to(num)
+    total, _ = _triton_terms([term], mean=reduction == "mean")
+    return total
+
+
+__all__ = [
+    "RegressionTerm",
+    "fused_regression",
+    "fused_regression_bwd",
+    "fused_regression_fwd",
+    "kernel_config",
+    "kernel_config_override",
+    "regression_loss",
+]
