@@ -339,7 +339,12 @@ def settings(axis: int, device: torch.device) -> tuple[int, int, int]:
     env = os.environ.get("UNO_BRIDGE_BLOCKS")
     if env:
         parts = env.split("/")
-        r, c, w = (int(v) for v in parts[axis if len(parts) > 1 else 0].split(","))
+        try:
+            r, c, w = (int(v) for v in parts[axis if len(parts) > 1 else 0].split(","))
+        except ValueError:
+            raise ValueError(
+                f"UNO_BRIDGE_BLOCKS must be 'R,C,W' or 'R0,C0,W0/R1,C1,W1' (integers), got {env!r}"
+            ) from None
         return r, c, w
     if device.type != "cuda":  # the interpreter: fewer, larger programs run faster
         return 32, 64, 4

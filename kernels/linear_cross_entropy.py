@@ -61,6 +61,32 @@ def _tanh(x):
 
 
 @triton.jit
+def _lse_step(m, s, z_y, zsum, z, cols, col_mask, y, NEED_ZSUM: tl.constexpr):
+    """One column block of the online log-sum-exp per row: z (BLOCK_N, BLOCK_V) fp32 logits (after softcap)
+    with -inf already in masked columns. Returns the updated running max m, sum s of exp(z - m), target logit
+    z_y and (NEED_ZSUM) sum of the logits."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    if NEED_ZSUM:
+        zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    return m_new, s, z_y, zsum
+
+
+@triton.jit
+def _dlogits(z, t, m, log_s, coef, y, cols, smoothing, V, HAS_SOFTCAP: tl.constexpr):
+    """dloss/dlogit for an upstream gradient of 1: z (BLOCK_N, BLOCK_V) fp32 logits after softcap, t their
+    tanh(logit / softcap) (HAS_SOFTCAP), m / log_s the row max and log sum exp(z - m), coef = 1 + 2 z_loss lse.
+    The target column's p - (1 - eps) is formed in fp32, before any rounding to the input dtype."""
+    # exp((z - m) - log_s), not exp(z - lse): lse ~ 1e4 would carry an fp32 rounding of ~1e-3 into p.
+    u = tl.exp((z - m[:, None]) - log_s[:, None]) * coef[:, None] - smoothing / V
+    u -= tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0)
+    if HAS_SOFTCAP:
+        u = u * (1.0 - t * t)
+    return u
+
+
+@triton.jit
 def _logit_tile(
     h_ptr,
     w_ptr,
@@ -170,12 +196,7 @@ def _lce_fwd_kernel(
             DOT_PRECISION,
         )
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-        tgt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        if NEED_ZSUM:
-            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        m, s, tgt, zsum = _lse_step(m, s, tgt, zsum, z, cols, col_mask, y, NEED_ZSUM)
 
     out = part_ptr + split * N + rows
     plane = n_splits * N
@@ -244,13 +265,7 @@ def _lce_dlogits_kernel(
     log_s = tl.load(lse_ptr + stride_lse + rows, mask=row_mask, other=0.0)
     lse = m + log_s
     y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-    # exp((z - m) - log_s), not exp(z - lse): lse ~ 1e4 would carry an fp32 rounding of ~1e-3 into p.
-    p = tl.exp((z - m[:, None]) - log_s[:, None])
-    # The target column's p - (1 - eps) is formed here in fp32, before any rounding to the input dtype.
-    u = p * (1.0 + z_coef * lse)[:, None] - smoothing / V
-    u -= tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0)
-    if HAS_SOFTCAP:
-        u = u * (1.0 - t * t)
+    u = _dlogits(z, t, m, log_s, 1.0 + z_coef * lse, y, cols, smoothing, V, HAS_SOFTCAP)
     valid = row_mask & (y != ignore_index)
     u = tl.where(valid[:, None] & col_mask[None, :], u, 0.0)
     tl.store(
@@ -362,12 +377,7 @@ def _lce_gif_rows_kernel(
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        if NEED_ZSUM:
-            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        m, s, z_y, zsum = _lse_step(m, s, z_y, zsum, z, cols, col_mask, y, NEED_ZSUM)
     log_s = tl.log(s)
     lse = m + log_s
     # (m - z_y) + log_s: exact to fp32 rounding even for logits around 1e4.
@@ -389,11 +399,7 @@ def _lce_gif_rows_kernel(
             if HAS_SOFTCAP:
                 t = _tanh(z / softcap)
                 z = softcap * t
-            # exp((z - m) - log_s), not exp(z - lse): lse ~ 1e4 would carry an fp32 rounding of ~1e-3 into p.
-            u = tl.exp((z - m[:, None]) - log_s[:, None]) * coef[:, None] - smoothing / V
-            u -= tl.where(cols[None, :] == y[:, None], 1.0 - smoothing, 0.0)
-            if HAS_SOFTCAP:
-                u = u * (1.0 - t * t)
+            u = _dlogits(z, t, m, log_s, coef, y, cols, smoothing, V, HAS_SOFTCAP)
             u = tl.where(valid[:, None], u, 0.0)
             tl.store(z_rows + cols[None, :], u.to(z_ptr.dtype.element_ty), mask=mask)
 

@@ -404,6 +404,17 @@ def test_clamp_flags_per_plane(spec_name, device):
     assert_close_verbose(g_out, g_ref, atol=1e-5 * scale, rtol=0, what="grad with per-plane flags")
 
 
+def test_block_settings_env(monkeypatch):
+    from uno_engine.kernels.bridge import settings
+
+    monkeypatch.setenv("UNO_BRIDGE_BLOCKS", "8,128,4/4,256,2")
+    assert settings(0, torch.device("cuda")) == (8, 128, 4)
+    assert settings(1, torch.device("cuda")) == (4, 256, 2)
+    monkeypatch.setenv("UNO_BRIDGE_BLOCKS", "8,128")
+    with pytest.raises(ValueError, match="UNO_BRIDGE_BLOCKS"):
+        settings(0, torch.device("cuda"))
+
+
 def test_backward_deterministic_triton(device):
     spec = SPECS["janus"]
     x = _rand_images(2, 45, 67).to(device).requires_grad_()
