@@ -6,7 +6,10 @@ the same 20 calls timed on the host. Configurations are env settings joined by "
 
     DIAG='UNO_BRIDGE_BLOCKS=4,256,4|UNO_BRIDGE_BLOCKS=8,128,4' CASES=janus python benchmarks/diag_bridge.py
 
-Used for the tile sweep behind `kernels.bridge.settings` (benchmarks/results/GPU_RUNS.md, session 2).
+Used for the tile sweep behind `kernels.bridge.settings` (benchmarks/results/GPU_RUNS.md, session 2). The
+"no-grad" forward stores no clip masks, so it is where the opt-in fused forward runs:
+
+    DIAG='default|UNO_BRIDGE_FORWARD=fused|UNO_BRIDGE_FORWARD=fused_loads' python benchmarks/diag_bridge.py
 """
 
 from __future__ import annotations
@@ -82,12 +85,19 @@ def main():
                 out = fwd()
                 g = torch.randn_like(out)
                 bwd = lambda out=out, x=x, g=g: torch.autograd.grad(out, x, g, retain_graph=True)  # noqa: E731
+                xd = x.detach()
+                fwd_ng = lambda xd=xd, spec=spec: ops.bridge(xd, spec, backend="triton")  # noqa: E731
                 print(
                     f"{name} {cfg}: fwd gpu {gpu_only_ms(fwd):.4f} ms host {host_ms(fwd):.4f} ms | "
-                    f"bwd gpu {gpu_only_ms(bwd):.4f} ms host {host_ms(bwd):.4f} ms",
+                    f"bwd gpu {gpu_only_ms(bwd):.4f} ms host {host_ms(bwd):.4f} ms | "
+                    f"fwd no-grad gpu {gpu_only_ms(fwd_ng):.4f} ms host {host_ms(fwd_ng):.4f} ms",
                     flush=True,
                 )
-                print(f"   fwd kernels: {kernel_ms(fwd)}\n   bwd kernels: {kernel_ms(bwd)}", flush=True)
+                print(
+                    f"   fwd kernels: {kernel_ms(fwd)}\n   bwd kernels: {kernel_ms(bwd)}\n"
+                    f"   fwd no-grad kernels: {kernel_ms(fwd_ng)}",
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001  (report and go on with the next configuration)
                 print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             for k in env:

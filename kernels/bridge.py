@@ -25,12 +25,20 @@ deterministic, and the work is O(K) per output instead of the O(band) of a dense
   grad_images once. It reads the images (for the input-clamp mask) only in planes whose flag is set, so for
   images inside input_range the backward never touches them.
 
+- `_fused_fwd_kernel` (opt-in, UNO_BRIDGE_FORWARD=fused | fused_loads): both forward passes in one launch.
+  A program reads the source band of its canvas tile once, runs the first pass on it in registers and
+  gathers the second pass from that with `tl.gather` (Triton's register gather, staged through shared memory
+  where it crosses warps), so the intermediate never goes to memory. Same taps, same order, same values as
+  the two passes, and the same side outputs for the same backward (tested bit for bit under the
+  interpreter, gradients included). Not yet measured on a GPU.
+
 Memory traffic, 8x3x1024x1024 fp32 -> 384 (Janus): forward reads 100.7 MB and writes 14.2 MB plus the
-intermediate t (37.7 MB written and read back; in L2 in part); backward the same in reverse. Measured on an
-H200 (benchmarks/results/GPU_RUNS.md): the passes are bound by the latency of their gathers, not by DRAM.
-A fused variant (taps for one pass, a dense band `tl.dot` in tf32x3 for the other, no intermediate) measured
-slower in both directions (0.68 / 0.23 ms against 0.17 / 0.16 ms) and was dropped; a fused pass would need
-a register gather (shared-memory staging) that Triton does not expose.
+intermediate t (37.7 MB written and read back; in L2 in part); backward the same in reverse. So the two-pass
+design moves 1.66x the bytes the issue counts (input once, output once): at best 60% of copy bandwidth by
+that count at Janus (57% at SigLIP), below the issue's 80% whatever the kernels do. Measured on an H200
+(benchmarks/results/GPU_RUNS.md): the passes are bound by the latency of their gathers, not by DRAM
+(0.168 ms GPU time forward, 27% of the two-pass floor). A fused variant with a dense band `tl.dot` (tf32x3)
+for one pass measured slower (0.68 / 0.23 ms against 0.17 / 0.16 ms) and was dropped.
 
 References: Pillow `Resample.c` (`precompute_coeffs`, two-pass order, 8-bit clip), transformers image
 processors (crop/pad/patch order).
@@ -137,28 +145,197 @@ def _resample_fwd_kernel(
             tl.store(m_ptr + off, ((acc >= 0.0) & (acc <= 1.0)).to(tl.uint8), mask=ok2)
         acc = tl.minimum(tl.maximum(acc, 0.0), 1.0)
     if FINAL:
-        scale = tl.load(consts_ptr + c * 3)
-        shift = tl.load(consts_ptr + c * 3 + 1)
-        fill = tl.load(consts_ptr + c * 3 + 2)
-        ry = rows[:, None]
-        rx = cols[None, :]
-        inside = (ry >= reg_y0) & (ry < reg_y1) & (rx >= reg_x0) & (rx < reg_x1)
-        val = (tl.where(inside, acc, fill) * scale + shift).to(out_ptr.dtype.element_ty)
-        if QWEN:
-            gy = ry // patch
-            gx = rx // patch
-            row = (gy // merge) * (gw // merge) + gx // merge
-            row = row * (merge * merge) + (gy % merge) * merge + gx % merge
-            row = b * ((R_out // patch) * gw) + row
-            pp = patch * patch
-            col = (ry % patch) * patch + rx % patch
-            obase = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
-            for tt in tl.static_range(TEMPORAL):
-                tl.store(out_ptr + obase + tt * pp, val, mask=ok2)
-        else:
-            tl.store(out_ptr + off, val, mask=ok2)
+        _store_critic_input(
+            out_ptr, acc, rows, cols, ok2, b, c, consts_ptr, R_out, C_out,
+            reg_y0, reg_y1, reg_x0, reg_x1, gw, patch, merge, QWEN, TEMPORAL,
+        )  # fmt: skip
     else:
         tl.store(out_ptr + off, acc, mask=ok2)
+
+
+@triton.jit
+def _store_critic_input(
+    out_ptr, acc, rows, cols, ok2, b, c, consts_ptr, Hc, Wc,
+    reg_y0, reg_y1, reg_x0, reg_x1, gw, patch, merge,
+    QWEN: tl.constexpr, TEMPORAL: tl.constexpr,
+):  # fmt: skip
+    """The last pass's epilogue: padding fill outside the image rectangle, per-channel scale and shift (rescale
+    and normalize), and the store in the spec's layout (NCHW, or Qwen2-VL's patch rows with T temporal
+    copies). acc: (rows, cols) of canvas plane (b, c), clipped."""
+    scale = tl.load(consts_ptr + c * 3)
+    shift = tl.load(consts_ptr + c * 3 + 1)
+    fill = tl.load(consts_ptr + c * 3 + 2)
+    ry = rows[:, None]
+    rx = cols[None, :]
+    inside = (ry >= reg_y0) & (ry < reg_y1) & (rx >= reg_x0) & (rx < reg_x1)
+    val = (tl.where(inside, acc, fill) * scale + shift).to(out_ptr.dtype.element_ty)
+    if QWEN:
+        gy = ry // patch
+        gx = rx // patch
+        row = (gy // merge) * (gw // merge) + gx // merge
+        row = row * (merge * merge) + (gy % merge) * merge + gx % merge
+        row = b * ((Hc // patch) * gw) + row
+        pp = patch * patch
+        col = (ry % patch) * patch + rx % patch
+        obase = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
+        for tt in tl.static_range(TEMPORAL):
+            tl.store(out_ptr + obase + tt * pp, val, mask=ok2)
+    else:
+        off = (b * 3 + c) * Hc * Wc + ry.to(tl.int64) * Wc + rx
+        tl.store(out_ptr + off, val, mask=ok2)
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    out_ptr,  # the critic input ((B, 3, Hc, Wc) or (B*gh*gw, 3*T*p*p))
+    m1_ptr,  # uint8 first-pass clip mask on t, (P, H, Wc) or (P, Hc, W) when VF (STORE_MASK and CLIP)
+    m2_ptr,  # uint8 second-pass clip mask on the canvas, (P, Hc, Wc) (STORE_MASK and CLIP)
+    flag_ptr,  # int32 (P,): set to 1 if a pixel the plane's bands read is outside input_range (STORE_MASK)
+    in_ptr,  # images (B, 3, H, W), any strides, any float dtype
+    ys_ptr,  # (Hc,) int32 first source row of each canvas row; wy_ptr (Hc, KY) fp32 weights
+    wy_ptr,
+    xs_ptr,  # (Wc,) int32 first source column of each canvas column; wx_ptr (Wc, KX) fp32 weights
+    wx_ptr,
+    consts_ptr,  # (3, 3) fp32: per channel [scale, shift, fill]
+    stride_ib, stride_ic, stride_ir, stride_icol,
+    H, W, Hc, Wc, KY, KX,
+    TM, TN,  # canvas rows / columns per program (<= BM / BN; their source band fits KH x KW)
+    reg_y0, reg_y1, reg_x0, reg_x1,
+    lo, inv_range, gw, patch, merge,
+    VF: tl.constexpr,  # Pillow runs the vertical pass first
+    CLIP: tl.constexpr,
+    STORE_MASK: tl.constexpr,
+    QWEN: tl.constexpr,
+    TEMPORAL: tl.constexpr,
+    GATHER1: tl.constexpr,  # first pass from the loaded source band (tl.gather) or by gathered loads
+    BM: tl.constexpr, BN: tl.constexpr,  # canvas tile
+    KH: tl.constexpr, KW: tl.constexpr,  # its source band: rows ys[i0] + [0, KH), columns xs[j0] + [0, KW)
+):  # fmt: skip
+    """Both resampling passes in one launch, no intermediate in memory. Each program reads the source band of a
+    TM x TN canvas tile once (halo rows / columns of neighbouring tiles come from L2), runs the first pass on
+    it in registers, clips, and gathers the second pass from that result with `tl.gather`. Same taps, same
+    order, same fp32 FMAs as the two-pass kernels, so the same values. With STORE_MASK it writes the same
+    side outputs: the canvas mask, the first-pass mask of the rows (VF: columns) between this tile's first
+    start and the next tile's (so each element once; the host zeroes what no tile owns: never read), and the
+    per-plane clamp flag."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    plane = tl.program_id(2).to(tl.int64)
+    b = plane // 3
+    c = plane % 3
+    lm = tl.arange(0, BM)
+    ln = tl.arange(0, BN)
+    rows = pid_m * TM + lm  # canvas rows and columns of this tile
+    cols = pid_n * TN + ln
+    i_ok = (lm < TM) & (rows < Hc)
+    j_ok = (ln < TN) & (cols < Wc)
+    y0 = tl.load(ys_ptr + pid_m * TM)
+    x0 = tl.load(xs_ptr + pid_n * TN)
+    ys = tl.load(ys_ptr + rows, mask=i_ok, other=0)
+    xs = tl.load(xs_ptr + cols, mask=j_ok, other=0)
+    base = in_ptr + b * stride_ib + c * stride_ic
+    sr = y0 + tl.arange(0, KH)  # source rows and columns of the band
+    sc = x0 + tl.arange(0, KW)
+    if GATHER1:
+        ok = (sr < H)[:, None] & (sc < W)[None, :]
+        u = tl.load(
+            base + sr.to(tl.int64)[:, None] * stride_ir + sc[None, :] * stride_icol, mask=ok, other=0.0
+        )
+        u = (u.to(tl.float32) - lo) * inv_range
+        if STORE_MASK:  # the pixels the taps read: up to the last start + K
+            ok = ok & (sr < tl.max(ys, axis=0) + KY)[:, None] & (sc < tl.max(xs, axis=0) + KX)[None, :]
+            bad = (ok & ((u < 0.0) | (u > 1.0))).to(tl.int32)
+        u = tl.minimum(tl.maximum(u, 0.0), 1.0)
+    if VF:
+        # pass 1 along y: t (BM canvas rows, KW source columns)
+        t = tl.zeros((BM, KW), dtype=tl.float32)
+        if STORE_MASK and not GATHER1:
+            bad = tl.zeros((BM, KW), dtype=tl.int32)
+        for k in range(KY):
+            w = tl.load(wy_ptr + rows * KY + k, mask=i_ok, other=0.0)
+            if GATHER1:
+                rel = tl.minimum(tl.maximum(ys - y0 + k, 0), KH - 1)  # masked lanes: 0
+                v = tl.gather(u, tl.broadcast_to(rel[:, None], (BM, KW)), axis=0)
+            else:
+                src = ys + k
+                ok = (i_ok & (src < H))[:, None] & (sc < W)[None, :]
+                v = tl.load(
+                    base + src.to(tl.int64)[:, None] * stride_ir + sc[None, :] * stride_icol,
+                    mask=ok,
+                    other=0.0,
+                )
+                v = (v.to(tl.float32) - lo) * inv_range
+                if STORE_MASK:
+                    bad = tl.maximum(bad, (ok & ((v < 0.0) | (v > 1.0))).to(tl.int32))
+                v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+            t += w[:, None] * v
+        if CLIP:
+            if STORE_MASK:  # owned columns: [x0, next tile's x0) (the first tile from 0, the last to W)
+                lo_c = tl.where(pid_n == 0, 0, x0)
+                nxt = (pid_n + 1) * TN
+                hi_c = tl.where(nxt < Wc, tl.load(xs_ptr + tl.minimum(nxt, Wc - 1)), W)
+                own = i_ok[:, None] & ((sc >= lo_c) & (sc < hi_c) & (sc < W))[None, :]
+                off1 = plane * Hc * W + rows.to(tl.int64)[:, None] * W + sc[None, :]
+                tl.store(m1_ptr + off1, ((t >= 0.0) & (t <= 1.0)).to(tl.uint8), mask=own)
+            t = tl.minimum(tl.maximum(t, 0.0), 1.0)
+        # pass 2 along x from t
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(KX):
+            w = tl.load(wx_ptr + cols * KX + k, mask=j_ok, other=0.0)
+            rel = tl.minimum(tl.maximum(xs - x0 + k, 0), KW - 1)  # masked lanes: 0
+            acc += w[None, :] * tl.gather(t, tl.broadcast_to(rel[None, :], (BM, BN)), axis=1)
+    else:
+        # pass 1 along x: t (KH source rows, BN canvas columns)
+        t = tl.zeros((KH, BN), dtype=tl.float32)
+        if STORE_MASK and not GATHER1:
+            bad = tl.zeros((KH, BN), dtype=tl.int32)
+        for k in range(KX):
+            w = tl.load(wx_ptr + cols * KX + k, mask=j_ok, other=0.0)
+            if GATHER1:
+                rel = tl.minimum(tl.maximum(xs - x0 + k, 0), KW - 1)  # masked lanes: 0
+                v = tl.gather(u, tl.broadcast_to(rel[None, :], (KH, BN)), axis=1)
+            else:
+                src = xs + k
+                ok = (sr < H)[:, None] & (j_ok & (src < W))[None, :]
+                v = tl.load(
+                    base + sr.to(tl.int64)[:, None] * stride_ir + src[None, :] * stride_icol,
+                    mask=ok,
+                    other=0.0,
+                )
+                v = (v.to(tl.float32) - lo) * inv_range
+                if STORE_MASK:
+                    bad = tl.maximum(bad, (ok & ((v < 0.0) | (v > 1.0))).to(tl.int32))
+                v = tl.minimum(tl.maximum(v, 0.0), 1.0)
+            t += w[None, :] * v
+        if CLIP:
+            if STORE_MASK:  # owned rows: [y0, next tile's y0) (the first tile from 0, the last to H)
+                lo_r = tl.where(pid_m == 0, 0, y0)
+                nxt = (pid_m + 1) * TM
+                hi_r = tl.where(nxt < Hc, tl.load(ys_ptr + tl.minimum(nxt, Hc - 1)), H)
+                own = ((sr >= lo_r) & (sr < hi_r) & (sr < H))[:, None] & j_ok[None, :]
+                off1 = plane * H * Wc + sr.to(tl.int64)[:, None] * Wc + cols[None, :]
+                tl.store(m1_ptr + off1, ((t >= 0.0) & (t <= 1.0)).to(tl.uint8), mask=own)
+            t = tl.minimum(tl.maximum(t, 0.0), 1.0)
+        # pass 2 along y from t
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(KY):
+            w = tl.load(wy_ptr + rows * KY + k, mask=i_ok, other=0.0)
+            rel = tl.minimum(tl.maximum(ys - y0 + k, 0), KH - 1)  # masked lanes: 0
+            acc += w[:, None] * tl.gather(t, tl.broadcast_to(rel[:, None], (BM, BN)), axis=0)
+    if STORE_MASK:
+        any_bad = tl.max(tl.max(bad, axis=1), axis=0)
+        if any_bad > 0:
+            tl.atomic_max(flag_ptr + plane, any_bad)
+    ok2 = i_ok[:, None] & j_ok[None, :]
+    if CLIP:
+        if STORE_MASK:
+            off2 = plane * Hc * Wc + rows.to(tl.int64)[:, None] * Wc + cols[None, :]
+            tl.store(m2_ptr + off2, ((acc >= 0.0) & (acc <= 1.0)).to(tl.uint8), mask=ok2)
+        acc = tl.minimum(tl.maximum(acc, 0.0), 1.0)
+    _store_critic_input(
+        out_ptr, acc, rows, cols, ok2, b, c, consts_ptr, Hc, Wc,
+        reg_y0, reg_y1, reg_x0, reg_x1, gw, patch, merge, QWEN, TEMPORAL,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -286,13 +463,13 @@ def _resample_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------ host side
 TABLES = ("ys", "wy", "xs", "wx", "oys", "wyT", "oxs", "wxT")  # the order of the device tables
-COUNTS = ("KY", "KX", "KTY", "KTX")
+COUNTS = ("KY", "KX", "KTY", "KTX", "DY", "DX")
 
 
 def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows of a banded matrix (n_out, n_in) as (start (n_out,) int32, weights (n_out, K) float32, K): row o is
     sum_k weights[o, k] * src[start[o] + k]. The band is the first..last nonzero of each row, interior zeros
-    included, so the taps equal the dense row exactly. Empty rows (padding) get zero weights and the start of
+    included, so the taps equal the dense row exactly; starts are made non-decreasing. Empty rows (padding) get zero weights and the start of
     the nearest non-empty row."""
     nz = m != 0
     n_out, n_in = m.shape
@@ -306,6 +483,9 @@ def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         near = idx_ne[np.clip(np.searchsorted(idx_ne, np.arange(n_out)), 0, len(idx_ne) - 1)]
         first = np.where(any_, first, first[near])
         last = np.where(any_, last, first)
+        # monotone starts (a row whose leading weights are exactly zero starts no later than the next row):
+        # the tile bands of the fused forward follow from the start step; the extra taps weigh exactly zero
+        first = np.minimum.accumulate(first[::-1])[::-1]
     K = max(int((last - first).max()) if n_out else 0, 1)
     idx = np.minimum(first[:, None] + np.arange(K)[None, :], n_in - 1)
     w = np.where(np.arange(K)[None, :] < (last - first)[:, None], np.take_along_axis(m, idx, 1), 0.0)
@@ -323,9 +503,67 @@ def tap_tables(wy: np.ndarray, wx: np.ndarray) -> dict:
     for name, m in (("y", wy), ("x", wx)):
         s, w, k = _taps(m)
         out[name + "s"], out["w" + name], out["K" + name.upper()] = s, w, k
+        # the largest step between consecutive starts (-1: not monotone), which bounds the source band of a
+        # tile of canvas rows / columns for the fused forward: span(n) <= (n - 1) * D + K
+        d = np.diff(s.astype(np.int64))
+        out["D" + name.upper()] = int(d.max()) if d.size and d.min() >= 0 else (0 if not d.size else -1)
         s, w, k = _taps(np.ascontiguousarray(m.T))
         out["o" + name + "s"], out["w" + name + "T"], out["KT" + name.upper()] = s, w, k
     return out
+
+
+FORWARD_MODES = ("two_pass", "fused", "fused_loads")
+
+
+def forward_mode() -> str:
+    """The forward kernels: UNO_BRIDGE_FORWARD = "two_pass" (default: two `_resample_fwd_kernel` launches and
+    an fp32 intermediate), "fused" (`_fused_fwd_kernel`, first pass by `tl.gather` from the loaded source
+    band) or "fused_loads" (the same, first pass by gathered loads). The fused forward writes the same outputs
+    and side outputs (clip masks, clamp flags) for the same backward; it is opt-in until measured on a GPU."""
+    mode = os.environ.get("UNO_BRIDGE_FORWARD", "two_pass")
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"UNO_BRIDGE_FORWARD must be one of {FORWARD_MODES}, got {mode!r}")
+    return mode
+
+
+MAX_FUSED_BAND = 1 << 15  # source band elements of one fused program (registers); larger -> two passes
+
+
+def fused_settings(device: torch.device) -> tuple[int, int, int]:
+    """(KH, KW, num_warps): the source band a fused-forward program reads (rows x columns, powers of two), from
+    which its canvas tile follows. UNO_BRIDGE_FUSED_TILE="KH,KW,W" overrides it. Not yet tuned on a GPU."""
+    env = os.environ.get("UNO_BRIDGE_FUSED_TILE")
+    if env:
+        try:
+            kh, kw, nw = (int(v) for v in env.split(","))
+        except ValueError:
+            raise ValueError(f"UNO_BRIDGE_FUSED_TILE must be 'KH,KW,W' (integers), got {env!r}") from None
+        if kh & (kh - 1) or kw & (kw - 1):
+            raise ValueError(f"UNO_BRIDGE_FUSED_TILE: KH and KW must be powers of two, got {env!r}")
+        return kh, kw, nw
+    return 64, 128, 4
+
+
+def fused_tiles(K: int, D: int, n: int, band: int, min_tile: int) -> tuple[int, int, int] | None:
+    """(tile, block, band) along one axis: `tile` canvas indices per program (block = its power-of-two lanes),
+    whose source band (at most (tile - 1) * D + K indices) fits `band`, widened (power of two) to hold at least
+    `min_tile` canvas indices; at most 128. None where the starts are not monotone."""
+    if D < 0:
+        return None
+    band = max(band, triton.next_power_of_2((min_tile - 1) * D + K))
+    tile = min(n, 128 if D == 0 else (band - K) // D + 1, 128)
+    return tile, triton.next_power_of_2(tile), band
+
+
+def _fused_plan(tables: dict, Hc: int, Wc: int, device: torch.device):
+    """((tm, bm, kh), (tn, bn, kw), num_warps) of the fused forward, or None where its source band would not
+    fit (MAX_FUSED_BAND) or the starts are not monotone: the two passes run instead."""
+    kh, kw, nw = fused_settings(device)
+    ty = fused_tiles(tables["KY"], tables["DY"], Hc, kh, 8)
+    tx = fused_tiles(tables["KX"], tables["DX"], Wc, kw, 16)
+    if ty is None or tx is None or ty[2] * tx[2] > MAX_FUSED_BAND:
+        return None
+    return ty, tx, nw
 
 
 def settings(axis: int, device: torch.device) -> tuple[int, int, int]:
@@ -398,15 +636,30 @@ def bridge_forward(
         patch, merge, temporal = qwen
         gw = Wc // patch
         out = torch.empty((B * (Hc // patch) * gw, C * temporal * patch * patch), device=dev, dtype=out_dtype)
+    lo, hi = input_range
+    inv = 1.0 / (float(hi) - float(lo))
+    fused = _fused_plan(tables, Hc, Wc, dev) if forward_mode() != "two_pass" else None
     side = m1 = m2 = flags = None
     if store_mask:
         numel, m1_at, m1_end, flags_at = mask_layout(B, H, W, Hc, Wc, vertical_first, clip_each_pass)
         side = torch.empty(numel, device=dev, dtype=torch.uint8)
-        side[m1_end:].zero_()  # padding and flags (the masks are written whole by the kernels)
+        # padding and flags; the two passes write the masks whole, the fused kernel leaves the first-pass
+        # mask of source rows (columns) outside every band unwritten: zeros there (their gradient is zero)
+        side[m1_end if fused is None else m1_at :].zero_()
         flags = side[flags_at:].view(torch.int32)
         m2, m1 = side[:m1_at], side[m1_at:m1_end]
-    lo, hi = input_range
-    inv = 1.0 / (float(hi) - float(lo))
+    if fused is not None:
+        (tm, bm, kh), (tn, bn, kw), nw = fused
+        _fused_fwd_kernel[(triton.cdiv(Wc, tn), triton.cdiv(Hc, tm), P)](
+            out, m1 if m1 is not None else out, m2 if m2 is not None else out,
+            flags if flags is not None else out, images,
+            tables["ys"], tables["wy"], tables["xs"], tables["wx"], consts,
+            *images.stride(), H, W, Hc, Wc, int(tables["KY"]), int(tables["KX"]), tm, tn,
+            *region, float(lo), inv, gw, patch, merge,
+            VF=vertical_first, CLIP=clip_each_pass, STORE_MASK=store_mask, QWEN=qwen is not None,
+            TEMPORAL=temporal, GATHER1=forward_mode() == "fused", BM=bm, BN=bn, KH=kh, KW=kw, num_warps=nw,
+        )  # fmt: skip
+        return out, side
     if vertical_first:  # t = Wy u: (Hc, W)
         ax1, ax2, shape_t = 0, 1, (Hc, W)
         tab1 = (tables["ys"], tables["wy"], tables["KY"])

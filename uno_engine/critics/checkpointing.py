@@ -19,6 +19,9 @@ checkpointing gives no gradients when no input of a region requires grad, and HF
   recomputing the four brings the critic to about 55% of "none" at about 1.15x its FLOPs, while the MLP's
   wide matmuls (the most FLOPs) run once. Each layer's last projection (MLP down / fc2) is not saved
   either: no backward in the layer reads its output, and non-reentrant early stop never recomputes it.
+  Under torch.compile (`Critic.compile_blocks`) the policy is applied to the traced graph, where the
+  projection hooks that mark q / k / v / o do not run: there it saves every matmul output (about 80% of
+  "none"), and recomputes pointwise ops and norms.
 - "offload": `torch.autograd.graph.save_on_cpu(pin_memory=True)` around the critic's forward on CUDA; on the
   CPU the activations already live in host memory, so it is the same as "none".
 
@@ -155,13 +158,20 @@ def _scoped(st: CheckpointState, fn):
     return run
 
 
+# The projection hooks count only in eager code. Under torch.compile a checkpointed layer is one higher-order
+# op whose selective policy is applied to the traced graph, where these counts are never read; and torch 2.11
+# refuses any mutation of outside state inside the checkpoint op ("HOP: Unsafe side effect").
 def _enter_recomputed(module, args):
+    if torch.compiler.is_compiling():
+        return
     st = _current()
     if st is not None:
         st._in_skip += 1
 
 
 def _exit_recomputed(module, args, output):
+    if torch.compiler.is_compiling():
+        return
     st = _current()
     if st is not None:
         st._in_skip -= 1

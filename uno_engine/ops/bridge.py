@@ -3,7 +3,8 @@ gradient.
 
 Registered as torch custom ops `uno_engine::bridge_fwd` / `uno_engine::bridge_bwd` (register_fake +
 register_autograd), so a compiled step has no graph break. Backends: "triton" (kernels/bridge.py: one tap
-launch per resampling pass, forward and backward; exact fp32, deterministic gathers, no atomics on the data)
+launch per resampling pass, forward and backward; exact fp32, deterministic gathers, no atomics on the data;
+UNO_BRIDGE_FORWARD=fused opts a forward that stores no clip masks into one launch, `kernels.bridge.forward_mode`)
 and "torch" (dense resampling matmuls, forward and an explicit deterministic backward). The eager oracle is
 `uno_engine.reference.bridge`.
 """
