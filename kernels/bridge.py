@@ -25,12 +25,14 @@ deterministic, and the work is O(K) per output instead of the O(band) of a dense
   grad_images once. It reads the images (for the input-clamp mask) only in planes whose flag is set, so for
   images inside input_range the backward never touches them.
 
-- `_fused_fwd_kernel` (opt-in, UNO_BRIDGE_FORWARD=fused | fused_loads): both forward passes in one launch.
-  A program reads the source band of its canvas tile once, runs the first pass on it in registers and
-  gathers the second pass from that with `tl.gather` (Triton's register gather, staged through shared memory
-  where it crosses warps), so the intermediate never goes to memory. Same taps, same order, same values as
-  the two passes, and the same side outputs for the same backward (tested bit for bit under the
-  interpreter, gradients included). Not yet measured on a GPU.
+- `_fused_fwd_kernel` / `_fused_bwd_kernel` (opt-in: UNO_BRIDGE_FORWARD=fused | fused_loads,
+  UNO_BRIDGE_BACKWARD=fused): both passes of a direction in one launch. A program reads the band its tile
+  needs once (forward: the source pixels of a canvas tile; backward: the grad_out rows and columns an image
+  tile receives from), runs the first pass on it in registers and gathers the second pass from that with
+  `tl.gather` (Triton's register gather, staged through shared memory where it crosses warps), so the
+  intermediate never goes to memory. Tiles are powers of two sized from the exact band widths `tap_tables`
+  measures (S{axis}{n}). Same taps, same order, same values as the two passes, and the same side outputs
+  (tested bit for bit under the interpreter, both directions, every layout). Not yet measured on a GPU.
 
 Memory traffic, 8x3x1024x1024 fp32 -> 384 (Janus): forward reads 100.7 MB and writes 14.2 MB plus the
 intermediate t (37.7 MB written and read back; in L2 in part); backward the same in reverse. So the two-pass
@@ -461,9 +463,140 @@ def _resample_bwd_kernel(
         tl.store(out_ptr + off, acc, mask=ok2)
 
 
+@triton.jit
+def _fused_bwd_kernel(
+    gx_ptr,  # grad_images (B, 3, H, W) contiguous, images dtype
+    g_ptr,  # grad_out in the output layout (contiguous)
+    m1_ptr,  # uint8 first-pass clip mask, (P, H, Wc) or (P, Hc, W) when VF (USE_MASKS and CLIP)
+    m2_ptr,  # uint8 second-pass clip mask on the canvas (P, Hc, Wc) (USE_MASKS and CLIP)
+    flag_ptr,  # int32 (P,) per-plane input-clamp flags (USE_MASKS)
+    x_ptr,  # images (B, 3, H, W), any strides (read only in flagged planes)
+    oys_ptr,  # (H,) int32 first canvas row that reads each image row; wyT_ptr (H, KTY) fp32 weights
+    wyT_ptr,
+    oxs_ptr,  # (W,) int32 first canvas column that reads each image column; wxT_ptr (W, KTX) fp32 weights
+    wxT_ptr,
+    consts_ptr,  # (3, 3) fp32: per channel [scale, shift, fill]
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    H, W, Hc, Wc, KTY, KTX,
+    reg_y0, reg_y1, reg_x0, reg_x1,
+    lo, inv_range, gw, patch, merge,
+    VF: tl.constexpr,
+    USE_MASKS: tl.constexpr,
+    CLIP: tl.constexpr,
+    QWEN: tl.constexpr,
+    TEMPORAL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,  # image tile
+    KH: tl.constexpr, KW: tl.constexpr,  # its canvas band: rows oys[i0] + [0, KH), columns oxs[j0] + [0, KW)
+):  # fmt: skip
+    """Both transposed passes in one launch: each program loads the canvas band of grad_out its BM x BN image
+    tile needs (the layout undone, masks and padding applied), runs the transposed second pass on it in
+    registers, applies the first-pass mask, gathers the transposed first pass from that with `tl.gather`,
+    and writes its grad_images tile once. Gathers only, no atomics: deterministic; same taps and order as
+    the two transposed passes, so the same values."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    plane = tl.program_id(2).to(tl.int64)
+    b = plane // 3
+    c = plane % 3
+    rows = pid_m * BM + tl.arange(0, BM)  # image rows and columns of this tile
+    cols = pid_n * BN + tl.arange(0, BN)
+    i_ok = rows < H
+    j_ok = cols < W
+    y0 = tl.load(oys_ptr + pid_m * BM)
+    x0 = tl.load(oxs_ptr + pid_n * BN)
+    oy = tl.load(oys_ptr + rows, mask=i_ok, other=0)
+    ox = tl.load(oxs_ptr + cols, mask=j_ok, other=0)
+    cr = y0 + tl.arange(0, KH)  # canvas rows and columns of the band
+    cc = x0 + tl.arange(0, KW)
+    sy = cr[:, None] + tl.zeros((KH, KW), dtype=tl.int32)
+    sx = cc[None, :] + tl.zeros((KH, KW), dtype=tl.int32)
+    ok = (sy < Hc) & (sx < Wc) & (sy >= reg_y0) & (sy < reg_y1) & (sx >= reg_x0) & (sx < reg_x1)
+    if QWEN:
+        gy = sy // patch
+        gxx = sx // patch
+        prow = (gy // merge) * (gw // merge) + gxx // merge
+        prow = prow * (merge * merge) + (gy % merge) * merge + gxx % merge
+        prow = b * ((Hc // patch) * gw) + prow
+        pp = patch * patch
+        gbase = (
+            prow.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + (sy % patch) * patch + sx % patch
+        )
+        g = tl.zeros((KH, KW), dtype=tl.float32)
+        for tt in tl.static_range(TEMPORAL):
+            g += tl.load(g_ptr + gbase + tt * pp, mask=ok, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + plane * Hc * Wc + sy.to(tl.int64) * Wc + sx, mask=ok, other=0.0).to(tl.float32)
+    if USE_MASKS:
+        if CLIP:
+            m2 = tl.load(m2_ptr + plane * Hc * Wc + sy.to(tl.int64) * Wc + sx, mask=ok, other=0)
+            g = tl.where(m2 != 0, g, 0.0)
+    scale = tl.load(consts_ptr + c * 3)
+    if VF:
+        # undo pass 2 (along x): gt (KH canvas rows, BN image columns)
+        gt = tl.zeros((KH, BN), dtype=tl.float32)
+        for k in range(KTX):
+            w = tl.load(wxT_ptr + cols * KTX + k, mask=j_ok, other=0.0)
+            rel = tl.minimum(tl.maximum(ox - x0 + k, 0), KW - 1)  # masked lanes: 0
+            gt += w[None, :] * tl.gather(g, tl.broadcast_to(rel[None, :], (KH, BN)), axis=1)
+        gt = gt * scale
+        if USE_MASKS:
+            if CLIP:
+                ok1 = (cr < Hc)[:, None] & j_ok[None, :]
+                m1 = tl.load(
+                    m1_ptr + plane * Hc * W + cr.to(tl.int64)[:, None] * W + cols[None, :], mask=ok1, other=0
+                )
+                gt = tl.where(m1 != 0, gt, 0.0)
+        # undo pass 1 (along y)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(KTY):
+            w = tl.load(wyT_ptr + rows * KTY + k, mask=i_ok, other=0.0)
+            rel = tl.minimum(tl.maximum(oy - y0 + k, 0), KH - 1)  # masked lanes: 0
+            acc += w[:, None] * tl.gather(gt, tl.broadcast_to(rel[:, None], (BM, BN)), axis=0)
+    else:
+        # undo pass 2 (along y): gt (BM image rows, KW canvas columns)
+        gt = tl.zeros((BM, KW), dtype=tl.float32)
+        for k in range(KTY):
+            w = tl.load(wyT_ptr + rows * KTY + k, mask=i_ok, other=0.0)
+            rel = tl.minimum(tl.maximum(oy - y0 + k, 0), KH - 1)  # masked lanes: 0
+            gt += w[:, None] * tl.gather(g, tl.broadcast_to(rel[:, None], (BM, KW)), axis=0)
+        gt = gt * scale
+        if USE_MASKS:
+            if CLIP:
+                ok1 = i_ok[:, None] & (cc < Wc)[None, :]
+                m1 = tl.load(
+                    m1_ptr + plane * H * Wc + rows.to(tl.int64)[:, None] * Wc + cc[None, :], mask=ok1, other=0
+                )
+                gt = tl.where(m1 != 0, gt, 0.0)
+        # undo pass 1 (along x)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(KTX):
+            w = tl.load(wxT_ptr + cols * KTX + k, mask=j_ok, other=0.0)
+            rel = tl.minimum(tl.maximum(ox - x0 + k, 0), KW - 1)  # masked lanes: 0
+            acc += w[None, :] * tl.gather(gt, tl.broadcast_to(rel[None, :], (BM, BN)), axis=1)
+    acc = acc * inv_range
+    ok2 = i_ok[:, None] & j_ok[None, :]
+    if USE_MASKS:
+        flag = tl.load(flag_ptr + plane)
+        if flag != 0:  # some pixel of this plane was clamped: zero its gradient there
+            xv = tl.load(
+                x_ptr
+                + b * stride_xb
+                + c * stride_xc
+                + rows.to(tl.int64)[:, None] * stride_xh
+                + cols[None, :] * stride_xw,
+                mask=ok2,
+                other=0.0,
+            ).to(tl.float32)
+            u = (xv - lo) * inv_range
+            acc = tl.where((u >= 0.0) & (u <= 1.0), acc, 0.0)
+    off = plane * H * W + rows.to(tl.int64)[:, None] * W + cols[None, :]
+    tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=ok2)
+
+
 # ------------------------------------------------------------------------------------------ host side
 TABLES = ("ys", "wy", "xs", "wx", "oys", "wyT", "oxs", "wxT")  # the order of the device tables
-COUNTS = ("KY", "KX", "KTY", "KTX", "DY", "DX")
+SPAN_TILES = tuple(1 << e for e in range(8))  # tile lengths (1..128) whose source band `tap_tables` measures
+COUNTS = ("KY", "KX", "KTY", "KTX", *(f"S{a}{n}" for a in ("Y", "X", "TY", "TX") for n in SPAN_TILES))
 
 
 def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -484,7 +617,7 @@ def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         first = np.where(any_, first, first[near])
         last = np.where(any_, last, first)
         # monotone starts (a row whose leading weights are exactly zero starts no later than the next row):
-        # the tile bands of the fused forward follow from the start step; the extra taps weigh exactly zero
+        # the fused kernels' tile bands run from a tile's first start to its last; the extra taps weigh zero
         first = np.minimum.accumulate(first[::-1])[::-1]
     K = max(int((last - first).max()) if n_out else 0, 1)
     idx = np.minimum(first[:, None] + np.arange(K)[None, :], n_in - 1)
@@ -503,16 +636,37 @@ def tap_tables(wy: np.ndarray, wx: np.ndarray) -> dict:
     for name, m in (("y", wy), ("x", wx)):
         s, w, k = _taps(m)
         out[name + "s"], out["w" + name], out["K" + name.upper()] = s, w, k
-        # the largest step between consecutive starts (-1: not monotone), which bounds the source band of a
-        # tile of canvas rows / columns for the fused forward: span(n) <= (n - 1) * D + K
-        d = np.diff(s.astype(np.int64))
-        out["D" + name.upper()] = int(d.max()) if d.size and d.min() >= 0 else (0 if not d.size else -1)
+        out.update(_spans(s, k, name.upper()))
         s, w, k = _taps(np.ascontiguousarray(m.T))
         out["o" + name + "s"], out["w" + name + "T"], out["KT" + name.upper()] = s, w, k
+        out.update(_spans(s, k, "T" + name.upper()))
+    return out
+
+
+def _spans(starts: np.ndarray, K: int, axis: str) -> dict:
+    """S{axis}{n}: the widest source band of a tile of n consecutive indices (tiles at multiples of n) of a tap
+    table with non-decreasing starts, for each n of SPAN_TILES: what the fused kernels' tiles read."""
+    out = {}
+    N = len(starts)
+    s = starts.astype(np.int64)
+    for n in SPAN_TILES:
+        i0 = np.arange(0, N, n)
+        out[f"S{axis}{n}"] = int((s[np.minimum(i0 + n, N) - 1] + K - s[i0]).max()) if N else K
     return out
 
 
 FORWARD_MODES = ("two_pass", "fused", "fused_loads")
+BACKWARD_MODES = ("two_pass", "fused")
+
+
+def backward_mode() -> str:
+    """The backward kernels: UNO_BRIDGE_BACKWARD = "two_pass" (default: two `_resample_bwd_kernel` launches
+    and an fp32 intermediate) or "fused" (`_fused_bwd_kernel`: one launch, no intermediate; the same values).
+    Opt-in until measured on a GPU."""
+    mode = os.environ.get("UNO_BRIDGE_BACKWARD", "two_pass")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"UNO_BRIDGE_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
+    return mode
 
 
 def forward_mode() -> str:
@@ -526,42 +680,45 @@ def forward_mode() -> str:
     return mode
 
 
-MAX_FUSED_BAND = 1 << 15  # source band elements of one fused program (registers); larger -> two passes
+MAX_FUSED_BAND = 1 << 15  # band elements of one fused program (registers); larger -> the two passes run
 
 
-def fused_settings(device: torch.device) -> tuple[int, int, int]:
-    """(KH, KW, num_warps): the source band a fused-forward program reads (rows x columns, powers of two), from
-    which its canvas tile follows. UNO_BRIDGE_FUSED_TILE="KH,KW,W" overrides it. Not yet tuned on a GPU."""
-    env = os.environ.get("UNO_BRIDGE_FUSED_TILE")
+def fused_settings(device: torch.device, backward: bool = False) -> tuple[int, int, int]:
+    """(KH, KW, num_warps): the band a fused program reads (rows x columns, powers of two; the source band of
+    the forward, the canvas band of grad_out in the backward), from which its tile follows.
+    UNO_BRIDGE_FUSED_TILE / UNO_BRIDGE_FUSED_BWD_TILE = "KH,KW,W" override them. Not yet tuned on a GPU."""
+    name = "UNO_BRIDGE_FUSED_BWD_TILE" if backward else "UNO_BRIDGE_FUSED_TILE"
+    env = os.environ.get(name)
     if env:
         try:
             kh, kw, nw = (int(v) for v in env.split(","))
         except ValueError:
-            raise ValueError(f"UNO_BRIDGE_FUSED_TILE must be 'KH,KW,W' (integers), got {env!r}") from None
-        if kh & (kh - 1) or kw & (kw - 1):
-            raise ValueError(f"UNO_BRIDGE_FUSED_TILE: KH and KW must be powers of two, got {env!r}")
+            raise ValueError(f"{name} must be 'KH,KW,W' (integers), got {env!r}") from None
+        if kh < 1 or kw < 1 or kh & (kh - 1) or kw & (kw - 1):
+            raise ValueError(f"{name}: KH and KW must be powers of two, got {env!r}")
         return kh, kw, nw
-    return 64, 128, 4
+    return (32, 64, 8) if backward else (64, 128, 4)
 
 
-def fused_tiles(K: int, D: int, n: int, band: int, min_tile: int) -> tuple[int, int, int] | None:
-    """(tile, block, band) along one axis: `tile` canvas indices per program (block = its power-of-two lanes),
-    whose source band (at most (tile - 1) * D + K indices) fits `band`, widened (power of two) to hold at least
-    `min_tile` canvas indices; at most 128. None where the starts are not monotone."""
-    if D < 0:
-        return None
-    band = max(band, triton.next_power_of_2((min_tile - 1) * D + K))
-    tile = min(n, 128 if D == 0 else (band - K) // D + 1, 128)
-    return tile, triton.next_power_of_2(tile), band
+def fused_tiles(tables: dict, axis: str, n_out: int, band: int, min_tile: int) -> tuple[int, int]:
+    """(tile, band) along one axis of a fused kernel: the longest power-of-two tile (at most 128, at most the
+    axis rounded up) whose source band (`tap_tables`' S{axis}{n}, rounded up to a power of two) fits `band`,
+    or `min_tile` where that is longer (its band then wider than `band`)."""
+    cap = min(triton.next_power_of_2(max(n_out, 1)), SPAN_TILES[-1])
+    fits = [n for n in SPAN_TILES if n <= cap and triton.next_power_of_2(tables[f"S{axis}{n}"]) <= band]
+    n = max(fits[-1] if fits else 1, min(min_tile, cap))
+    return n, triton.next_power_of_2(tables[f"S{axis}{n}"])
 
 
-def _fused_plan(tables: dict, Hc: int, Wc: int, device: torch.device):
-    """((tm, bm, kh), (tn, bn, kw), num_warps) of the fused forward, or None where its source band would not
-    fit (MAX_FUSED_BAND) or the starts are not monotone: the two passes run instead."""
-    kh, kw, nw = fused_settings(device)
-    ty = fused_tiles(tables["KY"], tables["DY"], Hc, kh, 8)
-    tx = fused_tiles(tables["KX"], tables["DX"], Wc, kw, 16)
-    if ty is None or tx is None or ty[2] * tx[2] > MAX_FUSED_BAND:
+def _fused_plan(tables: dict, shape: tuple[int, int], device: torch.device, backward: bool = False):
+    """((tm, kh), (tn, kw), num_warps) of a fused kernel over a (rows, cols) grid of tiles: canvas tiles in
+    the forward, image tiles in the backward. None where its band would pass MAX_FUSED_BAND: the two
+    passes run instead."""
+    kh, kw, nw = fused_settings(device, backward)
+    ay, ax = ("TY", "TX") if backward else ("Y", "X")
+    ty = fused_tiles(tables, ay, shape[0], kh, 8)
+    tx = fused_tiles(tables, ax, shape[1], kw, 16)
+    if ty[1] * tx[1] > MAX_FUSED_BAND:
         return None
     return ty, tx, nw
 
@@ -638,7 +795,7 @@ def bridge_forward(
         out = torch.empty((B * (Hc // patch) * gw, C * temporal * patch * patch), device=dev, dtype=out_dtype)
     lo, hi = input_range
     inv = 1.0 / (float(hi) - float(lo))
-    fused = _fused_plan(tables, Hc, Wc, dev) if forward_mode() != "two_pass" else None
+    fused = _fused_plan(tables, (Hc, Wc), dev) if forward_mode() != "two_pass" else None
     side = m1 = m2 = flags = None
     if store_mask:
         numel, m1_at, m1_end, flags_at = mask_layout(B, H, W, Hc, Wc, vertical_first, clip_each_pass)
@@ -649,7 +806,7 @@ def bridge_forward(
         flags = side[flags_at:].view(torch.int32)
         m2, m1 = side[:m1_at], side[m1_at:m1_end]
     if fused is not None:
-        (tm, bm, kh), (tn, bn, kw), nw = fused
+        (tm, kh), (tn, kw), nw = fused
         _fused_fwd_kernel[(triton.cdiv(Wc, tn), triton.cdiv(Hc, tm), P)](
             out, m1 if m1 is not None else out, m2 if m2 is not None else out,
             flags if flags is not None else out, images,
@@ -657,7 +814,7 @@ def bridge_forward(
             *images.stride(), H, W, Hc, Wc, int(tables["KY"]), int(tables["KX"]), tm, tn,
             *region, float(lo), inv, gw, patch, merge,
             VF=vertical_first, CLIP=clip_each_pass, STORE_MASK=store_mask, QWEN=qwen is not None,
-            TEMPORAL=temporal, GATHER1=forward_mode() == "fused", BM=bm, BN=bn, KH=kh, KW=kw, num_warps=nw,
+            TEMPORAL=temporal, GATHER1=forward_mode() == "fused", BM=tm, BN=tn, KH=kh, KW=kw, num_warps=nw,
         )  # fmt: skip
         return out, side
     if vertical_first:  # t = Wy u: (Hc, W)
@@ -774,6 +931,19 @@ def bridge_backward(
         m2, m1, flags = side[:m1_at], side[m1_at:m1_end], side[flags_at:].view(torch.int32)
     lo, hi = input_range
     inv = 1.0 / (float(hi) - float(lo))
+    fused = _fused_plan(tables, (H, W), dev, backward=True) if backward_mode() == "fused" else None
+    if fused is not None:
+        (tm, kh), (tn, kw), nw = fused
+        _fused_bwd_kernel[(triton.cdiv(W, tn), triton.cdiv(H, tm), P)](
+            gx, grad_out, m1 if m1 is not None else gx, m2 if m2 is not None else gx,
+            flags if flags is not None else gx, images,
+            tables["oys"], tables["wyT"], tables["oxs"], tables["wxT"], consts,
+            *images.stride(), H, W, Hc, Wc, int(tables["KTY"]), int(tables["KTX"]),
+            *region, float(lo), inv, gw, patch, merge,
+            VF=vertical_first, USE_MASKS=use_masks, CLIP=clip_each_pass, QWEN=qwen is not None,
+            TEMPORAL=temporal, BM=tm, BN=tn, KH=kh, KW=kw, num_warps=nw,
+        )  # fmt: skip
+        return gx
     if vertical_first:  # undo pass 2 (along x) into g_t (Hc, W), then pass 1 (along y)
         ax2, ax1, shape_t = 1, 0, (Hc, W)
         tab2 = (tables["oxs"], tables["wxT"], tables["KTX"])

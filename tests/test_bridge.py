@@ -544,82 +544,114 @@ def test_bf16_cuda(spec_name):
 
 
 # ------------------------------------------------------------------ fused forward (opt-in, UNO_BRIDGE_FORWARD)
-FUSED_SHAPES = [*SHAPES, (2, 96, 80)]
+FUSED_SHAPES = [*SHAPES, (1, 96, 80)]
 
 
-@pytest.mark.parametrize("mode", ["fused", "fused_loads"])
+@pytest.mark.parametrize(
+    "modes", [("fused", "fused"), ("fused_loads", "two_pass"), ("two_pass", "fused")], ids="-".join
+)
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
 @pytest.mark.parametrize("spec_name", list(SPECS))
-def test_fused_forward_equals_two_pass(spec_name, shape, mode, device, monkeypatch):
-    """The fused forward runs the same taps in the same order as the two passes: the same values, bit for bit,
-    and side outputs (clip masks, clamp flags) that give the same backward, bit for bit; on tiles small
-    enough that every case spans several programs with halo rows and columns, with clamped pixels."""
+def test_fused_kernels_equal_two_pass(spec_name, shape, modes, device, monkeypatch):
+    """The fused kernels run the same taps in the same order as the two passes: the same forward, bit for bit,
+    side outputs (clip masks, clamp flags) that give the same backward, and the same backward, bit for bit;
+    on tiles small enough that every case spans several programs with halo rows and columns, with clamped
+    pixels."""
     from uno_engine.kernels import bridge as kb
 
     spec = SPECS[spec_name]
     B, H, W = shape
     x = _rand_images(B, H, W).to(device).requires_grad_()
+    monkeypatch.setenv("UNO_BRIDGE_FUSED_TILE", "16,32,4")
+    monkeypatch.setenv("UNO_BRIDGE_FUSED_BWD_TILE", "8,16,4")
+    real = kb._fused_plan
     results = {}
-    for m in ("two_pass", mode):
-        monkeypatch.setenv("UNO_BRIDGE_FORWARD", m)
-        monkeypatch.setenv("UNO_BRIDGE_FUSED_TILE", "16,32,4")
+    for fwd, bwd in (("two_pass", "two_pass"), modes):
+        monkeypatch.setenv("UNO_BRIDGE_FORWARD", fwd)
+        monkeypatch.setenv("UNO_BRIDGE_BACKWARD", bwd)
         plans = []
-        real = kb._fused_plan
-        monkeypatch.setattr(
-            kb, "_fused_plan", lambda *a, real=real, plans=plans: plans.append(real(*a)) or plans[-1]
-        )
+
+        def spy(*a, plans=plans, **k):
+            plans.append((k.get("backward", False), real(*a, **k)))
+            return plans[-1][1]
+
+        monkeypatch.setattr(kb, "_fused_plan", spy)
         out = ops.bridge(x, spec, backend="triton")
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
         (gx,) = torch.autograd.grad(out, x, g)
         with torch.no_grad():
             out_ng = ops.bridge(x, spec, backend="triton")
         monkeypatch.setattr(kb, "_fused_plan", real)
-        assert (m == "two_pass") == (plans == []) and None not in plans  # the fused kernel ran, twice
-        results[m] = (out, gx, out_ng)
-    for a, b_ in zip(results["two_pass"], results[mode], strict=True):
+        # each fused kernel asked for ran (a plan, not None), the forward's twice (with and without masks)
+        assert [bw for bw, _ in plans] == [False] * 2 * (fwd != "two_pass") + [True] * (bwd == "fused") or (
+            sorted(bw for bw, _ in plans)
+            == sorted([False] * 2 * (fwd != "two_pass") + [True] * (bwd == "fused"))
+        )
+        assert all(plan is not None for _, plan in plans)
+        results[fwd, bwd] = (out, gx, out_ng)
+    for a, b_ in zip(results["two_pass", "two_pass"], results[modes], strict=True):
         assert torch.equal(a, b_)
     ref64 = reference.bridge(x.detach().double(), spec)
     fwd_err = (reference.bridge(x.detach(), spec).double() - ref64).abs().max().item()
-    assert_close_verbose(results[mode][0], ref64, atol=2 * fwd_err + 1e-5, rtol=0, what="fused forward")
+    assert_close_verbose(results[modes][0], ref64, atol=2 * fwd_err + 1e-5, rtol=0, what="fused forward")
 
 
-def test_fused_forward_straight_through_grad_non_contiguous_fp16(device, monkeypatch):
+def test_fused_kernels_straight_through_grad_non_contiguous_fp16(device, monkeypatch):
     monkeypatch.setenv("UNO_BRIDGE_FORWARD", "fused")
+    monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "fused")
     spec = SPECS["janus"]
     base = _rand_images(2, 41, 3 * 29).to(device)
     x = base.view(2, 3, 41, 3, 29)[..., 1, :].requires_grad_()  # strided, no copy
     assert not x.is_contiguous()
-    out = ops.bridge(x, spec, clamp="straight_through", backend="triton")  # no masks: the fused forward
-    ref = reference.bridge(x, spec, clamp="straight_through")
-    g = torch.randn_like(ref)
-    (g_out,) = torch.autograd.grad(out, x, g)
-    (g_ref,) = torch.autograd.grad(ref, x, g)
-    assert_close_verbose(out, reference.bridge(x.detach().double(), spec), atol=1e-5, rtol=0, what="fwd")
-    assert_close_verbose(g_out, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=0, what="grad")
-    x16 = x.detach().half()
+    for clamp in ("straight_through", "clamp"):
+        out = ops.bridge(x, spec, clamp=clamp, backend="triton")
+        ref = reference.bridge(x, spec, clamp=clamp)
+        g = torch.randn_like(ref)
+        (g_out,) = torch.autograd.grad(out, x, g)
+        (g_ref,) = torch.autograd.grad(ref, x, g)
+        assert_close_verbose(out, reference.bridge(x.detach().double(), spec), atol=1e-5, rtol=0, what="fwd")
+        assert_close_verbose(g_out, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=0, what=clamp)
+    x16 = x.detach().half().requires_grad_()
     out16 = ops.bridge(x16, spec, backend="triton")
+    (g16,) = torch.autograd.grad(out16, x16, torch.ones_like(out16))
     monkeypatch.setenv("UNO_BRIDGE_FORWARD", "two_pass")
-    assert torch.equal(out16, ops.bridge(x16, spec, backend="triton"))
+    monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "two_pass")
+    out16b = ops.bridge(x16, spec, backend="triton")
+    assert torch.equal(out16, out16b)
+    assert torch.equal(g16, torch.autograd.grad(out16b, x16, torch.ones_like(out16b))[0])
 
 
-def test_fused_forward_falls_back_and_bad_settings(device, monkeypatch):
+def test_fused_kernels_fall_back_and_bad_settings(device, monkeypatch):
     from uno_engine.kernels import bridge as kb
 
-    assert kb.fused_tiles(11, 3, 384, 64, 8) == (18, 32, 64)  # (18 - 1) * 3 + 11 = 62 <= 64
-    assert kb.fused_tiles(11, 3, 384, 16, 8) == (8, 8, 32)  # widened to hold 8 rows: 7 * 3 + 11 = 32
-    assert kb.fused_tiles(4, 0, 7, 16, 8) == (7, 8, 16)
-    assert kb.fused_tiles(4, -1, 7, 16, 8) is None  # starts not monotone
-    # a 12x downscale at these settings needs a source band past MAX_FUSED_BAND: the two passes run instead
+    # Janus-like 1024 -> 384 rows: K = 11 taps, starts 8/3 apart
+    spec = BridgeSpec(resize="exact", size=(384, 384))
+    tab = kb.tap_tables(*(np.asarray(m) for m in spec.resize_matrices(1024, 1024)))
+    assert tab["KY"] == 11 and tab["SY16"] == 51 and tab["SY32"] == 94  # (n - 1) * 8/3 + 11, rounded
+    assert kb.fused_tiles(tab, "Y", 384, 64, 8) == (16, 64)  # 32 rows would need a 128-row band
+    assert kb.fused_tiles(tab, "Y", 384, 16, 8) == (8, 32)  # widened to hold 8 rows
+    assert kb.fused_tiles(tab, "TY", 1024, 32, 8) == (64, 32)  # backward: 64 image rows read 28 canvas rows
+    assert kb.fused_tiles(tab, "Y", 5, 64, 8) == (8, 32)  # never longer than the axis rounded up
+    # a 100x downscale needs a band past MAX_FUSED_BAND (256 x 256 source pixels): the two passes run instead
     monkeypatch.setenv("UNO_BRIDGE_FORWARD", "fused")
-    monkeypatch.setenv("UNO_BRIDGE_FUSED_TILE", "64,512,4")
-    spec = BridgeSpec(resize="exact", size=(8, 8))
-    x = _rand_images(1, 96, 96).to(device)
-    tab = kb.tap_tables(*(np.asarray(m) for m in spec.resize_matrices(96, 96)))
-    assert kb._fused_plan(tab, 8, 8, torch.device(device)) is None
+    spec = BridgeSpec(resize="exact", size=(2, 2))
+    x = _rand_images(1, 200, 200).to(device)
+    tab = kb.tap_tables(*(np.asarray(m) for m in spec.resize_matrices(200, 200)))
+    assert kb._fused_plan(tab, (2, 2), torch.device(device)) is None
     assert_close_verbose(ops.bridge(x, spec, backend="triton"), reference.bridge(x.double(), spec), 1e-5, 0)
-    monkeypatch.setenv("UNO_BRIDGE_FUSED_TILE", "48,128,4")
-    with pytest.raises(ValueError, match="UNO_BRIDGE_FUSED_TILE.*powers of two"):
-        ops.bridge(x, spec, backend="triton")
-    monkeypatch.setenv("UNO_BRIDGE_FORWARD", "fast")
-    with pytest.raises(ValueError, match="UNO_BRIDGE_FORWARD"):
-        ops.bridge(x, spec, backend="triton")
+    spec = BridgeSpec(resize="exact", size=(8, 8))
+    x = _rand_images(1, 20, 20).to(device)
+    for name in ("UNO_BRIDGE_FUSED_TILE", "UNO_BRIDGE_FUSED_BWD_TILE"):
+        monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "fused")
+        monkeypatch.setenv(name, "48,128,4")
+        with pytest.raises(ValueError, match=f"{name}.*powers of two"):
+            ops.bridge(x.requires_grad_(), spec, backend="triton").sum().backward()
+        monkeypatch.setenv(name, "64,128")
+        with pytest.raises(ValueError, match=f"{name} must be 'KH,KW,W'"):
+            ops.bridge(x, spec, backend="triton").sum().backward()
+        monkeypatch.delenv(name)
+    for name in ("UNO_BRIDGE_FORWARD", "UNO_BRIDGE_BACKWARD"):
+        monkeypatch.setenv(name, "fast")
+        with pytest.raises(ValueError, match=name):
+            ops.bridge(x, spec, backend="triton").sum().backward()
+        monkeypatch.setenv(name, "fused")

@@ -4,7 +4,7 @@ gradient.
 Registered as torch custom ops `uno_engine::bridge_fwd` / `uno_engine::bridge_bwd` (register_fake +
 register_autograd), so a compiled step has no graph break. Backends: "triton" (kernels/bridge.py: one tap
 launch per resampling pass, forward and backward; exact fp32, deterministic gathers, no atomics on the data;
-UNO_BRIDGE_FORWARD=fused opts a forward that stores no clip masks into one launch, `kernels.bridge.forward_mode`)
+UNO_BRIDGE_FORWARD=fused / UNO_BRIDGE_BACKWARD=fused opt into one-launch kernels, `kernels.bridge`)
 and "torch" (dense resampling matmuls, forward and an explicit deterministic backward). The eager oracle is
 `uno_engine.reference.bridge`.
 """
@@ -384,9 +384,10 @@ def bridge(
     both resampling passes for the backward (one byte per canvas pixel and per element of the intermediate
     pass) and one int32 flag per image plane that says whether any pixel was clamped. The backward reads them
     and grad_out, reads the images only in flagged planes (input-clamp mask), and writes grad_images once,
-    deterministically (gathers, no atomics). Each direction also holds one fp32 intermediate (the first pass's
-    output, (B, 3, H, Wc) or (B, 3, Hc, W)) while it runs. The torch path recomputes the passes in its
-    backward instead.
+    deterministically (gathers, no atomics). With the default two-pass kernels each direction also holds
+    one fp32 intermediate (the first pass's output, (B, 3, H, Wc) or (B, 3, Hc, W)) while it runs; the
+    opt-in fused kernels (UNO_BRIDGE_FORWARD / UNO_BRIDGE_BACKWARD=fused) hold none. The torch path
+    recomputes the passes in its backward instead.
 
     Returns:
         layout "nchw": pixel_values (B, 3, h, w), (h, w) = spec.output_size(H, W); layout "qwen2_vl": patches
