@@ -156,6 +156,66 @@ def _resample_fwd_kernel(
 
 
 @triton.jit
+def _qwen_offset(sy, sx, b, c, Hc, gw, patch, merge, TEMPORAL: tl.constexpr):
+    """Offset of canvas pixel (sy, sx) of plane (b, c) in Qwen2-VL's flattened patches (temporal copy 0; copy
+    tt is at + tt * patch * patch): rows in merge-window order, columns (channel, temporal, patch row, col)."""
+    gy = sy // patch
+    gx = sx // patch
+    row = (gy // merge) * (gw // merge) + gx // merge
+    row = row * (merge * merge) + (gy % merge) * merge + gx % merge
+    row = b * ((Hc // patch) * gw) + row
+    pp = patch * patch
+    return row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + (sy % patch) * patch + sx % patch
+
+
+@triton.jit
+def _load_grad_out(
+    g_ptr, m2_ptr, sy, sx, ok, b, c, plane, Hc, Wc, gw, patch, merge,
+    QWEN: tl.constexpr, TEMPORAL: tl.constexpr, USE_MASKS: tl.constexpr, CLIP: tl.constexpr,
+):  # fmt: skip
+    """grad_out at canvas pixels (sy, sx) of plane (b, c), fp32: read from the output layout (Qwen2-VL's
+    temporal copies summed), zero where not `ok` (outside the canvas or in the padding) and, with the clip
+    masks, where the second pass clipped."""
+    if QWEN:
+        gbase = _qwen_offset(sy, sx, b, c, Hc, gw, patch, merge, TEMPORAL)
+        g = tl.zeros(sy.shape, dtype=tl.float32)
+        for tt in tl.static_range(TEMPORAL):
+            g += tl.load(g_ptr + gbase + tt * patch * patch, mask=ok, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + plane * Hc * Wc + sy.to(tl.int64) * Wc + sx, mask=ok, other=0.0).to(tl.float32)
+    if USE_MASKS:
+        if CLIP:
+            m2 = tl.load(m2_ptr + plane * Hc * Wc + sy.to(tl.int64) * Wc + sx, mask=ok, other=0)
+            g = tl.where(m2 != 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _grad_images_epilogue(
+    acc, x_ptr, flag_ptr, plane, b, c, rows, cols, ok2,
+    stride_xb, stride_xc, stride_xh, stride_xw, lo, inv_range, USE_MASKS: tl.constexpr,
+):  # fmt: skip
+    """The last transposed pass's epilogue: the input normalization's factor, and zero gradient where the
+    input clamp saturated (the images are read only in planes whose flag the forward set)."""
+    acc = acc * inv_range
+    if USE_MASKS:
+        flag = tl.load(flag_ptr + plane)
+        if flag != 0:  # some pixel of this plane was clamped: zero its gradient there
+            xv = tl.load(
+                x_ptr
+                + b * stride_xb
+                + c * stride_xc
+                + rows.to(tl.int64)[:, None] * stride_xh
+                + cols[None, :] * stride_xw,
+                mask=ok2,
+                other=0.0,
+            ).to(tl.float32)
+            u = (xv - lo) * inv_range
+            acc = tl.where((u >= 0.0) & (u <= 1.0), acc, 0.0)
+    return acc
+
+
+@triton.jit
 def _store_critic_input(
     out_ptr, acc, rows, cols, ok2, b, c, consts_ptr, Hc, Wc,
     reg_y0, reg_y1, reg_x0, reg_x1, gw, patch, merge,
@@ -172,19 +232,22 @@ def _store_critic_input(
     inside = (ry >= reg_y0) & (ry < reg_y1) & (rx >= reg_x0) & (rx < reg_x1)
     val = (tl.where(inside, acc, fill) * scale + shift).to(out_ptr.dtype.element_ty)
     if QWEN:
-        gy = ry // patch
-        gx = rx // patch
-        row = (gy // merge) * (gw // merge) + gx // merge
-        row = row * (merge * merge) + (gy % merge) * merge + gx % merge
-        row = b * ((Hc // patch) * gw) + row
-        pp = patch * patch
-        col = (ry % patch) * patch + rx % patch
-        obase = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
+        obase = _qwen_offset(ry, rx, b, c, Hc, gw, patch, merge, TEMPORAL)
         for tt in tl.static_range(TEMPORAL):
-            tl.store(out_ptr + obase + tt * pp, val, mask=ok2)
+            tl.store(out_ptr + obase + tt * patch * patch, val, mask=ok2)
     else:
         off = (b * 3 + c) * Hc * Wc + ry.to(tl.int64) * Wc + rx
         tl.store(out_ptr + off, val, mask=ok2)
+
+
+@triton.jit
+def _read_u(ptr, ok, lo, inv_range, bad, STORE_MASK: tl.constexpr):
+    """Image values at `ptr` (0 where not `ok`) -> (u = clamp((x - lo) / (hi - lo), 0, 1) in fp32, `bad` raised
+    where an `ok` value lies outside input_range (STORE_MASK))."""
+    u = (tl.load(ptr, mask=ok, other=0.0).to(tl.float32) - lo) * inv_range
+    if STORE_MASK:
+        bad = tl.maximum(bad, (ok & ((u < 0.0) | (u > 1.0))).to(tl.int32))
+    return tl.minimum(tl.maximum(u, 0.0), 1.0), bad
 
 
 @triton.jit
@@ -238,20 +301,23 @@ def _fused_fwd_kernel(
     base = in_ptr + b * stride_ib + c * stride_ic
     sr = y0 + tl.arange(0, KH)  # source rows and columns of the band
     sc = x0 + tl.arange(0, KW)
-    if GATHER1:
-        ok = (sr < H)[:, None] & (sc < W)[None, :]
-        u = tl.load(
-            base + sr.to(tl.int64)[:, None] * stride_ir + sc[None, :] * stride_icol, mask=ok, other=0.0
+    bad = 0
+    if GATHER1:  # the band, up to the last start + K (what the taps read)
+        ok = (sr < tl.minimum(H, tl.max(ys, axis=0) + KY))[:, None] & (
+            sc < tl.minimum(W, tl.max(xs, axis=0) + KX)
+        )[None, :]
+        u, bad = _read_u(
+            base + sr.to(tl.int64)[:, None] * stride_ir + sc[None, :] * stride_icol,
+            ok,
+            lo,
+            inv_range,
+            bad,
+            STORE_MASK,
         )
-        u = (u.to(tl.float32) - lo) * inv_range
-        if STORE_MASK:  # the pixels the taps read: up to the last start + K
-            ok = ok & (sr < tl.max(ys, axis=0) + KY)[:, None] & (sc < tl.max(xs, axis=0) + KX)[None, :]
-            bad = (ok & ((u < 0.0) | (u > 1.0))).to(tl.int32)
-        u = tl.minimum(tl.maximum(u, 0.0), 1.0)
     if VF:
         # pass 1 along y: t (BM canvas rows, KW source columns)
         t = tl.zeros((BM, KW), dtype=tl.float32)
-        if STORE_MASK and not GATHER1:
+        if not GATHER1:  # loop-carried: a block from the start
             bad = tl.zeros((BM, KW), dtype=tl.int32)
         for k in range(KY):
             w = tl.load(wy_ptr + rows * KY + k, mask=i_ok, other=0.0)
@@ -261,15 +327,14 @@ def _fused_fwd_kernel(
             else:
                 src = ys + k
                 ok = (i_ok & (src < H))[:, None] & (sc < W)[None, :]
-                v = tl.load(
+                v, bad = _read_u(
                     base + src.to(tl.int64)[:, None] * stride_ir + sc[None, :] * stride_icol,
-                    mask=ok,
-                    other=0.0,
+                    ok,
+                    lo,
+                    inv_range,
+                    bad,
+                    STORE_MASK,
                 )
-                v = (v.to(tl.float32) - lo) * inv_range
-                if STORE_MASK:
-                    bad = tl.maximum(bad, (ok & ((v < 0.0) | (v > 1.0))).to(tl.int32))
-                v = tl.minimum(tl.maximum(v, 0.0), 1.0)
             t += w[:, None] * v
         if CLIP:
             if STORE_MASK:  # owned columns: [x0, next tile's x0) (the first tile from 0, the last to W)
@@ -289,7 +354,7 @@ def _fused_fwd_kernel(
     else:
         # pass 1 along x: t (KH source rows, BN canvas columns)
         t = tl.zeros((KH, BN), dtype=tl.float32)
-        if STORE_MASK and not GATHER1:
+        if not GATHER1:  # loop-carried: a block from the start
             bad = tl.zeros((KH, BN), dtype=tl.int32)
         for k in range(KX):
             w = tl.load(wx_ptr + cols * KX + k, mask=j_ok, other=0.0)
@@ -299,15 +364,14 @@ def _fused_fwd_kernel(
             else:
                 src = xs + k
                 ok = (sr < H)[:, None] & (j_ok & (src < W))[None, :]
-                v = tl.load(
+                v, bad = _read_u(
                     base + sr.to(tl.int64)[:, None] * stride_ir + src[None, :] * stride_icol,
-                    mask=ok,
-                    other=0.0,
+                    ok,
+                    lo,
+                    inv_range,
+                    bad,
+                    STORE_MASK,
                 )
-                v = (v.to(tl.float32) - lo) * inv_range
-                if STORE_MASK:
-                    bad = tl.maximum(bad, (ok & ((v < 0.0) | (v > 1.0))).to(tl.int32))
-                v = tl.minimum(tl.maximum(v, 0.0), 1.0)
             t += w[None, :] * v
         if CLIP:
             if STORE_MASK:  # owned rows: [y0, next tile's y0) (the first tile from 0, the last to H)
@@ -409,27 +473,10 @@ def _resample_bwd_kernel(
             ok = (r_ok & (src < R_in))[:, None] & c_ok[None, :]
         if FIRST:
             ok = ok & (sy >= reg_y0) & (sy < reg_y1) & (sx >= reg_x0) & (sx < reg_x1)  # padding has no grad
-            if QWEN:
-                gy = sy // patch
-                gx = sx // patch
-                row = (gy // merge) * (gw // merge) + gx // merge
-                row = row * (merge * merge) + (gy % merge) * merge + gx % merge
-                row = b * ((R_in // patch) * gw) + row
-                pp = patch * patch
-                col = (sy % patch) * patch + sx % patch
-                gbase = row.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + col
-                g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-                for tt in tl.static_range(TEMPORAL):
-                    g += tl.load(in_ptr + gbase + tt * pp, mask=ok, other=0.0).to(tl.float32)
-            else:
-                goff = plane * R_in * C_in + sy.to(tl.int64) * C_in + sx
-                g = tl.load(in_ptr + goff, mask=ok, other=0.0).to(tl.float32)
-            if USE_MASKS:
-                if CLIP:
-                    m2 = tl.load(
-                        m_in_ptr + plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0
-                    )
-                    g = tl.where(m2 != 0, g, 0.0)
+            g = _load_grad_out(
+                in_ptr, m_in_ptr, sy, sx, ok, b, c, plane, R_in, C_in, gw, patch, merge,
+                QWEN, TEMPORAL, USE_MASKS, CLIP,
+            )  # fmt: skip
         else:
             g = tl.load(in_ptr + plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0.0)
         acc += w * g
@@ -439,21 +486,10 @@ def _resample_bwd_kernel(
     if FIRST:
         acc = acc * tl.load(consts_ptr + c * 3)
     if LAST:
-        acc = acc * inv_range
-        if USE_MASKS:
-            flag = tl.load(flag_ptr + plane)
-            if flag != 0:  # some pixel of this plane was clamped: zero its gradient there
-                xv = tl.load(
-                    x_ptr
-                    + b * stride_xb
-                    + c * stride_xc
-                    + rows.to(tl.int64)[:, None] * stride_xh
-                    + cols[None, :] * stride_xw,
-                    mask=ok2,
-                    other=0.0,
-                ).to(tl.float32)
-                u = (xv - lo) * inv_range
-                acc = tl.where((u >= 0.0) & (u <= 1.0), acc, 0.0)
+        acc = _grad_images_epilogue(
+            acc, x_ptr, flag_ptr, plane, b, c, rows, cols, ok2,
+            stride_xb, stride_xc, stride_xh, stride_xw, lo, inv_range, USE_MASKS,
+        )  # fmt: skip
         tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=ok2)
     else:
         if USE_MASKS:
@@ -511,25 +547,9 @@ def _fused_bwd_kernel(
     sy = cr[:, None] + tl.zeros((KH, KW), dtype=tl.int32)
     sx = cc[None, :] + tl.zeros((KH, KW), dtype=tl.int32)
     ok = (sy < Hc) & (sx < Wc) & (sy >= reg_y0) & (sy < reg_y1) & (sx >= reg_x0) & (sx < reg_x1)
-    if QWEN:
-        gy = sy // patch
-        gxx = sx // patch
-        prow = (gy // merge) * (gw // merge) + gxx // merge
-        prow = prow * (merge * merge) + (gy % merge) * merge + gxx % merge
-        prow = b * ((Hc // patch) * gw) + prow
-        pp = patch * patch
-        gbase = (
-            prow.to(tl.int64) * (3 * TEMPORAL * pp) + c * TEMPORAL * pp + (sy % patch) * patch + sx % patch
-        )
-        g = tl.zeros((KH, KW), dtype=tl.float32)
-        for tt in tl.static_range(TEMPORAL):
-            g += tl.load(g_ptr + gbase + tt * pp, mask=ok, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(g_ptr + plane * Hc * Wc + sy.to(tl.int64) * Wc + sx, mask=ok, other=0.0).to(tl.float32)
-    if USE_MASKS:
-        if CLIP:
-            m2 = tl.load(m2_ptr + plane * Hc * Wc + sy.to(tl.int64) * Wc + sx, mask=ok, other=0)
-            g = tl.where(m2 != 0, g, 0.0)
+    g = _load_grad_out(
+        g_ptr, m2_ptr, sy, sx, ok, b, c, plane, Hc, Wc, gw, patch, merge, QWEN, TEMPORAL, USE_MASKS, CLIP
+    )
     scale = tl.load(consts_ptr + c * 3)
     if VF:
         # undo pass 2 (along x): gt (KH canvas rows, BN image columns)
@@ -573,22 +593,11 @@ def _fused_bwd_kernel(
             w = tl.load(wxT_ptr + cols * KTX + k, mask=j_ok, other=0.0)
             rel = tl.minimum(tl.maximum(ox - x0 + k, 0), KW - 1)  # masked lanes: 0
             acc += w[None, :] * tl.gather(gt, tl.broadcast_to(rel[None, :], (BM, BN)), axis=1)
-    acc = acc * inv_range
     ok2 = i_ok[:, None] & j_ok[None, :]
-    if USE_MASKS:
-        flag = tl.load(flag_ptr + plane)
-        if flag != 0:  # some pixel of this plane was clamped: zero its gradient there
-            xv = tl.load(
-                x_ptr
-                + b * stride_xb
-                + c * stride_xc
-                + rows.to(tl.int64)[:, None] * stride_xh
-                + cols[None, :] * stride_xw,
-                mask=ok2,
-                other=0.0,
-            ).to(tl.float32)
-            u = (xv - lo) * inv_range
-            acc = tl.where((u >= 0.0) & (u <= 1.0), acc, 0.0)
+    acc = _grad_images_epilogue(
+        acc, x_ptr, flag_ptr, plane, b, c, rows, cols, ok2,
+        stride_xb, stride_xc, stride_xh, stride_xw, lo, inv_range, USE_MASKS,
+    )  # fmt: skip
     off = plane * H * W + rows.to(tl.int64)[:, None] * W + cols[None, :]
     tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=ok2)
 
