@@ -37,7 +37,7 @@ deterministic, and the work is O(K) per output instead of the O(band) of a dense
 Memory traffic, 8x3x1024x1024 fp32 -> 384 (Janus): forward reads 100.7 MB and writes 14.2 MB plus the
 intermediate t (37.7 MB written and read back; in L2 in part); backward the same in reverse. So the two-pass
 design moves 1.66x the bytes the issue counts (input once, output once): at best 60% of copy bandwidth by
-that count at Janus (57% at SigLIP), below the issue's 80% whatever the kernels do. Measured on an H200
+that count at Janus (58% at SigLIP), below the issue's 80% whatever the kernels do. Measured on an H200
 (benchmarks/results/GPU_RUNS.md): the passes are bound by the latency of their gathers, not by DRAM
 (0.168 ms GPU time forward, 27% of the two-pass floor). A fused variant with a dense band `tl.dot` (tf32x3)
 for one pass measured slower (0.68 / 0.23 ms against 0.17 / 0.16 ms) and was dropped.
@@ -705,6 +705,8 @@ def fused_settings(device: torch.device, backward: bool = False) -> tuple[int, i
             raise ValueError(f"{name} must be 'KH,KW,W' (integers), got {env!r}") from None
         if kh < 1 or kw < 1 or kh & (kh - 1) or kw & (kw - 1):
             raise ValueError(f"{name}: KH and KW must be powers of two, got {env!r}")
+        if nw not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{name}: W (num_warps) must be 1, 2, 4, 8, 16 or 32, got {env!r}")
         return kh, kw, nw
     return (32, 64, 8) if backward else (64, 128, 4)
 
@@ -804,7 +806,8 @@ def bridge_forward(
         out = torch.empty((B * (Hc // patch) * gw, C * temporal * patch * patch), device=dev, dtype=out_dtype)
     lo, hi = input_range
     inv = 1.0 / (float(hi) - float(lo))
-    fused = _fused_plan(tables, (Hc, Wc), dev) if forward_mode() != "two_pass" else None
+    mode = forward_mode()
+    fused = _fused_plan(tables, (Hc, Wc), dev) if mode != "two_pass" else None
     side = m1 = m2 = flags = None
     if store_mask:
         numel, m1_at, m1_end, flags_at = mask_layout(B, H, W, Hc, Wc, vertical_first, clip_each_pass)
@@ -823,7 +826,7 @@ def bridge_forward(
             *images.stride(), H, W, Hc, Wc, int(tables["KY"]), int(tables["KX"]), tm, tn,
             *region, float(lo), inv, gw, patch, merge,
             VF=vertical_first, CLIP=clip_each_pass, STORE_MASK=store_mask, QWEN=qwen is not None,
-            TEMPORAL=temporal, GATHER1=forward_mode() == "fused", BM=tm, BN=tn, KH=kh, KW=kw, num_warps=nw,
+            TEMPORAL=temporal, GATHER1=mode == "fused", BM=tm, BN=tn, KH=kh, KW=kw, num_warps=nw,
         )  # fmt: skip
         return out, side
     if vertical_first:  # t = Wy u: (Hc, W)

@@ -583,10 +583,8 @@ def test_fused_kernels_equal_two_pass(spec_name, shape, modes, device, monkeypat
             out_ng = ops.bridge(x, spec, backend="triton")
         monkeypatch.setattr(kb, "_fused_plan", real)
         # each fused kernel asked for ran (a plan, not None), the forward's twice (with and without masks)
-        assert [bw for bw, _ in plans] == [False] * 2 * (fwd != "two_pass") + [True] * (bwd == "fused") or (
-            sorted(bw for bw, _ in plans)
-            == sorted([False] * 2 * (fwd != "two_pass") + [True] * (bwd == "fused"))
-        )
+        expected = [False, False] * (fwd != "two_pass") + [True] * (bwd == "fused")  # (is backward)
+        assert sorted(bw for bw, _ in plans) == sorted(expected)
         assert all(plan is not None for _, plan in plans)
         results[fwd, bwd] = (out, gx, out_ng)
     for a, b_ in zip(results["two_pass", "two_pass"], results[modes], strict=True):
@@ -648,6 +646,9 @@ def test_fused_kernels_fall_back_and_bad_settings(device, monkeypatch):
             ops.bridge(x.requires_grad_(), spec, backend="triton").sum().backward()
         monkeypatch.setenv(name, "64,128")
         with pytest.raises(ValueError, match=f"{name} must be 'KH,KW,W'"):
+            ops.bridge(x, spec, backend="triton").sum().backward()
+        monkeypatch.setenv(name, "64,128,3")
+        with pytest.raises(ValueError, match=f"{name}: W"):
             ops.bridge(x, spec, backend="triton").sum().backward()
         monkeypatch.delenv(name)
     for name in ("UNO_BRIDGE_FORWARD", "UNO_BRIDGE_BACKWARD"):

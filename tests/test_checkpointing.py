@@ -261,3 +261,28 @@ def test_selective_state_seen_in_recompute():
     assert len(seen) == 2, "the backward should recompute the layer"
     assert seen[1] == (True, 1)
     assert st._in_skip == 0
+
+
+def test_projection_hooks_do_not_mutate_state_under_compile():
+    """The projection hooks count only in eager code: inside a compiled (checkpointed) layer torch 2.11 refuses
+    any mutation of outside state ("HOP: Unsafe side effect", `compile_blocks(fullgraph=True)` with
+    "selective"), and newer torch would replay it after the graph, leaving a count behind."""
+    from uno_engine.critics import checkpointing as ck
+
+    st = ck.CheckpointState("selective")
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def layer(x):
+        ck._enter_recomputed(None, (x,))
+        y = x * 2
+        ck._exit_recomputed(None, (x,), y)
+        ck._enter_recomputed(None, (x,))  # unbalanced on purpose: a count would be left behind
+        return y
+
+    with st.activate():
+        layer(torch.ones(3))
+    assert st._in_skip == 0
+    with st.activate():  # eager: counted
+        ck._enter_recomputed(None, ())
+    assert st._in_skip == 1
