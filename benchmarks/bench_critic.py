@@ -5,7 +5,7 @@ time, and time over the critic's FLOP floor (issue 6).
     python benchmarks/bench_critic.py --batch 8              # CPU: the issue's figure (B=8, 64 caption tokens)
     python benchmarks/bench_critic.py --device cuda          # GPU: llava-1.5-7b (CLIP-L/336 + Llama-7B shapes,
                                                              # random weights) in bf16, B=8, within --budget-s
-    python benchmarks/bench_critic.py --preset janus-pro-7b  # any critic preset (uno_engine.presets.critics)
+    python benchmarks/bench_critic.py --preset janus-pro-7b  # any critic preset (uno_engine.testing.presets.critics)
 
 One "understanding pass" = generated images (the generator-side input, requires grad) -> critic.prepare (the
 bridge; with --fuse on, the bridge also applies the vision tower's conv patch embedding) -> critic forward ->
@@ -149,7 +149,7 @@ def main(argv=None):
     from uno_engine import ops
     from uno_engine.critics import Critic
     from uno_engine.memory import track_peak_memory
-    from uno_engine.presets.critics import build_critic_model
+    from uno_engine.testing.presets.critics import build_critic_model
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -5,7 +5,7 @@ uno_engine comes to the floor of that cost.
     python benchmarks/step_throughput.py --preset sd15-llava7b  # GPU: real shapes, random weights, offline
     python benchmarks/step_throughput.py --preset janus-pro-1b --max-batch-search 8 --compare results/old.json
 
-For each preset (uno_engine.presets.build_preset) and provider:
+For each preset (uno_engine.testing.presets.build_preset) and provider:
   eager            UNOConfig(backend="reference"), Critic(checkpoint="none"): what users write by hand
   eager+compile    the same, with the critic, its image preprocessing and the loss under torch.compile
   engine           UNOConfig(backend="auto"), Critic(checkpoint=<the preset's choice, e.g. "selective">)
@@ -226,7 +226,7 @@ def search_max_batch(preset, run_factory, args, device, before) -> dict:
 def run_preset(name: str, args, device: torch.device, ceilings: dict, save=None) -> list[dict]:
     """All providers of one preset. `save(rows)` is called whenever a set of figures is complete (after the
     plain providers, after the compile providers, after the batch search), so a run cut short keeps them."""
-    from uno_engine.presets import build_preset
+    from uno_engine.testing.presets import build_preset
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -632,7 +632,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if "cpu" not in str(meta.get("device", "cpu")).lower() else "cpu")
         steps = meta.get("steps", "?")
     else:
-        from uno_engine.presets import PRESETS
+        from uno_engine.testing.presets import PRESETS
 
         unknown = [n for n in args.presets if n not in PRESETS]
         if unknown:

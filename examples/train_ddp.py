@@ -20,8 +20,8 @@ import torch
 from uno_engine import Critic, UNOConfig, UNOLoss, UNOStep
 from uno_engine import distributed as D
 from uno_engine.generators import CallableGenerator
-from uno_engine.presets.critics import build_critic_model
-from uno_engine.presets.generators import build_generator
+from uno_engine.testing.presets.critics import build_critic_model
+from uno_engine.testing.presets.generators import build_generator
 
 
 def parse_args(argv=None):

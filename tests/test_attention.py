@@ -11,7 +11,7 @@ import torch
 from uno_engine import _optional
 from uno_engine.critics import Critic, CriticInputs
 from uno_engine.critics import attention as attn
-from uno_engine.presets.critics import build_critic_model
+from uno_engine.testing.presets.critics import build_critic_model
 
 
 def _run(critic, seed=0):

@@ -188,7 +188,7 @@ def test_cached_sampling_janus_matches_janus_generator():
     import torch
 
     from uno_engine.generators import JanusGenerator
-    from uno_engine.presets import build_preset
+    from uno_engine.testing.presets import build_preset
 
     preset = build_preset("tiny-janus", janus_sampling="cached")
     cached = preset.generator

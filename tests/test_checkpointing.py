@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from uno_engine.critics import CHECKPOINT_POLICIES, Critic
 from uno_engine.memory import track_peak_memory
-from uno_engine.presets.critics import (
+from uno_engine.testing.presets.critics import (
     _clip_vision,
     _llama,
     _llava,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from uno_engine.critics import Critic, CriticInputs, CriticOutput
-from uno_engine.presets.critics import NAMES, REAL, TINY, build_critic_model
+from uno_engine.testing.presets.critics import NAMES, REAL, TINY, build_critic_model
 
 B, L = 3, 7
 
@@ -69,7 +69,7 @@ def _ce(out: CriticOutput) -> torch.Tensor:
 def _tiny_qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from uno_engine.presets.critics import qwen2_vl_processor
+    from uno_engine.testing.presets.critics import qwen2_vl_processor
 
     text = dict(
         hidden_size=32,
@@ -325,7 +325,7 @@ def test_qwen2_vl_grid_is_known_on_the_host():
     read on CUDA). transformers' own Qwen2-VL vision tower still reads it inside its forward."""
     from uno_engine import Critic
     from uno_engine.critics.qwen2_vl import _host_grid
-    from uno_engine.presets.critics import build_critic_model
+    from uno_engine.testing.presets.critics import build_critic_model
 
     model, processor = build_critic_model("tiny-qwen2-vl")
     critic = Critic.from_hf(model, processor)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from uno_engine.generators import CallableGenerator, DiffusersGenerator, Generator, JanusGenerator
-from uno_engine.presets.generators import NAMES, build_generator
+from uno_engine.testing.presets.generators import NAMES, build_generator
 
 TINY = ("tiny-sd", "tiny-sana", "tiny-pixart")
 EXPECTED_HW = {"tiny-sd": (64, 48), "tiny-sana": (64, 64), "tiny-pixart": (64, 64)}

@@ -15,8 +15,8 @@ def _usage_block() -> str:
 
 
 def test_readme_usage_example_runs():
-    from uno_engine.presets.critics import build_critic_model
-    from uno_engine.presets.generators import build_generator
+    from uno_engine.testing.presets.critics import build_critic_model
+    from uno_engine.testing.presets.generators import build_generator
 
     llava_model, llava_image_processor = build_critic_model("tiny-llava-clip")
     tiny, make_batch = build_generator("tiny-sd")

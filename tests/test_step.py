@@ -7,8 +7,8 @@ from torch import nn
 import uno_engine
 from uno_engine import Critic, UNOConfig, UNOLoss, UNOStep
 from uno_engine.generators import CallableGenerator
-from uno_engine.presets.critics import build_critic_model
-from uno_engine.presets.generators import build_generator
+from uno_engine.testing.presets.critics import build_critic_model
+from uno_engine.testing.presets.generators import build_generator
 
 CRITICS = ["tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl"]
 

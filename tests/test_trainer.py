@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 
 from uno_engine import Critic, UNOConfig, UNOLoss, UNOStep
 from uno_engine.generators import CallableGenerator
-from uno_engine.presets.critics import build_critic_model
+from uno_engine.testing.presets.critics import build_critic_model
 
 
 class _Captions(Dataset):

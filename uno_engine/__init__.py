@@ -25,7 +25,6 @@ _LAZY = {
     "reference": "uno_engine.reference",
     "targets": "uno_engine.targets",
     "generators": "uno_engine.generators",
-    "presets": "uno_engine.presets",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -11,8 +11,8 @@ weights (nothing is downloaded), at tiny CPU shapes or at the real models' shape
 unified model is both the generator (`JanusGenerator`, its generation path) and the critic (its understanding
 path): one model, frozen understanding modules, trainable generation modules.
 
-The models come from `uno_engine.presets.critics.build_critic_model` and
-`uno_engine.presets.generators.build_generator`; this module only pairs them and sizes the batch.
+The models come from `uno_engine.testing.presets.critics.build_critic_model` and
+`uno_engine.testing.presets.generators.build_generator`; this module only pairs them and sizes the batch.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def build_preset(
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from uno_engine.presets.critics import build_critic_model
+    from uno_engine.testing.presets.critics import build_critic_model
 
     hf_model, processor = build_critic_model(spec.critic, device=device, dtype=dtype)
     if spec.generator == "janus":
@@ -284,7 +284,7 @@ def build_preset(
             generator = JanusGenerator(hf_model)
         make_batch = _janus_make_batch(hf_model, device)
     else:
-        from uno_engine.presets.generators import build_generator
+        from uno_engine.testing.presets.generators import build_generator
 
         generator, make_batch = build_generator(spec.generator, device=device, dtype=dtype)
     return Preset(

@@ -23,7 +23,7 @@ make_batch(batch_size, caption_len, vocab_size, *, generator=None) -> dict, rand
   "prompt_attention_mask": (B, S) int64 (DiTs only); "seed": an int that fixes the sampling noise and the
   drawn step.
 
-Janus generators are `JanusGenerator(model)` on a critic preset's model (uno_engine.presets.critics).
+Janus generators are `JanusGenerator(model)` on a critic preset's model (uno_engine.testing.presets.critics).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..generators import DiffusersGenerator
+from uno_engine.generators import DiffusersGenerator
 
 NAMES = ("tiny-sd", "tiny-sana", "tiny-pixart", "sd15", "sana-0.6b")
 
