@@ -81,14 +81,24 @@ def _fake_xformers():
         pass
 
     def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        """softmax(q k^T * scale + bias) v written out in float64, independent of SDPA, so the test checks
+        our adapter's layout, GQA and mask conversion against SDPA rather than SDPA against itself."""
+        ops.calls += 1
+        dtype = q.dtype
+        q, k, v = (t.transpose(1, 2).double() for t in (q, k, v))  # (B, H, L, D)
+        if k.shape[1] != q.shape[1]:  # GQA: xformers wants the heads expanded by the caller
+            raise AssertionError(f"fake xformers got {q.shape[1]} query heads and {k.shape[1]} kv heads")
+        s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
         if isinstance(attn_bias, torch.Tensor):
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
-        else:
-            causal = attn_bias is not None
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        return out.transpose(1, 2)
+            s = s + attn_bias.double()
+        elif attn_bias is not None:  # causal, aligned at the bottom right as xformers' mask classes are
+            lq, lk = s.shape[-2:]
+            keep = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+            s = s.masked_fill(~keep, float("-inf"))
+        out = torch.softmax(s, dim=-1) @ v
+        return out.transpose(1, 2).to(dtype)
 
+    ops.calls = 0
     ops.LowerTriangularMask = LowerTriangularMask
     ops.LowerTriangularFromBottomRightMask = LowerTriangularFromBottomRightMask
     ops.memory_efficient_attention = memory_efficient_attention
@@ -128,6 +138,7 @@ def test_xformers_registered_through_attention_interface(monkeypatch, name):
             outs.append(critic(CriticInputs(o["pixel_values"], o["image_grid_thw"]), caps, mask))
         else:
             outs.append(_run(critic))
+    assert ops.calls > 0, "the xformers backend never called memory_efficient_attention"
     assert attn.XFORMERS_NAME in AttentionInterface._global_mapping
     assert set(critic.attn_implementation.values()) == {attn.XFORMERS_NAME}
     valid = torch.ones_like(outs[0].caption_labels, dtype=torch.bool)

@@ -249,22 +249,30 @@ def test_unsupported_critic():
 
 
 def test_out_of_range_is_clamped_not_rejected(small_step):
+    """Values past input_range are clamped as the processor's uint8 path clamps them: the loss equals the
+    loss of the clamped image, and clamped pixels get no gradient."""
     step, critic, gen = small_step
-    big = CallableGenerator(lambda b: torch.tanh(gen.pixels) * 3.0, module=gen)
-    s = UNOStep(big, critic, UNOLoss(caption=1.0))
-    out = s(_batch(critic))
-    assert torch.isfinite(out.loss)
+    batch = _batch(critic)
+    x = (torch.tanh(gen.pixels.detach()) * 3.0).requires_grad_(True)
+    out = UNOStep(CallableGenerator(lambda b: x, module=gen), critic, UNOLoss(caption=1.0))(batch)
+    out.loss.backward()
+    clamped = x.detach().clamp(-1.0, 1.0)
+    ref = UNOStep(CallableGenerator(lambda b: clamped, module=gen), critic, UNOLoss(caption=1.0))(batch)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    outside = x.detach().abs() > 1.0
+    assert outside.any() and (~outside).any()
+    assert (x.grad[outside] == 0).all(), "clamped pixels must get no gradient"
+    assert x.grad[~outside].abs().sum() > 0
 
 
 def test_check_inputs_off_skips_the_check(small_step):
+    """A NaN image raises with the check on, and is passed through (no host read) with it off."""
     _, critic, gen = small_step
-    s = UNOStep(
-        CallableGenerator(lambda b: torch.tanh(gen.pixels), module=gen),
-        critic,
-        UNOLoss(),
-        UNOConfig(check_inputs=False),
-    )
-    s(_batch(critic, b=2))
+    bad = CallableGenerator(lambda b: torch.tanh(gen.pixels) * torch.tensor(float("nan")), module=gen)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        UNOStep(bad, critic, UNOLoss())(_batch(critic, b=2))
+    out = UNOStep(bad, critic, UNOLoss(), UNOConfig(check_inputs=False))(_batch(critic, b=2))
+    assert torch.isnan(out.images).all()
 
 
 def test_profile_timings(small_step):

@@ -71,7 +71,7 @@ class UNOStep(nn.Module):
         with timer.phase("generate"):
             images = self.generator(batch)
         if cfg.check_inputs:
-            check_step_inputs(images, batch)
+            check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
         with timer.phase("bridge"):
             inputs = self.critic.prepare(images, clamp=cfg.clamp, **bridge)
         with timer.phase("critic"):
@@ -91,9 +91,11 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_step_inputs(images: torch.Tensor, batch: dict) -> None:
+def check_step_inputs(images: torch.Tensor, batch: dict, vocab_size: int | None = None) -> None:
     """Clear errors, naming the argument, for bad step inputs. Shape and dtype checks are free; the
-    non-finite-image and empty-caption checks share ONE device->host read."""
+    non-finite-image, empty-caption and caption-id range checks share ONE device->host read. Caption ids
+    are checked against the critic's vocabulary (`vocab_size`) at every position, padding included (the
+    critic embeds padded positions too), before any embedding runs."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"generator output `images` must be (B, 3, H, W), got {shape}")
@@ -121,12 +123,22 @@ def check_step_inputs(images: torch.Tensor, batch: dict) -> None:
             f"got {tuple(mask.shape)}"
         )
     with torch.no_grad():
-        flags = [~torch.isfinite(images).all()]
+        out_of_vocab = (
+            (captions < 0) | (captions >= vocab_size) if vocab_size is not None else captions.new_zeros(())
+        )
+        flags = [~torch.isfinite(images).all(), out_of_vocab.any()]
         if mask is not None:
             flags.append((mask.sum(dim=1) == 0).any())
-        bad = torch.stack(flags).tolist()  # the one host read of the step
+        bad = torch.stack([f.to(images.device) for f in flags]).tolist()  # the one host read of the step
     if bad[0]:
         raise ValueError("generator output `images` contains NaN or Inf")
-    if len(bad) > 1 and bad[1]:
+    if bad[1]:
+        rows = out_of_vocab.any(dim=1).nonzero().flatten().tolist()
+        lo, hi = int(captions.min()), int(captions.max())
+        raise ValueError(
+            f"batch['captions'] holds token ids outside the critic's vocabulary [0, {vocab_size}) in rows "
+            f"{rows} (min {lo}, max {hi})"
+        )
+    if len(bad) > 2 and bad[2]:
         rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
         raise ValueError(f"batch['caption_mask'] marks an empty caption (no tokens) in rows {rows}")
