@@ -68,10 +68,11 @@ def check_images(images: torch.Tensor, owner: str) -> torch.Tensor:
     return images
 
 
-def draw_generator(batch: Mapping, default: torch.Generator | None) -> torch.Generator | None:
+def draw_generator(batch: Mapping, default: torch.Generator | None, salt: int = 0) -> torch.Generator | None:
     """The random source for one forward: batch["seed"] (an int, or a 0-d/1-element CPU tensor) makes a fresh
-    CPU generator; else batch["generator"] (a torch.Generator); else the generator given at construction;
-    else None (torch's global RNG)."""
+    CPU generator seeded with seed + salt (salt: a separate stream for a second use of the same batch); else
+    batch["generator"] (a torch.Generator); else the generator given at construction; else None (torch's
+    global RNG)."""
     seed = batch.get("seed") if isinstance(batch, Mapping) else None
     if seed is not None:
         if isinstance(seed, torch.Tensor):
@@ -80,7 +81,7 @@ def draw_generator(batch: Mapping, default: torch.Generator | None) -> torch.Gen
                     "batch['seed'] must be a Python int or a CPU tensor (a device tensor would sync)"
                 )
             seed = int(seed.reshape(-1)[0])
-        return torch.Generator("cpu").manual_seed(int(seed))
+        return torch.Generator("cpu").manual_seed(int(seed) + int(salt))
     g = batch.get("generator") if isinstance(batch, Mapping) else None
     if g is not None:
         if not isinstance(g, torch.Generator):

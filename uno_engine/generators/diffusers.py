@@ -9,7 +9,8 @@ ReFL / DRaFT-K style (ImageReward `ReFL.py`, DRaFT, AlignProp's randomized trunc
    `reference="images"`), skip that: the reference latents are noised straight to step `s`.
 3. Take `k_grad_steps` steps `s .. s+K-1` with grad (optionally gradient-checkpointed).
 4. Predict x0 from the last grad step (ReFL's pred-x0; with s+K = num_inference_steps it is DRaFT-K's final
-   sample), decode it with the VAE with grad: `vae.decode(x0 / scaling_factor + shift_factor)`.
+   sample), decode it with the VAE with grad (the family's map back to VAE latents, e.g.
+   `vae.decode(x0 / scaling_factor + shift_factor)`).
 
 Only the K grad steps and the decode keep activations. The sampler is deterministic: DDIM (eta=0) for
 schedulers with an `alphas_cumprod` table (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) and Euler for flow
@@ -17,7 +18,14 @@ matching (FlowMatchEulerDiscreteScheduler, or any scheduler configured for `flow
 supplies the timestep grid and the noise tables only; its `step()` is not called (it is stateful and not
 written for autograd). Both families are one update, `x_next = alpha_next * x0_hat + sigma_next * eps_hat`,
 with x_t = alpha_t * x0 + sigma_t * eps (DDPM: alpha = sqrt(abar), sigma = sqrt(1 - abar); flow:
-alpha = 1 - sigma).
+alpha = 1 - sigma). The tables are read from the scheduler after the family set its grid the way the family's
+pipeline does (FLUX / Qwen-Image / FLUX.2 resolution shift included), final value too (DDIM's
+`final_alpha_cumprod`), so the whole chain (`sample_latents`) equals the pipeline's `output_type="latent"`
+result for the same noise and steps (tests/test_pipeline.py: within 1e-4 relative for every family).
+
+Everything model-specific (the batch keys it reads, timestep scaling, FLUX's 2x2 token packing and position
+ids, SDXL's time ids, the VAE latent normalization) lives in the denoiser families,
+`uno_engine.generators.families` (one small file each).
 
 What is returned: the VAE decoder's raw output, (B, 3, H, W) in the VAE's dtype, nominally in [-1, 1]. It is
 NOT clamped: decoders overshoot slightly, and the bridge applies the engine's documented clamp policy
@@ -28,29 +36,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Generator, check_images, check_shape, draw_generator, randint, randn, require_key
+from uno_engine.latent.types import GeneratedLatents
 
-_SUPPORTED_DENOISERS = ("UNet2DConditionModel", "SanaTransformer2DModel", "PixArtTransformer2DModel")
+from .base import Generator, check_images, check_shape, draw_generator, rand, randint, randn, require_key
+from .families import DenoiserFamily, family_for
+
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
-def _denoiser_kind(denoiser: nn.Module) -> str:
-    for cls in type(denoiser).__mro__:
-        if cls.__name__ == "UNet2DConditionModel":
-            return "unet"
-        if cls.__name__ == "SanaTransformer2DModel":
-            return "sana"
-        if cls.__name__ == "PixArtTransformer2DModel":
-            return "pixart"
-    raise TypeError(
-        f"DiffusersGenerator: denoiser of class {type(denoiser).__name__} is not supported; supported: "
-        f"{', '.join(_SUPPORTED_DENOISERS)} (wrap anything else in CallableGenerator)"
-    )
+class GradStep(NamedTuple):
+    """One denoiser call of the last forward that ran with grad.
+
+    x_t: (B, C, h, w) fp32 denoiser latents fed to the call (carries grad from earlier grad steps when
+    K > 1; detach it to re-evaluate); t: the scheduler timestep (float); index: the step in the schedule;
+    cond: the conditioning dict (`DiffusersGenerator.conditioning`); prediction: (B, C, h, w) fp32, the
+    (guided) model output with grad."""
+
+    x_t: torch.Tensor
+    t: float
+    index: int
+    cond: dict
+    prediction: torch.Tensor
+
+
+def pipeline_denoiser(pipe) -> nn.Module:
+    """A diffusers pipeline's denoiser: `pipe.transformer` (DiTs) or `pipe.unet`."""
+    for attr in ("transformer", "unet"):
+        den = getattr(pipe, attr, None)
+        if den is not None:
+            return den
+    raise ValueError(f"{type(pipe).__name__} has no denoiser (neither pipe.transformer nor pipe.unet is set)")
 
 
 def _is_flow_scheduler(scheduler) -> bool:
@@ -62,34 +83,32 @@ def _is_flow_scheduler(scheduler) -> bool:
     )
 
 
-def _vae_scale_factor(vae: nn.Module) -> int:
-    cfg = vae.config
-    if "encoder_block_out_channels" in cfg:  # AutoencoderDC (Sana's DC-AE): one /2 per stage after the first
-        return 2 ** (len(cfg.encoder_block_out_channels) - 1)
-    return 2 ** (len(cfg.block_out_channels) - 1)  # AutoencoderKL and friends
-
-
 class DiffusersGenerator(Generator):
     """Text-to-image with a diffusers denoiser, trained through its last K sampling steps and the VAE decoder.
 
     Args:
-        denoiser: UNet2DConditionModel (SD-1.x/2.x), SanaTransformer2DModel (with AutoencoderDC, flow
-            matching) or PixArtTransformer2DModel (AutoencoderKL; a learned-sigma output keeps its first half
-            as the prediction). Its parameters with requires_grad=True are the trainable set (apply LoRA etc.
-            before wrapping).
+        denoiser: a denoiser one of the families in `uno_engine.generators.families` handles: SD-1.x/2.x and
+            SDXL (UNet2DConditionModel), SD3/SD3.5, FLUX.1, FLUX.2 (dev / Klein), Qwen-Image, SANA, PixArt.
+            Its parameters with requires_grad=True are the trainable set (apply LoRA etc. before wrapping).
         scheduler: a diffusers scheduler; gives the timestep grid and the noise tables (module docstring).
-        vae: AutoencoderKL or AutoencoderDC. Frozen here (requires_grad_(False)) unless train_vae=True; the
-            gradient always flows through its decoder to the latents.
+            Its grid is set the way the family's pipeline sets it (FLUX / Qwen-Image: sigmas linspace(1, 1/n,
+            n) and the resolution shift mu).
+        vae: the family's VAE (AutoencoderKL, AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLQwenImage).
+            Frozen here (requires_grad_(False)) unless train_vae=True; the gradient always flows through its
+            decoder to the latents.
         num_inference_steps: length of the sampling schedule.
         grad_window: (lo, hi) fractions of the schedule; the first grad step `s` is drawn uniformly from
             the steps in [lo * n, hi * n - K] (clipped to the schedule). (0.75, 1.0) = the last 25%;
             (1.0, 1.0) = always the last K steps (DRaFT-K); (0.0, 1.0) = anywhere (AlignProp "uniform").
         k_grad_steps: K, the number of denoiser calls that run with grad (activations kept) per image.
-        guidance_scale: classifier-free guidance; > 1 needs batch["negative_prompt_embeds"] and doubles every
-            denoiser call's batch (the grad steps too).
+        guidance_scale: classifier-free guidance; > 1 needs the batch's negative conditioning
+            ("negative_prompt_embeds", and "negative_pooled_prompt_embeds" where the family reads pooled
+            embeds) and doubles every denoiser call's batch (the grad steps too).
+        distilled_guidance: the embedded guidance value of guidance-distilled models (FLUX.1-dev: 3.5 by
+            default, FLUX.2-dev: 4.0); ignored by models without a guidance embedding. Not CFG: no extra call.
         height, width: output size in pixels (default: the denoiser's sample_size times the VAE's scale
-            factor); must be multiples of the VAE scale factor (times the DiT's patch size). Non-square is
-            fine.
+            factor; 1024 for DiTs without one). Must be multiples of (VAE factor x patch x packing); the
+            error names both.
         prediction_type: override the scheduler's ("epsilon" | "v_prediction" | "sample" | "flow").
         reference: noised-reference mode source: "latents" (default: use batch["reference_latents"] when
             present), "images" (also encode batch["reference_images"] with the VAE, without grad, when there
@@ -99,14 +118,33 @@ class DiffusersGenerator(Generator):
         train_vae: also train the VAE decoder (default False: frozen).
         generator: default random source (a torch.Generator); a batch's "seed" (int) or "generator" wins.
 
-    forward(batch) reads:
-        "prompt_embeds": (B, S, D) text-encoder states, D = the denoiser's caption/cross-attention width;
-        "prompt_attention_mask": (B, S) optional (1 keep, 0 pad); "negative_prompt_embeds" (+ mask) for CFG;
-        "reference_latents": (B, C, h, w) optional, already scaled like the denoiser's latents
-            ((vae_latent - shift_factor) * scaling_factor);
+    forward(batch, decode=True) reads (diffusers' names; which ones: `self.family.cond_keys`):
+        "prompt_embeds": (B, S, D) text-encoder states, D = `self.embed_dim`;
+        "pooled_prompt_embeds": (B, P) for SDXL, SD3 and FLUX.1 (a missing one is a KeyError naming it);
+        "prompt_attention_mask" (SD, SANA, PixArt) or "prompt_embeds_mask" (Qwen-Image): (B, S), optional;
+        "negative_*" of each for CFG; "add_time_ids": (B, 6) optional for SDXL;
+        "reference_latents": (B, C, h, w) optional, in denoiser-latent space (see below);
         "reference_images": (B, 3, H, W) in [-1, 1], optional;
         "seed" / "generator": optional random source.
-    and returns images (B, 3, H, W) in the VAE's dtype, nominally [-1, 1], not clamped.
+    and returns images (B, 3, H, W) in the VAE's dtype, nominally [-1, 1], not clamped; with decode=False it
+    returns the x0 prediction of the last grad step as denoiser latents (B, C, h, w) fp32, with grad, without
+    running the VAE (`generate_latents`); `decode_latents(latents)` decodes such latents with grad.
+
+    Denoiser latents are always spatial (B, C, h, w) fp32 in the denoiser's normalized space: scaled/shifted
+    VAE latents (SD, SDXL, SD3, FLUX.1, SANA, PixArt), per-channel normalized (Qwen-Image), or 2x2-patchified
+    and batch-norm normalized (FLUX.2: C = 128 at 1/16 of the pixels); FLUX.1 / Qwen-Image's token packing
+    happens inside the denoiser call. `latent_size`, `latent_channels` give (h, w) and C;
+    `encode_images` / `decode_latents` map pixels to and from this space.
+
+    Hooks for other objectives:
+        denoising_loss(batch) -> 0-d fp32 tensor: the model's own training loss on real pairs (see there).
+        last_grad_steps: after a forward, one `GradStep(x_t, t, index, cond, prediction)` per grad step
+            (prediction with grad), e.g. for a KL penalty to a frozen model (DRaFT+).
+        predict(x_t, t, cond, denoiser=None): one (guided) denoiser call at scheduler timestep t (float or
+            (B,) tensor) with conditioning `cond` (from `conditioning(batch)` or a GradStep), optionally with
+            another denoiser of the same family (a frozen copy), or under peft's `disable_adapter()`.
+        conditioning(batch, cfg=None) -> dict: the checked, dtype-cast conditioning one call needs.
+        sample_latents(batch, noise=None): the whole deterministic chain without grad -> final latents.
     After a call, `last_step_index` holds the drawn start step s and `last_timestep` its timestep value.
     """
 
@@ -120,6 +158,7 @@ class DiffusersGenerator(Generator):
         grad_window: tuple[float, float] = (0.75, 1.0),
         k_grad_steps: int = 1,
         guidance_scale: float = 1.0,
+        distilled_guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
         prediction_type: str | None = None,
@@ -129,7 +168,15 @@ class DiffusersGenerator(Generator):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        self.kind = _denoiser_kind(denoiser)
+        if vae is None:
+            raise ValueError(
+                "DiffusersGenerator: vae is None; a VAE is needed to decode the latents into images (a pipeline "
+                "loaded without its VAE cannot be trained here)"
+            )
+        if scheduler is None:
+            raise ValueError("DiffusersGenerator: scheduler is None; pass the pipeline's scheduler")
+        self.family: DenoiserFamily = family_for(denoiser, vae)
+        self.kind = self.family.name
         self.denoiser = denoiser
         self.vae = vae
         self.scheduler = scheduler
@@ -140,14 +187,12 @@ class DiffusersGenerator(Generator):
         if not isinstance(k_grad_steps, int) or not 1 <= k_grad_steps <= num_inference_steps:
             raise ValueError(
                 "DiffusersGenerator: k_grad_steps must be an int in "
-                f"[1, num_inference_steps={num_inference_steps}], "
-                f"got {k_grad_steps!r}"
+                f"[1, num_inference_steps={num_inference_steps}], got {k_grad_steps!r}"
             )
         lo, hi = (float(v) for v in grad_window)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(
-                "DiffusersGenerator: grad_window must be (lo, hi) with 0 <= lo <= hi <= 1, "
-                f"got {grad_window!r}"
+                f"DiffusersGenerator: grad_window must be (lo, hi) with 0 <= lo <= hi <= 1, got {grad_window!r}"
             )
         if guidance_scale < 1.0:
             raise ValueError(
@@ -161,9 +206,28 @@ class DiffusersGenerator(Generator):
         self.k_grad_steps = k_grad_steps
         self.grad_window = (lo, hi)
         self.guidance_scale = float(guidance_scale)
+        self.options = {} if distilled_guidance is None else {"distilled_guidance": float(distilled_guidance)}
         self.reference = reference
         self.gradient_checkpointing = gradient_checkpointing
         self.default_generator = generator
+        self.last_grad_steps: list[GradStep] = []
+
+        # --- shapes ---
+        fam = self.family
+        self.latent_channels = fam.latent_channels
+        self.vae_scale_factor = fam.vae_scale_factor
+        self.pixels_per_latent = fam.pixels_per_latent
+        self.embed_dim = fam.embed_dim
+        default_px = fam.default_latent_size() * fam.vae_scale_factor
+        self.height = int(height if height is not None else default_px)
+        self.width = int(width if width is not None else default_px)
+        mult = fam.pixels_per_latent * fam.latent_multiple
+        if self.height < mult or self.width < mult or self.height % mult or self.width % mult:
+            raise ValueError(
+                f"DiffusersGenerator: height={self.height}, width={self.width} must be positive multiples of "
+                f"{mult} for {fam.name} (VAE factor {fam.vae_scale_factor} x patch x packing: "
+                f"{fam.pixels_per_latent // fam.vae_scale_factor * fam.latent_multiple})"
+            )
 
         # --- prediction type and the schedule: python floats, so forward never syncs ---
         self.is_flow = _is_flow_scheduler(scheduler)
@@ -173,8 +237,7 @@ class DiffusersGenerator(Generator):
             prediction_type = "flow"
         if prediction_type not in _PREDICTION_TYPES:
             raise ValueError(
-                f"DiffusersGenerator: prediction_type must be one of {_PREDICTION_TYPES}, "
-                f"got {prediction_type!r}"
+                f"DiffusersGenerator: prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}"
             )
         if (prediction_type == "flow") != self.is_flow:
             raise ValueError(
@@ -182,100 +245,91 @@ class DiffusersGenerator(Generator):
                 f"{type(scheduler).__name__} ({'flow matching' if self.is_flow else 'DDPM-family'})"
             )
         self.prediction_type = prediction_type
-        scheduler.set_timesteps(num_inference_steps)
+        n, k = num_inference_steps, k_grad_steps
+        fam.set_timesteps(scheduler, n, self.latent_size)
         timesteps = [float(t) for t in scheduler.timesteps.detach().cpu().tolist()]
-        if len(timesteps) != num_inference_steps:
+        if len(timesteps) != n:
             raise ValueError(
-                f"DiffusersGenerator: scheduler {type(scheduler).__name__} gives {len(timesteps)} "
-                f"timesteps for num_inference_steps={num_inference_steps} (higher-order schedulers repeat "
-                "steps); use DDIM / "
+                f"DiffusersGenerator: scheduler {type(scheduler).__name__} gives {len(timesteps)} timesteps for "
+                f"num_inference_steps={n} (higher-order schedulers repeat steps); use DDIM / "
                 "FlowMatchEulerDiscreteScheduler"
             )
+        self.num_train_timesteps = int(scheduler.config.get("num_train_timesteps", 1000) or 1000)
         if self.is_flow:
-            sig = [float(s) for s in scheduler.sigmas.detach().cpu().tolist()][:num_inference_steps]
-            self._alphas = [1.0 - s for s in sig] + [1.0]
-            self._sigmas = sig + [0.0]
+            sig = [float(s) for s in scheduler.sigmas.detach().cpu().tolist()]
+            sig = sig[: n + 1] if len(sig) > n else sig[:n] + [0.0]
+            self._sigmas = sig
+            self._alphas = [1.0 - s for s in sig]
+            self._abar = None
         else:
             abar = scheduler.alphas_cumprod.detach().cpu().double()
-            a = [float(abar[int(round(t))]) for t in timesteps]
-            self._alphas = [math.sqrt(v) for v in a] + [1.0]
-            self._sigmas = [math.sqrt(1.0 - v) for v in a] + [0.0]
+            final = getattr(scheduler, "final_alpha_cumprod", None)
+            final = 1.0 if final is None else float(final)
+            a = [float(abar[int(round(t))]) for t in timesteps] + [final]
+            self._alphas = [math.sqrt(v) for v in a]
+            self._sigmas = [math.sqrt(1.0 - v) for v in a]
+            self._abar = abar.float()
         self._timesteps = timesteps
-        n, k = num_inference_steps, k_grad_steps
         self._s_lo = min(int(math.floor(lo * n)), n - k)
         self._s_hi = max(self._s_lo, min(int(math.ceil(hi * n)), n) - k)
-
-        # --- shapes ---
-        dcfg = denoiser.config
-        self.latent_channels = int(dcfg.in_channels)
-        self.vae_scale_factor = _vae_scale_factor(vae)
-        self.patch_size = int(getattr(dcfg, "patch_size", None) or 1)
-        if self.kind == "unet":
-            cad = dcfg.cross_attention_dim
-            self.embed_dim = int(cad if isinstance(cad, int) else cad[0])
-        else:
-            self.embed_dim = int(dcfg.caption_channels or dcfg.cross_attention_dim)
-        sample = dcfg.sample_size
-        sample = sample if isinstance(sample, int) else sample[0]
-        self.height = int(height if height is not None else sample * self.vae_scale_factor)
-        self.width = int(width if width is not None else sample * self.vae_scale_factor)
-        mult = self.vae_scale_factor * self.patch_size
-        if self.height % mult or self.width % mult:
-            raise ValueError(
-                f"DiffusersGenerator: height={self.height}, width={self.width} must be multiples of {mult} "
-                f"(VAE scale factor {self.vae_scale_factor} x patch size {self.patch_size})"
-            )
-        self.scaling_factor = float(vae.config.get("scaling_factor", 1.0) or 1.0)
-        shift = vae.config.get("shift_factor", None)
-        self.shift_factor = float(shift) if shift is not None else 0.0
 
         if not train_vae:
             vae.requires_grad_(False)
 
+    @classmethod
+    def from_pipeline(cls, pipe, **options) -> DiffusersGenerator:
+        """A generator over a loaded diffusers pipeline: its denoiser (`pipe.transformer` or `pipe.unet`), its
+        VAE and a copy of its scheduler (the generator sets the grid on the copy; the pipeline's stays as
+        it was); `options` go to the constructor. Errors: a pipeline without a VAE or a scheduler (ValueError
+        naming it), an unsupported denoiser (TypeError listing the families). Text prompts:
+        `uno_engine.generators.encode_prompts(pipe, prompts)`."""
+        name = type(pipe).__name__
+        vae = getattr(pipe, "vae", None)
+        if vae is None:
+            raise ValueError(
+                f"from_pipeline: {name} has no VAE (pipe.vae is None); the generator decodes latents with it, "
+                "so load the pipeline with its VAE"
+            )
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None:
+            raise ValueError(f"from_pipeline: {name} has no scheduler (pipe.scheduler is None)")
+        scheduler = type(scheduler).from_config(scheduler.config)
+        return cls(pipeline_denoiser(pipe), scheduler, vae, **options)
+
     # ------------------------------------------------------------------------------------------------------
     @property
     def latent_size(self) -> tuple[int, int]:
-        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        return self.height // self.pixels_per_latent, self.width // self.pixels_per_latent
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return super().trainable_parameters()
 
-    def _call_denoiser(self, x, t: float, cond: dict) -> torch.Tensor:
-        """One denoiser call on latents x (B, C, h, w) fp32 at timestep value t -> prediction (B, C, h, w)
-        fp32."""
-        emb, mask = cond["embeds"], cond["mask"]
-        dtype = self.denoiser.dtype
+    def predict(self, x_t: torch.Tensor, t, cond: dict, denoiser: nn.Module | None = None) -> torch.Tensor:
+        """The (guided, when `cond` was built with CFG) model output at x_t (B, C, h, w) and scheduler
+        timestep t (a float, or a (B,) tensor) -> (B, C, h, w) fp32. `denoiser`: another module of the same
+        family to call instead (a frozen reference copy); default `self.denoiser`."""
+        return self._call_denoiser(x_t, t, cond, denoiser=denoiser)
+
+    def _call_denoiser(self, x, t, cond: dict, denoiser: nn.Module | None = None) -> torch.Tensor:
+        den = self.denoiser if denoiser is None else denoiser
+        dtype = den.dtype
         xin = x.to(dtype)
-        if self.guidance_scale > 1.0:
-            xin = torch.cat([xin, xin])
-        tt = torch.full((xin.shape[0],), t, device=x.device, dtype=torch.float32)
-        if self.kind == "unet":
-            out = self.denoiser(
-                xin, tt, encoder_hidden_states=emb, encoder_attention_mask=mask, return_dict=False
-            )[0]
-        elif self.kind == "sana":
-            tt = tt * float(self.denoiser.config.get("timestep_scale", 1.0) or 1.0)
-            out = self.denoiser(
-                xin, encoder_hidden_states=emb, timestep=tt, encoder_attention_mask=mask, return_dict=False
-            )[0]
-        else:  # pixart
-            out = self.denoiser(
-                xin,
-                encoder_hidden_states=emb,
-                timestep=tt,
-                added_cond_kwargs=cond["added"],
-                encoder_attention_mask=mask,
-                return_dict=False,
-            )[0]
-        out = out.float()
+        B = x.shape[0]
+        if isinstance(t, torch.Tensor):
+            tt = t.to(device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+        else:
+            tt = torch.full((B,), float(t), device=x.device, dtype=torch.float32)
+        if cond["cfg"]:
+            xin, tt = torch.cat([xin, xin]), torch.cat([tt, tt])
+        out = self.family.call(den, xin, self.family.model_timestep(tt), cond).float()
         if out.shape[1] == 2 * self.latent_channels:  # learned sigma (PixArt): first half is the prediction
             out = out[:, : self.latent_channels]
-        if self.guidance_scale > 1.0:
+        if cond["cfg"]:
             uncond, text = out.chunk(2)
-            out = uncond + self.guidance_scale * (text - uncond)
+            out = self.family.guide(uncond, text, self.guidance_scale)
         return out
 
-    def _x0_eps(self, x, out, alpha: float, sigma: float):
+    def _x0_eps(self, x, out, alpha, sigma):
         """(x0_hat, eps_hat) from the model output under x = alpha * x0 + sigma * eps."""
         p = self.prediction_type
         if p == "epsilon":
@@ -283,122 +337,206 @@ class DiffusersGenerator(Generator):
         if p == "v_prediction":
             return alpha * x - sigma * out, sigma * x + alpha * out
         if p == "sample":
-            return out, (x - alpha * out) / max(sigma, 1e-12)
+            return out, (x - alpha * out) / (
+                sigma.clamp_min(1e-12) if torch.is_tensor(sigma) else max(sigma, 1e-12)
+            )
         return x - sigma * out, x + alpha * out  # flow: v = eps - x0
 
     def _step(self, x, i: int, cond: dict):
-        """Step i: x_i -> (x_{i+1}, x0_hat_i)."""
+        """Step i: x_i -> (x_{i+1}, x0_hat_i, model output)."""
         out = self._call_denoiser(x, self._timesteps[i], cond)
         x0, eps = self._x0_eps(x, out, self._alphas[i], self._sigmas[i])
-        return self._alphas[i + 1] * x0 + self._sigmas[i + 1] * eps, x0
+        return self._alphas[i + 1] * x0 + self._sigmas[i + 1] * eps, x0, out
 
-    def _conditioning(self, batch: Mapping) -> dict:
-        name = type(self).__name__
+    def conditioning(self, batch: Mapping, cfg: bool | None = None) -> dict:
+        """The conditioning of one denoiser call, from the batch: each of `family.cond_keys` checked
+        ((B, S, D) / (B, P) / (B, S)), cast to the denoiser's dtype (masks kept), with the negative rows in
+        front when `cfg` (default: guidance_scale > 1); plus the family's size-derived inputs. Keys:
+        diffusers' names, plus "rows" (B or 2B), "batch_size" (B), "cfg", "latent_hw"."""
+        name = f"{type(self).__name__} ({self.family.name})"
+        cfg = self.guidance_scale > 1.0 if cfg is None else bool(cfg)
         emb = require_key(batch, "prompt_embeds", name)
-        check_shape(emb, 'batch["prompt_embeds"]', name, (None, None, self.embed_dim))
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 3:
+            check_shape(emb, 'batch["prompt_embeds"]', name, (None, None, self.embed_dim))
         B, S = emb.shape[:2]
-        mask = batch.get("prompt_attention_mask")
-        if mask is not None:
-            check_shape(mask, 'batch["prompt_attention_mask"]', name, (B, S))
         dtype = self.denoiser.dtype
-        emb = emb.to(dtype)
-        if self.guidance_scale > 1.0:
-            neg = batch.get("negative_prompt_embeds")
-            if neg is None:
-                raise KeyError(
-                    f'{name}: guidance_scale={self.guidance_scale} > 1 needs batch["negative_prompt_embeds"] '
-                    "(the unconditional text states, same shape as prompt_embeds)"
-                )
-            check_shape(neg, 'batch["negative_prompt_embeds"]', name, (B, S, self.embed_dim))
-            emb = torch.cat([neg.to(dtype), emb])
-            if mask is not None:
-                nmask = batch.get("negative_prompt_attention_mask")
-                nmask = torch.ones_like(mask) if nmask is None else nmask
-                check_shape(nmask, 'batch["negative_prompt_attention_mask"]', name, (B, S))
-                mask = torch.cat([nmask, mask])
-        added = None
-        if self.kind == "pixart":
-            added = {"resolution": None, "aspect_ratio": None}
-            if getattr(self.denoiser, "use_additional_conditions", False):
-                rows = emb.shape[0]
-                added = {
-                    "resolution": torch.tensor([self.height, self.width], dtype=dtype)
-                    .repeat(rows, 1)
-                    .to(emb.device),
-                    "aspect_ratio": torch.tensor([self.height / self.width], dtype=dtype)
-                    .repeat(rows, 1)
-                    .to(emb.device),
-                }
-        return {"embeds": emb, "mask": mask, "added": added, "batch_size": B}
+        cond: dict = {"rows": 2 * B if cfg else B, "batch_size": B, "cfg": cfg, "latent_hw": self.latent_size}
+        for ck in self.family.cond_keys:
+            want = (B,) + tuple(S if d == "S" else self.embed_dim if d == "D" else d for d in ck.shape)
+            v = batch.get(ck.key)
+            if v is None:
+                if ck.required:
+                    require_key(batch, ck.key, name)
+                continue
+            check_shape(v, f"batch[{ck.key!r}]", name, want)
+            v = v if ck.mask else v.to(dtype)
+            if cfg:
+                neg = batch.get(ck.negative)
+                if neg is None:
+                    if not (ck.mask or not ck.required):
+                        raise KeyError(
+                            f"{name}: guidance_scale={self.guidance_scale} > 1 needs batch[{ck.negative!r}] (the "
+                            f"unconditional counterpart of {ck.key!r}, same shape)"
+                        )
+                    neg = torch.ones_like(v) if ck.mask else v
+                check_shape(neg, f"batch[{ck.negative!r}]", name, want)
+                v = torch.cat([neg if ck.mask else neg.to(dtype), v])
+            cond[ck.key] = v
+        self.family.extra_conditioning(cond, self.height, self.width, self.options)
+        return cond
 
-    def _reference_latents(self, batch: Mapping, B: int, g) -> torch.Tensor | None:
+    def _reference_latents(self, batch: Mapping, B: int) -> torch.Tensor | None:
         name = type(self).__name__
         if self.reference == "off":
             return None
         ref = batch.get("reference_latents")
         if ref is not None:
-            check_shape(ref, 'batch["reference_latents"]', name, (B, self.latent_channels, None, None))
+            check_shape(ref, 'batch["reference_latents"]', name, (B, self.latent_channels, *self.latent_size))
             return ref.detach().float()
         if self.reference == "images" and batch.get("reference_images") is not None:
             imgs = batch["reference_images"]
-            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, None, None))
+            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, self.height, self.width))
             return self.encode_images(imgs)
         return None
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """VAE-encode images (B, 3, H, W) in [-1, 1] to denoiser latents (deterministic: the posterior
-        mode)."""
-        enc = self.vae.encode(images.to(self.vae.dtype))
-        if hasattr(enc, "latent_dist"):
-            z = enc.latent_dist.mode()
-        elif hasattr(enc, "latent"):
-            z = enc.latent
-        else:
-            z = enc[0]
-            z = z.mode() if hasattr(z, "mode") else z
-        return (z.float() - self.shift_factor) * self.scaling_factor
+        """VAE-encode images (B, 3, H, W) in [-1, 1] to denoiser latents (B, C, h, w) fp32, deterministic (the
+        posterior mode), without grad."""
+        return self.family.encode_images(self.vae, images)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Denoiser latents -> images (B, 3, H, W), with grad, not clamped."""
-        z = latents / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        """Denoiser latents (B, C, h, w) -> images (B, 3, H, W) in the VAE's dtype, with grad, not clamped."""
+        return self.family.decode_latents(self.vae, latents)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        cond = self._conditioning(batch)
-        B = cond["batch_size"]
-        device = cond["embeds"].device
+    def _start(self, batch: Mapping, cond: dict, g, s: int, noise: torch.Tensor | None = None):
+        B, device = cond["batch_size"], cond["prompt_embeds"].device
+        ref = self._reference_latents(batch, B) if noise is None else None
+        if ref is not None:  # noised-reference mode: x_s = alpha_s * x0_ref + sigma_s * noise
+            eps = randn(ref.shape, generator=g, device=device, dtype=torch.float32)
+            return self._alphas[s] * ref.to(device) + self._sigmas[s] * eps, s
+        if noise is None:
+            h, w = self.latent_size
+            noise = randn((B, self.latent_channels, h, w), generator=g, device=device, dtype=torch.float32)
+        check_shape(noise, "noise", type(self).__name__, (B, self.latent_channels, *self.latent_size))
+        return noise.to(device=device, dtype=torch.float32), 0
+
+    def generate_latents(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Sample to the drawn step s without grad, run the K grad steps, and return the last grad step's x0
+        prediction as denoiser latents (B, C, h, w) fp32 with grad (no VAE). Fills `last_grad_steps`."""
+        cond = self.conditioning(batch)
         g = draw_generator(batch, self.default_generator)
         s = randint(self._s_lo, self._s_hi, generator=g)
-        self.last_step_index = s
-        self.last_timestep = self._timesteps[s]
-
-        ref = self._reference_latents(batch, B, g)
-        if ref is not None:  # noised-reference mode: x_s = alpha_s * x0_ref + sigma_s * noise
-            noise = randn(ref.shape, generator=g, device=device, dtype=torch.float32)
-            x = self._alphas[s] * ref.to(device) + self._sigmas[s] * noise
-        else:
-            h, w = self.latent_size
-            x = randn((B, self.latent_channels, h, w), generator=g, device=device, dtype=torch.float32)
+        self.last_step_index, self.last_timestep = s, self._timesteps[s]
+        x, start = self._start(batch, cond, g, s)
+        if start < s:
             with torch.no_grad():
-                for i in range(s):
-                    x, _ = self._step(x, i, cond)
+                for i in range(start, s):
+                    x, _, _ = self._step(x, i, cond)
         x = x.detach()
-
-        x0 = None
+        x0, steps = None, []
         with torch.enable_grad():
             for i in range(s, s + self.k_grad_steps):
+                x_in = x
                 if self.gradient_checkpointing:
-                    x, x0 = checkpoint(self._step, x, i, cond, use_reentrant=False)
+                    x, x0, out = checkpoint(self._step, x, i, cond, use_reentrant=False)
                 else:
-                    x, x0 = self._step(x, i, cond)
+                    x, x0, out = self._step(x, i, cond)
+                steps.append(GradStep(x_in, self._timesteps[i], i, cond, out))
+        self.last_grad_steps = steps
+        return x0
+
+    def forward(self, batch: Mapping[str, torch.Tensor], decode: bool = True) -> torch.Tensor:
+        x0 = self.generate_latents(batch)
+        if not decode:
+            return x0
+        with torch.enable_grad():
             images = self.decode_latents(x0)
         return check_images(images, type(self).__name__)
 
+    @torch.no_grad()
+    def sample_latents(self, batch: Mapping, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole deterministic chain (DDIM eta=0 / flow Euler), no grad: from `noise` (B, C, h, w) (default:
+        drawn from the batch's seed) to the final latents x_n (B, C, h, w) fp32 in denoiser-latent space."""
+        cond = self.conditioning(batch)
+        g = draw_generator(batch, self.default_generator)
+        x, _ = self._start({}, cond, g, 0, noise=noise)  # {}: never noised-reference mode here
+        for i in range(self.num_inference_steps):
+            x, _, _ = self._step(x, i, cond)
+        return x
+
+    def denoising_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own training loss on real pairs, 0-d fp32 with grad to the trainable parameters:
+        mean over all elements of (prediction - target)^2 at a random timestep per row.
+
+        x0 = batch["reference_latents"] (B, C, h, w), or batch["reference_images"] (B, 3, H, W) in [-1, 1]
+        VAE-encoded under no_grad; conditioning from the batch, without CFG. DDPM-family: t ~ U{0..T-1},
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps / v = alpha eps - sigma x0 / x0 as the
+        prediction type says. Flow: sigma ~ U(0, 1), t = sigma T, x_t = (1 - sigma) x0 + sigma eps, target
+        eps - x0. The draws come from the batch's seed + 1 (a stream apart from the sampling's)."""
+        name = f"{type(self).__name__}.denoising_loss"
+        cond = self.conditioning(batch, cfg=False)
+        B, device = cond["batch_size"], cond["prompt_embeds"].device
+        x0 = batch.get("reference_latents")
+        if x0 is not None:
+            check_shape(x0, 'batch["reference_latents"]', name, (B, self.latent_channels, *self.latent_size))
+            x0 = x0.detach().float()
+        elif batch.get("reference_images") is not None:
+            imgs = batch["reference_images"]
+            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, self.height, self.width))
+            x0 = self.encode_images(imgs)
+        else:
+            raise KeyError(
+                f'{name}: needs batch["reference_latents"] (B, C, h, w) or batch["reference_images"] (B, 3, H, W) '
+                f"in [-1, 1] (the real images of the pairs); batch has keys {sorted(batch)}"
+            )
+        g = draw_generator(batch, self.default_generator, salt=1)
+        T = self.num_train_timesteps
+        if self.is_flow:
+            sigma = rand((B,), generator=g, device=device)
+            t, alpha = sigma * T, 1.0 - sigma
+        else:
+            gcpu = g if (g is not None and g.device.type == "cpu") else None
+            ti = torch.randint(0, T, (B,), generator=gcpu)
+            abar = self._abar[ti].to(device)
+            t, alpha, sigma = ti.float().to(device), abar.sqrt(), (1.0 - abar).sqrt()
+        eps = randn(x0.shape, generator=g, device=device, dtype=torch.float32)
+        a, s = alpha.view(B, 1, 1, 1), sigma.view(B, 1, 1, 1)
+        x0 = x0.to(device)
+        x_t = a * x0 + s * eps
+        pred = self._call_denoiser(x_t, t, cond)
+        target = {
+            "epsilon": lambda: eps,
+            "v_prediction": lambda: a * eps - s * x0,
+            "sample": lambda: x0,
+            "flow": lambda: eps - x0,
+        }[self.prediction_type]()
+        return (pred - target).pow(2).mean()
+
+    def latents_for_critic(self, batch: Mapping[str, torch.Tensor]) -> GeneratedLatents:
+        """The latent view (`UNOConfig(view="latent")`, uno_engine.latent): `generate_latents` plus the last grad
+        step's output x_{i+1} = alpha_{i+1} x0_hat + sigma_{i+1} eps_hat (the noised latent at sigma_{i+1}; at
+        the end of the schedule the final sample, at the scheduler's final noise level: 0 for flow matching),
+        both with grad, and a lazy `decode()`. Nothing is decoded."""
+        x0 = self.generate_latents(batch)
+        last = self.last_grad_steps[-1]
+        i = last.index
+        x0_hat, eps = self._x0_eps(last.x_t, last.prediction, self._alphas[i], self._sigmas[i])
+        xt = self._alphas[i + 1] * x0_hat + self._sigmas[i + 1] * eps
+        t_next = self._timesteps[i + 1] if i + 1 < len(self._timesteps) else 0.0
+        return GeneratedLatents(
+            kind="latents",
+            grid=self.latent_size,
+            x0=x0,
+            xt=xt,
+            sigma_t=float(self._sigmas[i + 1]),
+            timestep=t_next,
+            decode=lambda: self.decode_latents(x0),
+        )
+
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind}, prediction_type={self.prediction_type}, steps={self.num_inference_steps}, "
+            f"family={self.kind}, prediction_type={self.prediction_type}, steps={self.num_inference_steps}, "
             f"k_grad_steps={self.k_grad_steps}, grad_window={self.grad_window}, "
-            f"guidance_scale={self.guidance_scale}, "
-            f"size={self.height}x{self.width}"
+            f"guidance_scale={self.guidance_scale}, size={self.height}x{self.width}"
         )

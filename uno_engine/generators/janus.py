@@ -35,6 +35,11 @@ on these generation modules; the VQ model is always frozen (as Janus ships it); 
 model freezes it, and this generator freezes it too (requires_grad_(False)) unless train="all", the explicit
 request to train the LM as well (it then also receives the critic path's gradient).
 
+Latent view (`UNOConfig(view="latent")`): `latents_for_critic(batch)` runs steps 1-3 only and returns
+`uno_engine.latent.GeneratedLatents(kind="tokens")`: the straight-through distribution y (B, N, V_img) (fp32)
+and the tokens; the critic's LM then reads y through the generation embedding (uno_engine/critics/janus.py),
+and step 4 (the VQ decoder) runs only if something calls its `decode()`.
+
 Returns (B, 3, H, W) images in the VQ decoder's dtype, H = W = num_patches * 2**(len(channel_multiplier) - 1)
 (384 for Janus-Pro), nominally in [-1, 1] and NOT clamped (the bridge applies the engine's clamp policy).
 """
@@ -47,6 +52,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from uno_engine.latent.types import GeneratedLatents
 
 from .base import Generator, check_images, check_shape, draw_generator, rand, require_key
 
@@ -220,6 +227,24 @@ class JanusGenerator(Generator):
         return ids, mask, B
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits, gumbel, tokens = self._train_logits(batch)
+        y = self._straight_through(logits, gumbel, tokens)
+        return check_images(self._decode_probs(y), type(self).__name__)
+
+    def latents_for_critic(self, batch: Mapping[str, torch.Tensor]) -> GeneratedLatents:
+        """The latent view (`UNOConfig(view="latent")`): steps 1-3 only, no VQ decode. Returns
+        `GeneratedLatents(kind="tokens")` with the straight-through token distribution (B, N, V_img) (forward:
+        one-hot of the sampled tokens; backward: the Gumbel-softmax gradient to the generation head and,
+        through the teacher-forced pass, to the generation embeddings / aligner / LM per `train`) and a lazy
+        `decode()` (step 4, with grad) for whoever asks for pixels."""
+        logits, gumbel, tokens = self._train_logits(batch)
+        y = self._straight_through(logits, gumbel, tokens)
+        return GeneratedLatents(
+            kind="tokens", grid=self.grid, token_probs=y, tokens=tokens, decode=lambda: self._decode_probs(y)
+        )
+
+    def _train_logits(self, batch: Mapping[str, torch.Tensor]):
+        """Steps 1-2: -> (logits (B, N, V_img) fp32 with grad, gumbel (B, N, V_img), tokens (B, N))."""
         inner = self._inner
         ids, mask, B = self._prompts(batch)
         N = self.num_image_tokens
@@ -267,7 +292,49 @@ class JanusGenerator(Generator):
                     full = torch.cat([prompt_embeds, img_embeds.to(prompt_embeds.dtype)], dim=1)
                     hidden, _ = self._lm(full, full_mask, pos, use_cache=False)
                 logits = self._gen_logits(hidden[:, S - 1 :])  # (B, N, V): position p predicts token p+1
-            return check_images(self._straight_through_decode(logits, gumbel, tokens), type(self).__name__)
+        return logits, gumbel, tokens
+
+    def denoising_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Janus's own training loss on real pairs, 0-d fp32: the mean cross-entropy of the generation head's
+        logits against the reference image's N VQ tokens, teacher-forced after the prompt (the conditional
+        prompt only: no CFG). Tokens: batch["reference_image_tokens"] (B, N), or batch["reference_images"]
+        (B, 3, H, W) in [-1, 1] VQ-encoded under no_grad. Grad reaches the modules `train` selects (with
+        "gen_head" the LM pass runs without a graph)."""
+        name = f"{type(self).__name__}.denoising_loss"
+        inner = self._inner
+        ids = require_key(batch, "gen_input_ids", name)
+        B, S = ids.shape
+        N = self.num_image_tokens
+        tokens = batch.get("reference_image_tokens")
+        if tokens is None and batch.get("reference_images") is not None:
+            imgs = batch["reference_images"]
+            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, None, None))
+            with torch.no_grad():
+                vq = inner.vqmodel
+                tokens = vq.encode(imgs.to(vq.quant_conv.weight.dtype)).image_tokens.reshape(B, -1)
+        if tokens is None:
+            raise KeyError(
+                f'{name}: needs batch["reference_image_tokens"] (B, {N}) or batch["reference_images"] '
+                f"(B, 3, H, W) in [-1, 1]; batch has keys {sorted(batch)}"
+            )
+        check_shape(tokens, 'batch["reference_image_tokens"]', name, (B, N))
+        tokens = tokens.to(ids.device).long()
+        mask = batch.get("gen_attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(ids.device).long()
+        pos = torch.cat(
+            [
+                (mask.cumsum(1) - 1).clamp(min=0),
+                mask.sum(1, keepdim=True) + torch.arange(N - 1, device=ids.device),
+            ],
+            dim=1,
+        )
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, N - 1)], dim=1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_mode != "gen_head"):
+            prompt = inner.language_model.get_input_embeddings()(ids)
+            img = self.model.prepare_embeddings_for_image_generation(tokens[:, :-1])
+            hidden, _ = self._lm(torch.cat([prompt, img.to(prompt.dtype)], dim=1), full_mask, pos)
+        logits = inner.generation_head(hidden[:, S - 1 :]).float()  # (B, N, V_img)
+        return F.cross_entropy(logits.reshape(B * N, -1), tokens.reshape(-1))
 
     @torch.no_grad()
     def _sample(self, prompt_embeds, mask, prompt_len, gumbel, B: int, keep_hidden: bool):
@@ -293,15 +360,21 @@ class JanusGenerator(Generator):
             h = hidden[:, -1]
         return tokens, (torch.stack(hiddens, dim=1) if keep_hidden else None)
 
-    def _straight_through_decode(self, logits, gumbel, tokens):
-        """Steps 3-4: straight-through Gumbel-softmax (sampling noise) -> codebook vectors -> VQ decoder."""
-        B, N, V = logits.shape
-        soft = torch.softmax((logits / self.temperature + gumbel) / self.tau, dim=-1)
-        y = F.one_hot(tokens, V).to(soft.dtype) + soft - soft.detach()  # forward: exactly the sampled tokens
+    def _straight_through(self, logits, gumbel, tokens):
+        """Step 3: straight-through Gumbel-softmax with the sampling noise -> y (B, N, V_img)."""
+        with torch.enable_grad():
+            V = logits.shape[-1]
+            soft = torch.softmax((logits / self.temperature + gumbel) / self.tau, dim=-1)
+            return F.one_hot(tokens, V).to(soft.dtype) + soft - soft.detach()  # forward: the sampled tokens
+
+    def _decode_probs(self, y):
+        """Step 4: token distribution y (B, N, V_img) -> codebook vectors -> VQ decoder -> (B, 3, H, W)."""
+        B = y.shape[0]
         vq = self._inner.vqmodel
-        codebook = F.normalize(vq.quantize.embedding.weight, p=2, dim=-1)  # (V, D), as get_codebook_entry
-        z = (y.to(codebook.dtype) @ codebook).view(B, *self.grid, -1).permute(0, 3, 1, 2).contiguous()
-        return vq.decoder(vq.post_quant_conv(z))
+        with torch.enable_grad():
+            codebook = F.normalize(vq.quantize.embedding.weight, p=2, dim=-1)  # (V, D), as get_codebook_entry
+            z = (y.to(codebook.dtype) @ codebook).view(B, *self.grid, -1).permute(0, 3, 1, 2).contiguous()
+            return vq.decoder(vq.post_quant_conv(z))
 
     def extra_repr(self) -> str:
         return (
