@@ -1,11 +1,11 @@
-"""Benchmark: fused linear + cross-entropy (issue 4), forward + backward with a frozen head.
+"""Benchmark: fused linear + cross-entropy, forward + backward with a frozen head.
 
 Providers: eager (F.linear + F.cross_entropy in the input dtype), torch.compile of eager, torch's native
 F.linear_cross_entropy with chunking options (where the installed torch has it), cut-cross-entropy exact mode
 (no gradient filtering) and liger-kernel (where installed), and ours (uno_engine.ops.linear_cross_entropy):
-  ours            the default dispatch (on CUDA: Triton, gradient in forward with cuBLAS GEMMs)
-  ours_recompute  UNO_LCE_IMPL=recompute (online-LSE forward kernel, backward recomputing logit tiles)
-  ours_c<C>       the default dispatch with UNO_LCE_GIF_CHUNK_ROWS=C (see --gif-chunk-rows): the memory /
+  ours            the default dispatch (impl="auto": gradient in forward; Triton on CUDA, torch on the CPU)
+  ours_recompute  impl="recompute" (forward keeps the log-sum-exp, the backward recomputes the logits)
+  ours_c<C>       the default dispatch with UNO_LCE_CHUNK_ROWS=C (see --chunk-rows): the memory /
                   speed trade-off of the gradient-in-forward chunk size
 A provider that is not installed is reported as skipped with the reason; one that raises is reported as
 failed with the exception (and printed to stderr), never silently dropped.
@@ -13,15 +13,17 @@ failed with the exception (and printed to stderr), never silently dropped.
 Reported per (provider, N): median fwd+bwd time, model TFLOP/s (2 GEMMs of 2*N*V*H: logits and dhidden; our
 recompute is not counted) against the matmul ceiling measured in the same run, and peak memory: peak bytes
 above the start of the step minus the returned dhidden ("extra"), and without that subtraction ("total"),
-each also as a % of the eager fp32 N x V logits (issue 4's target is <= 2%). CUDA: torch.cuda peak stats.
+each also as a % of the eager fp32 N x V logits (the target is <= 2%). CUDA: torch.cuda peak stats.
 CPU: the profiler's allocation events (the same measurement as
 tests/test_linear_cross_entropy.py::test_cpu_memory_torch_path).
 
     python benchmarks/bench_linear_cross_entropy.py        # CUDA: bf16, V=152064, H=3584, N in {2048, 8192}
     # ours vs recompute, and the gradient-in-forward chunk-size sweep:
     python benchmarks/bench_linear_cross_entropy.py --n 8192 --providers eager ours ours_recompute
-        --gif-chunk-rows 256 512 1024 --rep 5
+        --chunk-rows 256 512 1024 --rep 5
     python benchmarks/bench_linear_cross_entropy.py --n 2048 --v 32000 --h 1024   # the CPU memory shape
+    python benchmarks/bench_linear_cross_entropy.py --n 128 --v 32000 --h 768 --providers eager ours ours_recompute
+                                                    # the CPU mid preset's caption shape
 CPU defaults are small and use the torch path only (the Triton interpreter is never timed).
 """
 
@@ -90,24 +92,19 @@ def _make_providers(device: str) -> dict:
         )
     backend = "auto" if cuda else "torch"
     out["ours"] = (lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend), None)
-    if cuda:
-
-        def recompute(h, w, y):
-            with _env(UNO_LCE_IMPL="recompute"):  # read by the forward call; the backward follows the graph
-                return linear_cross_entropy(h, w, y, backend="triton")
-
-        out["ours_recompute"] = (recompute, None)
-    else:
-        out["ours_recompute"] = (None, "needs CUDA (the Triton interpreter is never timed)")
+    out["ours_recompute"] = (
+        lambda h, w, y: linear_cross_entropy(h, w, y, impl="recompute", backend=backend),
+        None,
+    )
     return out
 
 
-def _gif_chunk_provider(rows: int, cuda: bool):
+def _chunk_provider(rows: int, cuda: bool):
     if not cuda:
         return None, "needs CUDA (the Triton interpreter is never timed)"
 
     def fn(h, w, y):
-        with _env(UNO_LCE_GIF_CHUNK_ROWS=rows):
+        with _env(UNO_LCE_CHUNK_ROWS=rows):
             return linear_cross_entropy(h, w, y, backend="triton")
 
     return fn, None
@@ -211,12 +208,14 @@ def main(argv=None):
         default=list(ALL_PROVIDERS) if cuda else ["eager", "native", "ours"],
     )
     p.add_argument(
-        "--gif-chunk-rows",
+        "--chunk-rows",
+        "--gif-chunk-rows",  # former name, kept for benchmarks/gpu_kernels.sh
+        dest="chunk_rows",
         type=int,
         nargs="*",
         default=[],
         metavar="C",
-        help="also time ours with UNO_LCE_GIF_CHUNK_ROWS=C, as providers ours_c<C> (CUDA only)",
+        help="also time ours with UNO_LCE_CHUNK_ROWS=C, as providers ours_c<C> (CUDA only)",
     )
     p.add_argument(
         "--check",
@@ -236,8 +235,8 @@ def main(argv=None):
     meta.update(ceilings=ceilings, shape={"V": args.v, "H": args.h, "dtype": args.dtype, "frozen_head": True})
     providers = _make_providers(device)
     names = list(args.providers)
-    for rows in args.gif_chunk_rows:
-        providers[f"ours_c{rows}"] = _gif_chunk_provider(rows, device == "cuda")
+    for rows in args.chunk_rows:
+        providers[f"ours_c{rows}"] = _chunk_provider(rows, device == "cuda")
         names.append(f"ours_c{rows}")
     if _optional.cut_cross_entropy.available:
         meta["cut_cross_entropy"] = _optional.cut_cross_entropy.version

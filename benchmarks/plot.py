@@ -7,7 +7,8 @@
     python benchmarks/plot.py                       # all results files -> results/step_throughput.png
     python benchmarks/plot.py FILE.json ... --out plot.png
 
-matplotlib is optional (uno_engine[bench]): without it this script says so and exits 0.
+matplotlib is a dependency of uno_engine (so `python benchmarks/step_throughput.py` after `pip install -e .`
+draws this picture); without it this script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(
             f"plot.py: matplotlib is not installed ({e}); no plot drawn. Install it with "
-            "`pip install matplotlib` (or `pip install -e .[bench]`)."
+            "`pip install matplotlib` (a dependency of `pip install -e .`)."
         )
         return 0
 
@@ -177,8 +178,20 @@ def main(argv=None) -> int:
                     fontsize=7,
                 )
     if presets:
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 5), frameon=False)
+        # one legend for every preset panel (the union of their phases), right of the panels; the figure is
+        # saved with a tight bounding box, so the legend is never cut off whatever the panel count
+        legend = {}
+        for ax in axes[: len(presets)]:
+            for h, lbl in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(lbl, h)
+        fig.legend(
+            list(legend.values()),
+            list(legend),
+            fontsize=8,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            frameon=False,
+        )
     if kernel_rows:
         ax = axes[-1]
         labels = [lbl for lbl, _ in kernel_rows]
@@ -190,12 +203,12 @@ def main(argv=None) -> int:
         ax.set_xlabel("fraction of the ceiling measured in the same run")
         ax.set_title("kernel roofline", fontsize=9)
         ax.set_xlim(0, max(1.05, max(fracs) * 1.05))
-    else:
+    elif not args.files:
         print("plot.py: no kernel benchmark results with a roofline fraction; the kernel panel is left out")
-    fig.tight_layout(rect=(0, 0.08 if presets else 0, 1, 1))
+    fig.tight_layout()
     out = args.out or RESULTS_DIR / "step_throughput.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"plot.py: wrote {out}")
     return 0
 

@@ -20,9 +20,10 @@ GEMM with fp32 accumulation over V. `_lce_dweight_kernel` adds the chunk's dW = 
 dbias into fp32 buffers (each program owns one BLOCK_V x BLOCK_H tile: no atomics); it is skipped when
 the head is frozen. So the frozen-head backward is one fused recompute kernel plus one GEMM per chunk.
 
-Gradient in forward ("gif", the default when a gradient is needed; `linear_cross_entropy_gif`): tokens in
-chunks of C rows (`gif_chunk_rows`). Per chunk: logits_c = hidden_c @ weight.T (+ bias) as one cuBLAS GEMM in
-the input dtype (fp32 accumulation inside), then `_lce_gif_rows_kernel` (one program per row, two passes
+Gradient in forward (`linear_cross_entropy_grad_in_forward`, the default when a gradient is needed): tokens
+in chunks of C rows (`grad_in_forward_chunk_rows`). Per chunk: logits_c = hidden_c @ weight.T (+ bias) as one
+cuBLAS GEMM in the input dtype (fp32 accumulation inside), then `_lce_grad_rows_kernel` (one program per row,
+two passes
 over V in fp32 registers) writes the per-token loss and overwrites logits_c in place with dloss_i/dz (the
 "unit" gradient, upstream gradient 1; softcap chain rule included; 0 for ignored rows); then
 dhidden_c = grad_c @ weight (cuBLAS) into an N x H buffer in the input dtype, and, for a trainable head,
@@ -36,13 +37,16 @@ logit tiles in the backward), Liger-Kernel's fused linear cross-entropy (chunkin
 the forward, the label-smoothing and z-loss gradients, fp32 accumulation of dW), flash-attention's
 cross-entropy (split LSE).
 
-Interpreter notes (TRITON_INTERPRET=1): tanh is written with exp (no libdevice); fp32 dots ask for
+Launchers take every setting as an argument (chunk rows included); nothing here reads the environment.
+CPU tensors mean the Triton interpreter (TRITON_INTERPRET=1, the only way Triton runs on the CPU): smaller
+tiles. Zero tokens (N = 0) launch nothing and return empty results.
+
+Interpreter notes: tanh is written with exp (no libdevice); fp32 dots ask for
 input_precision="ieee" so the GPU matches the exact interpreter; bf16 dots only run on a GPU.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -335,7 +339,7 @@ def _lce_dweight_kernel(
 
 
 @triton.jit
-def _lce_gif_rows_kernel(
+def _lce_grad_rows_kernel(
     z_ptr,  # (C, V) in: logits in the input dtype; out (WRITE_GRAD): dloss/dz for upstream gradient 1
     loss_ptr,  # (C,) fp32 out: loss per token (0 where ignored)
     labels_ptr,  # (C,) int64
@@ -431,17 +435,18 @@ def _scale_kernel(
 # ------------------------------------------------------------------------------------------------ launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _interpreting(device: torch.device) -> bool:
+    """CPU tensors reach a Triton kernel only under the interpreter."""
+    return device.type != "cuda"
 
 
 def _np2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _settings(N: int, V: int, H: int, dtype: torch.dtype) -> dict:
+def _settings(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes, warps and stages for the logit-tile kernels (one helper; no autotuning)."""
-    if _interpreting():
+    if _interpreting(device):
         # Numpy runs each program in turn: few, mid-sized programs are fastest and still cover the masks.
         return dict(
             BLOCK_N=max(16, min(32, _np2(N))),
@@ -475,7 +480,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _n_splits(n_blocks: int, n_vtiles: int, device: torch.device) -> tuple[int, int]:
     """(splits, tiles per split) of the vocabulary so that the forward grid has about 2 programs per SM."""
-    if _interpreting() or device.type != "cuda":
+    if _interpreting(device):
         target = 3 * n_blocks  # a few splits, so the merge is exercised by the CPU tests
     else:
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -485,8 +490,8 @@ def _n_splits(n_blocks: int, n_vtiles: int, device: torch.device) -> tuple[int, 
 
 
 def backward_chunk_rows(N: int, V: int, elem_size: int, block_n: int) -> int:
-    """Tokens per backward chunk: the C x V scratch stays under max(N*V*4/64, 64 MiB) bytes (1.6% of the fp32
-    logits at the issue's GPU shape), in whole token blocks, at least one block."""
+    """Tokens per backward chunk: the C x V scratch stays under max(N*V*4/64, 64 MiB) bytes (1/64 of the fp32
+    logits once N*V*4 > 4 GiB), in whole token blocks, at least one block."""
     budget = max(N * V * 4 // 64, 64 << 20)
     rows = max(block_n, budget // (V * elem_size) // block_n * block_n)
     return min(rows, triton.cdiv(N, block_n) * block_n)
@@ -514,7 +519,10 @@ def linear_cross_entropy_forward(
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _settings(N, V, H, hidden.dtype)
+    if N == 0:
+        empty = hidden.new_empty((0,), dtype=torch.float32)
+        return empty, hidden.new_empty((2, 0), dtype=torch.float32)
+    cfg = _settings(N, V, H, hidden.dtype, hidden.device)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     splits, per_split = _n_splits(n_blocks, triton.cdiv(V, cfg["BLOCK_V"]), hidden.device)
     part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
@@ -573,24 +581,24 @@ def linear_cross_entropy_backward(
     need_dhidden: bool,
     need_dweight: bool,
     need_dbias: bool,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients for an upstream gradient g of the per-token losses.
 
     Args:
         g: (N,) fp32, dL/dloss[n] (already 0 for ignored tokens and divided by the count for "mean").
         hidden, weight, labels, bias: as in the forward. lse: (2, N) fp32 from the forward.
+        chunk_rows: tokens per chunk (None: `backward_chunk_rows`).
     Returns:
         dhidden (N, H) in hidden.dtype, dweight (V, H) fp32, dbias (V,) fp32; None where not needed.
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _settings(N, V, H, hidden.dtype)
+    cfg = _settings(N, V, H, hidden.dtype, hidden.device)
     bn, bv, bk = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_K"]
     prec = _dot_precision(hidden.dtype)
-    chunk = backward_chunk_rows(N, V, hidden.element_size(), bn)
-    if _CHUNK_ROWS_OVERRIDE:  # tests: force several chunks on small shapes
-        chunk = _CHUNK_ROWS_OVERRIDE
-    dz = torch.empty((min(chunk, N), V), device=hidden.device, dtype=hidden.dtype)
+    chunk = chunk_rows or backward_chunk_rows(max(N, 1), V, hidden.element_size(), bn)
+    dz = torch.empty((max(min(chunk, N), 1), V), device=hidden.device, dtype=hidden.dtype)
     dh = torch.empty((N, H), device=hidden.device, dtype=hidden.dtype) if need_dhidden else None
     dw = torch.zeros((V, H), device=hidden.device, dtype=torch.float32) if need_dweight else None
     db = torch.zeros((V,), device=hidden.device, dtype=torch.float32) if need_dbias else None
@@ -658,33 +666,23 @@ def linear_cross_entropy_backward(
     return dh, dw, db
 
 
-_CHUNK_ROWS_OVERRIDE: int | None = None
+# ------------------------------------------------------------------------------------ gradient in forward
 
-# ------------------------------------------------------------------------------ gradient in forward (gif)
-
-# logits chunk budget with a frozen head (issue 4's shape: 256 rows, 1.56% of N*V*4)
-GIF_CHUNK_BYTES = 80_000_000
-GIF_CHUNK_ROWS_ENV = "UNO_LCE_GIF_CHUNK_ROWS"  # force C (tests, benchmark sweeps)
+# logits chunk budget with a frozen head
+GRAD_IN_FORWARD_CHUNK_BYTES = 80_000_000
 
 
-def gif_chunk_rows(N: int, V: int, H: int, elem_size: int, need_dweight: bool) -> int:
+def grad_in_forward_chunk_rows(N: int, V: int, H: int, elem_size: int, need_dweight: bool) -> int:
     """Tokens per chunk C of the gradient-in-forward path.
 
     Frozen head: the largest power of two with C * V * elem_size <= 80 MB, clamped to [64, 2048]: 256 rows at
-    V=152064 in bf16, a 77.9 MB chunk: the op's peak memory beyond its output (the N x H gradient) is 1.56% of
-    the 4.98 GB fp32 logits at N=8192, under issue 4's 2%. Measured on an H200 (bench, N=8192, H=3584): 128
-    rows 41.0 ms, 256 rows 31.9 ms, 512 rows 31.3 ms (but 3.1% of the logits); each chunk streams W twice,
-    so small chunks are bound by W's reads. With a trainable head the fp32 dW buffer (V x H) dominates
-    memory and every chunk reads and writes it once, so the budget grows to V * H * 4 / 8 (fewer, longer
-    dW GEMMs). The env var UNO_LCE_GIF_CHUNK_ROWS overrides both. Never more than N.
+    V=152064 in bf16, a 77.9 MB chunk, 1.56% of the 4.98 GB fp32 logits at N=8192. Each chunk streams W
+    twice (logits GEMM, dhidden GEMM), so small chunks are bound by W's reads; the GPU sweep
+    (benchmarks/bench_linear_cross_entropy.py --chunk-rows) found 256 rows within a few percent of 512 at
+    half the memory. With a trainable head the fp32 dW buffer (V x H) dominates memory and every chunk reads
+    and writes it once, so the budget grows to V * H * 4 / 8 (fewer, longer dW GEMMs). Never more than N.
     """
-    forced = os.environ.get(GIF_CHUNK_ROWS_ENV)
-    if forced:
-        rows = int(forced)
-        if rows < 1:
-            raise ValueError(f"{GIF_CHUNK_ROWS_ENV} must be a positive integer, got {forced!r}")
-        return min(rows, max(N, 1))
-    budget = GIF_CHUNK_BYTES
+    budget = GRAD_IN_FORWARD_CHUNK_BYTES
     if need_dweight:
         budget = max(budget, V * H * 4 // 8)
     rows = max(1, budget // max(V * elem_size, 1))
@@ -692,8 +690,8 @@ def gif_chunk_rows(N: int, V: int, H: int, elem_size: int, need_dweight: bool) -
     return min(max(rows, 64), 2048, max(N, 1))
 
 
-def _gif_rows_settings(V: int) -> dict:
-    if _interpreting():
+def _grad_rows_settings(V: int, device: torch.device) -> dict:
+    if _interpreting(device):
         # Numpy runs programs one by one: many rows per program; a few blocks per row even at test sizes, so
         # the online merge and the tail mask run.
         return dict(BLOCK_N=16, BLOCK_V=max(16, min(512, _np2(V))), num_warps=4)
@@ -734,7 +732,7 @@ def _accumulate_dweight(dw: torch.Tensor, grad_c: torch.Tensor, h_c: torch.Tenso
     dw.addmm_(grad_c.t().float(), h_c.float())
 
 
-def linear_cross_entropy_gif(
+def linear_cross_entropy_grad_in_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -747,6 +745,7 @@ def linear_cross_entropy_gif(
     need_dhidden: bool,
     need_dweight: bool,
     need_dbias: bool,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-token loss and the gradients for an upstream gradient of 1 on every token, in one pass.
 
@@ -754,6 +753,7 @@ def linear_cross_entropy_gif(
         hidden: (N, H) fp32/fp16/bf16, any strides. weight: (V, H), same dtype and device. labels: (N,) int64
         in [0, V) or ignore_index. bias: (V,) or None. softcap: None or > 0.
         need_dhidden / need_dweight / need_dbias: which gradients to form (none: the loss only).
+        chunk_rows: tokens per chunk (None: `grad_in_forward_chunk_rows`).
     Returns:
         loss: (N,) fp32, 0 where labels == ignore_index.
         dhidden: (N, H) in hidden.dtype, dloss[n]/dhidden[n] (0 rows where ignored), or None.
@@ -763,13 +763,17 @@ def linear_cross_entropy_gif(
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     write_grad = need_dhidden or need_dweight or need_dbias
-    chunk = gif_chunk_rows(N, V, H, hidden.element_size(), need_dweight)
-    logits = torch.empty((min(chunk, N), V), device=dev, dtype=dtype)
+    chunk = (
+        min(chunk_rows, max(N, 1))
+        if chunk_rows
+        else grad_in_forward_chunk_rows(N, V, H, hidden.element_size(), need_dweight)
+    )
+    logits = torch.empty((max(min(chunk, N), 1), V), device=dev, dtype=dtype)
     loss = torch.empty((N,), device=dev, dtype=torch.float32)
     dh = torch.empty((N, H), device=dev, dtype=dtype) if need_dhidden else None
     dw = torch.zeros((V, H), device=dev, dtype=torch.float32) if need_dweight else None
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_dbias else None
-    cfg = _gif_rows_settings(V)
+    cfg = _grad_rows_settings(V, dev)
     weight_t = weight.t()
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
@@ -779,7 +783,7 @@ def linear_cross_entropy_gif(
             torch.addmm(bias, h_c, weight_t, out=z)
         else:
             torch.mm(h_c, weight_t, out=z)
-        _lce_gif_rows_kernel[(triton.cdiv(c1 - c0, cfg["BLOCK_N"]),)](
+        _lce_grad_rows_kernel[(triton.cdiv(c1 - c0, cfg["BLOCK_N"]),)](
             z,
             loss[c0:c1],
             labels[c0:c1],
@@ -815,7 +819,7 @@ def scale_rows_(x: torch.Tensor, g: torch.Tensor) -> None:
     """
     if x.numel() == 0:
         return
-    block_max = 1024 if _interpreting() else 4096
+    block_max = 1024 if _interpreting(x.device) else 4096
     g = g.to(torch.float32).contiguous()
     if g.numel() == 1:
         assert x.is_contiguous(), "scale_rows_ with one factor needs a contiguous x"

@@ -40,8 +40,6 @@ and the gradient-in-forward trick of Liger-Kernel's fused linear cross-entropy.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 import triton
 import triton.language as tl
@@ -451,11 +449,12 @@ def _scale_grads_kernel(
 # ------------------------------------------------------------------------------------------------ settings
 @dataclasses.dataclass(frozen=True)
 class RegressionConfig:
-    """Launch settings of the fused regression kernels (`regression_settings` holds the ones in force).
+    """Launch settings of the fused regression kernels, passed by the op (`uno_engine.ops.regression.
+    kernel_config`: an override, the environment's UNO_REGRESSION_CONFIG, or these defaults).
 
-    Defaults from the H200 sweep (`bench_regression.py --configs`, 3 bf16 terms of 32x729x1152, GPU time):
-    tile=2048, cos_tile=2048, num_warps=4, group=8: 0.218 ms (86% of copy bandwidth); the previous defaults
-    (4096, 4096, 8 warps, group 4) 0.241 ms; tile 8192 / group 2 0.248 ms; per_sm=-1 0.281 ms."""
+    Defaults from the H200 sweep (`bench_regression.py --configs`, 3 bf16 terms of 32x729x1152; results in
+    benchmarks/results/bench_regression-nvidia_h200.*): tile 2048, cos_tile 2048, 4 warps, group 8 reached
+    86% of the copy bandwidth, ahead of larger tiles, 8 warps, fewer groups and per_sm=-1."""
 
     tile: int = 2048  # elements of an mse / smooth_l1 tile (BLOCK_R x BLOCK_D)
     cos_tile: int = 2048  # lanes of a cosine tile (BLOCK_R x next_pow2(D))
@@ -499,15 +498,6 @@ class RegressionConfig:
             if getattr(self, f.name) != getattr(base, f.name)
         ]
         return ",".join(diff) or "default"
-
-
-@functools.cache
-def regression_settings() -> RegressionConfig:
-    """THE launch settings: `RegressionConfig()`'s defaults, or the environment variable
-    UNO_REGRESSION_CONFIG ('tile=8192,per_sm=-1', read once). `benchmarks/bench_regression.py --configs`
-    sweeps configurations on a GPU; set the defaults from its result (benchmarks/results)."""
-    text = os.environ.get("UNO_REGRESSION_CONFIG", "")
-    return RegressionConfig.parse(text) if text else RegressionConfig()
 
 
 def _pow2_divisor(n: int, cap: int) -> int:

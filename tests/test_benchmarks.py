@@ -1,12 +1,12 @@
 """Smoke test of the main benchmark on the CPU: `benchmarks/step_throughput.py` on the tiny preset with very
-few steps, in a subprocess (benchmarks are never imported by tests), then its JSON, `--compare` and `plot.py`.
+few steps, in a subprocess (benchmarks are never imported by tests), then its JSON, its picture, `--compare`,
+`plot.py`, and a provider added from outside (the plug-in interface of benchmarks/_step.py).
 
 It checks the plumbing and the figures' consistency, not speed (no timing assertions)."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -72,10 +72,12 @@ def test_step_throughput_tiny_writes_results(tiny_results):
     assert meta["ceilings"]["matmul_TFLOPs"] > 0 and meta["ceilings"]["copy_GBps"] > 0
     assert path.with_suffix(".csv").exists()
     by = {r["provider"]: r for r in rows}
-    assert set(by) == {"generation-only", "eager", "engine"}, sorted(
-        by
-    )  # compile providers skipped on the CPU
-    assert "compile providers" in proc.stderr  # ... with a printed note
+    # compile providers are skipped on the CPU, with a printed note
+    assert set(by) == {"generation-only", "eager", "engine"}, sorted(by)
+    note = next(line for line in proc.stderr.splitlines() if line.startswith("note: providers"))
+    assert "eager+compile, engine+compile" in note and "do not run by default on the CPU" in note, note
+    # the checkpoint policy the critic runs: "auto" resolved to "none" for the tiny critic (0.4 MiB/image)
+    assert by["eager"]["checkpoint"] == "none" and by["engine"]["checkpoint"] == "none"
     for prov, r in by.items():
         assert not r.get("error"), f"{prov}: {r['error']}"
         assert r["preset"] == "tiny" and r["batch"] >= 1 and r["steps"] == 2
@@ -95,8 +97,21 @@ def test_step_throughput_tiny_writes_results(tiny_results):
     assert by["engine"]["time_vs_eager"] == pytest.approx(
         by["engine"]["median_ms"] / by["eager"]["median_ms"]
     )
-    # the table is printed at the end
+    # the table is printed at the end, and the goals with their figures
     assert "median_ms" in proc.stdout and "overhead_pct" in proc.stdout and "engine" in proc.stdout
+    goals = {g["goal"]: g for g in meta["goals"]}
+    t_goal = goals["CPU: step time <= 1.1x eager"]
+    assert t_goal["measured"] == pytest.approx(by["engine"]["time_vs_eager"], abs=1e-3)
+    assert t_goal["status"] == ("met" if by["engine"]["time_vs_eager"] <= 1.1 else "MISSED")
+
+
+def test_step_throughput_draws_the_phase_picture(tiny_results):
+    """The README's first command draws the per-phase PNG beside the results (matplotlib is a dependency)."""
+    path, proc = tiny_results
+    png = path.parent / "step_throughput.png"
+    assert png.exists() and png.stat().st_size > 10_000, _explain(proc)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in proc.stdout
 
 
 def test_compare_flags_regressions(tiny_results, tmp_path):
@@ -125,10 +140,6 @@ def test_rejects_too_few_steps():
     assert proc.returncode == 2 and "--allow-few-steps" in proc.stderr, _explain(proc)
 
 
-HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-
-
-@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed (an optional `bench` extra)")
 def test_plot_draws_png(tiny_results, tmp_path):
     path, _ = tiny_results
     png = tmp_path / "plot.png"
@@ -212,3 +223,45 @@ def test_cached_sampling_janus_matches_janus_generator():
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.isfinite(g).all() and g.abs().sum() > 0
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+PROBE_PROVIDER = """
+import sys
+sys.path.insert(0, {bench!r})
+import _step
+import step_throughput
+
+
+@_step.provider("probe", default_on=(), doc="the engine with the torch backend (a plug-in provider)")
+def probe(preset, loss):
+    from uno_engine import UNOConfig, UNOStep
+
+    return UNOStep(preset.generator, preset.make_critic("selective"), loss, UNOConfig(backend="torch"))
+
+
+try:
+    _step.provider("probe")(probe)
+except ValueError as e:
+    print("duplicate refused:", e)
+sys.exit(step_throughput.main(sys.argv[1:]))
+"""
+
+
+def test_a_provider_plugs_in_with_a_decorator(tmp_path):
+    """A provider registered from outside with `@_step.provider` gets a full row (time, overhead, phases,
+    peak, ratios to eager) and its critic's checkpoint policy; it runs only when named (default_on=())."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE_PROVIDER.format(bench=str(BENCH)))
+    common = ["--preset", "tiny", "--steps", "1", "--warmup", "1", "--profile-steps", "1"]
+    common += ["--allow-few-steps", "--device", "cpu", "--quick-ceilings", "--no-plot"]
+    proc = _run([str(script), *common, "--providers", "eager,probe", "--out-dir", str(tmp_path)])
+    assert proc.returncode == 0, _explain(proc)
+    assert "duplicate refused: provider 'probe' is already registered" in proc.stdout
+    assert not (tmp_path / "step_throughput.png").exists()  # --no-plot
+    rows = json.loads(next(tmp_path.glob("step_throughput-tiny-*.json")).read_text())["rows"]
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"generation-only", "eager", "probe"}, sorted(by)
+    probe = by["probe"]
+    assert not probe.get("error") and probe["checkpoint"] == "selective", probe
+    assert probe["median_ms"] > 0 and probe["peak_MB"] > 0 and probe["phase_critic_bwd_ms"] >= 0
+    assert probe["time_vs_eager"] == pytest.approx(probe["median_ms"] / by["eager"]["median_ms"])

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from uno_engine.critics import CHECKPOINT_POLICIES, Critic
+from uno_engine.critics import checkpointing as ckpt
 from uno_engine.memory import track_peak_memory
 from uno_engine.testing.presets.critics import (
     _clip_vision,
@@ -286,3 +287,83 @@ def test_projection_hooks_do_not_mutate_state_under_compile():
     with st.activate():  # eager: counted
         ck._enter_recomputed(None, ())
     assert st._in_skip == 1
+
+
+# --------------------------------------------------------------------------------------- checkpoint="auto"
+def test_auto_estimate_counts_the_shapes_and_matches_what_none_keeps():
+    """The estimate is layers x tokens x hidden x SAVED_PER_TOKEN x element size, counted here from the
+    configs by hand, and within 0.67-1.5x of what a "none" critic forward actually keeps per image."""
+    model, processor = _small_llava()
+    critic = Critic.from_hf(model, processor, checkpoint="none")
+    est = critic.activation_estimate()
+    # CLIP 112 px / patch 14: 64 patch tokens, 8 layers of width 64; LM: 64 image + 64 caption tokens,
+    # 8 layers of width 96; fp32
+    want = (8 * 64 * 64 + 8 * (64 + ckpt.NOMINAL_CAPTION_TOKENS) * 96) * ckpt.SAVED_PER_TOKEN * 4
+    assert est.bytes_per_image == want, est
+    B = 4
+    images = (torch.rand(B, 3, 112, 112) * 2 - 1).requires_grad_(True)
+    caps = torch.randint(0, 400, (B, ckpt.NOMINAL_CAPTION_TOKENS))
+    inputs = critic.prepare(images, backend="torch")
+    with track_peak_memory("cpu") as m:
+        out = critic(inputs, caps)
+    del out
+    ratio = m.peak_bytes / B / est.bytes_per_image
+    assert 0.67 <= ratio <= 1.5, (m.peak_bytes / B, est.bytes_per_image)
+
+
+@pytest.mark.parametrize(
+    ("bytes_per_image", "policy"),
+    [
+        (ckpt.AUTO_SELECTIVE_BYTES - ckpt.SAVED_PER_TOKEN, "none"),
+        (ckpt.AUTO_SELECTIVE_BYTES, "selective"),
+        (ckpt.AUTO_LAYER_BYTES - ckpt.SAVED_PER_TOKEN, "selective"),
+        (ckpt.AUTO_LAYER_BYTES, "layer"),
+    ],
+)
+def test_auto_thresholds(bytes_per_image, policy):
+    # one stack of 1 layer x 1 token x h, 1-byte elements: bytes = h x SAVED_PER_TOKEN
+    est = ckpt.ActivationEstimate((("LM", 1, 1, bytes_per_image // ckpt.SAVED_PER_TOKEN),), 1)
+    assert est.bytes_per_image == bytes_per_image
+    got, reason = ckpt.choose_auto_policy(est)
+    assert got == policy and reason.startswith(policy) and "MiB per image" in reason
+
+
+def test_auto_from_hf_chooses_wraps_and_logs_once(monkeypatch, caplog):
+    """Small critic: "auto" is "none" (no layer wrapped). With the threshold below its estimate: "selective",
+    the layers are wrapped and the gradient equals "none"'s; the decision is logged once and listed by
+    uno_engine.info."""
+    import logging
+
+    from uno_engine import info
+
+    model, processor = _small_llava()
+    small = Critic.from_hf(model, processor)  # the default is "auto"
+    assert small.checkpoint_policy == "none" and "none, as" in small.checkpoint_reason
+    assert not any("_uno_inner" in layer.__dict__ for layer in small._checkpoint_layers())
+
+    monkeypatch.setattr(ckpt, "AUTO_SELECTIVE_BYTES", 1 << 20)
+    monkeypatch.setattr(ckpt, "_AUTO_DECISIONS", {})
+    with caplog.at_level(logging.INFO, logger="uno_engine"):
+        critics = [Critic.from_hf(model, processor, checkpoint="auto") for _ in range(2)]
+    assert all(c.checkpoint_policy == "selective" for c in critics)
+    assert all("_uno_inner" in layer.__dict__ for layer in critics[0]._checkpoint_layers())
+    logged = [r for r in caplog.records if "checkpoint='auto'" in r.getMessage()]
+    assert len(logged) == 1 and "selective" in logged[0].getMessage()
+    assert critics[0].checkpoint_reason in info.collect()["checkpoint auto"]
+
+    images0 = torch.rand(2, 3, 112, 112) * 2 - 1
+    caps = torch.randint(0, 400, (2, 16))
+    grads = []
+    for critic in (critics[0], Critic.from_hf(model, processor, checkpoint="none")):
+        images = images0.clone().requires_grad_(True)
+        _critic_pass(critic, images, caps)
+        grads.append(images.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+
+
+def test_auto_is_a_choice_of_from_hf_only():
+    model, processor = _small_llava()
+    with pytest.raises(ValueError, match=r"checkpoint must be one of .*'auto'.*, got 'fast'"):
+        Critic.from_hf(model, processor, checkpoint="fast")
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        ckpt.CheckpointState("auto")  # a resolved policy only

@@ -16,9 +16,9 @@ B, L = 3, 7
 def _hf_inputs(name, model, processor, batch=B, seed=0):
     """Processor-made critic inputs from random uint8 images (the HF way)."""
     rng = np.random.default_rng(seed)
-    side = 32 if name in ("tiny-qwen2-vl", "tiny-qwen2_5-vl") else 40
+    side = 32 if name in ("tiny-qwen2-vl", "tiny-qwen2_5-vl", "tiny-qwen3-vl") else 40
     images = [rng.integers(0, 256, (side, side + 3 * i, 3), dtype=np.uint8) for i in range(batch)]
-    if name in ("tiny-qwen2-vl", "tiny-qwen2_5-vl"):
+    if name in ("tiny-qwen2-vl", "tiny-qwen2_5-vl", "tiny-qwen3-vl"):
         images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(batch)]
         o = processor(images=images, return_tensors="pt")
         return CriticInputs(pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"])

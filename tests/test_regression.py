@@ -1,6 +1,8 @@
 """regression_loss / fused_regression: Triton (interpreter on CPU) and torch paths against autograd through
 the float64 reference; tolerance = 2x the float32 reference's own error + a small atol."""
 
+import math
+
 import pytest
 import torch
 
@@ -272,8 +274,11 @@ def test_custom_op_opcheck():
     p2 = torch.randn(2, 5, requires_grad=True)
     y2 = torch.randn(2, 5, requires_grad=True)
     # layout: mean, then (kind, has_mask, has_weight, grad_pred, grad_target) per term
-    layout = [1, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0]
-    torch.library.opcheck(fused_regression_fwd, ([p, y, m, p2, y2], layout, [1.0, 0.5, 1.0, 2.0]))
+    layout = [1, 0, 1, 0, 1, 0, 2, 0, 0, 1, 1]
+    args = ([p, y, m, p2, y2], layout, [1.0, 0.5, 1.0, 2.0])
+    torch.library.opcheck(fused_regression_fwd.overload, args)
+    total, _, grads = fused_regression_fwd(*args)
+    assert len(grads) == 3
 
 
 def _terms_vs_reference(terms, config=None, *, check_plan=None):
@@ -438,15 +443,19 @@ def test_tensor_weight_sum_reduction_and_direct_op_call():
     r = reference.regression_loss(pred, target, kind="smooth_l1", weight=w, beta=0.2, reduction="sum")
     torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(*(torch.autograd.grad(x, pred)[0] for x in (s, r)), rtol=1e-5, atol=1e-7)
-    # the op called directly with all gradient flags 0: requires_grad decides (the target's too)
+    # the op called directly: its layout flags decide which gradients it forms (the target's too); an input
+    # that requires grad without its flag is an error at the backward, not a silent None
     from uno_engine.ops.regression import fused_regression_fwd
 
     y = target.clone().requires_grad_()
-    total, stats, grads = fused_regression_fwd([pred, y], [1, 0, 0, 0, 0, 0], [1.0, 1.0])
+    total, stats, grads = fused_regression_fwd([pred, y], [1, 0, 0, 0, 1, 1], [1.0, 1.0])
     assert len(grads) == 2 and stats.shape == (2,)
     gp, gy = torch.autograd.grad(total, [pred, y])
     torch.testing.assert_close(gp, -gy)
     torch.testing.assert_close(gp, 2 * (pred - target).detach() / pred.numel())
+    total, _, grads = fused_regression_fwd([pred, y], [1, 0, 0, 0, 1, 0], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="target requires grad but the forward formed no gradient"):
+        torch.autograd.grad(total, [pred, y])
 
 
 def test_op_compiles_fullgraph():
@@ -485,69 +494,162 @@ def test_bad_kernel_config(text, match):
     assert RegressionConfig.parse("tile=8192, num_warps=8").label() == "tile=8192,num_warps=8"
 
 
-@pytest.mark.parametrize(
-    "call, match, exc",
-    [
-        (lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 5)), "target has shape", ValueError),
-        (lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4), kind="l3"), "kind", ValueError),
-        (
-            lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4), mask=torch.ones(5)),
-            "mask",
-            ValueError,
+def _x(*shape, **kw):
+    return torch.randn(*shape, **kw)
+
+
+# (id, call(backend), error class, message pattern): each bad input is named, identically on both backends
+BAD_INPUTS = [
+    ("shape", lambda b: ops.regression_loss(_x(3, 4), _x(3, 5), backend=b), ValueError, "target has shape"),
+    ("kind", lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), kind="l3", backend=b), ValueError, "kind"),
+    (
+        "mask_shape",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), mask=torch.ones(5), backend=b),
+        ValueError,
+        "mask of shape",
+    ),
+    (
+        "mask_per_element_for_cosine",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), kind="cosine", mask=torch.ones(3, 4), backend=b),
+        ValueError,
+        "mask of shape",
+    ),
+    (
+        "mask_device",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), mask=torch.ones(3, 4, device="meta"), backend=b),
+        ValueError,
+        "mask is on meta",
+    ),
+    (
+        "mask_type",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), mask=[1, 0, 1], backend=b),
+        TypeError,
+        "mask must be None",
+    ),
+    (
+        "weight_shape_for_cosine",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), kind="cosine", weight=torch.ones(4), backend=b),
+        ValueError,
+        "weight of shape",
+    ),
+    (
+        "beta_negative",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), beta=-1.0, backend=b),
+        ValueError,
+        "beta",
+    ),
+    (
+        "beta_nan",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), beta=float("nan"), backend=b),
+        ValueError,
+        "beta",
+    ),
+    (
+        "reduction",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4), reduction="max", backend=b),
+        ValueError,
+        "reduction",
+    ),
+    (
+        "pred_int",
+        lambda b: ops.regression_loss(torch.ones(3, dtype=torch.long), torch.ones(3), backend=b),
+        TypeError,
+        "pred must be a floating",
+    ),
+    (
+        "target_int",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4).long(), backend=b),
+        TypeError,
+        "target must be a floating",
+    ),
+    (
+        "target_device",
+        lambda b: ops.regression_loss(_x(3, 4), _x(3, 4, device="meta"), backend=b),
+        ValueError,
+        "target is on meta",
+    ),
+    (
+        "pred_not_tensor",
+        lambda b: ops.regression_loss([1.0, 2.0], _x(2), backend=b),
+        TypeError,
+        "pred must be",
+    ),
+    (
+        "terms_target_shape",
+        lambda b: ops.fused_regression([RegressionTerm(_x(2, 3), _x(3, 2))], backend=b),
+        ValueError,
+        r"terms\[0\].target",
+    ),
+    ("terms_empty", lambda b: ops.fused_regression([], backend=b), ValueError, "terms"),
+    (
+        "terms_second_bad",
+        lambda b: ops.fused_regression(
+            [RegressionTerm(_x(2, 3), _x(2, 3)), RegressionTerm(_x(3), _x(2))], backend=b
         ),
-        (
-            lambda: ops.regression_loss(
-                torch.randn(3, 4), torch.randn(3, 4), kind="cosine", weight=torch.ones(4)
-            ),
-            "weight",
-            ValueError,
+        ValueError,
+        r"terms\[1\].target",
+    ),
+    (
+        "terms_mask_mismatch",
+        lambda b: ops.fused_regression(
+            [RegressionTerm(_x(2, 3), _x(2, 3), mask=torch.ones(3, 2))], backend=b
         ),
-        (lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4), beta=-1.0), "beta", ValueError),
-        (
-            lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4), reduction="max"),
-            "reduction",
-            ValueError,
+        ValueError,
+        r"terms\[0\].mask of shape",
+    ),
+    (
+        "terms_not_terms",
+        lambda b: ops.fused_regression([(_x(2), _x(2))], backend=b),
+        TypeError,
+        "RegressionTerm",
+    ),
+    (
+        "terms_devices",
+        lambda b: ops.fused_regression(
+            [RegressionTerm(_x(2), _x(2)), RegressionTerm(_x(2, device="meta"), _x(2, device="meta"))],
+            backend=b,
         ),
-        (lambda: ops.regression_loss(torch.ones(3, dtype=torch.long), torch.ones(3)), "pred", TypeError),
-        (
-            lambda: ops.fused_regression([RegressionTerm(torch.randn(2, 3), torch.randn(3, 2))]),
-            r"terms\[0\].target",
-            ValueError,
-        ),
-        (lambda: ops.fused_regression([]), "terms", ValueError),
-        (
-            lambda: ops.fused_regression(
-                [
-                    RegressionTerm(torch.randn(2, 3), torch.randn(2, 3)),
-                    RegressionTerm(torch.randn(3), torch.randn(2)),
-                ]
-            ),
-            r"terms\[1\].target",
-            ValueError,
-        ),
-        (lambda: ops.fused_regression([(torch.randn(2), torch.randn(2))]), "RegressionTerm", TypeError),
-        (
-            lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4).long()),
-            "target must be a floating",
-            TypeError,
-        ),
-        (
-            lambda: ops.regression_loss(
-                torch.randn(3, 4), torch.randn(3, 4), kind="cosine", mask=torch.ones(3, 4)
-            ),
-            "mask",
-            ValueError,
-        ),
-        (
-            lambda: ops.regression_loss(torch.randn(3, 4), torch.randn(3, 4), backend="cuda"),
-            "backend",
-            ValueError,
-        ),
-    ],
-)
-def test_bad_inputs(call, match, exc):
-    with pytest.raises(exc, match=match):
-        call()
+        ValueError,
+        "one device",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_table(backend):
+    for name, call, exc, match in BAD_INPUTS:
+        with pytest.raises(exc, match=match):
+            call(backend)
+            pytest.fail(f"{name}: no error")
+    with pytest.raises(ValueError, match="backend"):
+        ops.regression_loss(_x(3, 4), _x(3, 4), backend="cuda")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_edge_results_agree_across_backends(kind):
+    """Documented results, the same on both backends: empty inputs give a loss of 0 and empty gradients; a NaN
+    or Inf in pred reaches the loss (never dropped, even under a zero mask: the mask multiplies)."""
+    for backend in ("torch", "triton"):
+        p = torch.zeros(0, 4, requires_grad=True)
+        loss = ops.regression_loss(p, torch.zeros(0, 4), kind=kind, backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0 and p.grad.shape == (0, 4), backend
+    y = _x(3, 4)
+    row_mask = torch.tensor([True, False, True])
+    mask = row_mask if kind == "cosine" else row_mask[:, None]
+    got = {}
+    for backend in ("torch", "triton"):
+        nan = _x(3, 4)
+        nan[1, 2] = float("nan")  # in the masked-out row
+        inf = torch.ones(3, 4)
+        inf[0, 0] = float("inf")
+        got[backend] = [
+            ops.regression_loss(nan, y, kind=kind, mask=mask, backend=backend).item(),
+            ops.regression_loss(inf, y, kind=kind, backend=backend).item(),
+        ]
+    assert math.isnan(got["torch"][0]) and math.isnan(got["triton"][0])
+    assert repr(got["torch"][1]) == repr(got["triton"][1])  # inf for mse / smooth_l1, nan for cosine
+    assert not math.isfinite(got["torch"][1])
 
 
 def test_triton_refuses_weight_requiring_grad_and_auto_falls_back():
@@ -564,7 +666,7 @@ def test_triton_refuses_weight_requiring_grad_and_auto_falls_back():
 @pytest.mark.parametrize("config", ["default", "per_sm=-1", "per_sm=0,group=1,tile=2048"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_regression_cuda(dtype, config):
-    """Compiled kernels at a real shape: the issue's three terms; grid modes (per_sm=-1 learns the resident
+    """Compiled kernels at a real shape: three critic-shaped terms; grid modes (per_sm=-1 learns the resident
     programs from the first launch and rebuilds its plan)."""
     gen = torch.Generator("cuda").manual_seed(7)
     shape = (4, 729, 1152)

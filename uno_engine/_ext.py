@@ -10,7 +10,6 @@ Pattern: xformers `xformers/_cpp_lib.py`.
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 
 BUILD_HINT = "cd <repo> && pip install --no-build-isolation -e .  (needs a C++17 compiler and pybind11)"
@@ -21,7 +20,9 @@ class ExtensionFallbackWarning(UserWarning):
 
 
 def _load():
-    if os.environ.get("UNO_DISABLE_EXT", "0") == "1":
+    from uno_engine import _env
+
+    if _env.get("UNO_DISABLE_EXT"):
         return None, RuntimeError("disabled by UNO_DISABLE_EXT=1")
     try:
         return importlib.import_module("uno_engine._C"), None

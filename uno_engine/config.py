@@ -19,6 +19,15 @@ class UNOConfig:
     # backward: True | False | "auto" (where exact: LLaVA / Janus towers, non-reference backend, images with
     # grad in the critic's dtype; see Critic.prepare)
     fuse_patch_embed: bool | str = "auto"
+    # what the critic reads: "pixel" (decoded images through the bridge and the vision tower) | "latent" (the
+    # generator's latents: Janus tokens through the generation embedding, or a diffusion latent through the
+    # critic's attached LatentAdapter; no decode, no vision tower; see uno_engine.latent)
+    view: str = "pixel"
+    latent_input: str = "x0"  # view="latent", diffusion: the adapter reads the grad step's "x0" | "xt"
+    latent_feature_layer: int | None = None  # view="latent": LM layer of the patch features (None: L // 2)
+    # algorithm choices (environment overrides for sweeps: `python -m uno_engine.info`, uno_engine._env)
+    lce_impl: str = "auto"  # linear cross-entropy: "auto" | "grad_in_forward" | "recompute" (ops.linear_cross_entropy)
+    bridge_kernel: str = "auto"  # Triton bridge kernels: "auto" | "two_pass" | "fused" (ops.bridge)
 
     def __post_init__(self):
         if self.backend not in ("auto", "triton", "torch", "reference"):
@@ -29,6 +38,16 @@ class UNOConfig:
             raise ValueError(
                 f"UNOConfig.fuse_patch_embed must be True, False or 'auto', got {self.fuse_patch_embed!r}"
             )
+        if self.lce_impl not in ("auto", "grad_in_forward", "recompute"):
+            raise ValueError(
+                f"UNOConfig.lce_impl must be auto|grad_in_forward|recompute, got {self.lce_impl!r}"
+            )
+        if self.bridge_kernel not in ("auto", "two_pass", "fused"):
+            raise ValueError(f"UNOConfig.bridge_kernel must be auto|two_pass|fused, got {self.bridge_kernel!r}")
+        if self.view not in ("pixel", "latent"):
+            raise ValueError(f"UNOConfig.view must be 'pixel' or 'latent', got {self.view!r}")
+        if self.latent_input not in ("x0", "xt"):
+            raise ValueError(f"UNOConfig.latent_input must be 'x0' or 'xt', got {self.latent_input!r}")
         lo, hi = self.input_range
         if not hi > lo:
             raise ValueError(

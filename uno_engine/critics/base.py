@@ -1,7 +1,7 @@
 """The critic: a frozen understanding model that captions the generated image and exposes its patch features.
 
 `Critic.from_hf(model, image_processor, checkpoint=..., attn_backend=...)` wraps a transformers model and
-returns the family's adapter (LLaVA, Janus, Qwen2-VL / Qwen2.5-VL). The adapter
+returns the family's adapter (LLaVA, LLaVA-OneVision, Janus, Qwen2-VL / Qwen2.5-VL, Qwen3-VL). The adapter
 
 - freezes the understanding parameters (`requires_grad_(False)`) and keeps them in eval mode (`train()` is a
   no-op on a critic: dropout never runs in the critic);
@@ -28,23 +28,22 @@ from torch import nn
 
 from uno_engine.critics.attention import check_attn_backend, resolve_attn_backend, set_attention
 from uno_engine.critics.checkpointing import (
+    NOMINAL_CAPTION_TOKENS,
     RECOMPUTED_PROJECTIONS,
+    ActivationEstimate,
     CheckpointState,
     check_policy,
+    choose_auto_policy,
     compile_layers,
     offload_context,
+    record_auto_decision,
     wrap_layers,
 )
+from uno_engine.critics.common import find_layers
 from uno_engine.critics.patch_embed import find_patch_embedding, precomputed_patch_embedding
+from uno_engine.critics.registry import lookup, supported_classes
 
-__all__ = ["Critic", "CriticInputs", "CriticOutput", "SUPPORTED_CLASSES"]
-
-SUPPORTED_CLASSES = (
-    "LlavaForConditionalGeneration",
-    "JanusForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
-)
+__all__ = ["Critic", "CriticInputs", "CriticOutput"]
 
 
 @dataclass
@@ -76,7 +75,9 @@ class CriticOutput:
     """caption_hidden: (B, L, H) final-norm hidden states; position l predicts caption token l.
     caption_labels: (B, L) int64 caption ids, -100 where caption_mask == 0.
     lm_head_weight: (V, H); lm_head_bias: (V,) or None; logit_softcap: float or None.
-    patch_features: (B, N, Dv) vision patch features (no CLS), N = gh * gw in raster order; grid: (gh, gw)."""
+    patch_features: (B, N, Dv) vision patch features (no CLS), N = gh * gw in raster order; grid: (gh, gw).
+    negative_hidden: (B, K, L, H) and negative_labels: (B, K, L), the same for K negative captions of each
+    image (`Critic.forward_with_negatives`), else None."""
 
     caption_hidden: torch.Tensor
     caption_labels: torch.Tensor
@@ -85,6 +86,8 @@ class CriticOutput:
     logit_softcap: float | None
     patch_features: torch.Tensor
     grid: tuple[int, int]
+    negative_hidden: torch.Tensor | None = None
+    negative_labels: torch.Tensor | None = None
 
     def logits(self) -> torch.Tensor:
         """(B, L, V) caption logits. For tests and debugging only: the engine never materializes them."""
@@ -105,44 +108,49 @@ class Critic(nn.Module):
     # ---------------------------------------------------------------------------------------------- build
     @staticmethod
     def from_hf(
-        model: nn.Module, image_processor=None, *, checkpoint: str = "none", attn_backend: str = "auto"
+        model: nn.Module, image_processor=None, *, checkpoint: str = "auto", attn_backend: str = "auto"
     ) -> Critic:
         """Wrap a transformers model as a frozen critic.
 
         Args:
-            model: LlavaForConditionalGeneration, JanusForConditionalGeneration (its understanding path),
-                Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration.
+            model: LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration (one anyres tile),
+                JanusForConditionalGeneration (its understanding path), Qwen2VLForConditionalGeneration,
+                Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration (the registry's list:
+                `uno_engine.critics.supported_classes()`).
             image_processor: the model's HF image processor (its settings define the bridge); may be None when
                 only `forward` on ready pixel_values is used (then `.spec` / `.prepare` raise).
-            checkpoint: "none" | "layer" | "selective" | "offload" (see uno_engine.critics.checkpointing).
+            checkpoint: "auto" | "none" | "layer" | "selective" | "offload" (see
+                uno_engine.critics.checkpointing). "auto" picks "none", "selective" or "layer" from the
+                activation bytes per image estimated from the model's shapes (`activation_estimate`); the
+                choice and why: `critic.checkpoint_policy`, `critic.checkpoint_reason`.
             attn_backend: "auto" | "sdpa" | "flash_attn" | "xformers" | "eager".
         """
-        check_policy(checkpoint)
+        check_policy(checkpoint, allow_auto=True)
         check_attn_backend(attn_backend)
-        from uno_engine.critics.janus import JanusCritic
-        from uno_engine.critics.llava import LlavaCritic
-        from uno_engine.critics.qwen2_vl import Qwen2VLCritic
-
-        names = {c.__name__ for c in type(model).__mro__}
-        for cls in (LlavaCritic, JanusCritic, Qwen2VLCritic):
-            if names & set(cls.hf_class_names):
-                return cls(model, image_processor, checkpoint=checkpoint, attn_backend=attn_backend)
-        raise TypeError(
-            f"Critic.from_hf: model of class {type(model).__name__} is not supported; supported classes: "
-            + ", ".join(SUPPORTED_CLASSES)
-        )
+        cls = lookup(model)  # the family adapters register themselves (uno_engine.critics.registry)
+        if cls is None:
+            raise TypeError(
+                f"Critic.from_hf: model of class {type(model).__name__} is not supported; supported classes: "
+                + ", ".join(supported_classes())
+            )
+        return cls(model, image_processor, checkpoint=checkpoint, attn_backend=attn_backend)
 
     def __init__(self, model: nn.Module, image_processor, *, checkpoint: str, attn_backend: str):
         super().__init__()
         self.__dict__["hf_model"] = model  # not registered: a unified model's generation side is not ours
         self.image_processor = image_processor
-        self.checkpoint_policy = check_policy(checkpoint)
+        check_policy(checkpoint, allow_auto=True)
         self.attn_backend = check_attn_backend(attn_backend)
         self._spec = None
-        self._ckpt = CheckpointState(checkpoint)
         self._compiled = False
         self._patch_site = None  # (site | None, reasons) of the fused patch embedding, found on first use
         self._build()  # family: registers the understanding submodules
+        self.checkpoint_reason = "requested"
+        if checkpoint == "auto":  # from the shapes (uno_engine.critics.checkpointing, "auto")
+            checkpoint, self.checkpoint_reason = choose_auto_policy(self.activation_estimate())
+            record_auto_decision(f"{self.family} critic ({type(model).__name__})", self.checkpoint_reason)
+        self.checkpoint_policy = checkpoint
+        self._ckpt = CheckpointState(checkpoint)
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -184,6 +192,30 @@ class Critic(nn.Module):
     def _vision_tower(self) -> nn.Module:
         """The vision tower whose conv patch embedding the fused bridge may compute."""
         raise NotImplementedError
+
+    def activation_estimate(self) -> ActivationEstimate:
+        """What checkpoint="none" keeps per image, from the shapes (what checkpoint="auto" decides on):
+        the vision encoder's layers x its patch tokens x its width, and the LM's layers x (image tokens +
+        NOMINAL_CAPTION_TOKENS) x hidden_size. Patch tokens: (image_size // patch_size)**2 when the family
+        has a fixed image size, else the processor's grid of a 448 x 448 image (1024 without a processor);
+        LM image tokens: the patch tokens / merge_size**2 where the family merges patches (Qwen2-VL)."""
+        n_lm = len(find_layers(self.language_model))
+        n_vision = len(self._checkpoint_layers()) - n_lm  # the checkpoint regions: vision layers + LM layers
+        if getattr(self, "image_size", None) and getattr(self, "patch_size", None):
+            n_patch = (self.image_size // self.patch_size) ** 2
+        elif self.image_processor is not None and hasattr(self.spec, "grid"):
+            gh, gw = self.spec.grid(448, 448)
+            n_patch = gh * gw
+        else:
+            n_patch = 1024
+        n_image = n_patch // (getattr(self, "merge", 1) ** 2)
+        v_cfg = getattr(self.hf_model.config, "vision_config", None)  # Qwen2-VL: embed_dim is the width
+        v_hidden = getattr(v_cfg, "embed_dim", None) or getattr(v_cfg, "hidden_size", None) or self.vision_dim
+        stacks = (
+            ("vision", n_vision, n_patch, int(v_hidden)),
+            ("LM", n_lm, n_image + NOMINAL_CAPTION_TOKENS, self.hidden_size),
+        )
+        return ActivationEstimate(stacks, self.lm_head_weight.element_size())
 
     # ---------------------------------------------------------------------------- fused patch embedding
     def fused_patch_embed_reasons(self) -> list[str]:
@@ -329,9 +361,11 @@ class Critic(nn.Module):
         clamp: str = "clamp",
         backend: str = "auto",
         fuse_patch_embed: bool | str = False,
+        bridge_kernel: str = "auto",
     ) -> CriticInputs:
         """Generated images (B, 3, H, W) in `input_range` -> CriticInputs, differentiably, with the model's
-        own preprocessing. backend "reference" -> uno_engine.reference.bridge, else uno_engine.ops.bridge.
+        own preprocessing. backend "reference" -> uno_engine.eager.bridge, else uno_engine.ops.bridge (with
+        kernel=bridge_kernel, UNOConfig.bridge_kernel).
 
         fuse_patch_embed: False: pixel_values. True: the bridge also applies the vision tower's conv patch
             embedding and returns patch_tokens (B, N, D), so the normalized image is not kept for the backward
@@ -348,13 +382,13 @@ class Critic(nn.Module):
             input_range=input_range, clamp=clamp, patch_embed=(conv.weight, conv.bias) if fuse else None
         )
         if backend == "reference":
-            from uno_engine import reference
+            from uno_engine import eager
 
-            pixel_values = reference.bridge(images, self.spec, **kw)
+            pixel_values = eager.bridge(images, self.spec, **kw)
         else:
             from uno_engine.ops import bridge
 
-            pixel_values = bridge(images, self.spec, backend=backend, **kw)
+            pixel_values = bridge(images, self.spec, backend=backend, kernel=bridge_kernel, **kw)
         if fuse:
             return CriticInputs(patch_tokens=pixel_values)
         grid_thw = grid_host = None
@@ -427,6 +461,116 @@ class Critic(nn.Module):
             grid=grid,
         )
 
+    def forward_with_negatives(
+        self,
+        inputs: CriticInputs,
+        captions: torch.Tensor,
+        caption_mask: torch.Tensor | None,
+        negative_captions: torch.Tensor,
+        negative_mask: torch.Tensor | None = None,
+    ) -> CriticOutput:
+        """`forward` for each image's caption AND its K negative captions, with the image prefix computed once.
+
+        The vision tower runs once per image, and the LM runs ONE packed sequence per image,
+        [prefix (P), caption (L), negative 1 (L), ..., negative K (L)], T = P + (K+1) L positions, under a
+        block mask: prefix rows are causal; the rows of caption j see the whole prefix and, causally, caption j
+        only (never another caption, never a padded key). Every caption block takes the positions P .. P+L-1
+        (Qwen2-VL: the M-RoPE positions of the one-caption sequence, its caption part repeated), so each
+        caption's hidden states equal those of `forward` on that caption alone, up to float rounding. Cost:
+        one vision pass and P + (K+1) L LM positions per image, against (K+1) (vision + P + L) for K+1
+        separate passes; the attention also reads the (B, 1, T, T) additive mask (T^2 floats per image).
+        It is a plain LM forward, so every checkpoint policy applies unchanged; attention backends: sdpa,
+        eager and xformers take the mask, flash_attention_2 cannot (ValueError).
+
+        Args:
+            captions, caption_mask: as `forward`, (B, L).
+            negative_captions: (B, K, L) int token ids (right padded); K = 0 gives `forward`'s output.
+            negative_mask: (B, K, L) 1 real / 0 pad, or None (all real).
+        Returns: CriticOutput with caption_hidden / caption_labels of the true captions and
+        negative_hidden (B, K, L, H) / negative_labels (B, K, L) (-100 at padding).
+        """
+        if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
+            raise ValueError(f"captions must be a (B, L) int64 tensor, got {_describe(captions)}")
+        B, L = captions.shape
+        neg = negative_captions
+        if (
+            not isinstance(neg, torch.Tensor)
+            or neg.dim() != 3
+            or neg.shape[0] != B
+            or neg.shape[2] != L
+            or neg.dtype not in (torch.int64, torch.int32)
+        ):
+            raise ValueError(
+                f"negative_captions must be an integer tensor (B={B}, K, L={L}) matching captions, "
+                f"got {_describe(neg)}"
+            )
+        if negative_mask is not None and tuple(negative_mask.shape) != tuple(neg.shape):
+            raise ValueError(
+                f"negative_caption_mask must have the shape of negative_captions {tuple(neg.shape)}, "
+                f"got {_describe(negative_mask)}"
+            )
+        K = neg.shape[1]
+        if K == 0:
+            return self.forward(inputs, captions, caption_mask)
+        if caption_mask is not None and caption_mask.shape != captions.shape:
+            raise ValueError(
+                f"caption_mask must have the shape of captions {tuple(captions.shape)}, "
+                f"got {tuple(caption_mask.shape)}"
+            )
+        impl = getattr(self, "attn_implementation", {}).get("language_model")
+        if impl == "flash_attention_2":
+            raise ValueError(
+                "negative captions share the image prefix through a block attention mask, which the "
+                "flash_attention_2 backend cannot take; build the critic with attn_backend='sdpa'"
+            )
+        self._check_inputs(inputs)
+        device = self.lm_head_weight.device
+        caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(device=device, dtype=torch.long)
+        ones = torch.ones(B, 1, L, dtype=torch.long, device=device)
+        cmask = ones if caption_mask is None else caption_mask.to(device).long()[:, None]
+        nmask = torch.ones_like(caps[:, 1:]) if negative_mask is None else negative_mask.to(device).long()
+        masks = torch.cat([cmask, nmask], dim=1)  # (B, K+1, L)
+        with self._running():
+            image_embeds, patch_features, grid = self._encode(inputs)
+            if image_embeds.shape[0] != B:
+                raise ValueError(f"captions has batch size {B} but the images have {image_embeds.shape[0]}")
+            prefix, _ = self._prefix_ids(image_embeds.shape[1])
+            P, T = len(prefix), len(prefix) + (K + 1) * L
+            embeds = self._assemble(image_embeds, prefix, caps.reshape(B, (K + 1) * L))
+            pos = self._position_ids(inputs, prefix, B, P + L, device)
+            if pos is None:
+                pos = torch.arange(P + L, device=device).expand(B, -1)
+            pos = torch.cat([pos[..., :P], pos[..., P:].repeat(*([1] * (pos.dim() - 1)), K + 1)], dim=-1)
+            block = torch.cat(
+                [torch.zeros(P, dtype=torch.long), torch.arange(1, K + 2).repeat_interleave(L)]
+            ).to(device)
+            idx = torch.arange(T, device=device)
+            allowed = (idx[None, :] <= idx[:, None]) & ((block[None, :] == 0) | (block[None, :] == block[:, None]))
+            keys = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), masks.reshape(B, -1) > 0], 1)
+            allowed = allowed[None] & keys[:, None, :]  # (B, T, T): query row x key column
+            mask4 = torch.zeros(B, 1, T, T, dtype=embeds.dtype, device=device)
+            mask4.masked_fill_(~allowed[:, None], torch.finfo(embeds.dtype).min)
+            out = self.language_model(
+                inputs_embeds=embeds, attention_mask=mask4, position_ids=pos, use_cache=False, return_dict=True
+            )
+            hidden = out.last_hidden_state
+        H = hidden.shape[-1]
+        first = hidden[:, P - 1 : P, None].expand(B, K + 1, 1, H)  # the last prefix state predicts token 0
+        body = hidden[:, P:].reshape(B, K + 1, L, H)[:, :, : L - 1]
+        cap_hidden = torch.cat([first, body], dim=2)  # (B, K+1, L, H)
+        labels = caps.masked_fill(masks == 0, -100)
+        return CriticOutput(
+            caption_hidden=cap_hidden[:, 0],
+            caption_labels=labels[:, 0],
+            lm_head_weight=self.lm_head_weight,
+            lm_head_bias=self.lm_head_bias,
+            logit_softcap=self.logit_softcap,
+            patch_features=patch_features,
+            grid=grid,
+            negative_hidden=cap_hidden[:, 1:],
+            negative_labels=labels[:, 1:],
+        )
+
     def _assemble(self, image_embeds: torch.Tensor, prefix: list[int | None], captions: torch.Tensor):
         """inputs_embeds (B, P + L, H): the prefix (image features and wrapper tokens), then the captions."""
         B = captions.shape[0]
@@ -486,6 +630,17 @@ class Critic(nn.Module):
         n = compile_layers(self._checkpoint_layers(), **compile_kwargs)
         self._compiled = True
         return n
+
+    # ---------------------------------------------------------------------------------------- latent view
+    def attach_latent_adapter(self, adapter) -> Critic:
+        """Attach a fitted `uno_engine.latent.LatentAdapter` for `UNOConfig(view="latent")` with a diffusion
+        generator. Raises `LatentAdapterMismatch` (naming the fields) when it was fitted for another critic
+        (class, LM width, token grid, config hash). The adapter is frozen (requires_grad False, eval mode),
+        moved to this critic's device, and registered as a submodule (saved with the critic's state_dict)."""
+        adapter.check_critic(self)
+        adapter.requires_grad_(False).eval()
+        self.latent_adapter = adapter.to(self.lm_head_weight.device)
+        return self
 
 
 def _describe(x) -> str:

@@ -24,6 +24,18 @@ checkpointing gives no gradients when no input of a region requires grad, and HF
   "none"), and recomputes pointwise ops and norms.
 - "offload": `torch.autograd.graph.save_on_cpu(pin_memory=True)` around the critic's forward on CUDA; on the
   CPU the activations already live in host memory, so it is the same as "none".
+- "auto": one of the above, chosen when the critic is built from what "none" would keep per image, estimated
+  from the model's shapes (`ActivationEstimate`): for each stack (vision encoder, LM) layers x tokens x
+  hidden x `SAVED_PER_TOKEN` (16: what a frozen pre-norm layer keeps per token in units of its hidden size:
+  the norms' inputs (the fp32 upcast counted), q / k / v and the attention output, and the MLP's two or
+  three intermediate tensors of 2.7-4x hidden) x the element size. Tokens: the image's patch tokens in the
+  vision encoder; its image tokens plus `NOMINAL_CAPTION_TOKENS` (64) caption tokens in the LM. Then
+  "none" below `AUTO_SELECTIVE_BYTES` (64 MiB per image: a batch of 8 keeps < 0.5 GiB; recomputing would
+  only add FLOPs and host time, which is all a small critic's step is made of), "selective" up to
+  `AUTO_LAYER_BYTES` (1 GiB per image: about 55% of "none" for about 1.15x the critic's FLOPs), "layer"
+  above it (only layer inputs kept: a 7B critic's 2.5 GB per image becomes about 0.2 GB). The decision and
+  its figures are logged once per distinct reason (logger "uno_engine"), kept as `critic.checkpoint_reason`,
+  and listed by `python -m uno_engine.info` (`auto_decisions()`).
 
 The layer wrappers act only while a critic's forward runs (`CheckpointState.activate`), by that critic's
 policy: a model shared with a generator (Janus) is checkpointed only on the critic's path, and several critics
@@ -35,13 +47,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 CHECKPOINT_POLICIES = ("none", "layer", "selective", "offload")
+CHECKPOINT_CHOICES = (*CHECKPOINT_POLICIES, "auto")  # what Critic.from_hf(checkpoint=...) takes
+SAVED_PER_TOKEN = 16  # hidden-sized tensors a frozen layer keeps per token under "none" (see the docstring)
+NOMINAL_CAPTION_TOKENS = 64  # caption tokens the "auto" estimate counts in the LM
+AUTO_SELECTIVE_BYTES = 64 << 20  # "auto": "selective" from this many activation bytes per image ...
+AUTO_LAYER_BYTES = 1 << 30  # ... and "layer" from this many
 # linears (by attribute name) whose matmul outputs "selective" recomputes rather than saves
 RECOMPUTED_PROJECTIONS = (
     "q_proj",
@@ -76,10 +95,66 @@ _ATTENTION_OPS = {
 }
 
 
-def check_policy(checkpoint: str) -> str:
-    if checkpoint not in CHECKPOINT_POLICIES:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINT_POLICIES}, got {checkpoint!r}")
+def check_policy(checkpoint: str, *, allow_auto: bool = False) -> str:
+    choices = CHECKPOINT_CHOICES if allow_auto else CHECKPOINT_POLICIES
+    if checkpoint not in choices:
+        raise ValueError(f"checkpoint must be one of {choices}, got {checkpoint!r}")
     return checkpoint
+
+
+# ----------------------------------------------------------------------------------------- checkpoint="auto"
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """What checkpoint="none" keeps for one image: `stacks` are (name, layers, tokens, hidden) of the
+    vision encoder and the LM; bytes = sum(layers x tokens x hidden) x SAVED_PER_TOKEN x element_size."""
+
+    stacks: tuple[tuple[str, int, int, int], ...]
+    element_size: int
+
+    @property
+    def bytes_per_image(self) -> int:
+        return sum(n * t * h for _, n, t, h in self.stacks) * SAVED_PER_TOKEN * self.element_size
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {n} layers x {t} tokens x {h}" for name, n, t, h in self.stacks)
+        return f"{self.bytes_per_image / 2**20:.1f} MiB per image ({parts}, x {SAVED_PER_TOKEN} x {self.element_size} B)"
+
+
+def choose_auto_policy(estimate: ActivationEstimate) -> tuple[str, str]:
+    """checkpoint="auto" -> (policy, reason), by the thresholds in the module docstring."""
+    b = estimate.bytes_per_image
+    if b < AUTO_SELECTIVE_BYTES:
+        policy, why = "none", f"< {AUTO_SELECTIVE_BYTES >> 20} MiB: recomputation would only cost time"
+    elif b < AUTO_LAYER_BYTES:
+        policy, why = "selective", f">= {AUTO_SELECTIVE_BYTES >> 20} MiB and < {AUTO_LAYER_BYTES >> 20} MiB"
+    else:
+        policy, why = "layer", f">= {AUTO_LAYER_BYTES >> 20} MiB"
+    return policy, f'{policy}, as "none" would keep about {estimate.describe()}; {why}'
+
+
+_AUTO_DECISIONS: dict[str, str] = {}  # reason -> critic description, in the order first seen
+_log = logging.getLogger("uno_engine")
+
+
+def record_auto_decision(what: str, reason: str) -> None:
+    """Log a checkpoint="auto" decision once per distinct reason, and keep it for `auto_decisions()`."""
+    if reason not in _AUTO_DECISIONS:
+        _AUTO_DECISIONS[reason] = what
+        _log.info("checkpoint='auto' for %s: %s", what, reason)
+
+
+def auto_decisions() -> list[str]:
+    """The checkpoint="auto" decisions made in this process ("<critic>: <reason>")."""
+    return [f"{what}: {reason}" for reason, what in _AUTO_DECISIONS.items()]
+
+
+def auto_rule() -> str:
+    """The checkpoint="auto" rule in one line (for `python -m uno_engine.info`)."""
+    return (
+        f'"none" below {AUTO_SELECTIVE_BYTES >> 20} MiB of activations per image, "selective" below '
+        f'{AUTO_LAYER_BYTES >> 20} MiB, else "layer"; estimate = layers x tokens x hidden x {SAVED_PER_TOKEN} x '
+        f"element size, vision + LM ({NOMINAL_CAPTION_TOKENS} caption tokens)"
+    )
 
 
 def _is_attention_op(func) -> bool:

@@ -8,19 +8,13 @@ HF). Patch features are the same selected hidden states before the projector, al
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from uno_engine.critics.base import Critic, CriticInputs
+from uno_engine.critics.common import find_layers
+from uno_engine.critics.registry import register_critic
 
 
-def find_layers(module: nn.Module, names=("layers", "blocks")) -> nn.ModuleList:
-    """The first ModuleList called `layers` / `blocks` under `module` (encoder or decoder layers)."""
-    for name, m in module.named_modules():
-        if isinstance(m, nn.ModuleList) and name.split(".")[-1] in names and len(m) > 0:
-            return m
-    raise ValueError(f"no encoder/decoder layer list found in {type(module).__name__}")
-
-
+@register_critic
 class LlavaCritic(Critic):
     hf_class_names = ("LlavaForConditionalGeneration",)
     family = "LLaVA"

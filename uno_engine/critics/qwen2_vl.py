@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 
 from uno_engine.critics.base import Critic, CriticInputs
+from uno_engine.critics.registry import register_critic
 
 
+@register_critic
 class Qwen2VLCritic(Critic):
     hf_class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     family = "Qwen2-VL"
@@ -58,23 +60,33 @@ class Qwen2VLCritic(Critic):
         return prefix, n_image_tokens
 
     def _encode(self, inputs: CriticInputs):
+        out, grid_thw, (B, t, gh, gw) = self._run_vision(inputs)
+        image_embeds = out.pooler_output.reshape(B, -1, out.pooler_output.shape[-1])
+        patch = self._raster_patches(out.last_hidden_state, grid_thw, B, t, gh, gw)
+        return image_embeds, patch, (gh, gw)
+
+    def _run_vision(self, inputs: CriticInputs):
+        """Check the inputs and run the vision tower -> (its output, image_grid_thw, (B, t, gh, gw))."""
         pv, grid_thw = inputs.pixel_values, inputs.image_grid_thw
         if grid_thw is None or grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
             raise ValueError(
-                "image_grid_thw must be a (B, 3) tensor for a Qwen2-VL critic, got "
+                f"image_grid_thw must be a (B, 3) tensor for a {self.family} critic, got "
                 f"{None if grid_thw is None else tuple(grid_thw.shape)}"
             )
         if pv.dim() != 2:
             raise ValueError(
-                f"pixel_values must be pre-patchified (B*gh*gw, C*tps*p*p) for a Qwen2-VL critic, "
+                f"pixel_values must be pre-patchified (B*gh*gw, C*tps*p*p) for a {self.family} critic, "
                 f"got {tuple(pv.shape)}"
             )
         B = grid_thw.shape[0]
         t, gh, gw = _host_grid(inputs)
         dtype = next(self.visual.parameters()).dtype
         out = self.visual(pv.to(dtype), grid_thw=grid_thw, return_dict=True)
-        hidden = out.last_hidden_state  # (B*t*gh*gw, Dv)
-        image_embeds = out.pooler_output.reshape(B, -1, out.pooler_output.shape[-1])
+        return out, grid_thw, (B, t, gh, gw)
+
+    def _raster_patches(self, hidden: torch.Tensor, grid_thw, B: int, t: int, gh: int, gw: int):
+        """The vision blocks' output (B*t*gh*gw, Dv), in the processor's merge-window order (Qwen2.5-VL: in
+        window-attention order) -> (B, t*gh*gw, Dv) in raster order."""
         m, D = self.merge, hidden.shape[-1]
         if self.window_size is not None:  # Qwen2.5-VL: undo the window-attention permutation
             from transformers.vision_utils import get_vision_window_index
@@ -82,12 +94,11 @@ class Qwen2VLCritic(Critic):
             window_index, _ = get_vision_window_index(grid_thw, m, self.window_size, self.patch_size)
             reverse = torch.argsort(window_index.to(hidden.device))
             hidden = hidden.reshape(-1, m * m, D)[reverse].reshape(-1, D)
-        patch = (
+        return (
             hidden.reshape(B, t, gh // m, gw // m, m, m, D)
             .permute(0, 1, 2, 4, 3, 5, 6)
             .reshape(B, t * gh * gw, D)
         )
-        return image_embeds, patch, (gh, gw)
 
     def _position_ids(self, inputs: CriticInputs, prefix, batch: int, length: int, device):
         grid = _host_grid(inputs)

@@ -1,6 +1,8 @@
-"""Public functional ops. Each takes `backend="auto" | "triton" | "torch"` (see `_dispatch`), is registered as a
-torch custom op (namespace `uno_engine::`) so a compiled critic has no graph breaks, and has an eager twin with
-the same signature (minus `backend`) in `uno_engine.reference`.
+"""Public functional ops. Each takes `backend="auto" | "triton" | "torch"` (see `_dispatch`) and, where it has
+several algorithms, an argument choosing one (`linear_cross_entropy(impl=)`); each is registered with the one
+pattern of `_register.custom_op` (a torch custom op, namespace `uno_engine::`, so a compiled critic has no
+graph breaks, plus an eager fast path), and has an eager twin with the same signature (minus `backend`) in
+`uno_engine.eager` (re-exported by the test oracle `uno_engine.reference`).
 
 The functions are imported eagerly: a lazy attribute would be shadowed by the submodule of the same name
 (`uno_engine.ops.linear_cross_entropy` the module vs. the function) once anything imports the submodule.

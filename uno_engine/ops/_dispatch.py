@@ -6,18 +6,17 @@ Every op takes `backend="auto" | "triton" | "torch"`:
 - "triton": Triton or an error listing every reason it cannot run. On CPU tensors it runs only under
   TRITON_INTERPRET=1 (the Triton interpreter; slow, small shapes, used by the CPU test suite).
 - "torch": the op's torch path (chunked where memory matters), never Triton.
-The eager oracle is `uno_engine.reference`, which has no backend argument.
+The eager statements of the math are `uno_engine.eager` (no backend argument; the oracle re-exports them).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from uno_engine import _optional
+from uno_engine import _env, _optional
 
 log = logging.getLogger("uno_engine.ops")
 
@@ -27,7 +26,7 @@ _announced: set[tuple[str, str]] = set()
 
 def interpreter_enabled() -> bool:
     """True when Triton kernels run under the numpy interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.interpreter_enabled()
 
 
 @torch.compiler.assume_constant_result

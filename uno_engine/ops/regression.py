@@ -1,13 +1,15 @@
 """Regression losses for the critic's patch-feature heads: `regression_loss` (one term) and
 `fused_regression` (several weighted terms, their losses and every pred's gradient in ONE Triton launch).
 
-Semantics (identical to `uno_engine.reference.regression_loss`):
+Semantics (identical to `uno_engine.eager.regression_loss`, the oracle):
 - kind "mse": (p - y)^2; "smooth_l1": 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta (beta = 0 is L1);
   "cosine": 1 - <p, y> / (max(|p|, 1e-8) max(|y|, 1e-8)) per row over the last dim.
 - mask broadcasts to pred (to pred.shape[:-1] for cosine, per row); weight multiplies elementwise (per row
   for cosine); a float weight or a 0-d tensor simply scales the term.
 - "mean" divides sum(weight * mask * loss) by sum(mask broadcast to the loss's shape), a device tensor (no
-  host sync). An all-zero mask gives a loss of 0 (and zero gradients), not NaN.
+  host sync). An all-zero mask gives a loss of 0 (and zero gradients), not NaN; empty inputs give 0.
+- A NaN or Inf in pred or target reaches the loss on both backends, even under a zero mask or weight (they
+  multiply the per-element loss): non-finite values are never dropped.
 
 The Triton path (`backend="triton"`, or "auto" on CUDA) is the op `uno_engine::fused_regression_fwd`:
 ONE launch computes every term's (numerator, mask sum) and writes the gradient s*w*m*dl/dp of every pred
@@ -16,17 +18,17 @@ partial sums into the losses and their total; the gradients are saved, and the b
 (`uno_engine::fused_regression_bwd`, one launch) multiplies them by d total / d numerator = grad_output /
 mask sum. weight and mask are constants on this path (a weight or mask that requires grad sends "auto" to
 the torch path and makes "triton" raise). Masks and weights of any dtype (bool included) are read as they
-are: no conversion kernels. The torch path is the eager reference (autograd through it).
+are: no conversion kernels. The torch path is `uno_engine.eager` (autograd through it).
 
-Host cost. The op is host-bound at the issue's shape (a few hundred microseconds of kernels), so the host
-path is kept short: the launch plan (views, strides, block sizes, programs per term) is cached per
-(layout, shapes, strides, dtypes); tensors go to the kernel as plain arguments (no descriptor table, no
-host-to-device copy); the op is registered with `torch.library.Library` and a small autograd kernel rather
-than `torch.library.custom_op`, whose generic autograd adapter costs O(arguments^2) (`fill_defaults`) plus a
-pytree pass per list element on every call, several times this op's own host time (measured on a 2-core
-CPU: a 12-tensor custom_op 63 us forward / 160 us forward + backward against 26 / 66 us here). It is still
-a real op: `register_fake`, an Autograd kernel, opcheck-tested, and its backward is an op too, so
-torch.compile and AOTAutograd trace it.
+Host cost. The op is host-bound at the critic's shapes (its kernels are short), so the host path is kept
+short: the launch plan (views, strides, block sizes, programs per term) is cached per (layout, shapes,
+strides, dtypes); tensors go to the kernel as plain arguments (no descriptor table, no host-to-device copy);
+the op is registered with `uno_engine.ops._register.custom_op`, whose eager path skips the custom op's
+generic autograd adapter (benchmarks/bench_host_overhead.py measures it). It is a real op: a fake, an
+autograd formula, opcheck-tested, and its backward is an op too, so torch.compile and AOTAutograd trace it.
+
+Launch settings: `kernel_config()`: `kernel_config_override(...)`, else the environment override
+UNO_REGRESSION_CONFIG (`uno_engine._env`), else `RegressionConfig()`'s defaults.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from dataclasses import dataclass
 
 import torch
 
-from uno_engine import reference
+from uno_engine import _env, eager
 from uno_engine.ops._dispatch import resolve_backend
+from uno_engine.ops._register import custom_op
 
-KINDS = reference.REGRESSION_KINDS
+KINDS = eager.REGRESSION_KINDS
 _KIND_IDS = {"mse": 0, "smooth_l1": 1, "cosine": 2}
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -138,11 +141,31 @@ _config_override = None
 
 
 def kernel_config():
-    """The `RegressionConfig` in force: `kernel_config_override`'s, else `regression_settings()` (its
-    defaults, or the environment variable UNO_REGRESSION_CONFIG)."""
+    """The `RegressionConfig` in force: `kernel_config_override`'s, else UNO_REGRESSION_CONFIG's fields over
+    the defaults, else the defaults."""
+    if _config_override is not None:
+        return _config_override
+    fields = _env.get("UNO_REGRESSION_CONFIG")
+    if not fields:
+        return _default_config()
+    return _config_from_env(tuple(sorted(fields.items())))
+
+
+@functools.cache
+def _default_config():
     from uno_engine.kernels import regression as K
 
-    return _config_override or K.regression_settings()
+    return K.RegressionConfig()
+
+
+@functools.cache
+def _config_from_env(items: tuple):
+    from uno_engine.kernels import regression as K
+
+    try:
+        return K.RegressionConfig(**dict(items))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"environment variable UNO_REGRESSION_CONFIG: {e}") from None
 
 
 @contextlib.contextmanager
@@ -327,24 +350,55 @@ def _plan(tensors, layout, device, config) -> tuple[tuple, _Plan]:
 
 
 # ------------------------------------------------------------------------------------------ the op
-_LIB = torch.library.Library("uno_engine", "FRAGMENT")
-_LIB.define(
-    "fused_regression_fwd(Tensor[] tensors, int[] layout, float[] params) -> (Tensor, Tensor, Tensor[])"
-)
-_LIB.define(
-    "fused_regression_bwd(Tensor[] grads, Tensor stats, Tensor? g_total, Tensor? g_stats, int[] terms, "
-    "bool mean) -> Tensor[]"
-)
-fused_regression_fwd = torch.ops.uno_engine.fused_regression_fwd.default
-fused_regression_bwd = torch.ops.uno_engine.fused_regression_bwd.default
-
-
 def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
     """A contiguous buffer like x (empty_like is the cheap call; it keeps x's strides, so only when contiguous)."""
     return torch.empty_like(x) if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _fwd_impl(tensors, layout, params):
+def _fwd_fake(tensors, layout, params):
+    n = (len(layout) - _L_HEAD) // _L_TERM
+    x0 = tensors[0]
+    grads, pos = [], 0
+    for i in range(n):
+        _, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
+        if g_p:
+            grads.append(torch.empty_like(tensors[pos], memory_format=torch.contiguous_format))
+        if g_t:
+            grads.append(torch.empty_like(tensors[pos + 1], memory_format=torch.contiguous_format))
+        pos += 2 + bool(has_m) + bool(has_w)
+    total = x0.new_empty((), dtype=torch.float32)
+    return total, x0.new_empty(2 * n, dtype=torch.float32), grads
+
+
+def _bwd_fake(grads, stats, g_total, g_stats, terms, mean):
+    return [torch.empty_like(g) for g in grads]
+
+
+@custom_op("uno_engine::fused_regression_bwd", fake=_bwd_fake)
+def fused_regression_bwd(
+    grads: list[torch.Tensor],
+    stats: torch.Tensor,
+    g_total: torch.Tensor | None,
+    g_stats: torch.Tensor | None,
+    terms: list[int],
+    mean: bool,
+) -> list[torch.Tensor]:
+    """d pred = saved gradient x (g_total + g_stats[t]) / den_t: one launch per MAX_TERMS gradients."""
+    from uno_engine.kernels import regression as K
+
+    outs = [torch.empty_like(g) for g in grads]
+    t_all = stats.shape[0] // 2
+    block = kernel_config().bwd_block
+    for c in range(0, len(grads), K.MAX_TERMS):
+        sl = slice(c, c + K.MAX_TERMS)
+        K.launch_scale(outs[sl], grads[sl], terms[sl], g_total, g_stats, stats, t_all, mean, block)
+    return outs
+
+
+@custom_op("uno_engine::fused_regression_fwd", fake=_fwd_fake)
+def fused_regression_fwd(
+    tensors: list[torch.Tensor], layout: list[int], params: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(total (), stats (2T,) = per-term losses then mask sums, grads) where grads are the UNSCALED gradients
     s w m dl/dp (not yet divided by the mask sum) of each pred / target that layout flags, in that order."""
     from uno_engine.kernels import regression as K
@@ -398,103 +452,53 @@ def _fwd_impl(tensors, layout, params):
     return total, stats, grads
 
 
-def _fwd_fake(tensors, layout, params):
-    n = (len(layout) - _L_HEAD) // _L_TERM
-    x0 = tensors[0]
-    grads, pos = [], 0
-    for i in range(n):
-        _, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
-        if g_p:
-            grads.append(torch.empty_like(tensors[pos], memory_format=torch.contiguous_format))
-        if g_t:
-            grads.append(torch.empty_like(tensors[pos + 1], memory_format=torch.contiguous_format))
-        pos += 2 + bool(has_m) + bool(has_w)
-    total = x0.new_empty((), dtype=torch.float32)
-    return total, x0.new_empty(2 * n, dtype=torch.float32), grads
+def _setup_context(ctx, inputs, output):
+    tensors, layout, params = inputs
+    total, stats, grads = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*grads)
+    ctx.save_for_backward(stats, *grads)
+    ctx.layout = layout
+    ctx.n_tensors = len(tensors)
 
 
-def _bwd_impl(grads, stats, g_total, g_stats, terms, mean):
-    """d pred = saved gradient x (g_total + g_stats[t]) / den_t: one launch per MAX_TERMS gradients."""
-    from uno_engine.kernels import regression as K
-
-    outs = [torch.empty_like(g) for g in grads]
-    t_all = stats.shape[0] // 2
-    block = kernel_config().bwd_block
-    for c in range(0, len(grads), K.MAX_TERMS):
-        sl = slice(c, c + K.MAX_TERMS)
-        K.launch_scale(outs[sl], grads[sl], terms[sl], g_total, g_stats, stats, t_all, mean, block)
-    return outs
-
-
-def _bwd_fake(grads, stats, g_total, g_stats, terms, mean):
-    return [torch.empty_like(g) for g in grads]
-
-
-class _FusedRegressionFn(torch.autograd.Function):
-    """Autograd of fused_regression_fwd: inputs (layout, params, *tensors); outputs (total, stats, *grads)."""
-
-    @staticmethod
-    def forward(ctx, layout, params, *tensors):
-        with torch._C._AutoDispatchBelowAutograd():
-            total, stats, grads = fused_regression_fwd(list(tensors), layout, params)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*grads)
-        ctx.save_for_backward(stats, *grads)
-        ctx.layout = layout
-        ctx.n_tensors = len(tensors)
-        return (total, stats, *grads)
-
-    @staticmethod
-    def backward(ctx, g_total, g_stats, *_):
-        stats, *saved = ctx.saved_tensors
-        layout = ctx.layout
-        out = [None] * ctx.n_tensors
-        if g_total is None and g_stats is None:
-            return (None, None, *out)
-        targets, terms, pos = [], [], 0  # which input each saved gradient belongs to, and its term
-        for i in range((len(layout) - _L_HEAD) // _L_TERM):
-            _, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
-            if g_p:
-                targets.append(pos)
-                terms.append(i)
-            if g_t:
-                targets.append(pos + 1)
-                terms.append(i)
-            pos += 2 + bool(has_m) + bool(has_w)
-        if g_stats is not None:
-            g_stats = g_stats.contiguous()
-        scaled = fused_regression_bwd(saved, stats, g_total, g_stats, terms, bool(layout[0]))
-        for j, g in zip(targets, scaled, strict=True):
-            out[j] = g
-        return (None, None, *out)
-
-
-def _fwd_autograd(tensors, layout, params):
-    """The Autograd kernel: a pred / target that requires grad gets its gradient flag set (so the public
-    functions pass 0 and a direct call of the op is right too); flags already set stay set (a compiled
-    forward calls the op with grad mode off and the flags it was traced with)."""
-    grad_on = torch.is_grad_enabled()
-    layout = list(layout)
-    pos, any_grad = 0, False
+def _backward(ctx, g_total, g_stats, _g_grads):
+    """d pred (and d target) = saved unscaled gradient x (g_total + g_stats[t]) / den_t, for the inputs whose
+    layout flags formed one; None elsewhere."""
+    stats, *saved = ctx.saved_tensors
+    layout = ctx.layout
+    out = [None] * ctx.n_tensors
+    wanted = ctx.needs_input_grad[0]
+    targets, terms, pos = [], [], 0  # which input each saved gradient belongs to, and its term
     for i in range((len(layout) - _L_HEAD) // _L_TERM):
-        b = _L_HEAD + _L_TERM * i
-        if grad_on:
-            layout[b + 3] = int(layout[b + 3] or tensors[pos].requires_grad)
-            layout[b + 4] = int(layout[b + 4] or tensors[pos + 1].requires_grad)
-            any_grad |= tensors[pos].requires_grad or tensors[pos + 1].requires_grad
-        pos += 2 + bool(layout[b + 1]) + bool(layout[b + 2])
-    if any_grad:
-        total, stats, *grads = _FusedRegressionFn.apply(layout, params, *tensors)
-        return total, stats, grads
-    with torch._C._AutoDispatchBelowAutograd():
-        return fused_regression_fwd(tensors, layout, params)
+        _, has_m, has_w, g_p, g_t = layout[_L_HEAD + _L_TERM * i : _L_HEAD + _L_TERM * (i + 1)]
+        for j, (formed, arg) in enumerate(((g_p, "pred"), (g_t, "target"), (0, "mask"), (0, "weight"))):
+            at = pos + (j if j < 2 else 2 + (j == 3 and has_m))
+            if j >= 2 and not (has_m if j == 2 else has_w):
+                continue
+            if wanted[at] and not formed:
+                raise RuntimeError(
+                    f"fused_regression_fwd: term {i}'s {arg} requires grad but the forward formed no gradient "
+                    "for it (its layout flag was 0, or it is a mask / weight, which the op treats as constants)"
+                )
+        if g_p:
+            targets.append(pos)
+            terms.append(i)
+        if g_t:
+            targets.append(pos + 1)
+            terms.append(i)
+        pos += 2 + bool(has_m) + bool(has_w)
+    if (g_total is None and g_stats is None) or not saved:
+        return out, None, None
+    if g_stats is not None:
+        g_stats = g_stats.contiguous()
+    scaled = fused_regression_bwd(saved, stats, g_total, g_stats, terms, bool(layout[0]))
+    for j, g in zip(targets, scaled, strict=True):
+        out[j] = g
+    return out, None, None
 
 
-_LIB.impl("fused_regression_fwd", _fwd_impl, "CompositeExplicitAutograd")
-_LIB.impl("fused_regression_fwd", _fwd_autograd, "Autograd")
-_LIB.impl("fused_regression_bwd", _bwd_impl, "CompositeExplicitAutograd")
-torch.library.register_fake("uno_engine::fused_regression_fwd", _fwd_fake, lib=_LIB)
-torch.library.register_fake("uno_engine::fused_regression_bwd", _bwd_fake, lib=_LIB)
+fused_regression_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -504,6 +508,7 @@ def _triton_terms(terms: Sequence[RegressionTerm], mean: bool):
     Float weights go into the kernel; a 0-d tensor weight multiplies the term's loss outside it (then the
     total is recomputed from the per-term losses, with grad through them)."""
     tensors, layout, params = [], [int(mean)], []
+    grad_on = torch.is_grad_enabled()
     tensor_scales = None
     for i, t in enumerate(terms):
         w, m = t.weight, t.mask
@@ -524,7 +529,8 @@ def _triton_terms(terms: Sequence[RegressionTerm], mean: bool):
             tensors.append(m)
         if w is not None:
             tensors.append(w if w.device == t.pred.device else w.to(t.pred.device))
-        layout += [_KIND_IDS[t.kind], int(m is not None), int(w is not None), 0, 0]
+        g_p, g_t = grad_on and t.pred.requires_grad, grad_on and t.target.requires_grad
+        layout += [_KIND_IDS[t.kind], int(m is not None), int(w is not None), int(g_p), int(g_t)]
         params += [float(t.beta), scale]
     total, stats, _ = fused_regression_fwd(tensors, layout, params)
     per_term = stats[: len(terms)]
@@ -561,7 +567,7 @@ def fused_regression(terms: Sequence[RegressionTerm], *, backend: str = "auto"):
     tensors = [x for t in terms for x in (t.pred, t.target, t.mask, t.weight) if isinstance(x, torch.Tensor)]
     choice = resolve_backend("fused_regression", backend, tensors, _triton_reasons(terms))
     if choice == "torch":
-        return reference.fused_regression(terms)
+        return eager.fused_regression(terms)
     total, per_term = _triton_terms(terms, mean=True)
     return total, per_term.detach()
 
@@ -594,7 +600,7 @@ def regression_loss(
     tensors = [x for x in (pred, target, mask, weight) if isinstance(x, torch.Tensor)]
     choice = resolve_backend("regression_loss", backend, tensors, reasons)
     if choice == "torch":
-        return reference.regression_loss(
+        return eager.regression_loss(
             pred, target, kind=kind, weight=weight, mask=mask, beta=beta, reduction=reduction
         )
     total, _ = _triton_terms([term], mean=reduction == "mean")

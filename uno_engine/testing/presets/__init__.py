@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from uno_engine.testing.presets.cached_janus import CachedSamplingJanusGenerator
+
 
 @dataclass(frozen=True, kw_only=True)
 class PresetSpec:
@@ -35,7 +37,9 @@ class PresetSpec:
     )
     batch_size: int  # default images per step
     caption_len: int  # caption tokens per image
-    engine_checkpoint: str = "selective"  # the engine provider's Critic(checkpoint=...)
+    # the engine provider's Critic(checkpoint=...); the real-shape presets keep "selective", the policy
+    # their GPU runs measured ("auto" would pick "layer" for them: > 1 GiB of activations per image)
+    engine_checkpoint: str = "selective"
     real_shapes: bool = False  # real model sizes: meant for a GPU (bf16)
     description: str = ""
 
@@ -43,15 +47,16 @@ class PresetSpec:
 PRESETS: dict[str, PresetSpec] = {
     s.name: s
     for s in (
-        # tiny: the critic's activations are a few hundred KB next to the generator's VAE, so checkpointing
-        # them saves nothing and its recomputation only costs time; the engine runs the critic unchanged
+        # the CPU presets let Critic(checkpoint="auto") decide: tiny / tiny-janus keep about 0.4 MiB of
+        # critic activations per image (next to the generator's VAE), so "auto" is "none" (recomputation
+        # would only cost time); mid keeps about 164 MiB per image, so "auto" is "selective"
         PresetSpec(
             name="tiny",
             critic="tiny-llava-clip",
             generator="tiny-sd",
             batch_size=2,
             caption_len=16,
-            engine_checkpoint="none",
+            engine_checkpoint="auto",
             description="tiny SD UNet+VAE generator, tiny LLaVA (CLIP) critic; the CPU default",
         ),
         PresetSpec(
@@ -60,6 +65,7 @@ PRESETS: dict[str, PresetSpec] = {
             generator="janus",
             batch_size=2,
             caption_len=16,
+            engine_checkpoint="auto",
             description="tiny Janus, a unified model that is its own critic (CPU)",
         ),
         PresetSpec(
@@ -68,6 +74,7 @@ PRESETS: dict[str, PresetSpec] = {
             generator="tiny-sd",
             batch_size=4,
             caption_len=32,
+            engine_checkpoint="auto",
             description="tiny SD generator, ~100M-param LLaVA critic with 256 image tokens",
         ),
         PresetSpec(
@@ -105,6 +112,38 @@ PRESETS: dict[str, PresetSpec] = {
             caption_len=32,
             real_shapes=True,
             description="Janus-Pro-7B, a unified model that is its own critic",
+        ),
+        # the denoiser families people train in 2026: tiny CPU generators with the tiny LLaVA critic, and the
+        # real shapes with a Qwen3-VL-8B critic (random weights; meant for one GPU in bf16)
+        *(
+            PresetSpec(
+                name=f"{gen}-llava",
+                critic="tiny-llava-clip",
+                generator=gen,
+                batch_size=2,
+                caption_len=16,
+                engine_checkpoint="auto",
+                description=f"{gen} generator (CPU), tiny LLaVA (CLIP) critic",
+            )
+            for gen in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwen-image")
+        ),
+        *(
+            PresetSpec(
+                name=f"{gen}-qwen3vl8b",
+                critic="qwen3-vl-8b",
+                generator=gen,
+                batch_size=bs,
+                caption_len=32,
+                real_shapes=True,
+                description=f"{desc}, Qwen3-VL-8B critic",
+            )
+            for gen, bs, desc in (
+                ("sdxl", 4, "SDXL UNet (2.6B) + VAE at 1024 px"),
+                ("sd3.5-medium", 2, "SD3.5-Medium MMDiT (2.2B) + 16-ch VAE at 1024 px"),
+                ("flux.1-dev", 1, "FLUX.1-dev (11.9B, guidance-distilled) + 16-ch VAE at 1024 px"),
+                ("flux.2-klein-4b", 2, "FLUX.2-Klein-4B (3.9B) + FLUX.2 VAE at 1024 px"),
+                ("qwen-image", 1, "Qwen-Image MMDiT (20.4B) + Qwen-Image VAE at 1024 px"),
+            )
         ),
     )
 }
@@ -164,10 +203,8 @@ class Preset:
         bs = batch_size or self.batch_size
         batch = self._make_batch(bs, self.caption_len, self.caption_vocab(), generator=g)
         batch.setdefault("seed", seed)
-        n_tokens = getattr(self.generator, "num_image_tokens", None)
-        if presampled and n_tokens and hasattr(self.generator, "_sampled"):
-            v_img = self.generator.model.model.generation_head.vision_head.out_features
-            batch["gen_tokens"] = torch.randint(0, v_img, (bs, n_tokens), generator=g).to(self.device)
+        if presampled and isinstance(self.generator, CachedSamplingJanusGenerator):
+            batch["gen_tokens"] = self.generator.random_tokens(bs, generator=g)
         return batch
 
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -199,41 +236,6 @@ def caption_vocab_size(hf_model: nn.Module) -> int:
     return vocab
 
 
-def _cached_sampling_janus(model: nn.Module):
-    """A `JanusGenerator` whose no-grad sampling runs once per batch and is then reused.
-
-    Janus samples its N = 576 image tokens one LM call at a time (no grad, KV cache): seconds per step on a
-    GPU at batch 4, the same in every provider and in the generation-only step. A benchmark that must time
-    >= 20 steps of several providers within minutes samples on a batch's first call (keyed by the prompt
-    shape and the seed), then passes those tokens back as `batch["gen_tokens"]`, so later calls time only the
-    training part of the step (the teacher-forced LM pass with grad, the straight-through Gumbel-softmax and
-    the VQ decoder). The first forward's time is reported apart (`sample_ms`)."""
-    import time
-
-    from uno_engine.generators import JanusGenerator
-
-    class CachedSamplingJanusGenerator(JanusGenerator):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._sampled: dict = {}  # (prompt shape, seed) -> sampled tokens (B, N)
-            self.sample_ms: float | None = None
-
-        def forward(self, batch):
-            key = (tuple(batch["gen_input_ids"].shape), batch.get("seed"))
-            if "gen_tokens" in batch or key in self._sampled:
-                tokens = batch.get("gen_tokens", self._sampled.get(key))
-                return super().forward({**batch, "gen_tokens": tokens})
-            t0 = time.perf_counter()
-            images = super().forward(batch)
-            if images.is_cuda:
-                torch.cuda.synchronize(images.device)
-            self.sample_ms = (time.perf_counter() - t0) * 1e3  # the whole first forward, sampling included
-            self._sampled[key] = self.last_tokens
-            return images
-
-    return CachedSamplingJanusGenerator(model)
-
-
 def _janus_make_batch(hf_model: nn.Module, device, gen_prompt_len: int = 16):
     """Janus generation inputs: a prompt of `gen_prompt_len` random text ids per image (`gen_input_ids`)."""
 
@@ -263,7 +265,7 @@ def build_preset(
     on CUDA). Random weights; nothing is downloaded. `engine_checkpoint` overrides the spec's choice of the
     engine's critic checkpointing. `janus_sampling` (Janus presets): "every-step" (the plain
     JanusGenerator) or "cached" (sample once per batch, then time only the training part; see
-    `_cached_sampling_janus`)."""
+    uno_engine.testing.presets.cached_janus)."""
     if janus_sampling not in ("every-step", "cached"):
         raise ValueError(f"janus_sampling must be 'every-step' or 'cached', got {janus_sampling!r}")
     if name not in PRESETS:
@@ -277,7 +279,7 @@ def build_preset(
     hf_model, processor = build_critic_model(spec.critic, device=device, dtype=dtype)
     if spec.generator == "janus":
         if janus_sampling == "cached":
-            generator = _cached_sampling_janus(hf_model)
+            generator = CachedSamplingJanusGenerator(hf_model)
         else:
             from uno_engine.generators import JanusGenerator
 
@@ -301,4 +303,11 @@ def build_preset(
     )
 
 
-__all__ = ["PRESETS", "Preset", "PresetSpec", "build_preset", "caption_vocab_size"]
+__all__ = [
+    "PRESETS",
+    "CachedSamplingJanusGenerator",
+    "Preset",
+    "PresetSpec",
+    "build_preset",
+    "caption_vocab_size",
+]

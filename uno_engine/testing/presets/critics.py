@@ -2,11 +2,14 @@
 
 `build_critic_model(name, *, device="cpu", dtype=torch.float32) -> (hf_model, image_processor)`
 
-Tiny CPU presets (seconds): "tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl";
+Tiny CPU presets (seconds): "tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl",
+"tiny-qwen3-vl" (DeepStack from 2 of 3 vision layers, interleaved M-RoPE);
 "mid-llava": a ~100M-parameter LLaVA (CLIP tower at 224 px / patch 14 -> 256 image tokens, a Llama LM);
 real shapes (meant for a GPU in bf16): "llava-1.5-7b" (CLIP-L/336 + Llama-7B), "siglip-so400m-qwen2-1.5b"
 (LLaVA class with a SigLIP-so400m/384 tower and a Qwen2-1.5B LM), "janus-pro-1b", "janus-pro-7b",
-"qwen2-vl-2b".
+"qwen2-vl-2b", "qwen3-vl-8b" (Qwen3-VL-8B-Instruct's shapes: a 27-layer SigLIP-2-style tower at patch 16,
+DeepStack from layers 8 / 16 / 24, a 36-layer LM with head_dim 128; the processor is Qwen2-VL's at patch 16).
+"tiny-llava-onevision" (SINGLE_TILE): LLaVA-OneVision with one anyres tile, outside TINY.
 
 Models are constructed under `torch.device(device)` in the target dtype with transformers' weight
 initialisation skipped where possible, then given small random weights on the device, so a 7B model builds in
@@ -25,9 +28,20 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 
-TINY = ("tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl")
-REAL = ("llava-1.5-7b", "siglip-so400m-qwen2-1.5b", "janus-pro-1b", "janus-pro-7b", "qwen2-vl-2b")
+TINY = ("tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl", "tiny-qwen3-vl")
+REAL = (
+    "llava-1.5-7b",
+    "siglip-so400m-qwen2-1.5b",
+    "janus-pro-1b",
+    "janus-pro-7b",
+    "qwen2-vl-2b",
+    "qwen3-vl-8b",
+)
 NAMES = TINY + ("mid-llava",) + REAL
+# tiny presets outside TINY: the generic critic tests (tests/test_critics.py) feed TINY non-square
+# processor images, which these critics refuse (LLaVA-OneVision: square images, one anyres tile; see
+# tests/test_llava_onevision.py)
+SINGLE_TILE = ("tiny-llava-onevision",)
 
 
 # ------------------------------------------------------------------------------------------ processors
@@ -63,6 +77,19 @@ def siglip_processor(size: int):
     )
 
 
+def llava_onevision_processor(size: int):
+    """LLaVA-OneVision's processor (SigLIP mean/std) with image_grid_pinpoints reduced to the base view: the
+    one anyres layout the bridge makes (see uno_engine.critics.llava_onevision)."""
+    return _processor(
+        "LlavaOnevision",
+        size={"height": size, "width": size},
+        image_grid_pinpoints=[[size, size]],
+        resample=3,
+        image_mean=HALF,
+        image_std=HALF,
+    )
+
+
 def janus_processor(size: int):
     return _processor(
         "Janus",
@@ -86,6 +113,20 @@ def qwen2_vl_processor(
         resample=3,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
+    )
+
+
+def qwen3_vl_processor(*, patch_size=16, min_pixels=256 * 256, max_pixels=4096 * 4096):
+    """Qwen3-VL checkpoints ship a Qwen2-VL image processor at patch 16 with mean = std = 0.5."""
+    return _processor(
+        "Qwen2VL",
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        resample=3,
+        image_mean=HALF,
+        image_std=HALF,
     )
 
 
@@ -229,6 +270,44 @@ def _qwen2_vl(*, depth, embed_dim, v_heads, patch, hidden, layers, heads, kv, in
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
 
 
+def _qwen3_vl(*, vision: dict, text: dict, vocab: int, tie: bool):
+    """Qwen3VLConfig. vision: depth, hidden_size, intermediate_size, num_heads, patch_size, out_hidden_size,
+    num_position_embeddings, deepstack_visual_indexes. text: hidden_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rope_theta, mrope_section."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(text)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": text.pop("rope_theta"),
+        "mrope_section": list(text.pop("mrope_section")),
+        "mrope_interleaved": True,
+    }
+    text = dict(
+        text,
+        vocab_size=vocab,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=262144,
+        hidden_act="silu",
+        rope_parameters=rope,
+        tie_word_embeddings=tie,
+    )
+    vision = dict(
+        vision, spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh", in_channels=3
+    )
+    ids = (
+        dict(
+            image_token_id=vocab - 4,
+            video_token_id=vocab - 3,
+            vision_start_token_id=vocab - 2,
+            vision_end_token_id=vocab - 1,
+        )
+        if vocab < 151000
+        else {}
+    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+
+
 # a small VQ for the tiny Janus (GroupNorm(32) needs channels % 32 == 0): 8x8 tokens -> 32x32 images
 _TINY_VQ = dict(
     embed_dim=8,
@@ -262,6 +341,22 @@ def _config(name: str):
             strategy="full",
         )
         return cfg, "LlavaForConditionalGeneration", siglip_processor(32)
+    if name == "tiny-llava-onevision":
+        from transformers import LlavaOnevisionConfig
+
+        text = _qwen2(32, 2, 4, 2, 64, 128, tie=True)
+        tie = text.pop("tie")
+        cfg = LlavaOnevisionConfig(
+            vision_config=_siglip_vision(32, 2, 4, 64, 32, 8),
+            text_config=text,
+            image_token_id=127,
+            video_token_id=126,
+            image_grid_pinpoints=[[32, 32]],  # one anyres tile: the base view
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            tie_word_embeddings=tie,
+        )
+        return cfg, "LlavaOnevisionForConditionalGeneration", llava_onevision_processor(32)
     if name == "tiny-janus":
         cfg = _janus(
             v_hidden=32,
@@ -292,6 +387,36 @@ def _config(name: str):
             cfg,
             "Qwen2VLForConditionalGeneration",
             qwen2_vl_processor(patch_size=4, min_pixels=32 * 32, max_pixels=32 * 32),
+        )
+    if name == "tiny-qwen3-vl":
+        cfg = _qwen3_vl(
+            vision=dict(
+                depth=3,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                patch_size=4,
+                out_hidden_size=32,
+                num_position_embeddings=16,  # a 4 x 4 learned grid, bilinearly resampled to each image's
+                deepstack_visual_indexes=[0, 1],
+            ),
+            text=dict(
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                intermediate_size=64,
+                rope_theta=5e6,
+                mrope_section=(2, 1, 1),
+            ),
+            vocab=128,
+            tie=False,
+        )
+        return (
+            cfg,
+            "Qwen3VLForConditionalGeneration",
+            qwen3_vl_processor(patch_size=4, min_pixels=32 * 32, max_pixels=32 * 32),
         )
     if name == "mid-llava":
         cfg = _llava(
@@ -359,7 +484,33 @@ def _config(name: str):
             "Qwen2VLForConditionalGeneration",
             qwen2_vl_processor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
         )
-    raise ValueError(f"build_critic_model: unknown name {name!r}; known: {', '.join(NAMES)}")
+    if name == "qwen3-vl-8b":
+        cfg = _qwen3_vl(
+            vision=dict(
+                depth=27,
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_heads=16,
+                patch_size=16,
+                out_hidden_size=4096,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[8, 16, 24],
+            ),
+            text=dict(
+                hidden_size=4096,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                intermediate_size=12288,
+                rope_theta=5e6,
+                mrope_section=(24, 20, 20),
+            ),
+            vocab=151936,
+            tie=False,
+        )
+        return cfg, "Qwen3VLForConditionalGeneration", qwen3_vl_processor()
+    raise ValueError(f"build_critic_model: unknown name {name!r}; known: {', '.join(NAMES + SINGLE_TILE)}")
 
 
 @contextlib.contextmanager

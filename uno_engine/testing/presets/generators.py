@@ -9,8 +9,21 @@
 | "tiny-pixart" | tiny PixArtTransformer2DModel (learned sigma) + AutoencoderKL  | 64 x 64     | (12, 32)    |
 | "sd15"        | SD-1.5 UNet + VAE shapes, DDIM scaled_linear, 20 steps         | 512 x 512   | (77, 768)   |
 | "sana-0.6b"   | Sana_600M_1024px DiT + DC-AE f32c32, FlowMatch shift 3, 20 st. | 1024 x 1024 | (300, 2304) |
+| "tiny-sdxl"   | tiny SDXL UNet (text_time) + KL f4 + DDIM; pooled (16,)        | 32 x 48     | (10, 32)    |
+| "tiny-sd3"    | tiny SD3Transformer2DModel (dual attn, qk-norm) + KL16-style   | 32 x 48     | (10, 32)    |
+| "tiny-flux"   | tiny FluxTransformer2DModel (guidance embeds) + KL, dyn. shift | 32 x 48     | (10, 32)    |
+| "tiny-flux2"  | tiny Flux2Transformer2DModel + AutoencoderKLFlux2 (bn stats)   | 32 x 48     | (10, 32)    |
+| "tiny-qwen-image" | tiny QwenImageTransformer2DModel + AutoencoderKLQwenImage  | 32 x 48     | (10, 32)    |
+| "sdxl"        | SDXL-base UNet (2.57B) + VAE, DDIM, 20 steps; pooled (1280,)   | 1024 x 1024 | (77, 2048)  |
+| "sd3.5-medium"| SD3.5-Medium MMDiT-X (2.24B) + 16-ch VAE, FlowMatch shift 3    | 1024 x 1024 | (333, 4096) |
+| "flux.1-dev"  | FLUX.1-dev (11.9B) + 16-ch VAE, dynamic shift, 28 steps        | 1024 x 1024 | (512, 4096) |
+| "flux.2-klein-4b" | FLUX.2-Klein-4B (3.88B) + FLUX.2 VAE, 4 steps              | 1024 x 1024 | (512, 7680) |
+| "qwen-image"  | Qwen-Image (20.4B) + Qwen-Image VAE, 30 steps                  | 1024 x 1024 | (128, 3584) |
 
-(S, D): the text-encoder states the batch carries as "prompt_embeds" (CLIP-L for SD-1.5, Gemma-2-2B for Sana).
+(S, D): the text-encoder states the batch carries as "prompt_embeds" (CLIP-L for SD-1.5, Gemma-2-2B for Sana,
+CLIP-L + bigG for SDXL, CLIPs + T5-XXL for SD3.5, T5-XXL for FLUX.1, three Qwen3-4B layers for FLUX.2-Klein,
+Qwen2.5-VL-7B for Qwen-Image). SDXL, SD3.5 and FLUX.1 batches also carry "pooled_prompt_embeds" (B, P);
+Qwen-Image batches "prompt_embeds_mask" (B, S).
 
 Real shapes are built under `with torch.device(device)` directly in `dtype`, so a GPU build takes seconds.
 The tiny ones run a training step in well under a second on a CPU. `overrides` go to DiffusersGenerator
@@ -34,7 +47,18 @@ import torch
 
 from uno_engine.generators import DiffusersGenerator
 
-NAMES = ("tiny-sd", "tiny-sana", "tiny-pixart", "sd15", "sana-0.6b")
+TINY = (
+    "tiny-sd",
+    "tiny-sana",
+    "tiny-pixart",
+    "tiny-sdxl",
+    "tiny-sd3",
+    "tiny-flux",
+    "tiny-flux2",
+    "tiny-qwen-image",
+)
+REAL = ("sd15", "sana-0.6b", "sdxl", "sd3.5-medium", "flux.1-dev", "flux.2-klein-4b", "qwen-image")
+NAMES = TINY + REAL
 
 
 def _tiny_unet(cross_dim: int):
@@ -114,9 +138,336 @@ def _flow(shift: float = 3.0):
     return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
+# --------------------------------------------------------------------------- the 2026 families
+# Tiny: 1-2 layers, a few channels, 32-48 px; a VAE with 3 stages (factor 4). Real: the checkpoints' configs.
+
+
+def _tiny_vae_kl16(latent_channels=4, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        **kw,
+    )
+
+
+def _flow_dynamic(**kw):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return lambda: FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **kw)
+
+
+def _tiny_sdxl():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+        use_linear_projection=True,
+    )
+    vae = _tiny_vae_kl16(scaling_factor=0.13025)
+    return (
+        unet,
+        vae,
+        _ddim,
+        dict(num_inference_steps=8, height=32, width=48),
+        (10, 32),
+        {"pooled_prompt_embeds": (16,)},
+    )
+
+
+def _tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    dit = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=24,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = _tiny_vae_kl16(
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
+    return (
+        dit,
+        vae,
+        _flow,
+        dict(num_inference_steps=8, height=32, width=48),
+        (10, 32),
+        {"pooled_prompt_embeds": (24,)},
+    )
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    dit = FluxTransformer2DModel(
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=24,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = _tiny_vae_kl16(
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
+    defaults = dict(num_inference_steps=8, height=32, width=48)
+    return dit, vae, _flow_dynamic(shift=3.0), defaults, (10, 32), {"pooled_prompt_embeds": (24,)}
+
+
+def _tiny_flux2():
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    dit = Flux2Transformer2DModel(
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    with torch.no_grad():  # non-trivial batch-norm statistics, so the normalization is exercised
+        vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, vae.bn.running_mean.numel()))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
+    return dit, vae, _flow_dynamic(shift=3.0), dict(num_inference_steps=8, height=32, width=48), (10, 32), {}
+
+
+def _tiny_qwen_image():
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    dit = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.7, 1.2, 2.0],
+    )
+    sched = _flow_dynamic(
+        shift=1.0, max_image_seq_len=8192, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential"
+    )
+    return (
+        dit,
+        vae,
+        sched,
+        dict(num_inference_steps=8, height=32, width=48),
+        (10, 32),
+        {"prompt_embeds_mask": ("S",)},
+    )
+
+
+def _real_sdxl():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(  # sdxl vae/config.json
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+    )
+    return unet, vae, _ddim, dict(num_inference_steps=20), (77, 2048), {"pooled_prompt_embeds": (1280,)}
+
+
+def _kl16(scaling, shift):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(  # the SD3 / FLUX.1 16-channel VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        sample_size=1024,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _real_sd35_medium():
+    from diffusers import SD3Transformer2DModel
+
+    dit = SD3Transformer2DModel(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
+    )
+    # S = 77 CLIP tokens + 256 T5 tokens
+    return (
+        dit,
+        _kl16(1.5305, 0.0609),
+        _flow,
+        dict(num_inference_steps=28),
+        (333, 4096),
+        {"pooled_prompt_embeds": (2048,)},
+    )
+
+
+def _real_flux1_dev():
+    from diffusers import FluxTransformer2DModel
+
+    dit = FluxTransformer2DModel(  # black-forest-labs/FLUX.1-dev transformer/config.json
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    defaults = dict(num_inference_steps=28, height=1024, width=1024)
+    return (
+        dit,
+        _kl16(0.3611, 0.1159),
+        _flow_dynamic(shift=3.0),
+        defaults,
+        (512, 4096),
+        {"pooled_prompt_embeds": (768,)},
+    )
+
+
+def _real_flux2_klein_4b():
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    # black-forest-labs/FLUX.2-klein-4B: 5 double + 20 single blocks, 3072 wide
+    dit = Flux2Transformer2DModel(
+        in_channels=128,
+        num_layers=5,
+        num_single_layers=20,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=7680,  # Qwen3-4B hidden states of layers (9, 18, 27), 3 x 2560
+        guidance_embeds=False,
+        axes_dims_rope=(32, 32, 32, 32),
+    )
+    vae = AutoencoderKLFlux2()  # the FLUX.2 VAE: 32 latent channels, 2x2 patchified to 128
+    defaults = dict(num_inference_steps=4, height=1024, width=1024)
+    return dit, vae, _flow_dynamic(shift=3.0), defaults, (512, 7680), {}
+
+
+def _real_qwen_image():
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    dit = QwenImageTransformer2DModel(  # Qwen/Qwen-Image transformer/config.json
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=60,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=3584,
+        axes_dims_rope=(16, 56, 56),
+    )
+    vae = AutoencoderKLQwenImage()  # defaults = the Qwen-Image VAE (z_dim 16, per-channel mean / std)
+    sched = _flow_dynamic(
+        shift=1.0, max_image_seq_len=8192, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential"
+    )
+    defaults = dict(num_inference_steps=30, height=1024, width=1024)
+    return dit, vae, sched, defaults, (128, 3584), {"prompt_embeds_mask": ("S",)}
+
+
+_FAMILY_BUILDERS = {
+    "tiny-sdxl": _tiny_sdxl,
+    "tiny-sd3": _tiny_sd3,
+    "tiny-flux": _tiny_flux,
+    "tiny-flux2": _tiny_flux2,
+    "tiny-qwen-image": _tiny_qwen_image,
+    "sdxl": _real_sdxl,
+    "sd3.5-medium": _real_sd35_medium,
+    "flux.1-dev": _real_flux1_dev,
+    "flux.2-klein-4b": _real_flux2_klein_4b,
+    "qwen-image": _real_qwen_image,
+}
+
+
 def _build_modules(name: str):
-    """(denoiser, vae, make_scheduler, defaults, (S, D), needs_mask) for a preset name. The scheduler is made
-    outside the device context: its tables must stay on the CPU (they are read once, at construction)."""
+    """(denoiser, vae, make_scheduler, defaults, (S, D), extras) for a preset name; extras: True / False (a
+    "prompt_attention_mask" or not) or a dict {batch key: trailing shape} of further conditioning (pooled
+    embeds (P,), masks ("S",)). The scheduler is made outside the device context: its tables must stay on
+    the CPU (they are read once, at construction)."""
+    if name in _FAMILY_BUILDERS:
+        return _FAMILY_BUILDERS[name]()
     if name == "tiny-sd":
         return (
             _tiny_unet(32),
@@ -230,7 +581,7 @@ def build_generator(
     try:
         torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
         with torch.device(device):
-            denoiser, vae, make_scheduler, defaults, (S, D), needs_mask = _build_modules(name)
+            denoiser, vae, make_scheduler, defaults, (S, D), extras = _build_modules(name)
     finally:
         torch.set_default_dtype(prev_dtype)
     scheduler = make_scheduler()
@@ -259,9 +610,13 @@ def build_generator(
             "prompt_embeds": embeds.to(device=device, dtype=dtype),
             "seed": int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
         }
-        if needs_mask:
-            plen = torch.randint(max(1, S // 2), S + 1, (batch_size,), generator=g)
-            batch["prompt_attention_mask"] = (torch.arange(S)[None, :] < plen[:, None]).long().to(device)
+        keys = extras if isinstance(extras, dict) else ({"prompt_attention_mask": ("S",)} if extras else {})
+        for key, shape in keys.items():
+            if shape == ("S",):  # a right-padded mask, at least half real
+                plen = torch.randint(max(1, S // 2), S + 1, (batch_size,), generator=g)
+                batch[key] = (torch.arange(S)[None, :] < plen[:, None]).long().to(device)
+            else:
+                batch[key] = torch.randn(batch_size, *shape, generator=g).to(device=device, dtype=dtype)
         return batch
 
     return gen, make_batch

@@ -1,0 +1,242 @@
+"""LatentAdapter (diffusion latents -> the critic's vision tokens) and the latent view with a separate critic."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uno_engine import UNOConfig, UNOLoss, UNOStep
+from uno_engine.latent import (
+    LatentAdapter,
+    LatentAdapterMismatch,
+    LatentCritic,
+    fit_latent_adapter,
+    noise_latents,
+)
+from uno_engine.testing.presets import build_preset
+from uno_engine.testing.presets.generators import build_generator
+
+ARCH = dict(dim=32, heads=2, depth_in=1, depth_out=1)  # small: these tests check wiring, not fidelity
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny SD generator (64 x 48 images, 8 x 6 x 4 latents) + tiny LLaVA-CLIP critic (30 px crop, 5 x 5 tokens)."""
+    preset = build_preset("tiny")
+    critic = preset.make_critic("none")
+    return preset, critic
+
+
+def _smooth_images(n, H, W, seed):
+    """Natural-looking test images in [-1, 1]: upsampled low-frequency noise plus a linear gradient."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    low = F.interpolate(
+        torch.randn(n, 3, 4, 3, generator=g), size=(H, W), mode="bicubic", align_corners=False
+    )
+    ramp = torch.linspace(-1, 1, W)[None, None, None, :] * torch.rand(n, 3, 1, 1, generator=g)
+    return torch.tanh(0.8 * low + ramp)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    preset, critic = tiny
+    gen = preset.generator
+    images = _smooth_images(12, gen.height, gen.width, seed=0)
+    return fit_latent_adapter(critic, gen, images, steps=60, batch_size=4, lr=3e-3, progress=False, **ARCH)
+
+
+def test_resample_follows_the_critic_processor(tiny):
+    """Critic token (i, j) averages the latent patches its pixels come from: checked against the critic's own
+    bridge on indicator images (one latent block lit), which includes the processor's center crop. The
+    bridge clips bicubic overshoot, the matrices do not: agreement to 0.03."""
+    preset, critic = tiny
+    gen = preset.generator
+    ad = LatentAdapter.for_pair(critic, gen, **ARCH)
+    ry, rx = ad.resample_rows, ad.resample_cols  # (5, 8), (5, 6)
+    (h, w), f, p = gen.latent_size, gen.height // gen.latent_size[0], critic.patch_size
+    blocks = torch.zeros(h * w, 3, gen.height, gen.width)
+    for k in range(h * w):
+        r, c = divmod(k, w)
+        blocks[k, :, r * f : (r + 1) * f, c * f : (c + 1) * f] = 1.0
+    pv = critic.prepare(blocks, input_range=(0.0, 1.0), backend="torch", fuse_patch_embed=False).pixel_values
+    scale, shift = critic.spec.normalize_affine()
+    u = (pv[:, 0] - shift[0]) / scale[0]  # back to [0, 1]
+    gh, gw = ad.identity.token_grid
+    per_token = u.reshape(h * w, gh, p, gw, p).mean((2, 4))  # (blocks, gh, gw)
+    want = torch.einsum("ir,jc->rcij", ry, rx).reshape(h * w, gh, gw)
+    assert (per_token - want).abs().max() < 0.03
+    # every critic token lies inside the image (a crop, no pad): its weights sum to 1; the crop of the
+    # 40 resized rows to 30 leaves the top latent row with less weight than a middle one
+    assert ry.sum(1).sub(1).abs().max() < 1e-5 and rx.sum(1).sub(1).abs().max() < 1e-5
+    assert ry[:, 0].sum() < 0.75 * ry[:, 3].sum()
+
+
+def test_fit_learns_and_the_adapter_is_frozen(tiny, fitted):
+    """The distillation loss falls (random-weight critics make held-out fidelity a benchmark matter:
+    benchmarks/bench_latent.py), and the fitted adapter comes back frozen."""
+    info = fitted.fit_info
+    assert info["final_loss"] < 0.8 * info["first_loss"], info
+    assert not any(p.requires_grad for p in fitted.parameters()) and not fitted.training
+    assert info["steps"] == 60 and info["images"] == 12
+    with pytest.raises(ValueError, match="images must be 64x48"):
+        fit_latent_adapter(tiny[1], tiny[0].generator, torch.zeros(2, 3, 32, 32), steps=1)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_latent_adapter(tiny[1], tiny[0].generator, torch.full((2, 3, 64, 48), float("nan")), steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        fit_latent_adapter(tiny[1], tiny[0].generator, torch.zeros(2, 3, 64, 48), steps=0)
+
+
+def test_save_load_roundtrip(tiny, fitted, tmp_path):
+    preset, critic = tiny
+    path = tmp_path / "adapter.safetensors"
+    fitted.save(path)
+    back = LatentAdapter.load(path, critic=critic, generator=preset.generator)
+    x = torch.randn(3, 4, *preset.generator.latent_size)
+    torch.testing.assert_close(
+        back(x, torch.tensor([0.0, 0.4, 0.9])), fitted(x, torch.tensor([0.0, 0.4, 0.9]))
+    )
+    assert back.identity == fitted.identity and back.fit_info["steps"] == 60
+    torch.testing.assert_close(back(x, 0.25), back(x, torch.full((3,), 0.25)))  # float sigma == tensor sigma
+
+
+def test_mismatches_are_refused_by_name(tiny, fitted, tmp_path):
+    preset, critic = tiny
+    path = tmp_path / "adapter.safetensors"
+    fitted.save(path)
+    other = build_preset("tiny-janus").make_critic("none")  # another critic: 4 x 4 tokens, another config
+    with pytest.raises(LatentAdapterMismatch, match="token_grid") as e:
+        LatentAdapter.load(path, critic=other)
+    assert {"critic", "token_grid", "critic_hash"} <= set(e.value.fields)
+    wide = LatentAdapter(
+        dataclasses.replace(fitted.identity, critic_width=64),
+        (fitted.resample_rows, fitted.resample_cols),
+        **ARCH,
+    )
+    with pytest.raises(LatentAdapterMismatch, match="critic_width") as e:
+        critic.attach_latent_adapter(wide)
+    assert e.value.fields == ["critic_width"]
+    sana, _ = build_generator("tiny-sana")  # 8 latent channels (DC-AE), flow matching
+    with pytest.raises(LatentAdapterMismatch, match="latent_channels") as e:
+        LatentAdapter.load(path, generator=sana)
+    assert "latent_channels" in e.value.fields and "noise" in e.value.fields
+    small, _ = build_generator("tiny-sd", height=32)  # 4 x 6 latents: another patch grid
+    with pytest.raises(LatentAdapterMismatch, match="latent_size"):
+        LatentAdapter.load(path, generator=small)
+    with pytest.raises(LatentAdapterMismatch, match="latent_channels"):
+        fitted(torch.randn(1, 8, *preset.generator.latent_size), 0.0)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a LatentAdapter file"):
+        LatentAdapter.load(tmp_path / "plain.safetensors")
+
+
+def _hand_caption_ce(critic, adapter, x0, captions, mask):
+    """Eager: adapter tokens, then the captions, through the LLaVA LM and lm_head; CE mean over real tokens."""
+    lm = critic.language_model
+    img = adapter(x0, 0.0)
+    seq = torch.cat([img, lm.get_input_embeddings()(captions)], 1)
+    B, N = img.shape[:2]
+    am = torch.cat([torch.ones(B, N, dtype=torch.long), mask], 1)
+    hid = lm(inputs_embeds=seq, attention_mask=am, use_cache=False).last_hidden_state[
+        :, N - 1 : N - 1 + captions.shape[1]
+    ]
+    logits = critic.lm_head(hid).double()
+    labels = captions.masked_fill(mask == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / (labels != -100).sum()
+
+
+def test_step_latent_view_equals_hand_and_skips_decode_and_tower(tiny, fitted):
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    step = UNOStep(gen, critic, UNOLoss(), UNOConfig(view="latent", backend="torch"))
+    batch = preset.make_batch(seed=5)
+    ran = []
+    watch = (
+        ("vae.decoder", gen.vae.decoder),
+        ("vision_tower", critic.vision_tower),
+        ("projector", critic.projector),
+    )
+    hooks = [m.register_forward_hook(lambda *a, n=n: ran.append(n)) for n, m in watch]
+    params = [p for p in gen.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    out = step(batch)
+    out.loss.backward()
+    for h in hooks:
+        h.remove()
+    assert ran == [] and out.images is None
+    engine = [p.grad.clone() for p in params]
+    assert all(p.grad is None for p in fitted.parameters())  # frozen adapter
+    for p in params:
+        p.grad = None
+    x0 = gen.generate_latents(batch)  # the same seed: the same draw and grad step
+    want = _hand_caption_ce(critic, fitted, x0, batch["captions"], batch["caption_mask"])
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=2e-6, atol=0)
+    num = max(float((a - p.grad).abs().max()) for a, p in zip(engine, params, strict=True))
+    den = max(float(p.grad.abs().max()) for p in params)
+    assert den > 0 and num / den < 1e-4
+
+
+@pytest.mark.parametrize("window", [(0.0, 0.5), (1.0, 1.0)])
+def test_xt_input_is_the_grad_steps_noised_output(tiny, fitted, window):
+    preset, critic = tiny
+    gen, _ = build_generator("tiny-sd", grad_window=window, num_inference_steps=8)
+    gen.load_state_dict(preset.generator.state_dict())
+    critic.attach_latent_adapter(fitted)
+    view = LatentCritic(critic, gen, latent_input="xt")
+    batch = preset.make_batch(seed=2)
+    lat = gen.latents_for_critic(batch)
+    i = gen.last_step_index
+    x_in = gen.last_grad_steps[-1].x_t.detach()
+    with torch.no_grad():
+        x_next, x0, _ = gen._step(x_in, i, gen.conditioning(batch))
+    torch.testing.assert_close(lat.xt.detach(), x_next, rtol=1e-5, atol=1e-6)
+    if window == (1.0, 1.0):  # the end of the schedule: the final sample, at DDIM's final noise level
+        # (set_alpha_to_one=False: sigma = sqrt(1 - alphas_cumprod[0]) = 0.029 for the scaled-linear betas)
+        assert lat.sigma_t == pytest.approx(0.0291551, abs=1e-6)
+    else:
+        assert 0.05 < lat.sigma_t < 1.0 and lat.xt.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(view.prepare(lat).image_embeds, fitted(lat.xt, lat.sigma_t))
+        torch.testing.assert_close(LatentCritic(critic, gen).prepare(lat).image_embeds, fitted(lat.x0, 0.0))
+    with pytest.raises(ValueError, match="latent_input"):
+        LatentCritic(critic, gen, latent_input="both")
+
+
+def test_regression_heads_read_lm_states_in_latent_view(tiny, fitted):
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    loss = UNOLoss(density=1.0, structure=1.0, structure_mode="features")
+    step = UNOStep(gen, critic, loss, UNOConfig(view="latent"))
+    batch = preset.make_batch(seed=1)
+    batch["reference_images"] = _smooth_images(2, gen.height, gen.width, seed=7)
+    out = step(batch)
+    out.loss.backward()
+    assert loss.density_head.in_dim == critic.hidden_size
+    assert {"density", "structure", "density_head_fit"} <= set(out.metrics)
+    assert loss.density_head.fc1.weight.grad is not None and loss.density_head.fc1.weight.grad.abs().sum() > 0
+
+
+def test_missing_adapter_and_foreign_adapter_list_the_reasons(tiny, fitted):
+    preset, _ = tiny
+    bare = preset.make_critic("none", cache=False)
+    with pytest.raises(ValueError, match="no LatentAdapter is attached"):
+        UNOStep(preset.generator, bare, UNOLoss(), UNOConfig(view="latent"))
+    bare.attach_latent_adapter(fitted)
+    small, _ = build_generator("tiny-sd", height=32)
+    with pytest.raises(ValueError, match="does not fit this generator: latent_size"):
+        UNOStep(small, bare, UNOLoss(), UNOConfig(view="latent"))
+
+
+def test_noise_latents_families():
+    x0, eps, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([0.0, 0.6])
+    flow = noise_latents(x0, s, eps, "flow")
+    ddpm = noise_latents(x0, s, eps, "ddpm")
+    torch.testing.assert_close(flow[0], x0[0]) and torch.testing.assert_close(ddpm[0], x0[0])
+    torch.testing.assert_close(flow[1], 0.4 * x0[1] + 0.6 * eps[1])
+    torch.testing.assert_close(ddpm[1], 0.8 * x0[1] + 0.6 * eps[1])

@@ -1,0 +1,274 @@
+"""`LatentCritic`: the critic as the latent view (`UNOConfig(view="latent")`) reads a generation.
+
+The step, the losses and the metrics are those of the pixel view; only what the critic reads changes. The
+generator hands over `GeneratedLatents` (`generator.latents_for_critic(batch)`) instead of pixels, and
+
+- unified token models (Janus, generator and critic on one model): the LM reads the straight-through token
+  distribution through the model's generation embedding (critics/janus.py documents the exact sequence);
+  no VQ decode, no vision tower;
+- diffusion models with a separate critic: the critic's attached, frozen `LatentAdapter` maps a latent that
+  carries the grad steps' gradient to the critic's vision tokens, which take the image tokens' place in the
+  critic's own sequence (its `_prefix_ids`); no VAE decode, no vision tower. `latent_input`: "x0" (default)
+  reads the last grad step's x0 prediction at sigma = 0; "xt" reads that step's output, the noised latent,
+  at its noise level. Why "x0" by default: it is the latent the pixel view decodes, so both views supervise
+  the same object, and an adapter is most faithful at low noise (benchmarks/bench_latent.py measures the
+  cosine to the critic's tokens by noise level); "xt" is the PRFL / DiNa-LRM reading (a noise-aware reward
+  on the noised state), cheaper to fit well at high noise only with a longer fit.
+
+Patch-level regression terms (density / structure heads, cosine to reference features) read the LM's hidden
+states at the image positions after decoder layer `feature_layer` (default: the middle layer, L // 2).
+Why the middle: the last layers of a causal LM at an image position are shaped to predict the NEXT token
+(for Janus, the next VQ code through the generation head), and the first layers have barely mixed context;
+the middle of the stack is where representation-alignment work finds the most transferable per-patch
+features (REPA aligns an early-middle block, DiNa-LRM taps layers 4 / 8 / 12 of 12-24). The heads are
+therefore sized to the LM width (`vision_dim` of this view = the LM hidden size), and reference images are
+read through the same path: Janus: VQ encoder -> token ids -> generation embedding -> LM; diffusion: VAE
+encoder (posterior mode) -> adapter at sigma = 0 -> LM. No caption is appended for reference features.
+
+Not in this view: `Critic.forward_with_negatives` (hard-negative captions) and Qwen2-VL critics with an
+adapter (M-RoPE positions over a size-dependent grid) raise with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from uno_engine.critics.base import CriticOutput
+from uno_engine.critics.common import find_layers
+from uno_engine.latent.types import GeneratedLatents
+
+__all__ = ["LatentCritic", "LatentInputs", "latent_view_reasons"]
+
+LATENT_INPUTS = ("x0", "xt")
+
+
+@dataclass
+class LatentInputs:
+    """What `LatentCritic.prepare` returns: image_embeds (B, N, H) in the LM's input space, grid (gh, gw)."""
+
+    image_embeds: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def bridge_output(self) -> torch.Tensor:
+        """What stands in the pixel view's bridge output (the step's profiler hooks it): image_embeds."""
+        return self.image_embeds
+
+
+def _is(obj, class_name: str) -> bool:
+    return any(c.__name__ == class_name for c in type(obj).__mro__)
+
+
+def latent_view_reasons(critic, generator) -> list[str]:
+    """Why this critic cannot read this generator's latents (empty when it can)."""
+    reasons = []
+    if not callable(getattr(generator, "latents_for_critic", None)):
+        reasons.append(
+            f"the generator {type(generator).__name__} has no latents_for_critic(batch): it can only hand over "
+            "pixels (use view='pixel')"
+        )
+    if _is(generator, "JanusGenerator"):
+        if getattr(critic, "family", None) != "Janus":
+            reasons.append(
+                f"a Janus generator's image tokens are read through its own model's generation embedding, but "
+                f"the critic is a {getattr(critic, 'family', type(critic).__name__)} critic whose LM cannot read them"
+            )
+        elif critic.hf_model is not generator.model:
+            reasons.append(
+                "the Janus critic wraps a different model than the Janus generator: its LM cannot read this "
+                "generator's tokens (build both on the same JanusForConditionalGeneration)"
+            )
+        return reasons
+    adapter = getattr(critic, "latent_adapter", None)
+    if getattr(critic, "family", None) == "Qwen2-VL":
+        reasons.append("Qwen2-VL critics cannot take adapter tokens (M-RoPE over a size-dependent grid)")
+    if adapter is None:
+        reasons.append(
+            "no LatentAdapter is attached to the critic: fit one with uno_engine.latent.fit_latent_adapter("
+            "critic, generator, images, steps=...) and call critic.attach_latent_adapter(adapter)"
+        )
+    else:
+        reasons += [
+            f"the attached LatentAdapter does not fit this generator: {d}"
+            for d in adapter.generator_mismatch(generator)
+        ]
+    return reasons
+
+
+class LatentCritic:
+    """The critic of the latent view; used by `UNOStep` where the pixel view uses the critic itself, and
+    passed to the loss as `critic=` (it has the `prepare` / `encode_patches` / `vision_dim` / `parameters`
+    the loss reads). Not an nn.Module: it owns no parameters (the step's state_dict is unchanged).
+
+    Args:
+        critic: a `uno_engine.Critic`. generator: the step's generator (`latents_for_critic`).
+        latent_input: "x0" (default) | "xt": which latent a diffusion generator's adapter reads.
+        feature_layer: decoder layer whose output gives the patch features (1..L; default L // 2).
+    Raises ValueError listing every reason when the pair cannot do the latent view (`latent_view_reasons`).
+    """
+
+    def __init__(self, critic, generator, *, latent_input: str = "x0", feature_layer: int | None = None):
+        reasons = latent_view_reasons(critic, generator)
+        if reasons:
+            raise ValueError(
+                "UNOConfig(view='latent') cannot run with this critic and generator: " + "; ".join(reasons)
+            )
+        if latent_input not in LATENT_INPUTS:
+            raise ValueError(f"latent_input must be one of {LATENT_INPUTS}, got {latent_input!r}")
+        self.critic, self.generator, self.latent_input = critic, generator, latent_input
+        self.tokens = _is(generator, "JanusGenerator")
+        n_layers = len(find_layers(critic.language_model))
+        feature_layer = n_layers // 2 if feature_layer is None else feature_layer
+        if not isinstance(feature_layer, int) or not 1 <= feature_layer <= n_layers:
+            raise ValueError(f"feature_layer must be an int in [1, {n_layers}], got {feature_layer!r}")
+        self.feature_layer = feature_layer
+        self._layer = find_layers(critic.language_model)[feature_layer - 1]
+
+    # ---------------------------------------------------------------------------------------- the loss's API
+    @property
+    def vision_dim(self) -> int:
+        """Width of this view's patch features: the LM hidden size."""
+        return self.critic.hidden_size
+
+    def parameters(self):
+        return self.critic.parameters()
+
+    def train(self, mode: bool = True):
+        self.critic.eval()
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def prepare(self, x, *, input_range=(-1.0, 1.0), **_ignored) -> LatentInputs:
+        """GeneratedLatents (with grad) or reference images (B, 3, H, W) in input_range (no grad) -> LatentInputs.
+        Bridge options of the pixel view (clamp, backend, fuse_patch_embed) do not apply and are ignored."""
+        if isinstance(x, GeneratedLatents):
+            return self._from_latents(x)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"reference images must be (B, 3, H, W), got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        lo, hi = input_range
+        images = (x.float() - lo) * (2.0 / (hi - lo)) - 1.0  # VQ / VAE encoders take [-1, 1]
+        with torch.no_grad():
+            if self.tokens:
+                ids = self.critic.image_tokens(images)
+                V = self.critic.hf_model.model.generation_embeddings.num_embeddings
+                probs = torch.nn.functional.one_hot(ids, V).float()
+                return LatentInputs(self.critic.embed_token_probs(probs), tuple(self.generator.grid))
+            adapter = self.critic.latent_adapter
+            lat = self.generator.encode_images(images.to(self.generator.vae.dtype))
+            return LatentInputs(adapter(lat, 0.0), tuple(adapter.identity.token_grid))
+
+    def _from_latents(self, gen: GeneratedLatents) -> LatentInputs:
+        if self.tokens:
+            if gen.kind != "tokens":
+                raise ValueError(
+                    f"a Janus latent view needs GeneratedLatents(kind='tokens'), got {gen.kind!r}"
+                )
+            return LatentInputs(self.critic.embed_token_probs(gen.token_probs), tuple(gen.grid))
+        if gen.kind != "latents":
+            raise ValueError(
+                f"an adapter latent view needs GeneratedLatents(kind='latents'), got {gen.kind!r}"
+            )
+        adapter = self.critic.latent_adapter
+        x, sigma = (gen.x0, 0.0) if self.latent_input == "x0" else (gen.xt, gen.sigma_t)
+        return LatentInputs(adapter(x, sigma), tuple(adapter.identity.token_grid))
+
+    def _prefix(self, n: int) -> list[int | None]:
+        if self.tokens:
+            return self.critic.latent_prefix_ids(n)
+        return self.critic._prefix_ids(n)[0]
+
+    @contextlib.contextmanager
+    def _capture(self):
+        """Keeps the output of decoder layer `feature_layer` (a forward hook, removed on exit)."""
+        box = {}
+
+        def hook(_mod, _args, output):
+            box["h"] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handle = self._layer.register_forward_hook(hook)
+        try:
+            yield box
+        finally:
+            handle.remove()
+
+    def _run(self, inputs: LatentInputs, captions: torch.Tensor, caption_mask):
+        critic = self.critic
+        emb = inputs.image_embeds
+        B, N = emb.shape[:2]
+        prefix = self._prefix(N)
+        P, i0 = len(prefix), prefix.index(None)
+        device = critic.lm_head_weight.device
+        attention_mask = None
+        if caption_mask is not None:
+            ones = torch.ones(B, P, dtype=torch.long, device=device)
+            attention_mask = torch.cat([ones, caption_mask.to(device).long()], dim=1)
+        with critic._running(), self._capture() as box:
+            embeds = critic._assemble(emb.to(critic.lm_head_weight.dtype), prefix, captions)
+            out = critic.language_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
+            )
+        return out.last_hidden_state, box["h"][:, i0 : i0 + N], P
+
+    def encode_patches(self, inputs: LatentInputs) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch features (B, N, H) of prepared inputs: the image block alone through the LM."""
+        B = inputs.image_embeds.shape[0]
+        device = self.critic.lm_head_weight.device
+        _, feats, _ = self._run(inputs, torch.zeros(B, 0, dtype=torch.long, device=device), None)
+        return feats, inputs.grid
+
+    def __call__(
+        self, inputs: LatentInputs, captions: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ):
+        """-> CriticOutput, as `Critic.forward`: caption hidden states (B, L, H) after the final norm,
+        patch_features (B, N, H) from decoder layer `feature_layer`."""
+        if not isinstance(inputs, LatentInputs):
+            raise TypeError(
+                f"inputs must be LatentInputs (from LatentCritic.prepare), got {type(inputs).__name__}"
+            )
+        if (
+            not isinstance(captions, torch.Tensor)
+            or captions.dim() != 2
+            or captions.dtype not in (torch.int64, torch.int32)
+        ):
+            raise ValueError(
+                f"captions must be a (B, L) integer tensor, got {getattr(captions, 'shape', type(captions))}"
+            )
+        if caption_mask is not None and caption_mask.shape != captions.shape:
+            raise ValueError(
+                f"caption_mask must have the shape of captions {tuple(captions.shape)}, got {tuple(caption_mask.shape)}"
+            )
+        B, L = captions.shape
+        if inputs.image_embeds.shape[0] != B:
+            raise ValueError(
+                f"captions has batch size {B} but the latents have {inputs.image_embeds.shape[0]}"
+            )
+        critic = self.critic
+        captions = captions.to(device=critic.lm_head_weight.device, dtype=torch.long)
+        hidden, feats, P = self._run(inputs, captions, caption_mask)
+        labels = (
+            captions
+            if caption_mask is None
+            else captions.masked_fill(caption_mask.to(captions.device) == 0, -100)
+        )
+        return CriticOutput(
+            caption_hidden=hidden[:, P - 1 : P - 1 + L],
+            caption_labels=labels,
+            lm_head_weight=critic.lm_head_weight,
+            lm_head_bias=critic.lm_head_bias,
+            logit_softcap=critic.logit_softcap,
+            patch_features=feats,
+            grid=inputs.grid,
+        )
+
+    def forward_with_negatives(self, *args, **kwargs):
+        raise ValueError(
+            "hard-negative captions (UNOLoss(negatives=...)) are not available in the latent view yet; "
+            "use view='pixel' or negatives=0"
+        )
