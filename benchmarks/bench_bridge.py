@@ -1,14 +1,14 @@
-"""Benchmark of the image -> critic bridge (issue 3): forward and backward, GB/s against the measured copy
-bandwidth.
+"""Benchmark of the image -> critic bridge: forward and backward, GB/s against the measured copy bandwidth.
 
 Providers: eager reference (`uno_engine.reference.bridge`), torch.compile of it, the HF fast image processor
 on a
 tensor that requires grad (needs torchvision; skipped with the reason otherwise), triton (`ops.bridge`).
-Bytes model (issue 3): forward = images read once + output written once; backward = grad_out read once +
+Bytes model (the one-read-one-write minimum): forward = images read once + output written once; backward = grad_out read once +
 grad_images written once. The Triton backward reads the images as well, but only in planes where the forward
 clamped a pixel: the default images lie in [-1, 1) (nothing clamped); the "triton+clamped" row scales them
 by 1.1 so that every plane has clamped pixels and the backward reads them (its bytes model adds that read).
---sweep times the Triton kernels under several (BLOCK_R, BLOCK_C, num_warps) settings (UNO_BRIDGE_BLOCKS).
+--sweep times the two-pass Triton kernels under several (BLOCK_R, BLOCK_C, num_warps) settings (UNO_BRIDGE_BLOCKS,
+read by the op); --kernel picks the Triton kernels (`ops.bridge(kernel=)`: auto | two_pass | fused).
 CUDA defaults: 8x3x1024x1024 -> Janus 384 and 32x3x512x512 -> SigLIP 224. CPU: small shapes, torch providers
 only.
 
@@ -67,7 +67,10 @@ def main():
     ap.add_argument(
         "--sweep",
         default="",
-        help="Triton block settings to compare, e.g. '4,256,4;8,128,4' (R,C,warps; see kernels.bridge.settings)",
+        help="Triton block settings to compare, e.g. '4,256,4;8,128,4' (R,C,warps; kernels.bridge_two_pass)",
+    )
+    ap.add_argument(
+        "--kernel", default="auto", choices=("auto", "two_pass", "fused"), help="ops.bridge(kernel=)"
     )
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -100,7 +103,9 @@ def main():
                 "--cpu-compile runs it)"
             )
         if cuda:
-            providers["triton"] = lambda t, spec=spec: ops.bridge(t, spec, backend="triton")
+            providers["triton"] = lambda t, spec=spec: ops.bridge(
+                t, spec, backend="triton", kernel=args.kernel
+            )
             providers["triton+clamped"] = providers["triton"]
         else:
             print("triton: skipped on the CPU (the interpreter is not timed)")
@@ -156,6 +161,7 @@ def main():
                 provider=prov,
                 shape=f"{B}x3x{H}x{W}->{Hc}x{Wc}",
                 dtype="fp32",
+                kernel=args.kernel if prov.startswith("triton") else "",
                 fwd_ms=fwd["median_ms"],
                 bwd_ms=bwd_ms,
                 fwd_GBps=(in_bytes + out_bytes) / (fwd["median_ms"] * 1e-3) / 1e9,
@@ -189,7 +195,7 @@ def main():
     )
     meta = env_metadata(device)
     meta.update(ceil)
-    paths = write_results("bench_bridge", rows, meta)
+    paths = write_results("bench_bridge", rows, meta, tag=None if args.kernel == "auto" else args.kernel)
     print("results:", *paths)
 
 

@@ -1,8 +1,8 @@
 """Critic checkpoint policies (and the fused bridge patch embedding) side by side: understanding peak memory,
-time, and time over the critic's FLOP floor (issue 6).
+time, and time over the critic's FLOP floor.
 
     python benchmarks/bench_critic.py                        # CPU: mid-llava (~100M, 256 image tokens), B=2
-    python benchmarks/bench_critic.py --batch 8              # CPU: the issue's figure (B=8, 64 caption tokens)
+    python benchmarks/bench_critic.py --batch 8              # CPU: B=8, 64 caption tokens
     python benchmarks/bench_critic.py --device cuda          # GPU: llava-1.5-7b (CLIP-L/336 + Llama-7B shapes,
                                                              # random weights) in bf16, B=8, within --budget-s
     python benchmarks/bench_critic.py --preset janus-pro-7b  # any critic preset (uno_engine.testing.presets.critics)
@@ -13,7 +13,7 @@ caption cross-entropy (ops.linear_cross_entropy) + a density regression on the p
 the images. For each variant (checkpoint policy x fused patch embedding off / on) on the same weights:
 
 - peak_MiB: peak memory of the understanding part above what was allocated just before the critic's forward
-  (the issue's definition: weights and the bridge output excluded), uno_engine.memory.track_peak_memory (CUDA
+  (by definition: weights and the bridge output excluded), uno_engine.memory.track_peak_memory (CUDA
   allocator statistics; on the CPU a dispatch-mode count of live tensor storage); peak_vs_none: over the
   "none" row with the same fuse setting;
 - peak_w_bridge_MiB: the same from just before the bridge, the bridge output held only as long as autograd
@@ -34,7 +34,7 @@ come first; timing rounds then run while the next round fits in the budget (at l
 measured passes would not fit is skipped and reported as such. --lm-layers N keeps only the first N LM decoder
 layers (built in full, then cut; the FLOPs, floor and memory are those of what runs, and the rows say so).
 
-Targets (issue 6): layer <= 40% of none; selective <= 60% of none in <= 1.15x its time; gradients equal
+Targets: layer <= 40% of none; selective <= 60% of none in <= 1.15x its time; gradients equal
 (<= 1e-6 relative in fp32). On the CPU "offload" equals "none" (activations already live in host memory).
 """
 

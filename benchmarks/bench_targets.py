@@ -2,7 +2,7 @@
 C++ (uno_engine._C) on ONE thread vs the numpy fallback and the torch CPU version (torch on one thread),
 all in this one run; plus the C++ on all threads and caption packing.
 
-The issue's bar: the one-thread C++ at least 5x faster than the CPU reference (numpy or torch: the ratio is
+The target: the one-thread C++ at least 5x faster than the CPU reference (numpy or torch: the ratio is
 reported against each and against the faster of the two) with outputs within 1e-5 of the torch version.
 
     python benchmarks/bench_targets.py [--size 1024] [--grid 27] [--rep 20]

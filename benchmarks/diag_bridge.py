@@ -6,8 +6,9 @@ the same 20 calls timed on the host. Configurations are env settings joined by "
 
     DIAG='UNO_BRIDGE_BLOCKS=4,256,4|UNO_BRIDGE_BLOCKS=8,128,4' CASES=janus python benchmarks/diag_bridge.py
 
-Used for the tile sweep behind `kernels.bridge.settings` (benchmarks/results/GPU_RUNS.md, session 2). The
-"no-grad" forward stores no clip masks, so it is where the opt-in fused forward runs:
+Used for the tile sweep behind `kernels.bridge_two_pass.DEFAULT_BLOCKS` (benchmarks/results/GPU_RUNS.md, session
+2). The environment variables are the op's overrides (`uno_engine._env`): UNO_BRIDGE_FORWARD / _BACKWARD override
+`ops.bridge(kernel=)` per direction. The "no-grad" forward stores no clip masks:
 
     DIAG='default|UNO_BRIDGE_FORWARD=fused|UNO_BRIDGE_FORWARD=fused_loads' python benchmarks/diag_bridge.py
 """

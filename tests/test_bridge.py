@@ -1,4 +1,4 @@
-"""Bridge (#3): BridgeSpec, reference.bridge, ops.bridge (torch and Triton paths).
+"""Bridge: BridgeSpec, reference.bridge, ops.bridge (torch and Triton paths, two-pass and fused kernels).
 
 Parity is measured against the HF processors' PIL path on a uint8 "photograph" made here (1/f-spectrum
 texture,
@@ -209,7 +209,7 @@ def _hf(proc, img, **kw):
     "family,kw,sizes", PARITY_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(PARITY_CASES)]
 )
 def test_parity_with_hf_processor(family, kw, sizes):
-    """Before normalization: mean |d| <= 0.5/255, max |d| <= 6/255 (issue 3); after it, that bound / std."""
+    """Before normalization: mean |d| <= 0.5/255, max |d| <= 6/255; after it, that bound / std."""
     proc = _processor(family, **kw)
     spec = BridgeSpec.from_image_processor(proc)
     raw = dataclasses.replace(spec, do_normalize=False)
@@ -338,7 +338,7 @@ def test_op_matches_reference(backend, spec_name, shape, clamp, device):
     assert out.shape == ref.shape and out.dtype == x.dtype
     fwd_err = (ref.double() - ref64).abs().max().item()
     assert_close_verbose(out, ref64, atol=2 * fwd_err + 1e-5, rtol=0, what="forward")
-    # gradient: equal to autograd through the reference within 1e-5 relative (issue 3)
+    # gradient: equal to autograd through the reference within 1e-5 relative
     scale = g_ref.abs().max().item()
     assert scale > 0
     assert_close_verbose(g_out, g_ref, atol=1e-5 * scale, rtol=0, what="grad vs reference")
@@ -360,8 +360,14 @@ def test_non_contiguous_and_fp16(backend, device):
     ref16 = reference.bridge(x16.double(), spec)
     err_torch16 = (ref16.half().double() - ref16).abs().max().item()
     assert_close_verbose(out16, ref16, atol=2 * err_torch16 + 1e-3, rtol=0, what="fp16")
-    out16.float().square().sum().backward()
-    assert x16.grad is not None and x16.grad.dtype == torch.float16 and torch.isfinite(x16.grad).all()
+    g = torch.randn(out16.shape, dtype=torch.float64)
+    (g16,) = torch.autograd.grad(out16, x16, g.half().to(device))
+    x64 = x16.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(reference.bridge(x64, spec), x64, g.to(device))
+    assert g16.dtype == torch.float16
+    # fp32 accumulation, one fp16 rounding of the result: the rounding of the fp16 grad, plus the fp16 grad_out
+    scale = g64.abs().max().item()
+    assert_close_verbose(g16, g64, atol=2e-3 * scale, rtol=1e-3, what="fp16 grad")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -372,12 +378,17 @@ def test_clamp_policy(clamp, backend, device):
     # the forward clamps out-of-range values under both policies
     torch.testing.assert_close(reference.bridge(x, spec, clamp=clamp), reference.bridge(x.clamp(-1, 1), spec))
     out = ops.bridge(x, spec, clamp=clamp, backend=backend)
-    out.sum().backward()
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(reference.bridge(x64, spec, clamp=clamp), x64, g.double())
+    assert_close_verbose(gx, g64, atol=1e-5 * g64.abs().max().item(), rtol=0, what=clamp)
     far = x.detach().abs() > 1.0
     if clamp == "clamp":
-        assert (x.grad[far] == 0).all()
-    else:
-        assert (x.grad[far] != 0).float().mean() > 0.9
+        assert (gx[far] == 0).all()
+    else:  # straight-through: the gradient at a clamped pixel is the one it would have unclamped
+        (g_lin,) = torch.autograd.grad(reference.bridge(x64, spec, clamp="straight_through"), x64, g.double())
+        assert (g_lin[far] != 0).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("spec_name", ["janus", "vertical-first"])
@@ -404,15 +415,31 @@ def test_clamp_flags_per_plane(spec_name, device):
     assert_close_verbose(g_out, g_ref, atol=1e-5 * scale, rtol=0, what="grad with per-plane flags")
 
 
-def test_block_settings_env(monkeypatch):
-    from uno_engine.kernels.bridge import settings
+def test_block_settings_reach_the_launcher(device, monkeypatch):
+    """UNO_BRIDGE_BLOCKS (read by the op, `uno_engine._env`) reaches the two-pass launcher as `blocks`; the
+    launcher checks what it gets; the default depends on the device."""
+    from uno_engine.kernels import bridge_two_pass as tp
 
-    monkeypatch.setenv("UNO_BRIDGE_BLOCKS", "8,128,4/4,256,2")
-    assert settings(0, torch.device("cuda")) == (8, 128, 4)
-    assert settings(1, torch.device("cuda")) == (4, 256, 2)
+    seen = []
+    real = tp.block_settings
+    monkeypatch.setattr(
+        tp, "block_settings", lambda ax, dev, blocks=None: seen.append(blocks) or real(ax, dev, blocks)
+    )
+    spec = SPECS["exact"]
+    x = _rand_images(1, 20, 30).to(device)
+    monkeypatch.setenv("UNO_BRIDGE_BLOCKS", "8,16,4/4,32,2")
+    out = ops.bridge(x, spec, backend="triton")
+    assert seen == [((8, 16, 4), (4, 32, 2))] * 2
+    assert_close_verbose(out, reference.bridge(x.double(), spec), atol=1e-5, rtol=0, what="blocks 8x16/4x32")
+    assert real(0, torch.device("cuda"), None) == tp.DEFAULT_BLOCKS
+    assert real(1, torch.device("cpu"), None) == tp.INTERPRETER_BLOCKS
     monkeypatch.setenv("UNO_BRIDGE_BLOCKS", "8,128")
     with pytest.raises(ValueError, match="UNO_BRIDGE_BLOCKS"):
-        settings(0, torch.device("cuda"))
+        ops.bridge(x, spec, backend="triton")
+    with pytest.raises(ValueError, match="blocks: BLOCK_R and BLOCK_C must be powers of two"):
+        tp.check_blocks(((6, 16, 4), (4, 32, 2)))
+    with pytest.raises(ValueError, match="blocks: num_warps"):
+        tp.check_blocks(((8, 16, 3), (4, 32, 2)))
 
 
 def test_backward_deterministic_triton(device):
@@ -451,30 +478,83 @@ def test_patch_embed(backend, device):
     (g_ref,) = torch.autograd.grad(ref, x, g)
     (g_out,) = torch.autograd.grad(out, x, g)
     torch.testing.assert_close(g_out, g_ref, atol=tol * g_ref.abs().max().item(), rtol=0)
-    # a trainable weight gets its gradient (the normalized image is kept in that case)
+    # a trainable weight gets its gradient (the normalized image is kept in that case): as the reference's
     w2 = w.clone().requires_grad_()
-    ops.bridge(x, spec, patch_embed=(w2, None), backend=backend).sum().backward()
-    assert w2.grad is not None
+    (gw,) = torch.autograd.grad(ops.bridge(x, spec, patch_embed=(w2, None), backend=backend), w2, g)
+    w3 = w.clone().requires_grad_()
+    (gw_ref,) = torch.autograd.grad(reference.bridge(x, spec, patch_embed=(w3, None)), w3, g)
+    torch.testing.assert_close(gw, gw_ref, atol=tol * gw_ref.abs().max().item(), rtol=0)
 
 
 # ------------------------------------------------------------------------------------- bad inputs
-def test_bad_inputs():
-    spec = SPECS["exact"]
-    with pytest.raises(ValueError, match="3 RGB channels"):
-        ops.bridge(torch.rand(1, 4, 20, 20), spec)
-    with pytest.raises(ValueError, match="3 RGB channels"):
-        ops.bridge(torch.rand(3, 20, 20), spec)
-    with pytest.raises(TypeError, match="images must be float"):
-        ops.bridge(torch.randint(0, 255, (1, 3, 20, 20), dtype=torch.uint8), spec)
-    with pytest.raises(TypeError, match="spec must be a uno_engine.BridgeSpec"):
-        ops.bridge(torch.rand(1, 3, 20, 20), {"size": 224})
-    with pytest.raises(ValueError, match="input_range"):
-        ops.bridge(torch.rand(1, 3, 20, 20), spec, input_range=(1.0, 1.0))
-    with pytest.raises(ValueError, match="clamp"):
-        ops.bridge(torch.rand(1, 3, 20, 20), spec, clamp="wrap")
-    with pytest.raises(ValueError, match="backend"):
-        ops.bridge(torch.rand(1, 3, 20, 20), spec, backend="cuda")
-    # a spec that does not match the processor layout
+_IMG = (1, 3, 20, 20)
+BAD_INPUTS = [
+    # (id, images, kwargs, error class, message that names the argument)
+    ("rank-3", torch.rand(3, 20, 20), {}, ValueError, r"images must have shape \(B, 3, H, W\)"),
+    ("rank-5", torch.rand(1, 1, 3, 20, 20), {}, ValueError, r"images must have shape \(B, 3, H, W\)"),
+    ("4-channels", torch.rand(1, 4, 20, 20), {}, ValueError, "3 RGB channels"),
+    ("uint8", torch.randint(0, 255, _IMG, dtype=torch.uint8), {}, TypeError, "images must be float"),
+    ("int64", torch.ones(_IMG, dtype=torch.int64), {}, TypeError, "images must be float"),
+    ("complex", torch.ones(_IMG, dtype=torch.complex64), {}, TypeError, "images must be float"),
+    ("list", [[0.0]], {}, TypeError, "images must be a torch.Tensor"),
+    ("empty-batch", torch.rand(0, 3, 20, 20), {}, ValueError, "images must be non-empty"),
+    ("empty-width", torch.rand(1, 3, 20, 0), {}, ValueError, "images must be non-empty"),
+    (
+        "spec-dict",
+        torch.rand(_IMG),
+        {"spec": {"size": 224}},
+        TypeError,
+        "spec must be a uno_engine.BridgeSpec",
+    ),
+    ("range-reversed", torch.rand(_IMG), {"input_range": (1.0, -1.0)}, ValueError, "input_range"),
+    ("range-empty", torch.rand(_IMG), {"input_range": (1.0, 1.0)}, ValueError, "input_range"),
+    ("range-inf", torch.rand(_IMG), {"input_range": (-1.0, float("inf"))}, ValueError, "input_range"),
+    ("range-nan", torch.rand(_IMG), {"input_range": (float("nan"), 1.0)}, ValueError, "input_range"),
+    ("range-3", torch.rand(_IMG), {"input_range": (0.0, 0.5, 1.0)}, ValueError, "input_range"),
+    ("range-none", torch.rand(_IMG), {"input_range": None}, ValueError, "input_range"),
+    ("clamp", torch.rand(_IMG), {"clamp": "wrap"}, ValueError, "clamp must be one of"),
+    ("kernel", torch.rand(_IMG), {"kernel": "fast"}, ValueError, "kernel must be one of"),
+    ("kernel-env-name", torch.rand(_IMG), {"kernel": "fused_loads"}, ValueError, "kernel must be one of"),
+    ("backend", torch.rand(_IMG), {"backend": "cuda"}, ValueError, "backend must be one of"),
+    (
+        "patch-embed-layout",
+        torch.rand(_IMG),
+        {"spec": "qwen2_vl", "patch_embed": (torch.randn(4, 3, 4, 4), None)},
+        ValueError,
+        "patch_embed needs a spec with layout 'nchw'",
+    ),
+    (
+        "patch-embed-shape",
+        torch.rand(_IMG),
+        {"patch_embed": (torch.randn(4, 4, 4, 4), None)},
+        ValueError,
+        r"patch_embed weight must be \(D, 3, p, p\)",
+    ),
+    (
+        "patch-embed-device",
+        torch.rand(_IMG),
+        {"patch_embed": (torch.randn(4, 3, 4, 4, device="meta"), None)},
+        ValueError,
+        "patch_embed must be on the images' device",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs(case, backend):
+    """Every bad argument: the same error class and message, naming the argument, on every backend (checked
+    before the backend is chosen)."""
+    _, images, kw, exc, msg = case
+    kw = dict(kw)
+    spec = kw.pop("spec", SPECS["exact"])
+    spec = SPECS[spec] if isinstance(spec, str) else spec
+    kw.setdefault("backend", backend)
+    with pytest.raises(exc, match=msg):
+        ops.bridge(images, spec, **kw)
+
+
+def test_bad_spec_layouts():
     with pytest.raises(ValueError, match="layout='qwen2_vl' needs resize='smart'"):
         BridgeSpec(
             resize="exact",
@@ -488,15 +568,66 @@ def test_bad_inputs():
         BridgeSpec(resize="smart", min_pixels=4, max_pixels=8, layout="qwen2_vl")
     with pytest.raises(ValueError, match="layout must be one of"):
         BridgeSpec(resize="exact", size=(28, 28), layout="nhwc")
-    with pytest.raises(ValueError, match="patch_embed needs a spec with layout 'nchw'"):
-        ops.bridge(torch.rand(1, 3, 20, 20), SPECS["qwen2_vl"], patch_embed=(torch.randn(4, 3, 4, 4), None))
-    with pytest.raises(ValueError, match=r"patch_embed weight must be \(D, 3, p, p\)"):
-        ops.bridge(torch.rand(1, 3, 20, 20), spec, patch_embed=(torch.randn(4, 4, 4, 4), None))
+
+
+def test_triton_backend_names_what_it_cannot_take(monkeypatch):
+    """backend='triton' with inputs it cannot take: RuntimeError with every reason; 'auto' runs torch."""
+    x = _rand_images(1, 20, 20, torch.float64)
+    with pytest.raises(
+        RuntimeError, match="backend='triton' cannot run: .*float64 images run on the torch path"
+    ):
+        ops.bridge(x, SPECS["exact"], backend="triton")
+    assert_close_verbose(ops.bridge(x, SPECS["exact"]), reference.bridge(x, SPECS["exact"]), 1e-12, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"inputs are on \['cpu'\]"):
+        ops.bridge(x.float(), SPECS["exact"], backend="triton")
+
+
+@pytest.mark.parametrize("spec_name", ["janus", "qwen2_vl", "vertical-first"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_pixels(spec_name, backend, device):
+    """A NaN pixel is never turned into a finite value: every output whose taps read it is NaN (Triton: those;
+    torch: its whole plane, through the dense matmuls), other image planes stay exact, and its own gradient is
+    zero; +-Inf clamps to the bound of input_range like any out-of-range value. The same on both backends."""
+    spec = SPECS[spec_name]
+    B, H, W = 2, 37, 50
+    x = _rand_images(B, H, W, lo=-0.9, hi=0.9)
+    x[0, 1, 11, 17] = float("nan")
+    x[1, 0, 3, 40] = float("inf")
+    x[1, 2, 30, 2] = float("-inf")
+    x = x.to(device).requires_grad_()
+    out = ops.bridge(x, spec, backend=backend)
+    # which outputs read pixel (11, 17) of plane (0, 1): perturb it in the reference
+    x_clean = x.detach().clone()
+    x_clean[0, 1, 11, 17] = 0.0
+    x_clean[1, 0, 3, 40], x_clean[1, 2, 30, 2] = 1.5, -1.5  # +-Inf: out of range like these
+    ref = reference.bridge(x_clean.double(), spec)
+    x_poke = x_clean.clone()
+    x_poke[0, 1, 11, 17] = 0.5
+    reads = reference.bridge(x_poke.double(), spec) != ref
+    assert reads.any()
+    nan = torch.isnan(out)
+    assert nan[reads].all(), "an output that reads the NaN pixel came out finite"
+    # the NaN stays in its image plane: the outputs a NaN plane (0, 1) reaches in the dense reference
+    x_plane = x_clean.clone()
+    x_plane[0, 1] = float("nan")
+    in_plane = torch.isnan(reference.bridge(x_plane.double(), spec))
+    assert not nan[~in_plane].any()
+    assert_close_verbose(out[~in_plane], ref[~in_plane], atol=1e-5, rtol=0, what="outside the NaN plane")
+    g = torch.randn(out.shape, dtype=out.dtype, device=device)
+    (gx,) = torch.autograd.grad(out, x, g)
+    assert gx[0, 1, 11, 17] == 0 and gx[1, 0, 3, 40] == 0 and gx[1, 2, 30, 2] == 0
+    # the gradient outside the NaN image is exact (per-image independence)
+    x64 = x_clean.double().requires_grad_()
+    (g64,) = torch.autograd.grad(reference.bridge(x64, spec), x64, g.double())
+    assert_close_verbose(gx[1], g64[1], atol=1e-5 * g64.abs().max().item(), rtol=0, what="grad, image 1")
 
 
 # ------------------------------------------------------------------------------------- a real op
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compiles_without_graph_break(backend, device):
+    """fullgraph compile (the registered ops as graph nodes, their registered autograd): the gradient of the
+    float64 reference."""
     spec = SPECS["qwen2_vl"]
     x = _rand_images(1, 23, 37).to(device).requires_grad_()
     ops.bridge(x, spec, backend=backend)  # builds the cached per-size constants outside the compiled region
@@ -504,27 +635,35 @@ def test_compiles_without_graph_break(backend, device):
         lambda t: ops.bridge(t, spec, backend=backend).square().sum(), backend="aot_eager", fullgraph=True
     )
     fn(x).backward()
-    g = x.grad.clone()
-    x.grad = None
-    ops.bridge(x, spec, backend=backend).square().sum().backward()
-    torch.testing.assert_close(g, x.grad)
+    x64 = x.detach().double().requires_grad_()
+    reference.bridge(x64, spec).square().sum().backward()
+    assert_close_verbose(x.grad, x64.grad, atol=1e-5 * x64.grad.abs().max().item(), rtol=0, what="compiled")
 
 
-def test_opcheck(device):
-    from uno_engine.ops.bridge import _bridge_fwd, _plan
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_opcheck(use_triton, device):
+    """The registered ops pass opcheck (schema, fake, autograd registration), and called through the
+    dispatcher (torch's custom-op autograd, not the eager fast path) they give the float64 reference's values
+    and gradient."""
+    from uno_engine.ops.bridge import _bridge_bwd, _bridge_fwd, _plan
 
     spec = SPECS["janus"]
     x = _rand_images(1, 21, 30).to(device).requires_grad_()
-    wy, wx, consts, tables, meta = _plan(spec, 21, 30, x.device, torch.float32, False)
-    torch.library.opcheck(_bridge_fwd, (x, wy, wx, consts, tables, meta, -1.0, 1.0, False, True))
-    wy, wx, consts, tables, meta = _plan(spec, 21, 30, x.device, torch.float32, True)
-    torch.library.opcheck(_bridge_fwd, (x, wy, wx, consts, tables, meta, -1.0, 1.0, True, True))
-    # the eager path (an autograd.Function over the same implementation) equals the registered op
-    out_op, _ = _bridge_fwd(x, wy, wx, consts, tables, meta, -1.0, 1.0, True, True)
-    out = ops.bridge(x, spec, backend="triton")
-    assert torch.equal(out, out_op)
+    plan = _plan(spec, 21, 30, x.device, torch.float32, use_triton).id
+    args = (x, plan, -1.0, 1.0, use_triton, True, "auto")
+    torch.library.opcheck(_bridge_fwd.overload, args)
+    out, mask = _bridge_fwd.overload(*args)
     g = torch.randn_like(out)
-    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(out_op, x, g)[0])
+    torch.library.opcheck(
+        _bridge_bwd.overload, (g, x.detach(), mask, plan, -1.0, 1.0, use_triton, True, "auto")
+    )
+    x64 = x.detach().double().requires_grad_()
+    ref64 = reference.bridge(x64, spec)
+    fwd_err = (reference.bridge(x.detach(), spec).double() - ref64).abs().max().item()
+    assert_close_verbose(out, ref64, atol=2 * fwd_err + 1e-5, rtol=0, what="dispatcher forward")
+    (gx,) = torch.autograd.grad(out, x, g)
+    (g64,) = torch.autograd.grad(ref64, x64, g.double())
+    assert_close_verbose(gx, g64, atol=1e-5 * g64.abs().max().item(), rtol=0, what="dispatcher grad")
 
 
 @pytest.mark.gpu
@@ -539,20 +678,49 @@ def test_bf16_cuda(spec_name):
     g = torch.randn_like(out)
     (g_out,) = torch.autograd.grad(out, x, g)
     (g_ref,) = torch.autograd.grad(reference.bridge(x.float(), spec), x, g.float())
-    assert torch.isfinite(g_out.float()).all()
     assert (g_out.float() - g_ref.float()).abs().max() <= 2e-2 * g_ref.float().abs().max()
 
 
-# ------------------------------------------------------------------ fused forward (opt-in, UNO_BRIDGE_FORWARD)
+# ------------------------------------------------------------------ kernel choice: two-pass and fused kernels
+def test_kernel_choice_explained(monkeypatch):
+    from uno_engine.ops.bridge import explain_kernel_choice
+
+    for name in ("UNO_BRIDGE_FORWARD", "UNO_BRIDGE_BACKWARD"):
+        monkeypatch.delenv(name, raising=False)
+    auto = ops.bridge.explain_kernel_choice()
+    assert (auto["forward"], auto["backward"]) == ("two_pass", "two_pass")
+    assert "not run on a GPU" in auto["why"]
+    fused = explain_kernel_choice("fused")
+    assert (fused["forward"], fused["backward"]) == ("fused", "fused") and fused["why"] == "kernel='fused'"
+    monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "fused")
+    over = explain_kernel_choice("two_pass")
+    assert (over["forward"], over["backward"]) == ("two_pass", "fused")
+    assert "UNO_BRIDGE_BACKWARD=fused overrides the backward" in over["why"]
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        explain_kernel_choice("fused_loads")
+
+
 FUSED_SHAPES = [*SHAPES, (1, 96, 80)]
+FUSED_MODES = [  # (kernel=, UNO_BRIDGE_FORWARD, UNO_BRIDGE_BACKWARD): per-direction choices via the overrides
+    ("fused", None, None),
+    ("two_pass", "fused_loads", None),
+    ("two_pass", None, "fused"),
+]
+# every spec with two shapes and two modes, rotating (each shape 5 times, each mode 6-7 times): a sixth of the
+# full product, for CI time (each case runs both kernels in both directions in the interpreter)
+FUSED_CASES = [
+    (name, FUSED_SHAPES[(i + k) % len(FUSED_SHAPES)], FUSED_MODES[(i + k) % len(FUSED_MODES)])
+    for i, name in enumerate(SPECS)
+    for k in (0, 2)
+]
 
 
 @pytest.mark.parametrize(
-    "modes", [("fused", "fused"), ("fused_loads", "two_pass"), ("two_pass", "fused")], ids="-".join
+    "spec_name,shape,mode",
+    FUSED_CASES,
+    ids=[f"{n}-{s}-{'-'.join(str(v) for v in m)}" for n, s, m in FUSED_CASES],
 )
-@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
-@pytest.mark.parametrize("spec_name", list(SPECS))
-def test_fused_kernels_equal_two_pass(spec_name, shape, modes, device, monkeypatch):
+def test_fused_kernels_equal_two_pass(spec_name, shape, mode, device, monkeypatch):
     """The fused kernels run the same taps in the same order as the two passes: the same forward, bit for bit,
     side outputs (clip masks, clamp flags) that give the same backward, and the same backward, bit for bit;
     on tiles small enough that every case spans several programs with halo rows and columns, with clamped
@@ -564,45 +732,51 @@ def test_fused_kernels_equal_two_pass(spec_name, shape, modes, device, monkeypat
     x = _rand_images(B, H, W).to(device).requires_grad_()
     monkeypatch.setenv("UNO_BRIDGE_FUSED_TILE", "16,32,4")
     monkeypatch.setenv("UNO_BRIDGE_FUSED_BWD_TILE", "8,16,4")
-    real = kb._fused_plan
+    for name in ("UNO_BRIDGE_FORWARD", "UNO_BRIDGE_BACKWARD"):
+        monkeypatch.delenv(name, raising=False)
+    real = kb.fused_plan
+    kernel, env_fwd, env_bwd = mode
     results = {}
-    for fwd, bwd in (("two_pass", "two_pass"), modes):
-        monkeypatch.setenv("UNO_BRIDGE_FORWARD", fwd)
-        monkeypatch.setenv("UNO_BRIDGE_BACKWARD", bwd)
+    for run in ("two_pass", "fused"):
+        if run == "fused":
+            for name, v in (("UNO_BRIDGE_FORWARD", env_fwd), ("UNO_BRIDGE_BACKWARD", env_bwd)):
+                if v is not None:
+                    monkeypatch.setenv(name, v)
         plans = []
 
         def spy(*a, plans=plans, **k):
             plans.append((k.get("backward", False), real(*a, **k)))
             return plans[-1][1]
 
-        monkeypatch.setattr(kb, "_fused_plan", spy)
-        out = ops.bridge(x, spec, backend="triton")
+        monkeypatch.setattr(kb, "fused_plan", spy)
+        k = "two_pass" if run == "two_pass" else kernel
+        out = ops.bridge(x, spec, backend="triton", kernel=k)
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
         (gx,) = torch.autograd.grad(out, x, g)
         with torch.no_grad():
-            out_ng = ops.bridge(x, spec, backend="triton")
-        monkeypatch.setattr(kb, "_fused_plan", real)
+            out_ng = ops.bridge(x, spec, backend="triton", kernel=k)
+        monkeypatch.setattr(kb, "fused_plan", real)
+        fwd_fused = run == "fused" and (kernel == "fused" or env_fwd is not None)
+        bwd_fused = run == "fused" and (kernel == "fused" or env_bwd is not None)
         # each fused kernel asked for ran (a plan, not None), the forward's twice (with and without masks)
-        expected = [False, False] * (fwd != "two_pass") + [True] * (bwd == "fused")  # (is backward)
+        expected = [False, False] * fwd_fused + [True] * bwd_fused  # (is backward)
         assert sorted(bw for bw, _ in plans) == sorted(expected)
         assert all(plan is not None for _, plan in plans)
-        results[fwd, bwd] = (out, gx, out_ng)
-    for a, b_ in zip(results["two_pass", "two_pass"], results[modes], strict=True):
+        results[run] = (out, gx, out_ng)
+    for a, b_ in zip(results["two_pass"], results["fused"], strict=True):
         assert torch.equal(a, b_)
     ref64 = reference.bridge(x.detach().double(), spec)
     fwd_err = (reference.bridge(x.detach(), spec).double() - ref64).abs().max().item()
-    assert_close_verbose(results[modes][0], ref64, atol=2 * fwd_err + 1e-5, rtol=0, what="fused forward")
+    assert_close_verbose(results["fused"][0], ref64, atol=2 * fwd_err + 1e-5, rtol=0, what="fused forward")
 
 
-def test_fused_kernels_straight_through_grad_non_contiguous_fp16(device, monkeypatch):
-    monkeypatch.setenv("UNO_BRIDGE_FORWARD", "fused")
-    monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "fused")
+def test_fused_kernels_straight_through_grad_non_contiguous_fp16(device):
     spec = SPECS["janus"]
     base = _rand_images(2, 41, 3 * 29).to(device)
     x = base.view(2, 3, 41, 3, 29)[..., 1, :].requires_grad_()  # strided, no copy
     assert not x.is_contiguous()
     for clamp in ("straight_through", "clamp"):
-        out = ops.bridge(x, spec, clamp=clamp, backend="triton")
+        out = ops.bridge(x, spec, clamp=clamp, backend="triton", kernel="fused")
         ref = reference.bridge(x, spec, clamp=clamp)
         g = torch.randn_like(ref)
         (g_out,) = torch.autograd.grad(out, x, g)
@@ -610,13 +784,27 @@ def test_fused_kernels_straight_through_grad_non_contiguous_fp16(device, monkeyp
         assert_close_verbose(out, reference.bridge(x.detach().double(), spec), atol=1e-5, rtol=0, what="fwd")
         assert_close_verbose(g_out, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=0, what=clamp)
     x16 = x.detach().half().requires_grad_()
-    out16 = ops.bridge(x16, spec, backend="triton")
+    out16 = ops.bridge(x16, spec, backend="triton", kernel="fused")
     (g16,) = torch.autograd.grad(out16, x16, torch.ones_like(out16))
-    monkeypatch.setenv("UNO_BRIDGE_FORWARD", "two_pass")
-    monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "two_pass")
-    out16b = ops.bridge(x16, spec, backend="triton")
+    out16b = ops.bridge(x16, spec, backend="triton", kernel="two_pass")
     assert torch.equal(out16, out16b)
     assert torch.equal(g16, torch.autograd.grad(out16b, x16, torch.ones_like(out16b))[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_non_finite_pixels_match_two_pass(backend, device):
+    """NaN / Inf pixels: the fused kernels give the two passes' values bit for bit (NaN where they have NaN);
+    the torch backend ignores kernel=."""
+    spec = SPECS["janus"]
+    x = _rand_images(1, 37, 50)
+    x[0, 1, 11, 17] = float("nan")
+    x[0, 2, 3, 40] = float("inf")
+    x = x.to(device)
+    a = ops.bridge(x, spec, backend=backend, kernel="two_pass")
+    b = ops.bridge(x, spec, backend=backend, kernel="fused")
+    assert torch.isnan(a).any()
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
 
 def test_fused_kernels_fall_back_and_bad_settings(device, monkeypatch):
@@ -631,28 +819,66 @@ def test_fused_kernels_fall_back_and_bad_settings(device, monkeypatch):
     assert kb.fused_tiles(tab, "TY", 1024, 32, 8) == (64, 32)  # backward: 64 image rows read 28 canvas rows
     assert kb.fused_tiles(tab, "Y", 5, 64, 8) == (8, 32)  # never longer than the axis rounded up
     # a 100x downscale needs a band past MAX_FUSED_BAND (256 x 256 source pixels): the two passes run instead
-    monkeypatch.setenv("UNO_BRIDGE_FORWARD", "fused")
-    spec = BridgeSpec(resize="exact", size=(2, 2))
-    x = _rand_images(1, 200, 200).to(device)
-    tab = kb.tap_tables(*(np.asarray(m) for m in spec.resize_matrices(200, 200)))
-    assert kb._fused_plan(tab, (2, 2), torch.device(device)) is None
-    assert_close_verbose(ops.bridge(x, spec, backend="triton"), reference.bridge(x.double(), spec), 1e-5, 0)
+    spec = BridgeSpec(resize="exact", size=(1, 1))
+    x = _rand_images(1, 130, 130).to(device)  # K = 130 taps: a 256 x 256 band
+    tab = kb.tap_tables(*(np.asarray(m) for m in spec.resize_matrices(130, 130)))
+    assert kb.fused_plan(tab, (1, 1)) is None
+    out = ops.bridge(x, spec, backend="triton", kernel="fused")
+    assert_close_verbose(out, reference.bridge(x.double(), spec), 1e-5, 0)
+    # bad tiles: named by the environment variable (the op's override) or by the launcher's argument
     spec = BridgeSpec(resize="exact", size=(8, 8))
-    x = _rand_images(1, 20, 20).to(device)
+    x = _rand_images(1, 20, 20).to(device).requires_grad_()
     for name in ("UNO_BRIDGE_FUSED_TILE", "UNO_BRIDGE_FUSED_BWD_TILE"):
-        monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "fused")
-        monkeypatch.setenv(name, "48,128,4")
-        with pytest.raises(ValueError, match=f"{name}.*powers of two"):
-            ops.bridge(x.requires_grad_(), spec, backend="triton").sum().backward()
-        monkeypatch.setenv(name, "64,128")
-        with pytest.raises(ValueError, match=f"{name} must be 'KH,KW,W'"):
-            ops.bridge(x, spec, backend="triton").sum().backward()
-        monkeypatch.setenv(name, "64,128,3")
-        with pytest.raises(ValueError, match=f"{name}: W"):
-            ops.bridge(x, spec, backend="triton").sum().backward()
+        bwd = name == "UNO_BRIDGE_FUSED_BWD_TILE"
+        if bwd:  # the two-pass forward (cheaper in the interpreter), the fused backward
+            monkeypatch.setenv("UNO_BRIDGE_BACKWARD", "fused")
+        for value, msg in (("48,128,4", "powers of two"), ("64,128", "'KH,KW,W'"), ("64,128,3", "num_warps")):
+            monkeypatch.setenv(name, value)
+            with pytest.raises(ValueError, match=f"{name}={value!r}.*{msg}"):
+                ops.bridge(x, spec, backend="triton", kernel="two_pass" if bwd else "fused").sum().backward()
         monkeypatch.delenv(name)
+    monkeypatch.delenv("UNO_BRIDGE_BACKWARD")
+    with pytest.raises(ValueError, match="fused_tile: KH and KW must be powers of two"):
+        kb.check_tile((48, 128, 4))
+    with pytest.raises(ValueError, match="fused_tile: num_warps"):
+        kb.check_tile((64, 128, 3))
     for name in ("UNO_BRIDGE_FORWARD", "UNO_BRIDGE_BACKWARD"):
         monkeypatch.setenv(name, "fast")
         with pytest.raises(ValueError, match=name):
             ops.bridge(x, spec, backend="triton").sum().backward()
-        monkeypatch.setenv(name, "fused")
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="bridge_forward: kernel must be one of"):
+        kb.bridge_forward(
+            x.detach(), tab, torch.zeros(3, 3), (2, 2), (0, 2, 0, 2), (-1.0, 1.0),
+            clip_each_pass=True, store_mask=False, qwen=None, out_dtype=torch.float32, kernel="auto",
+        )  # fmt: skip
+
+
+def test_config_bridge_kernel_reaches_the_op(monkeypatch):
+    """UNOConfig.bridge_kernel -> UNOStep -> Critic.prepare(bridge_kernel=) -> ops.bridge(kernel=)."""
+    import uno_engine.ops
+    from uno_engine import Critic, UNOConfig, UNOLoss, UNOStep
+    from uno_engine.generators import CallableGenerator
+    from uno_engine.testing.presets.critics import build_critic_model
+
+    model, processor = build_critic_model("tiny-llava-siglip")
+    critic = Critic.from_hf(model, processor)
+    seen = []
+    real = uno_engine.ops.bridge
+    monkeypatch.setattr(
+        uno_engine.ops, "bridge", lambda *a, **k: seen.append(k.get("kernel")) or real(*a, **k)
+    )
+    images = _rand_images(1, 40, 56)
+    critic.prepare(images, bridge_kernel="fused")
+    assert seen == ["fused"]
+    pixels = torch.nn.Parameter(images.clone())
+    step = UNOStep(
+        CallableGenerator(lambda batch: pixels, module=None),
+        critic,
+        UNOLoss(caption=1.0),
+        UNOConfig(bridge_kernel="two_pass", check_inputs=False),
+    )
+    step({"captions": torch.randint(3, critic.vocab_size - 1, (1, 4))})
+    assert seen[1:] == ["two_pass"]
+    with pytest.raises(ValueError, match="bridge_kernel"):
+        UNOConfig(bridge_kernel="fused_loads")

@@ -1,4 +1,4 @@
-"""Checkpoint policies of a frozen critic (issue 6): equal gradients, memory ratios, input-gradient-only
+"""Checkpoint policies of a frozen critic: equal gradients, memory ratios, input-gradient-only
 backward, layer-wise torch.compile."""
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_all_versions_match_oracle(kind, hw, grid, device):
 @needs_ext
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpp_equals_torch_1024(kind):
-    """The issue's size: a 1024x1024 image on the SigLIP-384 grid (27 x 27), one thread, within 1e-5."""
+    """The target size: a 1024x1024 image on the SigLIP-384 grid (27 x 27), one thread, within 1e-5."""
     img = textured(1024, 1024, seed=3)
     fn = getattr(targets, f"{kind}_targets")
     cpp = fn(img, 27, impl="cpp", num_threads=1)

@@ -15,7 +15,8 @@ exactly the critic input the processor's PIL path would make of it. The processo
    pad to square with `background_color` (Janus);
 4. rescale (`rescale_factor`) and normalize (`image_mean`, `image_std`);
 5. the output layout: "nchw" `pixel_values`, or "qwen2_vl" flattened patches (B*gh*gw, 3*T*p*p) in
-   Qwen2VLImageProcessor order, with `image_grid_thw`.
+   Qwen2VLImageProcessor order, with `image_grid_thw`. Qwen2-VL, Qwen2.5-VL and Qwen3-VL share it (Qwen3-VL
+   checkpoints ship a Qwen2VLImageProcessor with patch 16, merge 2, mean = std = 0.5).
 
 All resampling is written as two matrices on a *canvas* (the final image after crop or pad):
 `resized = clip(Wy @ clip(u @ Wx^T))`, with `Wy: (Hc, H)`, `Wx: (Wc, W)`, zero rows where the canvas shows
@@ -178,9 +179,10 @@ class BridgeSpec:
     # ------------------------------------------------------------------------------------- from HF
     @classmethod
     def from_image_processor(cls, processor) -> BridgeSpec:
-        """Read an HF image processor (slow PIL or fast torchvision class) of SigLIP, CLIP/LLaVA, Janus or
-        Qwen2-VL (and Qwen2.5-VL) into a spec. Raises TypeError for other processors and ValueError for
-        settings the bridge does not reproduce (e.g. LLaVA's pad-before-resize)."""
+        """Read an HF image processor (slow PIL or fast torchvision class) of SigLIP, CLIP/LLaVA, Janus,
+        LLaVA-OneVision (one tile only) or Qwen2-VL (Qwen2.5-VL, Qwen3-VL) into a spec. Raises TypeError for
+        other processors and ValueError for settings the bridge does not reproduce (e.g. LLaVA's
+        pad-before-resize, LLaVA-OneVision's anyres tiles)."""
         name = type(processor).__name__
         if not hasattr(processor, "size") or not hasattr(processor, "image_mean"):
             raise TypeError(
@@ -242,6 +244,21 @@ class BridgeSpec:
                 bg = (int(bg),) * 3 if isinstance(bg, (int, float)) else tuple(int(b) for b in bg)
                 kw.update(pad_to_square=True, background_color=bg)
             return cls(**kw)
+        if "LlavaOnevision" in name:
+            # anyres: the base view (an exact resize to `size`) and the tiles of the best of
+            # `image_grid_pinpoints` (`do_pad` only pads the tile count for batching). The bridge makes one
+            # view: the base. With image_grid_pinpoints == [[h, w]] the one tile of a square image is that
+            # same view (critics/llava_onevision.py); more pinpoints tile, which the bridge does not make.
+            h, w = int(get(size, "height")), int(get(size, "width"))
+            pins = getattr(processor, "image_grid_pinpoints", None) or []
+            pins = [tuple(int(v) for v in p) for p in pins]
+            if pins != [(h, w)]:
+                raise ValueError(
+                    f"{name}: image_grid_pinpoints={[list(p) for p in pins]} tiles "
+                    f"the image (anyres), which the bridge does not reproduce; set "
+                    f"processor.image_grid_pinpoints = [[{h}, {w}]] (one tile: the base view)"
+                )
+            return cls(resize="exact", size=(h, w), **kw)
         if getattr(processor, "do_pad", False):
             raise ValueError(
                 f"{name} with do_pad=True (pad to square before the resize) is not supported by the bridge; "

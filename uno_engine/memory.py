@@ -10,8 +10,8 @@ existed before are excluded.
   on the storage; storages keep their Python object alive as long as the C++ storage lives). Views and
   in-place results share a storage and are not counted twice. Kernel-internal scratch buffers that never
   become tensors are not seen; the backward pass runs on the calling thread for CPU tensors and is seen like
-  the forward. The count is deterministic: the same code gives the same figure on every run (used by the
-  issue 6 tests).
+  the forward. The count is deterministic: the same code gives the same figure on every run (the
+  checkpointing tests compare such counts).
 """
 
 from __future__ import annotations

@@ -65,6 +65,27 @@ def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     return like.new_empty((0,), dtype=dtype)
 
 
+def _entry(backend: str, name: str):
+    """The entry point `name` ("forward", "backward", "grad_in_forward") of the backend: the Triton launcher
+    `uno_engine.kernels.linear_cross_entropy.linear_cross_entropy_<name>` or `_lce_torch.<name>`, which take
+    the same arguments (the torch forward also `chunk_rows`)."""
+    if backend == "triton":
+        from uno_engine.kernels import linear_cross_entropy as kernels
+
+        return getattr(kernels, f"linear_cross_entropy_{name}")
+    return getattr(_lce_torch, name)
+
+
+def _loss_args(ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> dict:
+    """The loss definition as the entry points take it (softcap 0 = off = None)."""
+    return dict(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap if softcap > 0 else None,
+    )
+
+
 # ------------------------------------------------------------------------------------- recompute: forward
 def _fwd_fake(
     hidden,
@@ -99,25 +120,11 @@ def lce_forward(
     chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss as reduced by `reduction` (fp32), lse (2, N) fp32). softcap 0 = off; chunk_rows 0 = default."""
-    cap = softcap if softcap > 0 else None
     check_label_range(labels, weight.shape[0], ignore_index)
-    if backend == "triton":
-        from uno_engine.kernels.linear_cross_entropy import linear_cross_entropy_forward
-
-        loss_tok, lse = linear_cross_entropy_forward(
-            hidden,
-            weight,
-            labels,
-            bias,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=cap,
-        )
-    else:
-        loss_tok, lse = _lce_torch.forward(
-            hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, cap, chunk_rows or None
-        )
+    chunking = {} if backend == "triton" else {"chunk_rows": chunk_rows or None}  # the kernel does not chunk
+    loss_tok, lse = _entry(backend, "forward")(
+        hidden, weight, labels, bias, **_loss_args(ignore_index, label_smoothing, z_loss, softcap), **chunking
+    )
     return reduce(loss_tok, labels, ignore_index, reduction), lse
 
 
@@ -166,44 +173,19 @@ def lce_backward(
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes; a 0-element tensor for each gradient not needed."""
-    cap = softcap if softcap > 0 else None
-    g = upstream(grad, labels, ignore_index, reduction)
-    if backend == "triton":
-        from uno_engine.kernels.linear_cross_entropy import linear_cross_entropy_backward
-
-        dh, dw, db = linear_cross_entropy_backward(
-            g,
-            hidden,
-            weight,
-            labels,
-            bias,
-            lse,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=cap,
-            need_dhidden=need_dhidden,
-            need_dweight=need_dweight,
-            need_dbias=need_dbias,
-            chunk_rows=chunk_rows or None,
-        )
-    else:
-        dh, dw, db = _lce_torch.backward(
-            g,
-            hidden,
-            weight,
-            labels,
-            bias,
-            lse,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            cap,
-            need_dhidden,
-            need_dweight,
-            need_dbias,
-            chunk_rows or None,
-        )
+    dh, dw, db = _entry(backend, "backward")(
+        upstream(grad, labels, ignore_index, reduction),
+        hidden,
+        weight,
+        labels,
+        bias,
+        lse,
+        **_loss_args(ignore_index, label_smoothing, z_loss, softcap),
+        need_dhidden=need_dhidden,
+        need_dweight=need_dweight,
+        need_dbias=need_dbias,
+        chunk_rows=chunk_rows or None,
+    )
     return (
         dh if dh is not None else _empty(hidden),
         dw.to(weight.dtype) if dw is not None else _empty(hidden),
@@ -286,40 +268,18 @@ def lce_grad_in_forward(
             "linear_cross_entropy_grad_in_forward: reduction='none' cannot form dweight / dbias in the forward "
             "(they need the per-token upstream gradients); use the recompute op"
         )
-    cap = softcap if softcap > 0 else None
     check_label_range(labels, weight.shape[0], ignore_index)
-    if backend == "triton":
-        from uno_engine.kernels.linear_cross_entropy import linear_cross_entropy_grad_in_forward
-
-        loss_tok, dh, dw, db = linear_cross_entropy_grad_in_forward(
-            hidden,
-            weight,
-            labels,
-            bias,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=cap,
-            need_dhidden=need_dhidden,
-            need_dweight=need_dweight,
-            need_dbias=need_dbias,
-            chunk_rows=chunk_rows or None,
-        )
-    else:
-        loss_tok, dh, dw, db = _lce_torch.grad_in_forward(
-            hidden,
-            weight,
-            labels,
-            bias,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            cap,
-            need_dhidden,
-            need_dweight,
-            need_dbias,
-            chunk_rows or None,
-        )
+    loss_tok, dh, dw, db = _entry(backend, "grad_in_forward")(
+        hidden,
+        weight,
+        labels,
+        bias,
+        **_loss_args(ignore_index, label_smoothing, z_loss, softcap),
+        need_dhidden=need_dhidden,
+        need_dweight=need_dweight,
+        need_dbias=need_dbias,
+        chunk_rows=chunk_rows or None,
+    )
     acc = torch.promote_types(hidden.dtype, torch.float32)
     return (
         reduce(loss_tok, labels, ignore_index, reduction),

@@ -14,7 +14,8 @@ Three entry points, one per implementation:
   1) in place, then dhidden_c = u @ weight (and dW += u.T @ h_c): 2 GEMMs in all (3 with a trainable
   head), as eager autograd; the backward only scales the saved gradients. Memory: one C x V fp32 chunk and
   the N x H gradient, which becomes hidden.grad.
-Chunk size: `chunk_rows`, or the caller's override.
+Chunk size: `chunk_rows`, or the caller's override. The three take the arguments of the Triton launchers
+(`uno_engine.kernels.linear_cross_entropy`; the forward also a chunk size), so `_lce_ops` calls either alike.
 """
 
 from __future__ import annotations
@@ -76,14 +77,12 @@ def _dlogits_(e, t, m, log_s, g, y, valid, label_smoothing, z_loss):
     return u.masked_fill_(~valid[:, None], 0.0)
 
 
-def forward(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softcap, rows=None):
+def forward(hidden, weight, labels, bias, *, ignore_index, label_smoothing, z_loss, softcap, chunk_rows=None):
     """(loss (N,) fp32, lse (2, N) fp32 = row max and log sum exp(z - max))."""
-    N, V = hidden.shape[0], weight.shape[0]
+    N = hidden.shape[0]
     loss = torch.empty(N, device=hidden.device, dtype=torch.float32)
     lse = torch.empty((2, N), device=hidden.device, dtype=torch.float32)
-    step = rows or chunk_rows(N, V, hidden.shape[1])
-    for c0 in range(0, N, step):
-        c1 = min(N, c0 + step)
+    for c0, c1 in _chunks(hidden, weight, chunk_rows):
         z, _ = _logits(hidden[c0:c1], weight, bias, softcap)
         y = labels[c0:c1]
         loss[c0:c1], lse[0, c0:c1], lse[1, c0:c1] = _row_stats_(
@@ -99,26 +98,20 @@ def backward(
     labels,
     bias,
     lse,
+    *,
     ignore_index,
     label_smoothing,
     z_loss,
     softcap,
-    need_dh,
-    need_dw,
-    need_db,
-    rows=None,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    chunk_rows=None,
 ):
     """(dhidden in hidden.dtype, dweight, dbias in fp32 (fp64 for fp64 inputs)) for the per-token upstream
     gradient g (N,) fp32; None where not needed. Recomputes each chunk's logits."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dh = torch.empty((N, H), device=hidden.device, dtype=hidden.dtype) if need_dh else None
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    dw = torch.zeros((V, H), device=hidden.device, dtype=acc) if need_dw else None
-    db = torch.zeros((V,), device=hidden.device, dtype=acc) if need_db else None
-    step = rows or chunk_rows(N, V, hidden.shape[1])
-    for c0 in range(0, N, step):
-        c1 = min(N, c0 + step)
+    dh, dw, db = _grad_buffers(hidden, weight, need_dhidden, need_dweight, need_dbias)
+    for c0, c1 in _chunks(hidden, weight, chunk_rows):
         h_c, y = hidden[c0:c1], labels[c0:c1]
         z, t = _logits(h_c, weight, bias, softcap)
         m, log_s = lse[0, c0:c1], lse[1, c0:c1]
@@ -133,29 +126,23 @@ def grad_in_forward(
     weight,
     labels,
     bias,
+    *,
     ignore_index,
     label_smoothing,
     z_loss,
     softcap,
-    need_dh,
-    need_dw,
-    need_db,
-    rows=None,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    chunk_rows=None,
 ):
     """(loss (N,) fp32, dhidden, dweight, dbias) with the gradients for an upstream gradient of 1 on every
     non-ignored token's loss (dhidden in hidden.dtype; dweight, dbias in fp32 / fp64); None where not
     needed."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    loss = torch.empty(N, device=hidden.device, dtype=torch.float32)
-    dh = torch.empty((N, H), device=hidden.device, dtype=hidden.dtype) if need_dh else None
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    dw = torch.zeros((V, H), device=hidden.device, dtype=acc) if need_dw else None
-    db = torch.zeros((V,), device=hidden.device, dtype=acc) if need_db else None
-    any_grad = need_dh or need_dw or need_db
-    step = rows or chunk_rows(N, V, hidden.shape[1])
-    for c0 in range(0, N, step):
-        c1 = min(N, c0 + step)
+    loss = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    dh, dw, db = _grad_buffers(hidden, weight, need_dhidden, need_dweight, need_dbias)
+    any_grad = need_dhidden or need_dweight or need_dbias
+    for c0, c1 in _chunks(hidden, weight, chunk_rows):
         h_c, y = hidden[c0:c1], labels[c0:c1]
         valid = y != ignore_index
         z, t = _logits(h_c, weight, bias, softcap)
@@ -165,6 +152,24 @@ def grad_in_forward(
             u = _dlogits_(z, t, m, log_s, one, y, valid, label_smoothing, z_loss)
             _accumulate(u, h_c, weight, dh, dw, db, c0, c1)
     return loss, dh, dw, db
+
+
+def _chunks(hidden, weight, rows):
+    """(c0, c1) token ranges of `rows` tokens (None: the `chunk_rows` rule)."""
+    N = hidden.shape[0]
+    step = rows or chunk_rows(N, weight.shape[0], hidden.shape[1])
+    return [(c0, min(N, c0 + step)) for c0 in range(0, N, step)]
+
+
+def _grad_buffers(hidden, weight, need_dh, need_dw, need_db):
+    """dhidden (N, H) in hidden.dtype (written chunk by chunk), zeroed dweight (V, H) and dbias (V,) in fp32
+    (fp64 for fp64 inputs); None where not needed."""
+    (N, H), V = hidden.shape, weight.shape[0]
+    dh = torch.empty((N, H), device=hidden.device, dtype=hidden.dtype) if need_dh else None
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    dw = torch.zeros((V, H), device=hidden.device, dtype=acc) if need_dw else None
+    db = torch.zeros((V,), device=hidden.device, dtype=acc) if need_db else None
+    return dh, dw, db
 
 
 def _accumulate(u, h_c, weight, dh, dw, db, c0, c1):

@@ -108,14 +108,8 @@ class Op:
 
     # ------------------------------------------------------------------ tensor lists on the eager path
     def _apply_flat(self, args):
-        flat, lengths = [], []
-        for i, a in enumerate(args):
-            if i in self._list_args:
-                flat.extend(a)
-                lengths.append(len(a))
-            else:
-                flat.append(a)
-        meta = _FlatMeta(self, tuple(lengths), len(args))
+        flat, lengths = _flatten(args, self._list_args)
+        meta = _FlatMeta(self, lengths, len(args))
         out = _EagerFlatFunction.apply(*flat, meta)
         return meta.unflatten_outputs(out if isinstance(out, tuple) else (out,))
 
@@ -129,6 +123,33 @@ def custom_op(qualname: str, *, fake: Callable, schema: str | None = None) -> Ca
         return Op(qualname, impl, fake, schema)
 
     return wrap
+
+
+def _flatten(items, list_positions: tuple) -> tuple[tuple, tuple]:
+    """(flat, lengths): `items` with the lists at `list_positions` spliced in, and those lists' lengths."""
+    flat, lengths = [], []
+    for i, x in enumerate(items):
+        if i in list_positions:
+            flat.extend(x)
+            lengths.append(len(x))
+        else:
+            flat.append(x)
+    return tuple(flat), tuple(lengths)
+
+
+def _unflatten(flat, n: int, list_positions: tuple, lengths: tuple) -> list:
+    """Inverse of `_flatten`: `n` items, a list of lengths[k] items at the k-th of `list_positions`."""
+    items, pos, k = [], 0, 0
+    for i in range(n):
+        if i in list_positions:
+            m = lengths[k]
+            k += 1
+            items.append(list(flat[pos : pos + m]))
+            pos += m
+        else:
+            items.append(flat[pos])
+            pos += 1
+    return items
 
 
 def _is_tensor_list(t) -> bool:
@@ -190,42 +211,15 @@ class _FlatMeta:
         self.out_lengths: tuple = ()
 
     def unflatten_args(self, flat):
-        args, pos, k = [], 0, 0
-        for i in range(self.n_args):
-            if i in self.op._list_args:
-                n = self.lengths[k]
-                k += 1
-                args.append(list(flat[pos : pos + n]))
-                pos += n
-            else:
-                args.append(flat[pos])
-                pos += 1
-        return args
+        return _unflatten(flat, self.n_args, self.op._list_args, self.lengths)
 
     def flatten_outputs(self, out) -> tuple:
-        outs = out if self.op._tuple_out else (out,)
-        flat, lengths = [], []
-        for i, o in enumerate(outs):
-            if i in self.op._list_outs:
-                flat.extend(o)
-                lengths.append(len(o))
-            else:
-                flat.append(o)
-        self.out_lengths = tuple(lengths)
-        return tuple(flat)
+        flat, self.out_lengths = _flatten(out if self.op._tuple_out else (out,), self.op._list_outs)
+        return flat
 
     def unflatten_outputs(self, flat):
-        outs, pos, k = [], 0, 0
         n_out = len(self.op.overload._schema.returns)
-        for i in range(n_out):
-            if i in self.op._list_outs:
-                n = self.out_lengths[k]
-                k += 1
-                outs.append(list(flat[pos : pos + n]))
-                pos += n
-            else:
-                outs.append(flat[pos])
-                pos += 1
+        outs = _unflatten(flat, n_out, self.op._list_outs, self.out_lengths)
         return tuple(outs) if self.op._tuple_out else outs[0]
 
     def flatten_grads(self, grads) -> tuple:

@@ -76,8 +76,8 @@ def _loss_shape(pred: torch.Tensor, kind: str) -> torch.Size:
 
 
 def _broadcasts_to(src: tuple, dst: tuple) -> bool:
-    """src broadcasts to exactly dst (plain tuples: torch.broadcast_shapes costs ~70 us a call, and the op
-    is host-bound on a GPU)."""
+    """src broadcasts to exactly dst (plain tuples: torch.broadcast_shapes runs torch._refs' symbolic-shape
+    code on every call, and the op is host-bound on a GPU)."""
     if len(src) > len(dst):
         return False
     return all(s == d or s == 1 for s, d in zip(src[::-1], dst[::-1], strict=False))
