@@ -354,3 +354,20 @@ def test_cfg_prediction_is_the_guided_combination(family):
         ]
     torch.testing.assert_close(guided, want, rtol=1e-4, atol=1e-5)
     assert (cond - uncond).abs().max() > 1e-4
+
+
+def test_posterior_mode_of_each_encode_output_kind():
+    """KL VAEs return latent_dist, DC-AE returns .latent, a tuple-returning encode returns the latent itself
+    (a plain tensor's .mode() is the statistical mode along a dim, not a latent) or a distribution."""
+    from types import SimpleNamespace
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from uno_engine.generators.families.base import posterior_mode
+
+    z = torch.randn(2, 4, 3, 5)
+    params = torch.cat([z, torch.zeros_like(z)], dim=1)  # mean z, log-variance 0
+    assert torch.equal(posterior_mode(SimpleNamespace(latent_dist=DiagonalGaussianDistribution(params))), z)
+    assert torch.equal(posterior_mode(SimpleNamespace(latent=z)), z)
+    assert torch.equal(posterior_mode((z,)), z)
+    assert torch.equal(posterior_mode((DiagonalGaussianDistribution(params),)), z)

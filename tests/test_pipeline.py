@@ -28,64 +28,46 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+# preset -> (pipeline class, its denoiser argument, components left None (no text encoders))
+_TEXT_PARTS = ("text_encoder", "tokenizer")
+_PIPELINES = {
+    "tiny-sd": ("StableDiffusionPipeline", "unet", (*_TEXT_PARTS, "safety_checker", "feature_extractor")),
+    "tiny-sdxl": ("StableDiffusionXLPipeline", "unet", (*_TEXT_PARTS, "text_encoder_2", "tokenizer_2")),
+    "tiny-sd3": (
+        "StableDiffusion3Pipeline",
+        "transformer",
+        (*_TEXT_PARTS, "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"),
+    ),
+    "tiny-flux": ("FluxPipeline", "transformer", (*_TEXT_PARTS, "text_encoder_2", "tokenizer_2")),
+    "tiny-flux2": ("Flux2KleinPipeline", "transformer", _TEXT_PARTS),
+    "tiny-qwen-image": ("QwenImagePipeline", "transformer", _TEXT_PARTS),
+    "tiny-sana": ("SanaPipeline", "transformer", _TEXT_PARTS),
+    "tiny-pixart": ("PixArtSigmaPipeline", "transformer", _TEXT_PARTS),
+}
+
+
 def _pipeline(name, gen):
     """The family's own pipeline around the generator's modules (no text encoders), with a fresh scheduler
     of the same config."""
     import diffusers as d
 
-    sched = type(gen.scheduler).from_config(gen.scheduler.config)
-    m = {"vae": gen.vae, "scheduler": sched}
-    den = gen.denoiser
-    if name == "tiny-sd":
-        return d.StableDiffusionPipeline(
-            unet=den,
-            text_encoder=None,
-            tokenizer=None,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **m,
-        )
-    if name == "tiny-sdxl":
-        return d.StableDiffusionXLPipeline(
-            unet=den, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, **m
-        )
-    if name == "tiny-sd3":
-        return d.StableDiffusion3Pipeline(
-            transformer=den,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            text_encoder_3=None,
-            tokenizer_3=None,
-            **m,
-        )
-    if name == "tiny-flux":
-        return d.FluxPipeline(
-            transformer=den, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, **m
-        )
-    if name == "tiny-flux2":
-        return d.Flux2KleinPipeline(transformer=den, text_encoder=None, tokenizer=None, **m)
-    if name == "tiny-qwen-image":
-        return d.QwenImagePipeline(transformer=den, text_encoder=None, tokenizer=None, **m)
-    if name == "tiny-sana":
-        return d.SanaPipeline(transformer=den, text_encoder=None, tokenizer=None, **m)
-    if name == "tiny-pixart":
-        return d.PixArtSigmaPipeline(transformer=den, text_encoder=None, tokenizer=None, **m)
-    raise AssertionError(name)
+    cls, denoiser_arg, absent = _PIPELINES[name]
+    extra = {"requires_safety_checker": False} if name == "tiny-sd" else {}
+    return getattr(d, cls)(
+        vae=gen.vae,
+        scheduler=type(gen.scheduler).from_config(gen.scheduler.config),
+        **{denoiser_arg: gen.denoiser},
+        **dict.fromkeys(absent),
+        **extra,
+    )
 
 
-PARITY = [
-    "tiny-sd",
-    "tiny-sdxl",
-    "tiny-sd3",
-    "tiny-flux",
-    "tiny-flux2",
-    "tiny-qwen-image",
-    "tiny-sana",
-    "tiny-pixart",
-]
+def _rel(ours, theirs) -> float:
+    """||ours - theirs|| / ||theirs||, in float64."""
+    return float((ours.double() - theirs.double()).norm() / theirs.double().norm())
+
+
+PARITY = list(_PIPELINES)
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -136,7 +118,7 @@ def test_sampler_matches_the_pipeline(name):
         mean, std = fam._bn(gen.vae, ours)
         ours = pipe._unpatchify_latents(ours * std + mean)
     assert out.shape == ours.shape, (out.shape, ours.shape)
-    rel = (ours.double() - out.double()).norm() / out.double().norm()
+    rel = _rel(ours, out)
     print(f"{name}: relative difference to the pipeline {rel:.2e}")
     assert rel < 1e-4, f"{name}: generator latents differ from the pipeline's by {rel:.2e} (relative)"
 
@@ -162,22 +144,26 @@ def _tokenizer(max_len: int):
     )
 
 
-def _clip(hidden: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip(hidden: int, *, seed=0, layers=1, projection_dim=None):
+    """A tiny CLIP text encoder on the `WORDS` vocabulary (with `projection_dim`: CLIPTextModelWithProjection,
+    SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=len(WORDS) + 3,
         hidden_size=hidden,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=37,
         max_position_embeddings=8,
         eos_token_id=2,
         pad_token_id=0,
         bos_token_id=1,
+        **({} if projection_dim is None else {"projection_dim": projection_dim}),
     )
-    return CLIPTextModel(cfg).eval()
+    cls = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return cls(cfg).eval()
 
 
 def _t5(d_model: int):
@@ -333,24 +319,10 @@ def test_encode_prompts_sdxl_two_clips():
     """SDXL: token states = both CLIPs' penultimate layers concatenated; pooled = the second CLIP's
     projected embedding; with negatives, the same for the negative prompts."""
     import diffusers as d
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     gen, _ = build_generator("tiny-sdxl", num_inference_steps=4)
     tok, tok2, clip = _tokenizer(8), _tokenizer(8), _clip(16)
-    torch.manual_seed(2)
-    clip2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(WORDS) + 3,
-            hidden_size=16,
-            projection_dim=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-            max_position_embeddings=8,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    ).eval()
+    clip2 = _clip(16, seed=2, layers=2, projection_dim=16)
     pipe = d.StableDiffusionXLPipeline(
         vae=gen.vae,
         unet=gen.denoiser,
@@ -407,8 +379,7 @@ def test_qwen_image_true_cfg_matches_the_pipeline():
             true_cfg_scale=2.5,
             **{k: v for k, v in batch.items() if "prompt" in k},
         )[0]
-    out = unpack_2x2(out, h, w)
-    rel = (ours.double() - out.double()).norm() / out.double().norm()
+    rel = _rel(ours, unpack_2x2(out, h, w))
     assert rel < 1e-4, f"relative difference {rel:.2e}"
     plain = gen.sample_latents(batch | {"negative_prompt_embeds": batch["prompt_embeds"]}, noise=noise)
     assert (plain - ours).abs().max() > 1e-3

@@ -16,7 +16,9 @@ latent space ("denoiser latents"). Everything model-specific lives here:
 
 Adding a family: subclass `DenoiserFamily` in a new file of this package, set `name` and
 `denoiser_classes`, override what differs, and add the class to `FAMILIES` in `families/__init__.py`
-(or call `register_family`).
+(or call `register_family`). Shared pieces: the usual conditioning keys (`PROMPT_EMBEDS`,
+`PROMPT_ATTENTION_MASK`, `pooled_embeds`), `DenoiserFamily.distilled_guidance`, and `PackedFlowFamily` (2x2
+token packing with the FLUX-style flow grid).
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ class CondKey:
     shape: tuple = ()
     required: bool = True
     mask: bool = False
+
+
+# the conditioning most families share (diffusers' names)
+PROMPT_EMBEDS = CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D"))
+PROMPT_ATTENTION_MASK = CondKey(
+    "prompt_attention_mask", "negative_prompt_attention_mask", ("S",), required=False, mask=True
+)
+# encode_prompt of the pipelines with one masked text encoder (T5 for PixArt, Gemma-2 for SANA)
+MASKED_PROMPT_OUTPUTS = (
+    "prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_embeds",
+    "negative_prompt_attention_mask",
+)
+
+
+def pooled_embeds(dim: int) -> CondKey:
+    """The pooled text embedding (B, dim) of SDXL, SD3 and FLUX.1."""
+    return CondKey("pooled_prompt_embeds", "negative_pooled_prompt_embeds", (int(dim),))
 
 
 def calculate_shift(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
@@ -144,6 +165,14 @@ class DenoiserFamily:
     def extra_conditioning(self, cond: dict, height: int, width: int, options: dict) -> None:
         """Add size-derived inputs to `cond` (rows = cond["rows"]); default: nothing."""
 
+    def distilled_guidance(self, cond: dict, options: dict, default: float) -> torch.Tensor | None:
+        """The embedded guidance value per row, fp32 (rows,), of a guidance-distilled checkpoint (config
+        `guidance_embeds`): `options["distilled_guidance"]`, else `default`. None for other checkpoints."""
+        if not self.config.get("guidance_embeds", False):
+            return None
+        ref, g = cond["prompt_embeds"], options.get("distilled_guidance", default)
+        return torch.full((cond["rows"],), float(g), device=ref.device, dtype=torch.float32)
+
     def call(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """One denoiser call: x (rows, C, h, w) in the denoiser's dtype, t (rows,) model timesteps ->
         prediction (rows, C', h, w) (C' may be 2C for a learned-sigma output)."""
@@ -171,6 +200,28 @@ class DenoiserFamily:
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
 
 
+class PackedFlowFamily(DenoiserFamily):
+    """FLUX.1 and Qwen-Image: 2x2 latent patches as tokens, the timestep fed as t / 1000, and their
+    pipelines' grid: sigmas linspace(1, 1/n, n), shifted by mu(image tokens) when the scheduler uses dynamic
+    shifting."""
+
+    packing = 2
+
+    @property
+    def latent_multiple(self) -> int:
+        return 2
+
+    def set_timesteps(self, scheduler, n, latent_hw):
+        seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        kwargs = (
+            {"mu": shift_from_config(scheduler, seq)} if scheduler.config.get("use_dynamic_shifting") else {}
+        )
+        scheduler.set_timesteps(sigmas=flow_sigmas(n), **kwargs)
+
+    def model_timestep(self, t):
+        return t / 1000.0
+
+
 def posterior_mode(enc) -> torch.Tensor:
     """The deterministic latent of a diffusers VAE encode output (KL: posterior mode; DC-AE: the latent)."""
     if hasattr(enc, "latent_dist"):
@@ -178,7 +229,9 @@ def posterior_mode(enc) -> torch.Tensor:
     if hasattr(enc, "latent"):
         return enc.latent
     z = enc[0]
-    return z.mode() if hasattr(z, "mode") else z
+    # a distribution (DiagonalGaussianDistribution) has .mode(); a plain tensor's .mode() is the statistical
+    # mode along a dim, not a latent, so a tensor (a tuple-returning encode) is the latent itself
+    return z if isinstance(z, torch.Tensor) else z.mode()
 
 
 def pack_2x2(x: torch.Tensor) -> torch.Tensor:

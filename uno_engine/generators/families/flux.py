@@ -13,40 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import CondKey, DenoiserFamily, flow_sigmas, pack_2x2, shift_from_config, unpack_2x2
+from .base import PROMPT_EMBEDS, PackedFlowFamily, pack_2x2, pooled_embeds, unpack_2x2
 
 
-class FluxFamily(DenoiserFamily):
+class FluxFamily(PackedFlowFamily):
     name = "flux"
     denoiser_classes = ("FluxTransformer2DModel",)
     description = "FLUX.1 (FluxTransformer2DModel)"
     encode_prompt_outputs = ("prompt_embeds", "pooled_prompt_embeds", None)
-    packing = 2
 
     def __init__(self, denoiser, vae):
         super().__init__(denoiser, vae)
-        self.cond_keys = (
-            CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),
-            CondKey(
-                "pooled_prompt_embeds",
-                "negative_pooled_prompt_embeds",
-                (int(denoiser.config.pooled_projection_dim),),
-            ),
-        )
-
-    @property
-    def latent_multiple(self) -> int:
-        return 2
-
-    def set_timesteps(self, scheduler, n, latent_hw):
-        seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        kwargs = (
-            {"mu": shift_from_config(scheduler, seq)} if scheduler.config.get("use_dynamic_shifting") else {}
-        )
-        scheduler.set_timesteps(sigmas=flow_sigmas(n), **kwargs)
-
-    def model_timestep(self, t):
-        return t / 1000.0
+        self.cond_keys = (PROMPT_EMBEDS, pooled_embeds(denoiser.config.pooled_projection_dim))
 
     def extra_conditioning(self, cond, height, width, options):
         ref = cond["prompt_embeds"]
@@ -55,10 +33,7 @@ class FluxFamily(DenoiserFamily):
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
         cond["img_ids"] = img_ids.to(device=ref.device, dtype=ref.dtype)
         cond["txt_ids"] = torch.zeros(ref.shape[1], 3, device=ref.device, dtype=ref.dtype)
-        cond["guidance"] = None
-        if self.config.get("guidance_embeds", False):
-            g = options.get("distilled_guidance", 3.5)
-            cond["guidance"] = torch.full((cond["rows"],), float(g), device=ref.device, dtype=torch.float32)
+        cond["guidance"] = self.distilled_guidance(cond, options, 3.5)
 
     def call(self, denoiser, x, t, cond):
         h, w = x.shape[-2:]

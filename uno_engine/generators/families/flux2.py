@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CondKey, DenoiserFamily, flow_sigmas, posterior_mode
+from .base import PROMPT_EMBEDS, DenoiserFamily, flow_sigmas, posterior_mode
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -33,7 +33,7 @@ class Flux2Family(DenoiserFamily):
     denoiser_classes = ("Flux2Transformer2DModel",)
     description = "FLUX.2 dev / Klein (Flux2Transformer2DModel + AutoencoderKLFlux2)"
     encode_prompt_outputs = ("prompt_embeds", None)
-    cond_keys = (CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),)
+    cond_keys = (PROMPT_EMBEDS,)
 
     @property
     def latent_channels(self) -> int:
@@ -68,10 +68,7 @@ class Flux2Family(DenoiserFamily):
         txt_ids = torch.stack([zt, zt, zt, li], dim=-1).reshape(1, S, 4).expand(rows_n, -1, -1)
         cond["img_ids"] = img_ids.to(ref.device)
         cond["txt_ids"] = txt_ids.to(ref.device)
-        cond["guidance"] = None
-        if self.config.get("guidance_embeds", False):
-            g = options.get("distilled_guidance", 4.0)
-            cond["guidance"] = torch.full((rows_n,), float(g), device=ref.device, dtype=torch.float32)
+        cond["guidance"] = self.distilled_guidance(cond, options, 4.0)
 
     def call(self, denoiser, x, t, cond):
         B, C, h, w = x.shape

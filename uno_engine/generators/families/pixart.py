@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import CondKey, DenoiserFamily
+from .base import MASKED_PROMPT_OUTPUTS, PROMPT_ATTENTION_MASK, PROMPT_EMBEDS, DenoiserFamily
 
 
 class PixArtFamily(DenoiserFamily):
     name = "pixart"
     denoiser_classes = ("PixArtTransformer2DModel",)
     description = "PixArt-alpha / sigma (PixArtTransformer2DModel)"
-    encode_prompt_outputs = (
-        "prompt_embeds",
-        "prompt_attention_mask",
-        "negative_prompt_embeds",
-        "negative_prompt_attention_mask",
-    )
-    cond_keys = (
-        CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),
-        CondKey("prompt_attention_mask", "negative_prompt_attention_mask", ("S",), required=False, mask=True),
-    )
+    encode_prompt_outputs = MASKED_PROMPT_OUTPUTS
+    cond_keys = (PROMPT_EMBEDS, PROMPT_ATTENTION_MASK)
 
     def __init__(self, denoiser, vae):
         super().__init__(denoiser, vae)

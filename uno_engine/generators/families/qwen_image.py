@@ -13,50 +13,23 @@ from __future__ import annotations
 
 import torch
 
-from .base import (
-    CondKey,
-    DenoiserFamily,
-    flow_sigmas,
-    pack_2x2,
-    posterior_mode,
-    shift_from_config,
-    unpack_2x2,
-)
+from .base import PROMPT_EMBEDS, CondKey, PackedFlowFamily, pack_2x2, posterior_mode, unpack_2x2
 
 
-class QwenImageFamily(DenoiserFamily):
+class QwenImageFamily(PackedFlowFamily):
     name = "qwen-image"
     denoiser_classes = ("QwenImageTransformer2DModel",)
     description = "Qwen-Image (QwenImageTransformer2DModel + AutoencoderKLQwenImage)"
     encode_prompt_outputs = ("prompt_embeds", "prompt_embeds_mask")
-    packing = 2
     cond_keys = (
-        CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),
+        PROMPT_EMBEDS,
         CondKey("prompt_embeds_mask", "negative_prompt_embeds_mask", ("S",), required=False, mask=True),
     )
-
-    @property
-    def latent_multiple(self) -> int:
-        return 2
-
-    def set_timesteps(self, scheduler, n, latent_hw):
-        seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        kwargs = (
-            {"mu": shift_from_config(scheduler, seq)} if scheduler.config.get("use_dynamic_shifting") else {}
-        )
-        scheduler.set_timesteps(sigmas=flow_sigmas(n), **kwargs)
-
-    def model_timestep(self, t):
-        return t / 1000.0
 
     def extra_conditioning(self, cond, height, width, options):
         h, w = cond["latent_hw"]
         cond["img_shapes"] = [[(1, h // 2, w // 2)]] * cond["rows"]
-        cond["guidance"] = None
-        if self.config.get("guidance_embeds", False):
-            ref = cond["prompt_embeds"]
-            g = options.get("distilled_guidance", 1.0)
-            cond["guidance"] = torch.full((cond["rows"],), float(g), device=ref.device, dtype=torch.float32)
+        cond["guidance"] = self.distilled_guidance(cond, options, 1.0)
 
     def call(self, denoiser, x, t, cond):
         h, w = x.shape[-2:]

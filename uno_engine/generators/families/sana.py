@@ -6,23 +6,15 @@ timestep is multiplied by the config's `timestep_scale` (SANA-Sprint uses it), a
 
 from __future__ import annotations
 
-from .base import CondKey, DenoiserFamily
+from .base import MASKED_PROMPT_OUTPUTS, PROMPT_ATTENTION_MASK, PROMPT_EMBEDS, DenoiserFamily
 
 
 class SanaFamily(DenoiserFamily):
     name = "sana"
     denoiser_classes = ("SanaTransformer2DModel",)
     description = "SANA (SanaTransformer2DModel + AutoencoderDC)"
-    encode_prompt_outputs = (
-        "prompt_embeds",
-        "prompt_attention_mask",
-        "negative_prompt_embeds",
-        "negative_prompt_attention_mask",
-    )
-    cond_keys = (
-        CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),
-        CondKey("prompt_attention_mask", "negative_prompt_attention_mask", ("S",), required=False, mask=True),
-    )
+    encode_prompt_outputs = MASKED_PROMPT_OUTPUTS
+    cond_keys = (PROMPT_EMBEDS, PROMPT_ATTENTION_MASK)
 
     def model_timestep(self, t):
         return t * float(self.config.get("timestep_scale", 1.0) or 1.0)

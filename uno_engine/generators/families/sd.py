@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import CondKey, DenoiserFamily
+from .base import PROMPT_ATTENTION_MASK, PROMPT_EMBEDS, DenoiserFamily
 
 
 class StableDiffusionFamily(DenoiserFamily):
@@ -10,10 +10,7 @@ class StableDiffusionFamily(DenoiserFamily):
     denoiser_classes = ("UNet2DConditionModel",)
     description = "SD-1.x / SD-2.x (UNet2DConditionModel, no added conditioning)"
     encode_prompt_outputs = ("prompt_embeds", "negative_prompt_embeds")
-    cond_keys = (
-        CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),
-        CondKey("prompt_attention_mask", "negative_prompt_attention_mask", ("S",), required=False, mask=True),
-    )
+    cond_keys = (PROMPT_EMBEDS, PROMPT_ATTENTION_MASK)
 
     @classmethod
     def matches(cls, denoiser) -> bool:

@@ -8,7 +8,7 @@ resolution shift mu when the scheduler uses dynamic shifting.
 
 from __future__ import annotations
 
-from .base import CondKey, DenoiserFamily, shift_from_config
+from .base import PROMPT_EMBEDS, DenoiserFamily, pooled_embeds, shift_from_config
 
 
 class SD3Family(DenoiserFamily):
@@ -24,14 +24,7 @@ class SD3Family(DenoiserFamily):
 
     def __init__(self, denoiser, vae):
         super().__init__(denoiser, vae)
-        self.cond_keys = (
-            CondKey("prompt_embeds", "negative_prompt_embeds", ("S", "D")),
-            CondKey(
-                "pooled_prompt_embeds",
-                "negative_pooled_prompt_embeds",
-                (int(denoiser.config.pooled_projection_dim),),
-            ),
-        )
+        self.cond_keys = (PROMPT_EMBEDS, pooled_embeds(denoiser.config.pooled_projection_dim))
 
     def set_timesteps(self, scheduler, n, latent_hw):
         if scheduler.config.get("use_dynamic_shifting", False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CondKey
+from .base import CondKey, pooled_embeds
 from .sd import StableDiffusionFamily
 
 
@@ -39,7 +39,7 @@ class SDXLFamily(StableDiffusionFamily):
             cfg.addition_time_embed_dim
         )
         self.cond_keys = self.cond_keys + (
-            CondKey("pooled_prompt_embeds", "negative_pooled_prompt_embeds", (self.pooled_dim,)),
+            pooled_embeds(self.pooled_dim),
             CondKey("add_time_ids", "negative_add_time_ids", (6,), required=False),
         )
 

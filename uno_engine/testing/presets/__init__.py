@@ -44,99 +44,81 @@ class PresetSpec:
     description: str = ""
 
 
+def _cpu(name: str, critic: str, generator: str, description: str, *, batch_size=2, caption_len=16):
+    """A CPU preset (tiny or mid shapes); the engine's critic checkpointing is Critic(checkpoint="auto")."""
+    return PresetSpec(
+        name=name,
+        critic=critic,
+        generator=generator,
+        batch_size=batch_size,
+        caption_len=caption_len,
+        engine_checkpoint="auto",
+        description=description,
+    )
+
+
+def _gpu(name: str, critic: str, generator: str, batch_size: int, description: str):
+    """A real-shape preset (one GPU, bf16), 32 caption tokens, checkpoint "selective"."""
+    return PresetSpec(
+        name=name,
+        critic=critic,
+        generator=generator,
+        batch_size=batch_size,
+        caption_len=32,
+        real_shapes=True,
+        description=description,
+    )
+
+
 PRESETS: dict[str, PresetSpec] = {
     s.name: s
     for s in (
         # the CPU presets let Critic(checkpoint="auto") decide: tiny / tiny-janus keep about 0.4 MiB of
         # critic activations per image (next to the generator's VAE), so "auto" is "none" (recomputation
         # would only cost time); mid keeps about 164 MiB per image, so "auto" is "selective"
-        PresetSpec(
-            name="tiny",
-            critic="tiny-llava-clip",
-            generator="tiny-sd",
-            batch_size=2,
-            caption_len=16,
-            engine_checkpoint="auto",
-            description="tiny SD UNet+VAE generator, tiny LLaVA (CLIP) critic; the CPU default",
+        _cpu(
+            "tiny",
+            "tiny-llava-clip",
+            "tiny-sd",
+            "tiny SD UNet+VAE generator, tiny LLaVA (CLIP) critic; the CPU default",
         ),
-        PresetSpec(
-            name="tiny-janus",
-            critic="tiny-janus",
-            generator="janus",
-            batch_size=2,
-            caption_len=16,
-            engine_checkpoint="auto",
-            description="tiny Janus, a unified model that is its own critic (CPU)",
-        ),
-        PresetSpec(
-            name="mid",
-            critic="mid-llava",
-            generator="tiny-sd",
+        _cpu("tiny-janus", "tiny-janus", "janus", "tiny Janus, a unified model that is its own critic (CPU)"),
+        _cpu(
+            "mid",
+            "mid-llava",
+            "tiny-sd",
+            "tiny SD generator, ~100M-param LLaVA critic with 256 image tokens",
             batch_size=4,
             caption_len=32,
-            engine_checkpoint="auto",
-            description="tiny SD generator, ~100M-param LLaVA critic with 256 image tokens",
         ),
-        PresetSpec(
-            name="sd15-llava7b",
-            critic="llava-1.5-7b",
-            generator="sd15",
-            batch_size=4,
-            caption_len=32,
-            real_shapes=True,
-            description="SD-1.5 UNet + VAE (512px), LLaVA-1.5-7B critic (CLIP-L/336 + 7B LM)",
+        _gpu(
+            "sd15-llava7b",
+            "llava-1.5-7b",
+            "sd15",
+            4,
+            "SD-1.5 UNet + VAE (512px), LLaVA-1.5-7B critic (CLIP-L/336 + 7B LM)",
         ),
-        PresetSpec(
-            name="sana-siglip-qwen2",
-            critic="siglip-so400m-qwen2-1.5b",
-            generator="sana-0.6b",
-            batch_size=4,
-            caption_len=32,
-            real_shapes=True,
-            description="SANA-0.6B DiT + DC-AE, SigLIP-so400m + Qwen2-1.5B critic",
+        _gpu(
+            "sana-siglip-qwen2",
+            "siglip-so400m-qwen2-1.5b",
+            "sana-0.6b",
+            4,
+            "SANA-0.6B DiT + DC-AE, SigLIP-so400m + Qwen2-1.5B critic",
         ),
-        PresetSpec(
-            name="janus-pro-1b",
-            critic="janus-pro-1b",
-            generator="janus",
-            batch_size=4,
-            caption_len=32,
-            real_shapes=True,
-            description="Janus-Pro-1B, a unified model that is its own critic",
+        _gpu(
+            "janus-pro-1b", "janus-pro-1b", "janus", 4, "Janus-Pro-1B, a unified model that is its own critic"
         ),
-        PresetSpec(
-            name="janus-pro-7b",
-            critic="janus-pro-7b",
-            generator="janus",
-            batch_size=2,
-            caption_len=32,
-            real_shapes=True,
-            description="Janus-Pro-7B, a unified model that is its own critic",
+        _gpu(
+            "janus-pro-7b", "janus-pro-7b", "janus", 2, "Janus-Pro-7B, a unified model that is its own critic"
         ),
         # the denoiser families people train in 2026: tiny CPU generators with the tiny LLaVA critic, and the
         # real shapes with a Qwen3-VL-8B critic (random weights; meant for one GPU in bf16)
         *(
-            PresetSpec(
-                name=f"{gen}-llava",
-                critic="tiny-llava-clip",
-                generator=gen,
-                batch_size=2,
-                caption_len=16,
-                engine_checkpoint="auto",
-                description=f"{gen} generator (CPU), tiny LLaVA (CLIP) critic",
-            )
+            _cpu(f"{gen}-llava", "tiny-llava-clip", gen, f"{gen} generator (CPU), tiny LLaVA (CLIP) critic")
             for gen in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwen-image")
         ),
         *(
-            PresetSpec(
-                name=f"{gen}-qwen3vl8b",
-                critic="qwen3-vl-8b",
-                generator=gen,
-                batch_size=bs,
-                caption_len=32,
-                real_shapes=True,
-                description=f"{desc}, Qwen3-VL-8B critic",
-            )
+            _gpu(f"{gen}-qwen3vl8b", "qwen3-vl-8b", gen, bs, f"{desc}, Qwen3-VL-8B critic")
             for gen, bs, desc in (
                 ("sdxl", 4, "SDXL UNet (2.6B) + VAE at 1024 px"),
                 ("sd3.5-medium", 2, "SD3.5-Medium MMDiT (2.2B) + 16-ch VAE at 1024 px"),

@@ -71,38 +71,34 @@ def clip_processor(size: int):
     )
 
 
+def _square(size: int) -> dict:
+    """A size x size bicubic resize with mean = std = 0.5 (SigLIP-style towers)."""
+    return dict(size={"height": size, "width": size}, resample=3, image_mean=HALF, image_std=HALF)
+
+
 def siglip_processor(size: int):
-    return _processor(
-        "Siglip", size={"height": size, "width": size}, resample=3, image_mean=HALF, image_std=HALF
-    )
+    return _processor("Siglip", **_square(size))
 
 
 def llava_onevision_processor(size: int):
     """LLaVA-OneVision's processor (SigLIP mean/std) with image_grid_pinpoints reduced to the base view: the
     one anyres layout the bridge makes (see uno_engine.critics.llava_onevision)."""
-    return _processor(
-        "LlavaOnevision",
-        size={"height": size, "width": size},
-        image_grid_pinpoints=[[size, size]],
-        resample=3,
-        image_mean=HALF,
-        image_std=HALF,
-    )
+    return _processor("LlavaOnevision", image_grid_pinpoints=[[size, size]], **_square(size))
 
 
 def janus_processor(size: int):
-    return _processor(
-        "Janus",
-        size={"height": size, "width": size},
-        resample=3,
-        image_mean=HALF,
-        image_std=HALF,
-        do_pad=True,
-    )
+    return _processor("Janus", do_pad=True, **_square(size))
 
 
 def qwen2_vl_processor(
-    *, patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280
+    *,
+    patch_size=14,
+    merge_size=2,
+    temporal_patch_size=2,
+    min_pixels=56 * 56,
+    max_pixels=28 * 28 * 1280,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
 ):
     return _processor(
         "Qwen2VL",
@@ -111,65 +107,66 @@ def qwen2_vl_processor(
         merge_size=merge_size,
         temporal_patch_size=temporal_patch_size,
         resample=3,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=image_mean,
+        image_std=image_std,
     )
 
 
 def qwen3_vl_processor(*, patch_size=16, min_pixels=256 * 256, max_pixels=4096 * 4096):
     """Qwen3-VL checkpoints ship a Qwen2-VL image processor at patch 16 with mean = std = 0.5."""
-    return _processor(
-        "Qwen2VL",
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-        resample=3,
-        image_mean=HALF,
-        image_std=HALF,
+    return qwen2_vl_processor(
+        patch_size=patch_size, min_pixels=min_pixels, max_pixels=max_pixels, image_mean=HALF, image_std=HALF
     )
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def _llama(hidden, layers, heads, inter, vocab, kv=None, **kw):
+def _decoder(model_type, hidden, layers, heads, kv, inter, vocab, *, max_pos, eps, **kw):
+    """A decoder LM's text config (model_type None: the composite config's own text class)."""
+    typed = {"model_type": model_type} if model_type else {}
     return dict(
-        model_type="llama",
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv or heads,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        max_position_embeddings=kw.pop("max_pos", 4096),
-        rms_norm_eps=kw.pop("eps", 1e-5),
-        **kw,
-    )
-
-
-def _qwen2(hidden, layers, heads, kv, inter, vocab, **kw):
-    return dict(
-        model_type="qwen2",
+        typed,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
         intermediate_size=inter,
         vocab_size=vocab,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=kw.pop("max_pos", 32768),
+        max_position_embeddings=max_pos,
+        rms_norm_eps=eps,
         **kw,
     )
 
 
-def _clip_vision(hidden, layers, heads, inter, image, patch, proj=None):
+def _llama(hidden, layers, heads, inter, vocab, kv=None, max_pos=4096, eps=1e-5, **kw):
+    return _decoder("llama", hidden, layers, heads, kv or heads, inter, vocab, max_pos=max_pos, eps=eps, **kw)
+
+
+def _qwen2(hidden, layers, heads, kv, inter, vocab, max_pos=32768, **kw):
+    return _decoder("qwen2", hidden, layers, heads, kv, inter, vocab, max_pos=max_pos, eps=1e-6, **kw)
+
+
+def _vision(model_type, hidden, layers, heads, inter, image, patch, **kw):
     return dict(
-        model_type="clip_vision_model",
+        model_type=model_type,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         intermediate_size=inter,
         image_size=image,
         patch_size=patch,
+        **kw,
+    )
+
+
+def _clip_vision(hidden, layers, heads, inter, image, patch, proj=None):
+    return _vision(
+        "clip_vision_model",
+        hidden,
+        layers,
+        heads,
+        inter,
+        image,
+        patch,
         projection_dim=proj or hidden,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
@@ -177,14 +174,14 @@ def _clip_vision(hidden, layers, heads, inter, image, patch, proj=None):
 
 
 def _siglip_vision(hidden, layers, heads, inter, image, patch):
-    return dict(
-        model_type="siglip_vision_model",
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=inter,
-        image_size=image,
-        patch_size=patch,
+    return _vision(
+        "siglip_vision_model",
+        hidden,
+        layers,
+        heads,
+        inter,
+        image,
+        patch,
         hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6,
     )
@@ -230,18 +227,32 @@ def _janus(*, v_hidden, v_layers, v_heads, image, patch, text, vq):
     )
 
 
+def _vision_token_ids(vocab: int) -> dict:
+    """Qwen-VL image / video / vision start / end ids: the last four ids of a small test vocabulary; the
+    config defaults (the real tokenizer's ids) for a real-sized one."""
+    if vocab >= 151000:
+        return {}
+    return dict(
+        image_token_id=vocab - 4,
+        video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1,
+    )
+
+
 def _qwen2_vl(*, depth, embed_dim, v_heads, patch, hidden, layers, heads, kv, inter, vocab, mrope, tie):
     from transformers import Qwen2VLConfig
 
-    text = dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
+    text = _decoder(
+        None,
+        hidden,
+        layers,
+        heads,
+        kv,
+        inter,
+        vocab,
+        max_pos=32768,
+        eps=1e-6,
         bos_token_id=0 if vocab < 151000 else 151643,
         eos_token_id=1 if vocab < 151000 else 151645,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope)},
@@ -257,17 +268,9 @@ def _qwen2_vl(*, depth, embed_dim, v_heads, patch, hidden, layers, heads, kv, in
         temporal_patch_size=2,
         hidden_act="quick_gelu",
     )
-    ids = (
-        dict(
-            image_token_id=vocab - 4,
-            video_token_id=vocab - 3,
-            vision_start_token_id=vocab - 2,
-            vision_end_token_id=vocab - 1,
-        )
-        if vocab < 151000
-        else {}
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie, **_vision_token_ids(vocab)
     )
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
 
 
 def _qwen3_vl(*, vision: dict, text: dict, vocab: int, tie: bool):
@@ -295,17 +298,9 @@ def _qwen3_vl(*, vision: dict, text: dict, vocab: int, tie: bool):
     vision = dict(
         vision, spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh", in_channels=3
     )
-    ids = (
-        dict(
-            image_token_id=vocab - 4,
-            video_token_id=vocab - 3,
-            vision_start_token_id=vocab - 2,
-            vision_end_token_id=vocab - 1,
-        )
-        if vocab < 151000
-        else {}
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie, **_vision_token_ids(vocab)
     )
-    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
 
 
 # a small VQ for the tiny Janus (GroupNorm(32) needs channels % 32 == 0): 8x8 tokens -> 32x32 images

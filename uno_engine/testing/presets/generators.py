@@ -61,6 +61,7 @@ REAL = ("sd15", "sana-0.6b", "sdxl", "sd3.5-medium", "flux.1-dev", "flux.2-klein
 NAMES = TINY + REAL
 
 
+# --------------------------------------------------------------------------------------- shared parts
 def _tiny_unet(cross_dim: int):
     from diffusers import UNet2DConditionModel
 
@@ -95,26 +96,70 @@ def _tiny_vae_kl():
     )
 
 
-def _tiny_vae_dc():
+def _tiny_vae_kl16(cls_name: str = "AutoencoderKL", **kw):
+    """The 2026 families' tiny KL VAE: 3 stages (factor 4), 4 latent channels; `cls_name` a diffusers KL
+    class with AutoencoderKL's arguments (AutoencoderKLFlux2)."""
+    import diffusers
+
+    return getattr(diffusers, cls_name)(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **kw,
+    )
+
+
+def _real_vae_kl(latent_channels: int, sample_size: int, scaling_factor: float, **kw):
+    """The SD-1.5 / SDXL / SD3 / FLUX.1 KL VAE (4 stages, 128-512 channels); checkpoints' vae/config.json."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        **kw,
+    )
+
+
+def _kl16(scaling: float, shift: float):
+    """The SD3 / FLUX.1 16-channel VAE (no quant convs)."""
+    return _real_vae_kl(
+        16, 1024, scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False
+    )
+
+
+def _dc_ae(
+    *, latent_channels, attention_head_dim, block_types, channels, encoder_layers, decoder_layers, **kw
+):
+    """SANA's DC-AE (AutoencoderDC); the EfficientViT stages get multi-scale (5) attention."""
     from diffusers import AutoencoderDC
 
+    multiscales = tuple((5,) if b == "EfficientViTBlock" else () for b in block_types)
     return AutoencoderDC(
-        in_channels=3,
-        latent_channels=8,
-        attention_head_dim=8,
-        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(8, 16, 16),
-        decoder_block_out_channels=(8, 16, 16),
-        encoder_layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (), (5,)),
-        decoder_qkv_multiscales=((), (), (5,)),
+        latent_channels=latent_channels,
+        attention_head_dim=attention_head_dim,
+        encoder_block_types=block_types,
+        decoder_block_types=block_types,
+        encoder_block_out_channels=channels,
+        decoder_block_out_channels=channels,
+        encoder_layers_per_block=encoder_layers,
+        decoder_layers_per_block=decoder_layers,
+        encoder_qkv_multiscales=multiscales,
+        decoder_qkv_multiscales=multiscales,
         upsample_block_type="interpolate",
         downsample_block_type="Conv",
         decoder_norm_types="rms_norm",
         decoder_act_fns="silu",
         scaling_factor=0.41407,
+        **kw,
     )
 
 
@@ -138,31 +183,71 @@ def _flow(shift: float = 3.0):
     return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
-# --------------------------------------------------------------------------- the 2026 families
-# Tiny: 1-2 layers, a few channels, 32-48 px; a VAE with 3 stages (factor 4). Real: the checkpoints' configs.
-
-
-def _tiny_vae_kl16(latent_channels=4, **kw):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=32,
-        **kw,
-    )
-
-
 def _flow_dynamic(**kw):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return lambda: FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **kw)
 
 
+# Qwen-Image's scheduler config (exponential time shift, terminal shift)
+_QWEN_IMAGE_FLOW = dict(
+    shift=1.0, max_image_seq_len=8192, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential"
+)
+
+
+# ----------------------------------------------------------------------- builders: (denoiser, vae, scheduler)
+# Each returns (denoiser, vae, make_scheduler), denoiser built first; `_PRESETS` pairs it with the rest.
+def _tiny_sd():
+    return _tiny_unet(32), _tiny_vae_kl(), _ddim
+
+
+def _tiny_sana():
+    from diffusers import SanaTransformer2DModel
+
+    dit = SanaTransformer2DModel(
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        sample_size=16,
+        patch_size=1,
+    )
+    vae = _dc_ae(
+        in_channels=3,
+        latent_channels=8,
+        attention_head_dim=8,
+        block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        channels=(8, 16, 16),
+        encoder_layers=(1, 1, 1),
+        decoder_layers=(1, 1, 1),
+    )
+    return dit, vae, _flow
+
+
+def _tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    dit = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        sample_size=8,
+        patch_size=2,
+        norm_num_groups=8,
+    )
+    return dit, _tiny_vae_kl(), _ddim
+
+
+# the 2026 families. Tiny: 1-2 layers, a few channels, 32-48 px; a VAE with 3 stages (factor 4).
 def _tiny_sdxl():
     from diffusers import UNet2DConditionModel
 
@@ -180,15 +265,7 @@ def _tiny_sdxl():
         projection_class_embeddings_input_dim=16 + 6 * 8,
         use_linear_projection=True,
     )
-    vae = _tiny_vae_kl16(scaling_factor=0.13025)
-    return (
-        unet,
-        vae,
-        _ddim,
-        dict(num_inference_steps=8, height=32, width=48),
-        (10, 32),
-        {"pooled_prompt_embeds": (16,)},
-    )
+    return unet, _tiny_vae_kl16(scaling_factor=0.13025), _ddim
 
 
 def _tiny_sd3():
@@ -212,14 +289,7 @@ def _tiny_sd3():
     vae = _tiny_vae_kl16(
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
     )
-    return (
-        dit,
-        vae,
-        _flow,
-        dict(num_inference_steps=8, height=32, width=48),
-        (10, 32),
-        {"pooled_prompt_embeds": (24,)},
-    )
+    return dit, vae, _flow
 
 
 def _tiny_flux():
@@ -239,12 +309,11 @@ def _tiny_flux():
     vae = _tiny_vae_kl16(
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
     )
-    defaults = dict(num_inference_steps=8, height=32, width=48)
-    return dit, vae, _flow_dynamic(shift=3.0), defaults, (10, 32), {"pooled_prompt_embeds": (24,)}
+    return dit, vae, _flow_dynamic(shift=3.0)
 
 
 def _tiny_flux2():
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from diffusers import Flux2Transformer2DModel
 
     dit = Flux2Transformer2DModel(
         in_channels=16,
@@ -257,19 +326,11 @@ def _tiny_flux2():
         axes_dims_rope=(2, 2, 2, 2),
         guidance_embeds=False,
     )
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_vae_kl16("AutoencoderKLFlux2")
     with torch.no_grad():  # non-trivial batch-norm statistics, so the normalization is exercised
         vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, vae.bn.running_mean.numel()))
         vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
-    return dit, vae, _flow_dynamic(shift=3.0), dict(num_inference_steps=8, height=32, width=48), (10, 32), {}
+    return dit, vae, _flow_dynamic(shift=3.0)
 
 
 def _tiny_qwen_image():
@@ -294,21 +355,57 @@ def _tiny_qwen_image():
         latents_mean=[0.1, -0.2, 0.3, 0.0],
         latents_std=[1.5, 0.7, 1.2, 2.0],
     )
-    sched = _flow_dynamic(
-        shift=1.0, max_image_seq_len=8192, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential"
+    return dit, vae, _flow_dynamic(**_QWEN_IMAGE_FLOW)
+
+
+# Real shapes: the checkpoints' configs.
+def _real_sd15():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
     )
-    return (
-        dit,
-        vae,
-        sched,
-        dict(num_inference_steps=8, height=32, width=48),
-        (10, 32),
-        {"prompt_embeds_mask": ("S",)},
+    return unet, _real_vae_kl(4, 512, 0.18215), _ddim
+
+
+def _real_sana_600m():
+    from diffusers import SanaTransformer2DModel
+
+    dit = SanaTransformer2DModel(  # Efficient-Large-Model/Sana_600M_1024px_diffusers transformer config
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=36,
+        attention_head_dim=32,
+        num_layers=28,
+        num_cross_attention_heads=16,
+        cross_attention_head_dim=72,
+        cross_attention_dim=1152,
+        caption_channels=2304,
+        mlp_ratio=2.5,
+        sample_size=32,
+        patch_size=1,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
     )
+    vae = _dc_ae(  # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers
+        latent_channels=32,
+        attention_head_dim=32,
+        block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        channels=(128, 256, 512, 512, 1024, 1024),
+        encoder_layers=(2, 2, 2, 3, 3, 3),
+        decoder_layers=(3, 3, 3, 3, 3, 3),
+    )
+    return dit, vae, _flow
 
 
 def _real_sdxl():
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
         sample_size=128,
@@ -324,33 +421,7 @@ def _real_sdxl():
         projection_class_embeddings_input_dim=2816,
         use_linear_projection=True,
     )
-    vae = AutoencoderKL(  # sdxl vae/config.json
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-    )
-    return unet, vae, _ddim, dict(num_inference_steps=20), (77, 2048), {"pooled_prompt_embeds": (1280,)}
-
-
-def _kl16(scaling, shift):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(  # the SD3 / FLUX.1 16-channel VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=16,
-        sample_size=1024,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return unet, _real_vae_kl(4, 1024, 0.13025), _ddim
 
 
 def _real_sd35_medium():
@@ -371,15 +442,7 @@ def _real_sd35_medium():
         dual_attention_layers=tuple(range(13)),
         qk_norm="rms_norm",
     )
-    # S = 77 CLIP tokens + 256 T5 tokens
-    return (
-        dit,
-        _kl16(1.5305, 0.0609),
-        _flow,
-        dict(num_inference_steps=28),
-        (333, 4096),
-        {"pooled_prompt_embeds": (2048,)},
-    )
+    return dit, _kl16(1.5305, 0.0609), _flow
 
 
 def _real_flux1_dev():
@@ -396,15 +459,7 @@ def _real_flux1_dev():
         guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )
-    defaults = dict(num_inference_steps=28, height=1024, width=1024)
-    return (
-        dit,
-        _kl16(0.3611, 0.1159),
-        _flow_dynamic(shift=3.0),
-        defaults,
-        (512, 4096),
-        {"pooled_prompt_embeds": (768,)},
-    )
+    return dit, _kl16(0.3611, 0.1159), _flow_dynamic(shift=3.0)
 
 
 def _real_flux2_klein_4b():
@@ -422,8 +477,7 @@ def _real_flux2_klein_4b():
         axes_dims_rope=(32, 32, 32, 32),
     )
     vae = AutoencoderKLFlux2()  # the FLUX.2 VAE: 32 latent channels, 2x2 patchified to 128
-    defaults = dict(num_inference_steps=4, height=1024, width=1024)
-    return dit, vae, _flow_dynamic(shift=3.0), defaults, (512, 7680), {}
+    return dit, vae, _flow_dynamic(shift=3.0)
 
 
 def _real_qwen_image():
@@ -440,136 +494,64 @@ def _real_qwen_image():
         axes_dims_rope=(16, 56, 56),
     )
     vae = AutoencoderKLQwenImage()  # defaults = the Qwen-Image VAE (z_dim 16, per-channel mean / std)
-    sched = _flow_dynamic(
-        shift=1.0, max_image_seq_len=8192, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential"
-    )
-    defaults = dict(num_inference_steps=30, height=1024, width=1024)
-    return dit, vae, sched, defaults, (128, 3584), {"prompt_embeds_mask": ("S",)}
+    return dit, vae, _flow_dynamic(**_QWEN_IMAGE_FLOW)
 
 
-_FAMILY_BUILDERS = {
-    "tiny-sdxl": _tiny_sdxl,
-    "tiny-sd3": _tiny_sd3,
-    "tiny-flux": _tiny_flux,
-    "tiny-flux2": _tiny_flux2,
-    "tiny-qwen-image": _tiny_qwen_image,
-    "sdxl": _real_sdxl,
-    "sd3.5-medium": _real_sd35_medium,
-    "flux.1-dev": _real_flux1_dev,
-    "flux.2-klein-4b": _real_flux2_klein_4b,
-    "qwen-image": _real_qwen_image,
+# ---------------------------------------------------------------------------------------------- the table
+# name -> (builder, DiffusersGenerator defaults, (S, D) of "prompt_embeds", further batch keys {key: trailing
+# shape}: pooled embeds (P,), masks ("S",))
+_MASK = {"prompt_attention_mask": ("S",)}
+_TINY_2026 = dict(num_inference_steps=8, height=32, width=48)
+_PRESETS = {
+    "tiny-sd": (_tiny_sd, dict(num_inference_steps=8, height=64, width=48), (12, 32), {}),
+    "tiny-sana": (_tiny_sana, dict(num_inference_steps=8), (12, 32), _MASK),
+    "tiny-pixart": (_tiny_pixart, dict(num_inference_steps=8), (12, 32), _MASK),
+    "tiny-sdxl": (_tiny_sdxl, _TINY_2026, (10, 32), {"pooled_prompt_embeds": (16,)}),
+    "tiny-sd3": (_tiny_sd3, _TINY_2026, (10, 32), {"pooled_prompt_embeds": (24,)}),
+    "tiny-flux": (_tiny_flux, _TINY_2026, (10, 32), {"pooled_prompt_embeds": (24,)}),
+    "tiny-flux2": (_tiny_flux2, _TINY_2026, (10, 32), {}),
+    "tiny-qwen-image": (_tiny_qwen_image, _TINY_2026, (10, 32), {"prompt_embeds_mask": ("S",)}),
+    "sd15": (_real_sd15, dict(num_inference_steps=20), (77, 768), {}),
+    "sana-0.6b": (_real_sana_600m, dict(num_inference_steps=20), (300, 2304), _MASK),
+    "sdxl": (_real_sdxl, dict(num_inference_steps=20), (77, 2048), {"pooled_prompt_embeds": (1280,)}),
+    # S = 77 CLIP tokens + 256 T5 tokens
+    "sd3.5-medium": (
+        _real_sd35_medium,
+        dict(num_inference_steps=28),
+        (333, 4096),
+        {"pooled_prompt_embeds": (2048,)},
+    ),
+    "flux.1-dev": (
+        _real_flux1_dev,
+        dict(num_inference_steps=28, height=1024, width=1024),
+        (512, 4096),
+        {"pooled_prompt_embeds": (768,)},
+    ),
+    "flux.2-klein-4b": (
+        _real_flux2_klein_4b,
+        dict(num_inference_steps=4, height=1024, width=1024),
+        (512, 7680),
+        {},
+    ),
+    "qwen-image": (
+        _real_qwen_image,
+        dict(num_inference_steps=30, height=1024, width=1024),
+        (128, 3584),
+        {"prompt_embeds_mask": ("S",)},
+    ),
 }
+assert set(_PRESETS) == set(NAMES)
 
 
 def _build_modules(name: str):
-    """(denoiser, vae, make_scheduler, defaults, (S, D), extras) for a preset name; extras: True / False (a
-    "prompt_attention_mask" or not) or a dict {batch key: trailing shape} of further conditioning (pooled
-    embeds (P,), masks ("S",)). The scheduler is made outside the device context: its tables must stay on
-    the CPU (they are read once, at construction)."""
-    if name in _FAMILY_BUILDERS:
-        return _FAMILY_BUILDERS[name]()
-    if name == "tiny-sd":
-        return (
-            _tiny_unet(32),
-            _tiny_vae_kl(),
-            _ddim,
-            dict(num_inference_steps=8, height=64, width=48),
-            (12, 32),
-            False,
-        )
-    if name == "tiny-sana":
-        from diffusers import SanaTransformer2DModel
-
-        dit = SanaTransformer2DModel(
-            in_channels=8,
-            out_channels=8,
-            num_attention_heads=2,
-            attention_head_dim=8,
-            num_layers=2,
-            num_cross_attention_heads=2,
-            cross_attention_head_dim=8,
-            cross_attention_dim=16,
-            caption_channels=32,
-            sample_size=16,
-            patch_size=1,
-        )
-        return dit, _tiny_vae_dc(), _flow, dict(num_inference_steps=8), (12, 32), True
-    if name == "tiny-pixart":
-        from diffusers import PixArtTransformer2DModel
-
-        dit = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            cross_attention_dim=16,
-            caption_channels=32,
-            sample_size=8,
-            patch_size=2,
-            norm_num_groups=8,
-        )
-        return dit, _tiny_vae_kl(), _ddim, dict(num_inference_steps=8), (12, 32), True
-    if name == "sd15":
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
-        vae = AutoencoderKL(  # sd-v1-5 vae/config.json
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        return unet, vae, _ddim, dict(num_inference_steps=20), (77, 768), False
-    if name == "sana-0.6b":
-        from diffusers import AutoencoderDC, SanaTransformer2DModel
-
-        dit = SanaTransformer2DModel(  # Efficient-Large-Model/Sana_600M_1024px_diffusers transformer config
-            in_channels=32,
-            out_channels=32,
-            num_attention_heads=36,
-            attention_head_dim=32,
-            num_layers=28,
-            num_cross_attention_heads=16,
-            cross_attention_head_dim=72,
-            cross_attention_dim=1152,
-            caption_channels=2304,
-            mlp_ratio=2.5,
-            sample_size=32,
-            patch_size=1,
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
-        )
-        vae = AutoencoderDC(  # mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers
-            latent_channels=32,
-            attention_head_dim=32,
-            encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
-            decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
-            encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-            decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-            encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
-            decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
-            encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-            decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-            upsample_block_type="interpolate",
-            downsample_block_type="Conv",
-            decoder_norm_types="rms_norm",
-            decoder_act_fns="silu",
-            scaling_factor=0.41407,
-        )
-        return dit, vae, _flow, dict(num_inference_steps=20), (300, 2304), True
-    raise ValueError(f"build_generator: unknown name {name!r}; known: {', '.join(NAMES)}")
+    """(denoiser, vae, make_scheduler, defaults, (S, D), extras) for a preset name; extras: a dict {batch
+    key: trailing shape} of further conditioning. The scheduler is made outside the device context: its
+    tables must stay on the CPU (they are read once, at construction)."""
+    if name not in _PRESETS:
+        raise ValueError(f"build_generator: unknown name {name!r}; known: {', '.join(NAMES)}")
+    build, defaults, sd, extras = _PRESETS[name]
+    denoiser, vae, make_scheduler = build()
+    return denoiser, vae, make_scheduler, dict(defaults), sd, extras
 
 
 def build_generator(
@@ -610,8 +592,7 @@ def build_generator(
             "prompt_embeds": embeds.to(device=device, dtype=dtype),
             "seed": int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
         }
-        keys = extras if isinstance(extras, dict) else ({"prompt_attention_mask": ("S",)} if extras else {})
-        for key, shape in keys.items():
+        for key, shape in extras.items():
             if shape == ("S",):  # a right-padded mask, at least half real
                 plen = torch.randint(max(1, S // 2), S + 1, (batch_size,), generator=g)
                 batch[key] = (torch.arange(S)[None, :] < plen[:, None]).long().to(device)
