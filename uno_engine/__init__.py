@@ -25,6 +25,7 @@ _LAZY = {
     "reference": "uno_engine.reference",
     "targets": "uno_engine.targets",
     "generators": "uno_engine.generators",
+    "diagnose": "uno_engine.diagnose",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -3,10 +3,15 @@
     images = generator(batch)                    # uno/generate  (grad to the generator)
     inputs = critic.prepare(images)              # uno/bridge    (exactly the critic's image processor; with
                                                  #  fuse_patch_embed, also its conv patch embedding)
-    out    = critic(inputs, captions, mask)      # uno/critic    (frozen, input-grad only, checkpointed)
-    loss   = uno_loss(out, batch)                # uno/loss      (fused caption CE + visual regression)
+    out    = critic(inputs, captions, mask)      # uno/critic    (frozen, input-grad only, checkpointed; hard
+                                                 #  negative captions reuse the image prefix: one pass)
+    loss   = uno_loss(out, batch)                # uno/loss      (fused caption CE + visual regression
+                                                 #  + negatives + the generator's own loss + KL)
 
 `out.loss.backward()` sends the understanding losses back through the frozen critic into the generator.
+`UNOConfig(view="latent")`: the generator hands over latents (`generator.latents_for_critic`) and a
+`uno_engine.latent.LatentCritic` reads them in the bridge's and the critic's place: no pixel decode, no vision
+tower; the losses and metrics are the same. `UNOOutput.images` is then None (`decoded_images()` decodes).
 Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
 (`UNOConfig(check_inputs=False)` removes it).
 """
@@ -26,8 +31,13 @@ from uno_engine.config import UNOConfig
 class UNOOutput:
     loss: torch.Tensor  # 0-d, carries the graph: out.loss.backward()
     metrics: dict[str, torch.Tensor]  # detached, on the device until read
-    images: torch.Tensor  # (B, 3, H, W) generated images in config.input_range
+    images: torch.Tensor | None  # (B, 3, H, W) generated images in config.input_range; None for view="latent"
     timer: PhaseTimer | None = field(default=None, repr=False)
+    latents: object | None = field(default=None, repr=False)  # view="latent": GeneratedLatents
+
+    def decoded_images(self) -> torch.Tensor:
+        """The generated images: `images`, or (view="latent") the latents decoded now, with grad."""
+        return self.images if self.images is not None else self.latents.decode()
 
     def timings(self) -> dict[str, float]:
         """Per-phase milliseconds (needs UNOConfig(profile=True); call after loss.backward(); syncs once)."""
@@ -51,7 +61,15 @@ class UNOStep(nn.Module):
         super().__init__()
         self.config = config or UNOConfig()
         self.generator, self.critic, self.uno_loss = generator, critic, loss
-        loss.bind(critic)
+        self.__dict__["reader"] = critic  # what reads the generation: the critic, or its latent view
+        if self.config.view == "latent":
+            from uno_engine.latent import LatentCritic
+
+            c = self.config
+            self.reader = LatentCritic(
+                critic, generator, latent_input=c.latent_input, feature_layer=c.latent_feature_layer
+            )
+        loss.bind(self.reader, generator)
         if self.config.fuse_patch_embed is True and (why := critic.fused_patch_embed_reasons()):
             raise ValueError("UNOConfig(fuse_patch_embed=True) with this critic: " + "; ".join(why))
         if self.config.compile:
@@ -68,21 +86,25 @@ class UNOStep(nn.Module):
         timer = PhaseTimer(cfg.profile, _device_of(self.critic))
         # every bridge call (generated images here, reference images in the loss) runs with these
         bridge = dict(input_range=cfg.input_range, backend=cfg.backend, fuse_patch_embed=cfg.fuse_patch_embed)
-        with timer.phase("generate"):
-            images = self.generator(batch)
+        with timer.phase("generate"):  # view="latent": GeneratedLatents, nothing decoded
+            latent = cfg.view == "latent"
+            images = self.generator.latents_for_critic(batch) if latent else self.generator(batch)
         if cfg.check_inputs:
             check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
         with timer.phase("bridge"):
-            inputs = self.critic.prepare(images, clamp=cfg.clamp, **bridge)
+            inputs = self.reader.prepare(images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, **bridge)
         with timer.phase("critic"):
-            out = self.critic(inputs, batch["captions"], batch.get("caption_mask"))
+            caps = (inputs, batch["captions"], batch.get("caption_mask"))
+            neg = self.uno_loss.negatives_of(batch)  # hard negatives share the image prefix: one pass
+            out = self.reader(*caps) if neg is None else self.reader.forward_with_negatives(*caps, *neg)
         with timer.phase("loss"):
-            loss, metrics = self.uno_loss(out, batch, critic=self.critic, **bridge)
+            loss, metrics = self.uno_loss(out, batch, critic=self.reader, generator=self.generator, **bridge)
         timer.on_grad(loss, "grad.loss")
         timer.on_grad(out.caption_hidden, "grad.caption")
         timer.on_grad(inputs.bridge_output, "grad.pixels")
-        timer.on_grad(images, "grad.images")
-        return UNOOutput(loss, metrics, images, timer if cfg.profile else None)
+        timer.on_grad(getattr(images, "tensor", images), "grad.images")
+        timer = timer if cfg.profile else None
+        return UNOOutput(loss, metrics, None if latent else images, timer, images if latent else None)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -96,7 +118,9 @@ def check_step_inputs(images: torch.Tensor, batch: dict, vocab_size: int | None 
     non-finite-image, empty-caption and caption-id range checks share ONE device->host read. Caption ids
     are checked against the critic's vocabulary (`vocab_size`) at every position, padding included (the
     critic embeds padded positions too), before any embedding runs."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+    if getattr(images, "kind", None) in ("tokens", "latents"):  # view="latent": GeneratedLatents
+        images = images.tensor  # (B, N, V_img) token distribution or (B, C, h, w) latent
+    elif not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"generator output `images` must be (B, 3, H, W), got {shape}")
     if not images.is_floating_point():
