@@ -302,3 +302,43 @@ def test_public_names():
     assert uno_engine.UNOStep is UNOStep
     for name in uno_engine.__all__:
         getattr(uno_engine, name)
+
+
+@pytest.mark.parametrize(
+    "field,op,arg", [("lce_impl", "linear_cross_entropy", "impl"), ("bridge_kernel", "bridge", "kernel")]
+)
+def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, arg):
+    """UNOConfig.lce_impl / bridge_kernel reach every call of their op in the step, the reference images'
+    bridge and the hard negatives' per-token CE included, and change nothing in the result."""
+    import uno_engine.ops as module
+
+    critic = _critic("tiny-llava-clip")
+    gen = PixelGenerator()
+    batch = _batch(critic) | {
+        "negative_captions": torch.randint(3, critic.vocab_size - 1, (2, 2, 6)),
+    }
+    choice = {"lce_impl": "recompute", "bridge_kernel": "two_pass"}[field]
+    seen = []
+    real = getattr(module, op)
+
+    def spy(*a, **kw):
+        seen.append(kw.get(arg))
+        return real(*a, **kw)
+
+    results = []
+    for cfg in (UNOConfig(), UNOConfig(**{field: choice})):
+        torch.manual_seed(1)
+        gen.pixels.grad = None
+        step = UNOStep(
+            CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, density=0.5, negatives=0.5), cfg
+        )
+        seen.clear()
+        monkeypatch.setattr(module, op, spy)
+        out = step(batch)
+        monkeypatch.setattr(module, op, real)
+        out.loss.backward()
+        results.append((out.loss.detach(), gen.pixels.grad.clone(), list(seen)))
+    (l0, g0, _), (l1, g1, calls) = results
+    assert len(calls) >= 2 and all(c == choice for c in calls), calls
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)

@@ -143,17 +143,26 @@ class UNOLoss(nn.Module):
         input_range=(-1.0, 1.0),
         fuse_patch_embed="auto",
         generator=None,
+        lce_impl: str = "auto",
+        bridge_kernel: str = "auto",
     ):
         """Returns (loss: 0-d tensor with grad, metrics: dict of detached 0-d device tensors).
-        `fuse_patch_embed` goes to `critic.prepare` of the reference images (UNOConfig.fuse_patch_embed).
+        `fuse_patch_embed` and `bridge_kernel` go to `critic.prepare` of the reference images, `lce_impl` to
+        every linear cross-entropy (UNOConfig's fields of the same names; UNOStep passes them).
         `generator` (UNOStep passes it) is needed by the generator_loss and kl terms."""
         metrics: dict[str, torch.Tensor] = {}
         total = out.caption_hidden.new_zeros((), dtype=torch.float32)
         if self.w_caption > 0:
-            ce = self.caption_loss(out, batch, backend)
+            ce = self.caption_loss(out, batch, backend, lce_impl)
             metrics["caption_ce"] = ce.detach()
             total = total + self.w_caption * ce
-        terms, names = self._regression_terms(out, batch, critic, backend, input_range, fuse_patch_embed)
+        prep = dict(
+            input_range=input_range,
+            backend=backend,
+            fuse_patch_embed=fuse_patch_embed,
+            bridge_kernel=bridge_kernel,
+        )
+        terms, names = self._regression_terms(out, batch, critic, backend, input_range, prep)
         if terms:
             fused = eager.fused_regression if backend == "reference" else ops.fused_regression
             kw = {} if backend == "reference" else {"backend": backend}
@@ -163,7 +172,7 @@ class UNOLoss(nn.Module):
             total = total + reg_total
             for i, name in enumerate(names):
                 metrics[name] = per_term[i]
-        total = total + self._objective_terms(out, batch, backend, generator, metrics)
+        total = total + self._objective_terms(out, batch, backend, generator, metrics, lce_impl)
         metrics["loss"] = total.detach()
         return total, metrics
 
@@ -198,25 +207,25 @@ class UNOLoss(nn.Module):
             )
         return None if neg.shape[1] == 0 else (neg, mask)
 
-    def negatives_loss(self, out, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def negatives_loss(self, out, backend: str, lce_impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: logsumexp_j s_j - s_0 over the true caption (j = 0) and its K negatives (module
         docstring). Returns (loss (B,) float32, ranked_first (B,) bool: s_0 > every present s_j)."""
         hidden = torch.cat([out.caption_hidden[:, None], out.negative_hidden], dim=1)  # (B, K+1, L, H)
         labels = torch.cat([out.caption_labels[:, None], out.negative_labels], dim=1)  # (B, K+1, L)
-        ce = _lce(hidden, out, labels, backend)  # (B, K+1, L), 0 at padding
+        ce = _lce(hidden, out, labels, backend, lce_impl)  # (B, K+1, L), 0 at padding
         present = (labels != -100).any(dim=-1)
         s = (-ce.sum(dim=-1)).masked_fill(~present, float("-inf"))  # sequence log-likelihoods
         loss = torch.logsumexp(s, dim=1) - s[:, 0]
         return loss, (s[:, :1] > s[:, 1:]).all(dim=1)
 
-    def _objective_terms(self, out, batch, backend, generator, metrics) -> torch.Tensor:
+    def _objective_terms(self, out, batch, backend, generator, metrics, lce_impl="auto") -> torch.Tensor:
         """negatives + generator_loss + kl (each a per-image mean, rescaled like the caption term)."""
         total = out.caption_hidden.new_zeros((), dtype=torch.float32)
         if self.w_negatives <= 0 and self.w_generator <= 0 and self.w_kl <= 0:
             return total
         share = self._image_share(out.caption_hidden.shape[0], batch, out.caption_hidden.device)
         if self.w_negatives > 0 and out.negative_hidden is not None and out.negative_hidden.shape[1] > 0:
-            per_image, first = self.negatives_loss(out, backend)
+            per_image, first = self.negatives_loss(out, backend, lce_impl)
             term = per_image.mean() * share
             metrics["negatives"] = term.detach()
             metrics["negatives_ranked_first"] = first.float().mean().detach()
@@ -274,7 +283,7 @@ class UNOLoss(nn.Module):
             return n * float(dist.get_world_size()) / count
         return 1.0
 
-    def caption_loss(self, out, batch: dict, backend: str) -> torch.Tensor:
+    def caption_loss(self, out, batch: dict, backend: str, lce_impl: str = "auto") -> torch.Tensor:
         """Caption CE summed over tokens, divided by the (local, global or given) caption-token count."""
         kw = dict(
             bias=out.lm_head_bias,
@@ -289,7 +298,12 @@ class UNOLoss(nn.Module):
             )
         else:
             ce_sum = ops.linear_cross_entropy(
-                out.caption_hidden, out.lm_head_weight, out.caption_labels, backend=backend, **kw
+                out.caption_hidden,
+                out.lm_head_weight,
+                out.caption_labels,
+                backend=backend,
+                impl=lce_impl,
+                **kw,
             )
         count = batch.get("num_caption_tokens")
         scale = 1.0
@@ -301,7 +315,7 @@ class UNOLoss(nn.Module):
                 scale = float(dist.get_world_size())
         return ce_sum.float() * scale / count.to(torch.float32).clamp_min(1.0)
 
-    def _regression_terms(self, out, batch, critic, backend, input_range, fuse_patch_embed):
+    def _regression_terms(self, out, batch, critic, backend, input_range, prep):
         terms, names = [], []
         if self.w_density <= 0 and self.w_structure <= 0:
             return terms, names
@@ -309,9 +323,7 @@ class UNOLoss(nn.Module):
         ref_feats = None
         if ref_images is not None:
             with torch.no_grad():
-                ref_inputs = critic.prepare(
-                    ref_images, input_range=input_range, backend=backend, fuse_patch_embed=fuse_patch_embed
-                )
+                ref_inputs = critic.prepare(ref_images, **prep)
                 ref_feats, _ = critic.encode_patches(ref_inputs)
         feats = out.patch_features.float()
         if self.w_density > 0:
@@ -371,14 +383,14 @@ class UNOLoss(nn.Module):
         return fn(images, grid).float()
 
 
-def _lce(hidden, out, labels, backend) -> torch.Tensor:
+def _lce(hidden, out, labels, backend, impl="auto") -> torch.Tensor:
     """Per-token caption CE (labels.shape, 0 at -100) with the critic's head, bias and softcap."""
     H = hidden.shape[-1]
     args = (hidden.reshape(-1, H), out.lm_head_weight, labels.reshape(-1))
     kw = dict(bias=out.lm_head_bias, softcap=out.logit_softcap, reduction="none")
     if backend == "reference":  # the eager baseline path
         return eager.linear_cross_entropy(*args, **kw).reshape(labels.shape)
-    return ops.linear_cross_entropy(*args, backend=backend, **kw).reshape(labels.shape)
+    return ops.linear_cross_entropy(*args, backend=backend, impl=impl, **kw).reshape(labels.shape)
 
 
 class _Predict(nn.Module):

@@ -95,10 +95,19 @@ class UNOStep(nn.Module):
             inputs = self.reader.prepare(images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, **bridge)
         with timer.phase("critic"):
             caps = (inputs, batch["captions"], batch.get("caption_mask"))
-            neg = self.uno_loss.negatives_of(batch)  # hard negatives share the image prefix: one pass
+            loss_fn = getattr(self.uno_loss, "module", self.uno_loss)  # unwrap DDP / FSDP of the loss heads
+            neg = loss_fn.negatives_of(batch)  # hard negatives share the image prefix: one pass
             out = self.reader(*caps) if neg is None else self.reader.forward_with_negatives(*caps, *neg)
         with timer.phase("loss"):
-            loss, metrics = self.uno_loss(out, batch, critic=self.reader, generator=self.generator, **bridge)
+            loss, metrics = self.uno_loss(
+                out,
+                batch,
+                critic=self.reader,
+                generator=self.generator,
+                lce_impl=cfg.lce_impl,
+                bridge_kernel=cfg.bridge_kernel,
+                **bridge,
+            )
         timer.on_grad(loss, "grad.loss")
         timer.on_grad(out.caption_hidden, "grad.caption")
         timer.on_grad(inputs.bridge_output, "grad.pixels")
