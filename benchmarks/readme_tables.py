@@ -3,7 +3,7 @@
 The README holds two generated blocks, each between marker comments:
 
     <!-- gpu-table:begin --> ... <!-- gpu-table:end -->   every GPU figure: the ops, the critic, the step
-    <!-- cpu-table:begin --> ... <!-- cpu-table:end -->   the CPU step table (tiny preset)
+    <!-- cpu-table:begin --> ... <!-- cpu-table:end -->   the CPU step table (tiny, tiny-janus, mid)
 
 Every row names the commit its figures were measured at (the results file's `meta.commit`) and whether that
 commit still has the current kernels: a figure is **stale** when a file its op depends on (`OP_PATHS`) changed
@@ -432,9 +432,15 @@ def gpu_block(results: list[dict]) -> list[str]:
     return lines
 
 
+CPU_PRESETS = ("tiny", "tiny-janus", "mid")  # the CPU goals' presets, in this order
+
+
 def cpu_block(results: list[dict]) -> list[str]:
     steps = [
-        r for r in results if r["name"] == "step_throughput" and r["slug"] == "cpu" and r["tag"] == "tiny"
+        r
+        for tag in CPU_PRESETS
+        for r in results
+        if r["name"] == "step_throughput" and r["slug"] == "cpu" and r["tag"] == tag
     ]
     if not steps:
         return ["No `step_throughput-tiny-cpu.json` in `benchmarks/results/`."]

@@ -9,6 +9,7 @@
   (`for k in range(K)`) fails there. `_interpreter_index_shim` makes `__index__` read the one element, as
   triton >= 3.7 does. Interpreter only; compiled kernels are untouched.
 - With CUDA, the compiled kernels run and the `gpu` tests are collected too.
+- Under pytest-xdist each worker takes its share of the cores as torch threads.
 """
 
 import os
@@ -40,6 +41,13 @@ def _interpreter_index_shim() -> None:
 
 
 _interpreter_index_shim()
+
+# under pytest-xdist, split the cores between the workers: each worker's default of one intra-op thread per
+# core would oversubscribe the machine N-fold (2 workers x 2 threads on CI's 2 cores), and small ops then
+# spend their time waiting on each other's threads
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -26,7 +26,9 @@ class UNOConfig:
     latent_input: str = "x0"  # view="latent", diffusion: the adapter reads the grad step's "x0" | "xt"
     latent_feature_layer: int | None = None  # view="latent": LM layer of the patch features (None: L // 2)
     # algorithm choices (environment overrides for sweeps: `python -m uno_engine.info`, uno_engine._env)
-    lce_impl: str = "auto"  # linear cross-entropy: "auto" | "grad_in_forward" | "recompute" (ops.linear_cross_entropy)
+    lce_impl: str = (
+        "auto"  # linear cross-entropy: "auto" | "grad_in_forward" | "recompute" (ops.linear_cross_entropy)
+    )
     bridge_kernel: str = "auto"  # Triton bridge kernels: "auto" | "two_pass" | "fused" (ops.bridge)
 
     def __post_init__(self):
@@ -43,7 +45,9 @@ class UNOConfig:
                 f"UNOConfig.lce_impl must be auto|grad_in_forward|recompute, got {self.lce_impl!r}"
             )
         if self.bridge_kernel not in ("auto", "two_pass", "fused"):
-            raise ValueError(f"UNOConfig.bridge_kernel must be auto|two_pass|fused, got {self.bridge_kernel!r}")
+            raise ValueError(
+                f"UNOConfig.bridge_kernel must be auto|two_pass|fused, got {self.bridge_kernel!r}"
+            )
         if self.view not in ("pixel", "latent"):
             raise ValueError(f"UNOConfig.view must be 'pixel' or 'latent', got {self.view!r}")
         if self.latent_input not in ("x0", "xt"):

@@ -525,7 +525,9 @@ class Critic(nn.Module):
             )
         self._check_inputs(inputs)
         device = self.lm_head_weight.device
-        caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(device=device, dtype=torch.long)
+        caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(
+            device=device, dtype=torch.long
+        )
         ones = torch.ones(B, 1, L, dtype=torch.long, device=device)
         cmask = ones if caption_mask is None else caption_mask.to(device).long()[:, None]
         nmask = torch.ones_like(caps[:, 1:]) if negative_mask is None else negative_mask.to(device).long()
@@ -545,13 +547,19 @@ class Critic(nn.Module):
                 [torch.zeros(P, dtype=torch.long), torch.arange(1, K + 2).repeat_interleave(L)]
             ).to(device)
             idx = torch.arange(T, device=device)
-            allowed = (idx[None, :] <= idx[:, None]) & ((block[None, :] == 0) | (block[None, :] == block[:, None]))
+            allowed = (idx[None, :] <= idx[:, None]) & (
+                (block[None, :] == 0) | (block[None, :] == block[:, None])
+            )
             keys = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), masks.reshape(B, -1) > 0], 1)
             allowed = allowed[None] & keys[:, None, :]  # (B, T, T): query row x key column
             mask4 = torch.zeros(B, 1, T, T, dtype=embeds.dtype, device=device)
             mask4.masked_fill_(~allowed[:, None], torch.finfo(embeds.dtype).min)
             out = self.language_model(
-                inputs_embeds=embeds, attention_mask=mask4, position_ids=pos, use_cache=False, return_dict=True
+                inputs_embeds=embeds,
+                attention_mask=mask4,
+                position_ids=pos,
+                use_cache=False,
+                return_dict=True,
             )
             hidden = out.last_hidden_state
         H = hidden.shape[-1]
