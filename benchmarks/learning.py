@@ -1,0 +1,337 @@
+"""Evidence that understanding supervision teaches: a miniature GenEval on a CPU.
+
+A synthetic world of colored shapes (benchmarks/learning_lib/world.py), a LLaVA-shaped critic trained to
+caption every composition, a pixel-space diffusers UNet pretrained on the seen compositions only, a rule-based
+judge, and UNO post-training (UNOStep) on held-out and seen prompts; judged before and after, over 3 seeds,
+with ablations of the loss terms.
+
+    python benchmarks/learning.py                 # cached critic + base generator, UNO + judge
+    python benchmarks/learning.py --from-scratch  # retrain the critic and the generator first (rewrites cache)
+    python benchmarks/learning.py --seed 5        # seeds 5, 6, 7 for every draw of post-training and eval
+    python benchmarks/learning.py --smoke         # CI version (< 60 s): untrained tiny run of the wiring
+    python benchmarks/learning.py --ablations caption "caption+joint+kl"   # re-run some ablations only
+
+Writes benchmarks/results/learning-<tag>.json and learning-<tag>.png (tag: "cpu", or "smoke").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+from learning_lib import experiment, judge, models, training, world  # noqa: E402
+
+TARGETS = {"held_out_gain_points": 15.0, "seen_drop_points": 3.0, "denoise_rise_frac": 0.10}
+NOTES = {
+    "premise": "the critic is trained to caption EVERY composition, held-out ones included (understanding "
+    "covers more than generation); the generator is pretrained on seen compositions only",
+    "text_encoder": "a learned word + position embedding table (LayerNorm), trained with the generator in "
+    "pretraining, frozen in UNO",
+    "uno_data": "held-out stream: prompts only (caption loss); seen stream: prompts + fresh real renders of "
+    "seen prompts (regression targets, joint generator loss). No real image of a held-out composition "
+    "reaches the generator",
+    "overall": "fraction of prompts whose every check passes (GenEval-style), judged by the rule-based judge",
+}
+
+
+def commit_info() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=HERE.parent, capture_output=True, text=True, timeout=10
+            ).stdout
+        except Exception:  # noqa: BLE001
+            return ""
+
+    sha = git("rev-parse", "HEAD").strip() or "unknown"
+    return {"commit": sha, "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+
+
+def headline(res: dict, main: str) -> tuple[dict, dict, dict]:
+    """-> (before, after, targets): top-level summaries of the main ablation (held-out "overall" in [0, 1])."""
+
+    def block(mean: dict) -> dict:
+        h = mean["held_out"]
+        out = {"overall": h["overall"], "overall_std": h.get("overall_std")}
+        out.update({c: h[c] for c in judge.CATEGORIES})
+        out["held_out_by_kind"] = mean.get("held_out_by_kind")
+        out["seen"] = {"overall": mean["seen"]["overall"], "overall_std": mean["seen"].get("overall_std")}
+        out["seen"].update({c: mean["seen"][c] for c in judge.CATEGORIES})
+        out["denoising_loss"] = mean["denoising_loss"]
+        out["denoising_loss_std"] = mean.get("denoising_loss_std")
+        return out
+
+    before = block(res["before_mean"])
+    ab = res["ablations"].get(main, {})
+    if ab.get("status") != "ran":
+        return before, {"status": ab.get("status", "not run")}, {}
+    after = block(ab["mean"])
+    after["ablation"] = main
+    gain = 100 * (after["overall"] - before["overall"])
+    drop = 100 * (before["seen"]["overall"] - after["seen"]["overall"])
+    rise = after["denoising_loss"] / before["denoising_loss"] - 1
+    targets = {
+        "held_out_gain_points": gain,
+        "held_out_gain_ok": gain >= TARGETS["held_out_gain_points"],
+        "seen_drop_points": drop,
+        "seen_drop_ok": drop <= TARGETS["seen_drop_points"],
+        "denoise_rise_frac": rise,
+        "denoise_rise_ok": rise <= TARGETS["denoise_rise_frac"],
+        "required": TARGETS,
+    }
+    return before, after, targets
+
+
+def save_grid(grid, captions, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.3 * len(captions), 3.2))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([34 * i + 17 for i in range(len(captions))], captions, rotation=35, ha="right", fontsize=7)
+    ax.set_yticks([17, 51], ["pretrained", "after UNO"], fontsize=8)
+    ax.set_title("held-out prompts, same noise (seed 0 of the main ablation)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(res: dict, path: Path, samples=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 3 if samples is not None else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5))
+    names = ["pretrained"] + [n for n, a in res["ablations"].items() if a.get("status") == "ran"]
+    means = [res["before_mean"]] + [res["ablations"][n]["mean"] for n in names[1:]]
+    x = range(len(names))
+    for off, split, color in ((-0.2, "held_out", "tab:red"), (0.2, "seen", "tab:blue")):
+        m = [100 * (r[split]["overall"] or 0) for r in means]
+        e = [100 * (r[split].get("overall_std") or 0) for r in means]
+        axes[0].bar(
+            [i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-")
+        )
+    axes[0].set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
+    axes[0].set_ylabel("judge accuracy, % of prompts (mean +- std, seeds)")
+    axes[0].set_title("before / after UNO, by ablation")
+    axes[0].legend()
+    cats = list(judge.CATEGORIES)
+    width = 0.8 / len(names)
+    for j, (n, r) in enumerate(zip(names, means, strict=True)):
+        vals = [100 * (r["held_out"].get(c) or 0) for c in cats]
+        axes[1].bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))], vals, width, label=n)
+    axes[1].set_xticks(range(len(cats)), cats)
+    axes[1].set_title("held-out prompts, per category")
+    axes[1].legend(fontsize=7)
+    missing = [n for n, a in res["ablations"].items() if a.get("status") != "ran"]
+    if missing:
+        axes[1].text(0.01, -0.16, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=7)
+    if samples is not None:
+        axes[2].imshow(samples)
+        axes[2].set_title("held-out prompts: pretrained (top) / after UNO (bottom)", fontsize=9)
+        axes[2].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_grid(unet_before, unet_after, text, s, n: int = 8):
+    """(2*34, n*34, 3) uint8: the first n held-out prompts, pretrained vs after UNO, same noise."""
+    import numpy as np
+
+    _, held = world.split_prompts()
+    prompts = held[:: max(1, len(held) // n)][:n]
+    rows = []
+    for u in (unet_before, unet_after):
+        ims = experiment.generate(u, text, prompts, seed=123, s=s).clamp(-1, 1)
+        ims = ((ims + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        rows.append(
+            np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=128) for im in ims], 1)
+        )
+    return np.concatenate(rows, 0), [p.caption for p in prompts]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0, help="first of the seeds (seed, seed+1, seed+2)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--from-scratch", action="store_true", help="retrain critic and generator, rewrite cache")
+    ap.add_argument("--smoke", action="store_true", help="CI version: untrained models, a few steps (< 60 s)")
+    ap.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(experiment.ABLATIONS)}")
+    ap.add_argument("--main", default="caption+joint+kl", help="ablation reported as top-level 'after'")
+    ap.add_argument("--uno-steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument(
+        "--weights",
+        nargs="*",
+        default=None,
+        metavar="TERM=W",
+        help="override a loss weight in every ablation that uses the term, e.g. kl=0.5 generator_loss=2",
+    )
+    ap.add_argument("--note", default=None, help="free text stored in settings.extra['note'] (e.g. tuning)")
+    ap.add_argument("--critic-steps", type=int, default=5000)
+    ap.add_argument("--generator-steps", type=int, default=3000, help="length of the lr schedule")
+    ap.add_argument("--generator-stop", type=int, default=None, help="stop after this many steps")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("UNO_LEARNING_THREADS", "1")))
+    ap.add_argument("--cache", type=Path, default=training.CACHE)
+    ap.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
+    ap.add_argument("--tag", default=None)
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="merge the ablations of these learning-*.json files (run with --ablations, other --tag) into "
+        "learning-<tag>.json and redraw its plot; nothing is run",
+    )
+    args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.out / f"learning-{args.tag or 'cpu'}.json", args.merge)
+    torch.set_num_threads(args.threads)
+    t_start, cpu_start = time.time(), time.process_time()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    bar = harness.progress
+    tag = args.tag or ("smoke" if args.smoke else "cpu")
+    pretrain = {}
+
+    s = experiment.Settings(
+        seeds=tuple(range(args.seed, args.seed + args.seeds)), main=args.main, threads=args.threads
+    )
+    if args.smoke:
+        s.seeds, s.uno_steps, s.batch_held, s.batch_seen = (args.seed,), 2, 2, 2
+        s.sample_steps, s.eval_held, s.eval_seen, s.denoise_images = 3, 6, 6, 8
+        s.latent_fit_steps, s.latent_fit_images = 3, 16
+        critic_model, proc = models.build_critic_model(0)
+        unet, text = models.build_unet(0), models.TextEncoder()
+        unet.eval().requires_grad_(False)
+        text.eval().requires_grad_(False)
+        pretrain["note"] = "smoke: untrained models (wiring only)"
+    else:
+        crit_path, gen_path = args.cache / "critic.safetensors", args.cache / "generator.safetensors"
+        meta_path = args.cache / "meta.json"
+        if args.from_scratch or not crit_path.exists():
+            m, proc, st = training.train_critic(steps=args.critic_steps, log=log, bar=bar)
+            training.save_critic(m, crit_path)
+            training.write_meta(meta_path, critic=st)
+        if args.from_scratch or not gen_path.exists():
+            u, t, st = training.train_generator(
+                steps=args.generator_steps,
+                stop_at=args.generator_stop,
+                log=log,
+                bar=bar,
+                on_checkpoint=lambda uu, tt, k: training.save_generator(uu, tt, gen_path),
+            )
+            training.save_generator(u, t, gen_path)
+            training.write_meta(meta_path, generator=st)
+        critic_model, proc = training.load_critic(crit_path)
+        unet, text = training.load_generator(gen_path)
+        pretrain = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if args.ablations is not None:
+        s.ablations = tuple(args.ablations)
+    if args.uno_steps is not None:
+        s.uno_steps = args.uno_steps
+    if args.lr is not None:
+        s.lr = args.lr
+    if args.weights:
+        s.extra["weights"] = {k: float(v) for k, v in (w.split("=", 1) for w in args.weights)}
+    if args.note:
+        s.extra["note"] = args.note
+
+    t_eval, cpu_eval = time.time(), time.process_time()
+    critic_acc = training.critic_accuracy(critic_model, proc, n=64 if args.smoke else 1024)
+    critic_acc_held = training.critic_accuracy(
+        critic_model, proc, n=64 if args.smoke else 1024, held_out_only=True
+    )
+    judge_acc = judge.true_render_accuracy(n=50 if args.smoke else 1000, seed=777 + args.seed)
+    log(
+        f"critic token accuracy {critic_acc['token_accuracy']:.4f}; judge exact parse {judge_acc['exact_parse_accuracy']:.4f}"
+    )
+
+    res = experiment.run_all(critic_model, proc, unet, text, s, bar=bar, log=log)
+    trained = res.pop("_trained_main_seed0")
+    before, after, targets = headline(res, s.main)
+    out = {
+        "notes": NOTES,
+        "before": before,
+        "after": after,
+        "targets": targets,
+        "critic": {
+            "fresh_renders_all_prompts": critic_acc,
+            "fresh_renders_held_out_prompts": critic_acc_held,
+        },
+        "judge_on_true_renders": judge_acc,
+        "pretraining": pretrain,
+        **res,
+        "world": {
+            "size": world.SIZE,
+            "colors": world.COLORS,
+            "shapes": world.SHAPES,
+            "held_out": {k: sorted(map(list, v)) for k, v in world.HELD_OUT.items()},
+            "n_seen_prompts": len(world.split_prompts()[0]),
+            "n_held_out_prompts": len(world.split_prompts()[1]),
+        },
+        "machine": {
+            **harness.env_metadata("cpu"),
+            "load_average_at_end": os.getloadavg(),
+            "note": "shared CPU (other sessions running); wall times are not idle-machine times",
+        },
+        **commit_info(),
+        "wall_s": {"total": time.time() - t_start, "eval_and_uno": time.time() - t_eval},
+        # CPU seconds of this process (1 thread): what the wall time would be on an idle machine, about
+        "cpu_s": {"total": time.process_time() - cpu_start, "eval_and_uno": time.process_time() - cpu_eval},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    jpath = args.out / f"learning-{tag}.json"
+    jpath.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    plot(res, args.out / f"learning-{tag}.png")
+    if not args.smoke and trained is not None:
+        grid, caps = sample_grid(unet, trained, text, s)
+        save_grid(grid, caps, args.out / f"learning-{tag}-samples.png")
+        out["sample_grid_prompts"] = caps
+        jpath.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    log(f"wrote {jpath}")
+    print(
+        json.dumps(
+            {"before": before.get("overall"), "after": after.get("overall"), "targets": targets}, default=str
+        )
+    )
+    return 0
+
+
+def merge(target: Path, others: list[Path]) -> int:
+    """Fold other runs' ablations into `target` (same seeds and settings required), recompute the headline."""
+    res = json.loads(target.read_text())
+    for path in others:
+        other = json.loads(path.read_text())
+        mine = {k: v for k, v in res["settings"].items() if k != "ablations"}
+        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
+        if mine != theirs:
+            raise SystemExit(f"--merge: {path} was run with other settings: {theirs} != {mine}")
+        for name, ab in other["ablations"].items():
+            if ab.get("status") == "ran" or name not in res["ablations"]:
+                res["ablations"][name] = ab
+        res.setdefault("merged_from", []).append({"file": path.name, "wall_s": other.get("wall_s")})
+    res["before"], res["after"], res["targets"] = headline(res, res["settings"]["main"])
+    res["notes"] = NOTES
+    target.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    plot(res, target.with_suffix(".png"))
+    print(f"merged {len(others)} file(s) into {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""UNO post-training of the pretrained generator, judged before and after (benchmarks/learning.py).
+
+Each optimizer step sums two UNOSteps that share the generator:
+- the held-out stream: prompts of held-out compositions, caption loss only (it needs prompts only; no real
+  image of a held-out composition is ever used by the generator);
+- the seen stream: prompts of seen compositions with fresh real renders as "reference_images", which the
+  terms that need real images read (density / structure targets, the joint generator loss).
+The text encoder is frozen (prompt_embeds are computed once per batch without grad); the generator's UNet is
+trained (and the regression heads, which UNOStep owns).
+
+Ablations (3 seeds each): the loss terms of `ABLATIONS`. Terms whose API is not in uno_engine yet (feature
+detection by constructing the loss / config) are reported as "not yet run".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import judge, models, training, world
+
+ABLATIONS = {
+    "caption": {"loss": {"caption": 1.0}},
+    "caption+regression": {"loss": {"caption": 1.0, "density": 0.1, "structure": 0.1}},
+    "caption+joint+kl": {"loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0}},
+    "caption+negatives": {"loss": {"caption": 1.0, "negatives": 1.0}, "negatives": 4},
+    "caption, latent view": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
+}
+REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
+
+
+@dataclass
+class Settings:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    main: str = "caption+joint+kl"  # the ablation whose result is the top-level "after"
+    uno_steps: int = 80  # with lr 3e-5: chosen on a tuning seed (100), see the results JSON settings.extra
+    batch_held: int = 6
+    batch_seen: int = 6
+    lr: float = 3e-5
+    sample_steps: int = 10
+    guidance: float = 2.0
+    k_grad_steps: int = 1
+    grad_window: tuple[float, float] = (0.5, 1.0)
+    eval_samples: int = 1  # images per prompt
+    eval_held: int | None = 96  # held-out prompts judged per seed (a seeded sample; None: all 162)
+    eval_seen: int | None = 64  # seen prompts judged per seed (None: all 138)
+    denoise_images: int = 128
+    latent_fit_steps: int = 300  # latent view: LatentAdapter fit on real renders of seen prompts
+    latent_fit_images: int = 256
+    threads: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------- batches
+def prompt_batch(prompts, text, *, seed: int, rng: random.Random | None = None, references: bool = False):
+    ids, mask = zip(*(world.encode(p.caption) for p in prompts), strict=True)
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    with torch.no_grad():
+        emb = text(ids)
+        neg = text(text.null_ids(len(prompts)))
+    batch = {
+        "captions": ids,
+        "caption_mask": mask,
+        "prompt_embeds": emb,
+        "negative_prompt_embeds": neg,
+        "seed": int(seed),
+    }
+    if references:
+        images, _, _, _ = world.make_batch(list(prompts), rng)
+        batch["reference_images"] = torch.from_numpy(images)
+    return batch
+
+
+def negative_captions(prompts, k: int, seed: int):
+    """(B, k, L) ids + mask of hard negatives from uno_engine.negatives.make_negatives, keeping those the
+    world's grammar can say (its colors, numbers one-three, relation flips, binding swaps); absent ones are
+    all-zero masks."""
+    from uno_engine.negatives import make_negatives
+
+    negs = make_negatives([p.caption for p in prompts], k=3 * k, seed=seed)
+    ids = torch.zeros(len(prompts), k, world.MAX_LEN, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, cands in enumerate(negs):
+        j = 0
+        for c in cands:
+            try:
+                e, m = world.encode(c)
+            except ValueError:
+                continue
+            if j < k:
+                ids[i, j], mask[i, j] = torch.tensor(e), torch.tensor(m)
+                j += 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def generate(unet, text, prompts, *, seed: int, s: Settings, chunk: int = 64) -> torch.Tensor:
+    """Sample images (B, 3, 32, 32) in [-1, 1] for prompts: DDIM to the end through DiffusersGenerator."""
+    gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance, grad_window=(1.0, 1.0))
+    out = []
+    for i in range(0, len(prompts), chunk):
+        batch = prompt_batch(prompts[i : i + chunk], text, seed=seed * 100003 + i)
+        out.append(gen(batch).float())
+    return torch.cat(out)
+
+
+def evaluate(unet, text, *, seed: int, s: Settings, bar=None) -> dict:
+    """Judge accuracy on held-out and seen prompts (every prompt x eval_samples), per category, and the
+    held-out accuracy per held-out kind."""
+    seen, held = world.split_prompts()
+    r = random.Random(seed)
+    if s.eval_held is not None:
+        held = r.sample(held, min(s.eval_held, len(held)))
+    if s.eval_seen is not None:
+        seen = r.sample(seen, min(s.eval_seen, len(seen)))
+    res = {}
+    for name, prompts in (("held_out", held), ("seen", seen)):
+        prompts = prompts * s.eval_samples
+        images = generate(unet, text, prompts, seed=seed * 7 + (name == "seen"), s=s)
+        checks = [judge.check(p, judge.parse(im)) for p, im in zip(prompts, images, strict=True)]
+        res[name] = judge.summarize(checks)
+        if name == "held_out":
+            res["held_out_by_kind"] = {
+                k: judge.summarize(
+                    [c for p, c in zip(prompts, checks, strict=True) if k in p.held_out_kinds()]
+                )["overall"]
+                for k in ("binding", "count", "position")
+            }
+    return res
+
+
+@torch.no_grad()
+def denoising_loss(unet, text, *, seed: int, n: int) -> float:
+    """v-prediction MSE on n fresh real renders of seen prompts at fixed (seeded) timesteps and noise."""
+    rng = random.Random(10_000 + seed)
+    seen, _ = world.split_prompts()
+    g = torch.Generator().manual_seed(10_000 + seed)
+    ac = models.build_scheduler().alphas_cumprod
+    total = 0.0
+    for i in range(0, n, 64):
+        m = min(64, n - i)
+        images, ids, _, _ = training.caption_batch([rng.choice(seen) for _ in range(m)], rng)
+        t = torch.randint(0, 1000, (m,), generator=g)
+        noise = torch.randn(m, 12, world.SIZE // 2, world.SIZE // 2, generator=g)
+        total += float(training.denoising_loss(unet, text, images, ids, t, noise, ac)) * m
+    return total / n
+
+
+# ------------------------------------------------------------------------------------------------ UNO
+def feature_status(name: str) -> str | None:
+    """None when this ablation's loss and config construct with the installed uno_engine, else why not."""
+    from uno_engine import UNOConfig, UNOLoss
+
+    spec = ABLATIONS[name]
+    try:
+        UNOLoss(**spec["loss"])
+    except TypeError as e:
+        return f"not yet run: UNOLoss does not take these terms ({e})"
+    if spec.get("negatives"):
+        try:
+            import uno_engine.negatives  # noqa: F401
+        except ImportError as e:
+            return f"not yet run: {e}"
+    try:
+        UNOConfig(**spec.get("config", {}))
+    except TypeError as e:
+        return f"not yet run: UNOConfig does not take {spec.get('config')} ({e})"
+    return None
+
+
+def _losses(name: str, s: Settings | None = None):
+    spec = ABLATIONS[name]
+    full = dict(spec["loss"])
+    for k, v in ((s.extra.get("weights") or {}) if s is not None else {}).items():
+        if k in full:
+            full[k] = v
+    held = {k: v for k, v in full.items() if k not in REAL_IMAGE_TERMS}
+    return held, full
+
+
+_ADAPTERS: dict = {}
+
+
+def latent_critic(critic_model, proc, unet, s: Settings, log=None):
+    """A second Critic wrapper of the same model with a LatentAdapter fitted (once per process) on real
+    renders of SEEN prompts: what UNOConfig(view="latent") reads instead of pixels."""
+    from uno_engine import Critic
+    from uno_engine.latent import fit_latent_adapter
+
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    key = (id(critic_model), s.latent_fit_steps, s.latent_fit_images)
+    if key not in _ADAPTERS:
+        seen, _ = world.split_prompts()
+        rng = random.Random(4242)
+        images, _, _, _ = world.make_batch([rng.choice(seen) for _ in range(s.latent_fit_images)], rng)
+        gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance)
+        t0 = time.time()
+        _ADAPTERS[key] = fit_latent_adapter(
+            critic, gen, torch.from_numpy(images), steps=s.latent_fit_steps, progress=False
+        )
+        if log is not None:
+            log(
+                f"latent adapter fitted in {time.time() - t0:.0f}s: {getattr(_ADAPTERS[key], 'fit_info', {})}"
+            )
+    critic.attach_latent_adapter(_ADAPTERS[key])
+    return critic
+
+
+def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=None, log=None) -> tuple:
+    """-> (trained unet, metrics history). Raises on a feature that constructs but cannot run here."""
+    from uno_engine import UNOConfig, UNOLoss, UNOStep
+
+    if ABLATIONS[name].get("config", {}).get("view") == "latent":
+        critic = latent_critic(critic.hf_model, critic.image_processor, base_unet, s, log)
+
+    torch.manual_seed(seed)
+    spec = ABLATIONS[name]
+    unet = copy.deepcopy(base_unet).train()
+    unet.requires_grad_(True)
+    gen = models.make_generator(
+        unet,
+        steps=s.sample_steps,
+        guidance=s.guidance,
+        k_grad_steps=s.k_grad_steps,
+        grad_window=s.grad_window,
+    )
+    held_kw, seen_kw = _losses(name, s)
+    cfg = UNOConfig(**spec.get("config", {}))
+    step_held = UNOStep(gen, critic, UNOLoss(**held_kw), cfg)
+    step_seen = UNOStep(gen, critic, UNOLoss(**seen_kw), cfg)
+    params = {id(p): p for st in (step_held, step_seen) for p in st.parameters() if p.requires_grad}
+    opt = torch.optim.Adam(list(params.values()), lr=s.lr)
+    rng = random.Random(seed)
+    seen, held = world.split_prompts()
+    history = []
+    it = range(s.uno_steps) if bar is None else bar(range(s.uno_steps), f"UNO {name} seed {seed}")
+    for i in it:
+        bh = [rng.choice(held) for _ in range(s.batch_held)]
+        bs = [rng.choice(seen) for _ in range(s.batch_seen)]
+        batch_h = prompt_batch(bh, text, seed=rng.randrange(2**31))
+        batch_s = prompt_batch(bs, text, seed=rng.randrange(2**31), rng=rng, references=True)
+        k = spec.get("negatives")
+        if k:
+            batch_h["negative_captions"], batch_h["negative_caption_mask"] = negative_captions(bh, k, seed)
+            batch_s["negative_captions"], batch_s["negative_caption_mask"] = negative_captions(bs, k, seed)
+        out_h, out_s = step_held(batch_h), step_seen(batch_s)
+        loss = 0.5 * (out_h.loss + out_s.loss)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": i, "loss": float(loss.detach())}
+        rec.update({f"held_{k}": float(v) for k, v in out_h.metrics.items()})
+        rec.update({f"seen_{k}": float(v) for k, v in out_s.metrics.items()})
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"UNO {name} seed {seed}: loss is {rec['loss']} at step {i}")
+        history.append(rec)
+        if log is not None and (i % 20 == 0 or i == s.uno_steps - 1):
+            log(f"UNO {name} seed {seed} step {i} loss {rec['loss']:.4f}")
+    unet.eval().requires_grad_(False)
+    return unet, history
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and std over seeds of every number in the evaluation dicts, in the same nesting."""
+    out = {}
+    for key in per_seed[0]:
+        vals = [r[key] for r in per_seed]
+        if isinstance(vals[0], dict):
+            out[key] = aggregate(vals)
+        elif isinstance(vals[0], (int, float)) or vals[0] is None:
+            if key.startswith("n_"):
+                out[key] = vals[0]
+            else:
+                m, sd = _mean_std(vals)
+                out[key] = m
+                out[key + "_std"] = sd
+    return out
+
+
+def run_all(critic_model, proc, unet, text, s: Settings, *, bar=None, log=print) -> dict:
+    """Before (pretrained) and after (each ablation) x seeds. -> results dict (without env metadata)."""
+    from uno_engine import Critic
+
+    torch.set_num_threads(s.threads)
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    t0 = time.time()
+    before = []
+    for seed in s.seeds:
+        ev = evaluate(unet, text, seed=seed, s=s)
+        ev["denoising_loss"] = denoising_loss(unet, text, seed=seed, n=s.denoise_images)
+        before.append(ev)
+        log(f"before seed {seed}: held-out {ev['held_out']['overall']:.3f} seen {ev['seen']['overall']:.3f}")
+    ablations, keep = {}, {}
+    for name in s.ablations:
+        why = feature_status(name)
+        if why is not None:
+            ablations[name] = {"status": why}
+            log(f"{name}: {why}")
+            continue
+        runs, errors = [], None
+        for seed in s.seeds:
+            t1 = time.time()
+            try:
+                trained, hist = run_uno(unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
+            except (TypeError, ValueError, KeyError, NotImplementedError, RuntimeError) as e:
+                errors = f"failed: {type(e).__name__}: {e}"
+                log(f"{name} seed {seed}: {errors}")
+                break
+            if name == s.main and seed == s.seeds[0]:
+                keep["unet"] = trained  # for the sample grid
+            ev = evaluate(trained, text, seed=seed, s=s)
+            ev["denoising_loss"] = denoising_loss(trained, text, seed=seed, n=s.denoise_images)
+            ev["uno_s"] = time.time() - t1
+            ev["final_caption_ce_held"] = hist[-1].get("held_caption_ce")
+            ev["first_caption_ce_held"] = hist[0].get("held_caption_ce")
+            runs.append(ev)
+            log(
+                f"{name} seed {seed}: held-out {ev['held_out']['overall']:.3f} seen {ev['seen']['overall']:.3f} "
+                f"denoise {ev['denoising_loss']:.4f} ({ev['uno_s']:.0f}s)"
+            )
+        if errors is not None:
+            ablations[name] = {"status": errors}
+            continue
+        ablations[name] = {"status": "ran", "per_seed": runs, "mean": aggregate(runs), "seeds": list(s.seeds)}
+    return {
+        "before_per_seed": before,
+        "before_mean": aggregate(before),
+        "ablations": ablations,
+        "settings": asdict(s),
+        "experiment_s": time.time() - t0,
+        "_trained_main_seed0": keep.get("unet"),
+    }
+
+
+def diagnose_base(critic_model, proc, unet, text, *, seed: int = 0, n: int = 32, s: Settings | None = None):
+    """`uno_engine.diagnose` on the pretrained generator's final samples for n held-out and n seen prompts,
+    with true renders of the same prompts as references: per word class, the fraction of caption tokens that
+    are "fine", "generation error" (the critic reads the word on the true render, not on the generated image)
+    or "understanding error" (the critic misreads the true render too)."""
+    from collections import Counter
+
+    from uno_engine import Critic, UNOConfig, UNOLoss, UNOStep
+    from uno_engine.diagnose import diagnose
+
+    s = s or Settings()
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance, grad_window=(1.0, 1.0))
+    step = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig())
+    rng = random.Random(seed)
+    seen, held = world.split_prompts()
+    out = {}
+    for split, pool in (("held_out", held), ("seen", seen)):
+        prompts = [rng.choice(pool) for _ in range(n)]
+        batch = prompt_batch(prompts, text, seed=seed, rng=rng, references=True)
+        with torch.no_grad():
+            d = diagnose(step, batch)
+        counts: dict[str, Counter] = {}
+        for p, verdicts in zip(prompts, d.verdict, strict=True):
+            for w, v in zip(p.caption.split() + ["<eos>"], verdicts, strict=False):
+                cls = (
+                    "color"
+                    if w in world.COLORS
+                    else "shape"
+                    if w in world.SHAPES or w in world.PLURAL.values()
+                    else "number"
+                    if w in world.NUMBERS
+                    else "relation"
+                    if w in ("left", "right", "above", "below")
+                    else "other"
+                )
+                counts.setdefault(cls, Counter())[v] += 1
+        out[split] = {
+            k: {v: c[v] / sum(c.values()) for v in ("fine", "generation error", "understanding error")}
+            | {"n_tokens": sum(c.values())}
+            for k, c in counts.items()
+        }
+    return out

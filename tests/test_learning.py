@@ -1,0 +1,203 @@
+"""The learning benchmark (benchmarks/learning.py): its world, its judge (unit tests against hand-built
+images and the renderer's geometry), and a smoke run of the whole pipeline in a subprocess (wiring, JSON
+layout; not the figure)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from learning_lib import judge, world  # noqa: E402
+
+
+def _canvas():
+    return np.zeros((32, 32, 3), dtype=np.float32)
+
+
+def _paint(img, shape, color, x, y, s):
+    img[y : y + s, x : x + s][world.shape_mask(shape, s)] = world.PALETTE[color]
+
+
+def _chw(img):
+    return img.transpose(2, 0, 1) * 2.0 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------ world
+def test_held_out_split_words_all_seen_and_disjoint():
+    seen, held = world.split_prompts()
+    assert len(seen) + len(held) == len(world.all_prompts()) == 36 + 264
+    seen_words = {w for p in seen for w in p.caption.split()}
+    held_words = {w for p in held for w in p.caption.split()}
+    assert held_words <= seen_words  # every word of a held-out prompt occurs in seen prompts
+    for p in seen:
+        assert not (set(p.objects) & world.HELD_OUT["binding"])
+    kinds = {k for p in held for k in p.held_out_kinds()}
+    assert kinds == {"binding", "count", "position"}
+
+
+def test_tokenizer_roundtrip_and_errors():
+    for p in world.all_prompts():
+        ids, mask = world.encode(p.caption)
+        assert len(ids) == world.MAX_LEN and sum(mask) == len(p.caption.split()) + 1
+        assert world.decode(ids) == p.caption
+    with pytest.raises(ValueError, match="unknown words"):
+        world.encode("a purple circle")
+
+
+def test_scenes_satisfy_their_prompt():
+    rng = random.Random(3)
+    for p in world.all_prompts()[::7]:
+        sc = world.sample_scene(p, rng)
+        if p.kind == "count":
+            assert len(sc.objects) == p.n
+        else:
+            a, b = sc.objects
+            assert world.relation_of(a.center, b.center) == p.relation
+        img = world.render(sc)
+        assert img.shape == (3, 32, 32) and img.min() == -1.0 and img.max() == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ judge
+@pytest.mark.parametrize("s", [8, 9, 10, 12])
+def test_shape_from_fill_ratio(s):
+    # analytic fill ratios: square 1, disc pi/4, triangle 1/2; the rasterized masks classify correctly
+    for shape, ideal in (("square", 1.0), ("circle", math.pi / 4), ("triangle", 0.5)):
+        m = world.shape_mask(shape, s)
+        ys, xs = np.nonzero(m)
+        fill = m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        assert abs(fill - ideal) < 0.08
+        assert judge.classify_shape(fill) == shape
+
+
+def test_parse_hand_built_scene():
+    img = _canvas()
+    _paint(img, "square", "red", 1, 2, 10)
+    _paint(img, "circle", "blue", 20, 20, 10)
+    _paint(img, "triangle", "yellow", 20, 1, 9)
+    objs = sorted(judge.parse(_chw(img)), key=lambda o: o.color)
+    assert [(o.color, o.shape) for o in objs] == [
+        ("blue", "circle"),
+        ("red", "square"),
+        ("yellow", "triangle"),
+    ]
+    red = objs[1]
+    assert red.area == 100 and abs(red.cx - 5.5) < 1e-9 and abs(red.cy - 6.5) < 1e-9
+
+
+def test_parse_ignores_specks_and_dim_noise_and_marks_other_colors():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 0.3, size=(32, 32, 3)).astype(np.float32)  # dim noise: background
+    img[0:3, 0:3] = world.PALETTE["green"]  # 9 px < MIN_AREA: a speck
+    img[10:20, 10:20] = (1.0, 1.0, 1.0)  # white: no palette color within tolerance
+    objs = judge.parse(_chw(img))
+    assert [(o.color, o.shape) for o in objs] == [("other", "square")]
+
+
+def test_check_count_and_relation():
+    img = _canvas()
+    _paint(img, "circle", "red", 2, 2, 9)
+    _paint(img, "circle", "red", 20, 20, 9)
+    objs = judge.parse(_chw(img))
+    two = world.Prompt("count", (("red", "circle"),), n=2)
+    three = world.Prompt("count", (("red", "circle"),), n=3)
+    assert judge.check(two, objs) == {
+        "color": True,
+        "shape": True,
+        "count": True,
+        "binding": True,
+        "overall": True,
+    }
+    r3 = judge.check(three, objs)
+    assert r3["count"] is False and r3["overall"] is False and r3["color"] is True
+    img = _canvas()
+    _paint(img, "circle", "red", 2, 12, 9)  # red circle on the left
+    _paint(img, "square", "blue", 21, 12, 9)
+    objs = judge.parse(_chw(img))
+    left = world.Prompt("relation", (("red", "circle"), ("blue", "square")), relation="left of")
+    right = world.Prompt("relation", (("red", "circle"), ("blue", "square")), relation="right of")
+    swapped = world.Prompt("relation", (("blue", "circle"), ("red", "square")), relation="left of")
+    assert judge.check(left, objs)["overall"] is True
+    r = judge.check(right, objs)
+    assert r["binding"] is True and r["position"] is False
+    r = judge.check(swapped, objs)  # colors and shapes present, bound the other way round
+    assert r["color"] and r["shape"] and not r["binding"] and not r["overall"]
+
+
+def test_judge_bad_input():
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        judge.parse(np.zeros((32, 32, 3)))
+    bad = np.zeros((3, 32, 32))
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        judge.parse(bad)
+
+
+def test_judge_on_true_renders():
+    acc = judge.true_render_accuracy(n=150, seed=5)
+    assert acc["exact_parse_accuracy"] >= 0.98
+    assert acc["checks"]["overall"] >= 0.98
+
+
+def test_word_classes_of_the_vocabulary():
+    from learning_lib import training
+
+    cls = {w: training.WORD_CLASSES[training.word_class(i)] for i, w in enumerate(world.WORDS)}
+    assert [w for w, c in cls.items() if c == "relation"] == ["left", "right", "above", "below"]
+    assert [w for w, c in cls.items() if c == "number"] == list(world.NUMBERS)
+    assert [w for w, c in cls.items() if c == "color"] == list(world.COLORS)
+    assert sorted(w for w, c in cls.items() if c == "shape") == sorted(
+        list(world.SHAPES) + list(world.PLURAL.values())
+    )
+    assert sorted(w for w, c in cls.items() if c == "other") == ["<eos>", "<pad>", "of"]
+
+
+def test_weight_override_applies_only_to_terms_the_ablation_has():
+    from learning_lib import experiment
+
+    s = experiment.Settings(extra={"weights": {"kl": 0.25, "density": 3.0}})
+    held, full = experiment._losses("caption+joint+kl", s)
+    assert full == {"caption": 1.0, "generator_loss": 1.0, "kl": 0.25}
+    assert held == {"caption": 1.0, "kl": 0.25}  # no real-image terms on the held-out stream
+    assert experiment._losses("caption", s) == ({"caption": 1.0}, {"caption": 1.0})
+
+
+# -------------------------------------------------------------------------------------------- smoke run
+@pytest.mark.slow  # about 20 s on an idle 2-core CPU (a subprocess: imports, 5 ablations x 2 steps, evals)
+def test_smoke_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "learning-smoke.json").read_text())
+    assert (tmp_path / "learning-smoke.png").stat().st_size > 0
+    for key in ("before", "after"):
+        assert 0.0 <= res[key]["overall"] <= 1.0
+        for c in ("color", "shape", "binding"):
+            assert 0.0 <= res[key][c] <= 1.0
+        assert 0.0 <= res[key]["seen"]["overall"] <= 1.0
+        assert res[key]["denoising_loss"] > 0
+    assert res["judge_on_true_renders"]["exact_parse_accuracy"] >= 0.98
+    assert len(res["commit"]) == 40 and isinstance(res["dirty"], bool)
+    assert res["settings"]["uno_steps"] == 2 and res["machine"]["device"]
+    ab = res["ablations"]
+    assert ab["caption"]["status"] == "ran" and ab["caption+regression"]["status"] == "ran"
+    for name, a in ab.items():  # every ablation either ran or says why not
+        assert a["status"] == "ran" or a["status"].startswith(("not yet run", "failed")), name
