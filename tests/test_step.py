@@ -342,3 +342,20 @@ def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, ar
     assert len(calls) >= 2 and all(c == choice for c in calls), calls
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+
+
+def test_unwrap_reaches_the_module_inside_ddp(tmp_path):
+    """The step calls loss and generator methods (negatives_of, denoising_loss, predict, last_grad_steps)
+    that a DDP wrapper hides: `_unwrap` hands them the wrapped module (one-process gloo group)."""
+    import torch.distributed as dist
+
+    from uno_engine.step import _unwrap
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        inner = nn.Linear(3, 2)
+        ddp = nn.parallel.DistributedDataParallel(inner)
+        assert not hasattr(ddp, "in_features") and _unwrap(ddp) is inner
+        assert _unwrap(inner) is inner
+    finally:
+        dist.destroy_process_group()

@@ -216,7 +216,7 @@ lce_forward.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 # ------------------------------------------------------------------------------------- gradient in forward
-def _gif_fake(
+def _grad_in_forward_fake(
     hidden,
     weight,
     labels,
@@ -243,7 +243,7 @@ def _gif_fake(
     )
 
 
-@custom_op("uno_engine::linear_cross_entropy_grad_in_forward", fake=_gif_fake)
+@custom_op("uno_engine::linear_cross_entropy_grad_in_forward", fake=_grad_in_forward_fake)
 def lce_grad_in_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -308,7 +308,7 @@ def _scale_unit_grad(x: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Te
     return x.mul_(factor)
 
 
-def _gif_setup(ctx, inputs, output):
+def _grad_in_forward_setup(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, _, _, _, reduction, backend, _, need_dh, need_dw, need_db = (
         inputs
     )
@@ -328,7 +328,7 @@ def _gif_setup(ctx, inputs, output):
     ctx.grad_used = False
 
 
-def _gif_backward(ctx, grad_loss, *_unused):
+def _grad_in_forward_backward(ctx, grad_loss, *_unused):
     if ctx.grad_used:
         raise RuntimeError(
             "linear_cross_entropy: a second backward through the same gradient-in-forward graph "
@@ -374,4 +374,4 @@ def _gif_backward(ctx, grad_loss, *_unused):
     ) + _NONE * 10
 
 
-lce_grad_in_forward.register_autograd(_gif_backward, setup_context=_gif_setup)
+lce_grad_in_forward.register_autograd(_grad_in_forward_backward, setup_context=_grad_in_forward_setup)
