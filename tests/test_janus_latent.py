@@ -210,3 +210,135 @@ def test_pairs_that_cannot_read_tokens_list_the_reasons():
     assert "no LatentAdapter is attached" in str(e.value)  # every reason is listed
     with pytest.raises(ValueError, match="UNOConfig.view"):
         UNOConfig(view="latents")
+
+
+def _negatives_batch(preset, k=3, seed=3):
+    """A batch with K hard-negative captions: one padded caption, one padded negative."""
+    b = _batch(preset, seed=seed)
+    B, L = b["captions"].shape
+    g = torch.Generator().manual_seed(seed + 100)
+    b["negative_captions"] = torch.randint(1, preset.caption_vocab(), (B, k, L), generator=g)
+    nmask = torch.ones(B, k, L, dtype=torch.long)
+    nmask[0, 1, L // 2 :] = 0
+    b["negative_caption_mask"] = nmask
+    return b
+
+
+def _separate_passes_loss(view, inputs, batch, w_neg):
+    """Caption CE + w_neg * hard-negative term from K+1 SEPARATE `LatentCritic.__call__` passes; float64
+    log-softmax over the vocabulary: mean_b [logsumexp_j s_bj - s_b0], s_bj = sum of caption j's log-probs."""
+    caps = torch.cat([batch["captions"][:, None], batch["negative_captions"]], 1)
+    masks = torch.cat([batch["caption_mask"][:, None], batch["negative_caption_mask"]], 1)
+    scores, outs = [], []
+    for j in range(caps.shape[1]):
+        out = view(inputs, caps[:, j], masks[:, j])
+        logp = torch.log_softmax(out.caption_hidden.double() @ out.lm_head_weight.double().T, -1)
+        tok = logp.gather(-1, caps[:, j, :, None]).squeeze(-1) * masks[:, j]
+        scores.append(tok.sum(-1))
+        outs.append(out)
+    caption = -scores[0].sum() / masks[:, 0].sum()
+    s = torch.stack(scores, 1)
+    return caption + w_neg * (torch.logsumexp(s, 1) - s[:, 0]).mean(), outs
+
+
+def test_hard_negatives_equal_separate_passes(janus64):
+    """The packed pass (one prefix, K+1 captions under a block mask) against K+1 separate passes of the
+    latent view: hidden states, the step's loss and the generator's gradients (float64)."""
+    from uno_engine.latent import LatentCritic
+
+    model = janus64.hf_model
+    gen = JanusGenerator(model, train="gen_modules")
+    critic = janus64.make_critic("none")
+    critic.latent_markers = MARKERS
+    w_neg = 0.7
+    step = UNOStep(
+        gen, critic, UNOLoss(caption=1.0, negatives=w_neg), UNOConfig(view="latent", backend="torch")
+    )
+    batch = _negatives_batch(janus64)
+    params = gen.trainable_parameters()
+    for p in params:
+        p.grad = None
+    out = step(batch)
+    out.loss.backward()
+    engine = _grads(params)
+    assert "negatives" in out.metrics
+
+    for p in params:
+        p.grad = None
+    view = LatentCritic(critic, gen)
+    inputs = view.prepare(gen(batch, view="latent"))  # the same seed: the same tokens and Gumbel noise
+    want, outs = _separate_passes_loss(view, inputs, batch, w_neg)
+    want.backward()
+    hand = _grads(params)
+    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    num = sum(float((a - b).double().norm() ** 2) for a, b in zip(engine, hand, strict=True)) ** 0.5
+    den = sum(float(b.double().norm() ** 2) for b in hand) ** 0.5
+    assert den > 0 and num / den < 1e-5, num / den
+
+    with torch.no_grad():  # the packed hidden states themselves, caption by caption, and the patch features
+        packed = view.forward_with_negatives(
+            inputs,
+            batch["captions"],
+            batch["caption_mask"],
+            batch["negative_captions"],
+            batch["negative_caption_mask"],
+        )
+        torch.testing.assert_close(packed.caption_hidden, outs[0].caption_hidden, rtol=1e-9, atol=1e-10)
+        for j in range(batch["negative_captions"].shape[1]):
+            torch.testing.assert_close(
+                packed.negative_hidden[:, j], outs[j + 1].caption_hidden, rtol=1e-9, atol=1e-10
+            )
+            torch.testing.assert_close(packed.negative_labels[:, j], outs[j + 1].caption_labels)
+        torch.testing.assert_close(packed.patch_features, outs[0].patch_features, rtol=1e-9, atol=1e-10)
+        assert packed.negative_labels[0, 1, -1] == -100  # the padded negative's labels
+
+
+def test_hard_negatives_bad_input_and_k0(janus64):
+    from uno_engine.latent import LatentCritic
+
+    gen = JanusGenerator(janus64.hf_model)
+    critic = janus64.make_critic("none")
+    view = LatentCritic(critic, gen)
+    batch = _negatives_batch(janus64)
+    with torch.no_grad():
+        inputs = view.prepare(gen(batch, view="latent"))
+        caps, mask, neg = batch["captions"], batch["caption_mask"], batch["negative_captions"]
+        with pytest.raises(ValueError, match="negative_captions"):
+            view.forward_with_negatives(inputs, caps, mask, neg[:1])  # B differs
+        with pytest.raises(ValueError, match="negative_captions"):
+            view.forward_with_negatives(inputs, caps, mask, neg[..., :4])  # L differs
+        with pytest.raises(ValueError, match="negative_caption_mask"):
+            view.forward_with_negatives(inputs, caps, mask, neg, batch["negative_caption_mask"][:, :1])
+        with pytest.raises(TypeError, match="LatentInputs"):
+            view.forward_with_negatives(inputs.image_embeds, caps, mask, neg)
+        k0 = view.forward_with_negatives(inputs, caps, mask, neg[:, :0])  # K = 0: the caption-only pass
+        plain = view(inputs, caps, mask)
+        assert k0.negative_hidden is None
+        torch.testing.assert_close(k0.caption_hidden, plain.caption_hidden, rtol=0, atol=0)
+
+
+class _NoViewJanus(JanusGenerator):
+    """A subclass whose forward takes no `view` keyword: the step could not reach its latent view."""
+
+    def forward(self, batch):
+        return super().forward(batch)
+
+
+def test_forward_view_keyword():
+    """The latent view goes through forward (so DDP / FSDP2 hooks run): view='latent' returns
+    `latents_for_critic`; a bad view, a pixels-only generator and a forward without the keyword say so."""
+    preset = build_preset("tiny-janus")
+    gen, batch = preset.generator, preset.make_batch()
+    lat = gen(batch, view="latent")
+    torch.testing.assert_close(lat.token_probs, gen.latents_for_critic(batch).token_probs)
+    assert lat.kind == "tokens" and torch.equal(lat.tokens, gen.last_tokens)
+    with pytest.raises(ValueError, match="view must be one of"):
+        gen(batch, view="latents")
+    from uno_engine.generators import CallableGenerator
+
+    with pytest.raises(ValueError, match="pixels only"):
+        CallableGenerator(lambda b: torch.zeros(2, 3, 8, 8))(batch, view="latent")
+    with pytest.raises(ValueError, match="forward takes no `view` keyword"):
+        UNOStep(
+            _NoViewJanus(preset.hf_model), preset.make_critic("none"), UNOLoss(), UNOConfig(view="latent")
+        )

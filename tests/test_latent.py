@@ -181,6 +181,51 @@ def test_step_latent_view_equals_hand_and_skips_decode_and_tower(tiny, fitted):
     assert den > 0 and num / den < 1e-4
 
 
+def test_hard_negatives_equal_separate_passes_with_an_adapter(tiny, fitted):
+    """The packed negatives pass of the adapter view (the critic's prefix around the adapter tokens, K+1
+    captions after it under a block mask) against K+1 separate `LatentCritic` passes: loss (float64
+    log-softmax over the vocabulary) and the denoiser's gradients."""
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    w_neg, K = 0.7, 3
+    step = UNOStep(
+        gen, critic, UNOLoss(caption=1.0, negatives=w_neg), UNOConfig(view="latent", backend="torch")
+    )
+    batch = preset.make_batch(seed=4)
+    B, L = batch["captions"].shape
+    g = torch.Generator().manual_seed(11)
+    batch["caption_mask"] = torch.ones(B, L, dtype=torch.long)
+    batch["caption_mask"][1, L - 4 :] = 0
+    batch["negative_captions"] = torch.randint(1, preset.caption_vocab(), (B, K, L), generator=g)
+    batch["negative_caption_mask"] = torch.ones(B, K, L, dtype=torch.long)
+    batch["negative_caption_mask"][0, 2, L // 2 :] = 0
+    params = [p for p in gen.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    out = step(batch)
+    out.loss.backward()
+    engine = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    view = LatentCritic(critic, gen)
+    inputs = view.prepare(gen(batch, view="latent"))  # the same seed: the same draw and grad step
+    caps = torch.cat([batch["captions"][:, None], batch["negative_captions"]], 1)
+    masks = torch.cat([batch["caption_mask"][:, None], batch["negative_caption_mask"]], 1)
+    scores = []
+    for j in range(K + 1):
+        o = view(inputs, caps[:, j], masks[:, j])
+        logp = torch.log_softmax(o.caption_hidden.double() @ o.lm_head_weight.double().T, -1)
+        scores.append((logp.gather(-1, caps[:, j, :, None]).squeeze(-1) * masks[:, j]).sum(-1))
+    s = torch.stack(scores, 1)
+    want = -s[:, 0].sum() / masks[:, 0].sum() + w_neg * (torch.logsumexp(s, 1) - s[:, 0]).mean()
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    num = sum(float((a - p.grad).double().norm() ** 2) for a, p in zip(engine, params, strict=True)) ** 0.5
+    den = sum(float(p.grad.double().norm() ** 2) for p in params) ** 0.5
+    assert den > 0 and num / den < 1e-5, num / den
+
+
 @pytest.mark.parametrize("window", [(0.0, 0.5), (1.0, 1.0)])
 def test_xt_input_is_the_grad_steps_noised_output(tiny, fitted, window):
     preset, critic = tiny

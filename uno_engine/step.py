@@ -9,7 +9,7 @@
                                                  #  + negatives + the generator's own loss + KL)
 
 `out.loss.backward()` sends the understanding losses back through the frozen critic into the generator.
-`UNOConfig(view="latent")`: the generator hands over latents (`generator.latents_for_critic`) and a
+`UNOConfig(view="latent")`: the generator hands over latents (`generator(batch, view="latent")`) and a
 `uno_engine.latent.LatentCritic` reads them in the bridge's and the critic's place: no pixel decode, no vision
 tower; the losses and metrics are the same. `UNOOutput.images` is then None (`decoded_images()` decodes).
 Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
@@ -88,7 +88,8 @@ class UNOStep(nn.Module):
         bridge = dict(input_range=cfg.input_range, backend=cfg.backend, fuse_patch_embed=cfg.fuse_patch_embed)
         with timer.phase("generate"):  # view="latent": GeneratedLatents, nothing decoded
             latent = cfg.view == "latent"
-            images = self.generator.latents_for_critic(batch) if latent else self.generator(batch)
+            # through the (DDP / FSDP2-wrapped) generator's forward: its hooks run in either view
+            images = self.generator(batch, view="latent") if latent else self.generator(batch)
         if cfg.check_inputs:
             check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
         with timer.phase("bridge"):

@@ -39,7 +39,7 @@ from uno_engine.critics.checkpointing import (
     record_auto_decision,
     wrap_layers,
 )
-from uno_engine.critics.common import find_layers
+from uno_engine.critics.common import find_layers, packed_caption_mask
 from uno_engine.critics.patch_embed import find_patch_embedding, precomputed_patch_embedding
 from uno_engine.critics.registry import lookup, supported_classes
 
@@ -537,23 +537,13 @@ class Critic(nn.Module):
             if image_embeds.shape[0] != B:
                 raise ValueError(f"captions has batch size {B} but the images have {image_embeds.shape[0]}")
             prefix, _ = self._prefix_ids(image_embeds.shape[1])
-            P, T = len(prefix), len(prefix) + (K + 1) * L
+            P = len(prefix)
             embeds = self._assemble(image_embeds, prefix, caps.reshape(B, (K + 1) * L))
             pos = self._position_ids(inputs, prefix, B, P + L, device)
             if pos is None:
                 pos = torch.arange(P + L, device=device).expand(B, -1)
             pos = torch.cat([pos[..., :P], pos[..., P:].repeat(*([1] * (pos.dim() - 1)), K + 1)], dim=-1)
-            block = torch.cat(
-                [torch.zeros(P, dtype=torch.long), torch.arange(1, K + 2).repeat_interleave(L)]
-            ).to(device)
-            idx = torch.arange(T, device=device)
-            allowed = (idx[None, :] <= idx[:, None]) & (
-                (block[None, :] == 0) | (block[None, :] == block[:, None])
-            )
-            keys = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), masks.reshape(B, -1) > 0], 1)
-            allowed = allowed[None] & keys[:, None, :]  # (B, T, T): query row x key column
-            mask4 = torch.zeros(B, 1, T, T, dtype=embeds.dtype, device=device)
-            mask4.masked_fill_(~allowed[:, None], torch.finfo(embeds.dtype).min)
+            mask4 = packed_caption_mask(P, K + 1, masks.reshape(B, -1).to(device), embeds.dtype)
             out = self.language_model(
                 inputs_embeds=embeds,
                 attention_mask=mask4,

@@ -4,6 +4,11 @@ A generator is an `nn.Module` whose `forward(batch: dict) -> images` returns `(B
 lie in `[-1, 1]` (`output_range`), carrying a graph to `trainable_parameters()`. Generators never clamp: a
 decoder can overshoot the range a little, and the bridge (`ops.bridge(..., clamp=...)`) applies the
 documented clamp policy, so the gradient policy at the range edges lives in one place.
+
+The latent view (`UNOConfig(view="latent")`) goes through `forward` too: `forward(batch, view="latent")` returns
+`latents_for_critic(batch)` (a `uno_engine.latent.GeneratedLatents`) in a generator that has one. Through
+`forward`, a wrapper's hooks run: DDP marks its gradient buckets and all-reduces, FSDP2 gathers the shards.
+Calling `latents_for_critic` on the module inside a wrapper would skip them.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+VIEWS = ("pixel", "latent")
+
 
 class Generator(nn.Module):
     """Base class: `forward(batch) -> images (B, 3, H, W)` nominally in `output_range`, with grad to
-    `trainable_parameters()`. Subclasses freeze what they do not train (`requires_grad_(False)`) so that
-    `trainable_parameters()` is exactly the set of parameters that receive gradients."""
+    `trainable_parameters()`; `forward(batch, view="latent") -> GeneratedLatents` where the generator has a
+    latent view (`latents_for_critic`; module docstring). Subclasses freeze what they do not train
+    (`requires_grad_(False)`) so that `trainable_parameters()` is exactly the set of parameters that receive
+    gradients."""
 
     output_range: tuple[float, float] = (-1.0, 1.0)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, batch: Mapping[str, torch.Tensor], *, view: str = "pixel"):  # pragma: no cover
         raise NotImplementedError
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -38,6 +47,13 @@ def _unique(params: Iterator[nn.Parameter]) -> Iterator[nn.Parameter]:
         if id(p) not in seen:
             seen.add(id(p))
             yield p
+
+
+def wants_latents(view: str, owner: str) -> bool:
+    """`forward`'s `view` keyword: True for "latent", False for "pixel", a ValueError naming it otherwise."""
+    if view not in VIEWS:
+        raise ValueError(f"{owner}.forward: view must be one of {VIEWS}, got {view!r}")
+    return view == "latent"
 
 
 def require_key(batch: Mapping, key: str, owner: str) -> torch.Tensor:

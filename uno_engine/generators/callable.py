@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .base import Generator, check_images
+from .base import Generator, check_images, wants_latents
 
 
 class CallableGenerator(Generator):
@@ -19,6 +19,7 @@ class CallableGenerator(Generator):
             `.to()`, state dicts and `trainable_parameters()` see them). None: no trainable parameters
             known to the engine (the images may still carry grad to tensors held elsewhere).
 
+    `forward(batch, view="latent")` raises ValueError: a function hands over pixels only.
     The output is checked for shape (B, 3, H, W) only (no value inspection, so no device sync) and is returned
     as is, not clamped: the bridge applies the engine's clamp policy.
     """
@@ -36,7 +37,11 @@ class CallableGenerator(Generator):
         self.fn = fn
         self.module = module
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return check_images(
-            self.fn(batch), f"CallableGenerator(fn={getattr(self.fn, '__name__', self.fn)!r})"
-        )
+    def forward(self, batch: Mapping[str, torch.Tensor], *, view: str = "pixel") -> torch.Tensor:
+        name = f"CallableGenerator(fn={getattr(self.fn, '__name__', self.fn)!r})"
+        if wants_latents(view, "CallableGenerator"):
+            raise ValueError(
+                f"{name}.forward: view='latent' is not available: a function batch -> images hands over "
+                "pixels only (use UNOConfig(view='pixel'))"
+            )
+        return check_images(self.fn(batch), name)

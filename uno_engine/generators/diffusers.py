@@ -44,7 +44,17 @@ from torch.utils.checkpoint import checkpoint
 
 from uno_engine.latent.types import GeneratedLatents
 
-from .base import Generator, check_images, check_shape, draw_generator, rand, randint, randn, require_key
+from .base import (
+    Generator,
+    check_images,
+    check_shape,
+    draw_generator,
+    rand,
+    randint,
+    randn,
+    require_key,
+    wants_latents,
+)
 from .families import DenoiserFamily, family_for
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -128,7 +138,9 @@ class DiffusersGenerator(Generator):
         "seed" / "generator": optional random source.
     and returns images (B, 3, H, W) in the VAE's dtype, nominally [-1, 1], not clamped; with decode=False it
     returns the x0 prediction of the last grad step as denoiser latents (B, C, h, w) fp32, with grad, without
-    running the VAE (`generate_latents`); `decode_latents(latents)` decodes such latents with grad.
+    running the VAE (`generate_latents`); `decode_latents(latents)` decodes such latents with grad. With
+    view="latent" it returns `latents_for_critic(batch)` (the step's latent view, through a DDP / FSDP2
+    wrapper's forward).
 
     Denoiser latents are always spatial (B, C, h, w) fp32 in the denoiser's normalized space: scaled/shifted
     VAE latents (SD, SDXL, SD3, FLUX.1, SANA, PixArt), per-channel normalized (Qwen-Image), or 2x2-patchified
@@ -446,7 +458,10 @@ class DiffusersGenerator(Generator):
         self.last_grad_steps = steps
         return x0
 
-    def forward(self, batch: Mapping[str, torch.Tensor], decode: bool = True) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, torch.Tensor], decode: bool = True, *, view: str = "pixel"):
+        """Images (B, 3, H, W); decode=False: the x0 latents (B, C, h, w); view="latent": `latents_for_critic`."""
+        if wants_latents(view, type(self).__name__):
+            return self.latents_for_critic(batch)
         x0 = self.generate_latents(batch)
         if not decode:
             return x0

@@ -38,7 +38,8 @@ request to train the LM as well (it then also receives the critic path's gradien
 Latent view (`UNOConfig(view="latent")`): `latents_for_critic(batch)` runs steps 1-3 only and returns
 `uno_engine.latent.GeneratedLatents(kind="tokens")`: the straight-through distribution y (B, N, V_img) (fp32)
 and the tokens; the critic's LM then reads y through the generation embedding (uno_engine/critics/janus.py),
-and step 4 (the VQ decoder) runs only if something calls its `decode()`.
+and step 4 (the VQ decoder) runs only if something calls its `decode()`. The step reaches it as
+`forward(batch, view="latent")`, through a DDP / FSDP2 wrapper's forward and its hooks.
 
 Returns (B, 3, H, W) images in the VQ decoder's dtype, H = W = num_patches * 2**(len(channel_multiplier) - 1)
 (384 for Janus-Pro), nominally in [-1, 1] and NOT clamped (the bridge applies the engine's clamp policy).
@@ -55,7 +56,7 @@ from torch import nn
 
 from uno_engine.latent.types import GeneratedLatents
 
-from .base import Generator, check_images, check_shape, draw_generator, rand, require_key
+from .base import Generator, check_images, check_shape, draw_generator, rand, require_key, wants_latents
 
 _TRAIN_MODES = ("gen_head", "gen_modules", "all")
 
@@ -226,7 +227,10 @@ class JanusGenerator(Generator):
             mask = torch.cat([mask, mask])
         return ids, mask, B
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, torch.Tensor], *, view: str = "pixel"):
+        """Images (B, 3, H, W) (steps 1-4); view="latent": `latents_for_critic(batch)` (steps 1-3)."""
+        if wants_latents(view, type(self).__name__):
+            return self.latents_for_critic(batch)
         logits, gumbel, tokens = self._train_logits(batch)
         y = self._straight_through(logits, gumbel, tokens)
         return check_images(self._decode_probs(y), type(self).__name__)

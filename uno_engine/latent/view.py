@@ -25,19 +25,29 @@ therefore sized to the LM width (`vision_dim` of this view = the LM hidden size)
 read through the same path: Janus: VQ encoder -> token ids -> generation embedding -> LM; diffusion: VAE
 encoder (posterior mode) -> adapter at sigma = 0 -> LM. No caption is appended for reference features.
 
-Not in this view: `Critic.forward_with_negatives` (hard-negative captions) and Qwen2-VL critics with an
-adapter (M-RoPE positions over a size-dependent grid) raise with the reason.
+Hard-negative captions (`forward_with_negatives`) follow `Critic.forward_with_negatives`: one packed LM
+sequence per image, [prefix (P), caption (L), negative 1 (L), ..., negative K (L)], under a block mask (prefix
+rows causal; caption j's rows see the prefix and, causally, caption j's real tokens) with every caption block
+at positions P .. P+L-1, so each caption's hidden states equal those of a separate pass up to float rounding.
+The prefix here is this view's (Janus: [BOS] <begin_of_image> g(y) <end_of_image>; adapter: the critic's
+`_prefix_ids` around the adapter tokens), and the adapter or the generation embedding runs once per image.
+
+The step reads the generator through its forward, `generator(batch, view="latent")` (which returns
+`latents_for_critic(batch)`), so that a DDP / FSDP2 wrapper's hooks run. Not in this view: Qwen2-VL critics
+with an adapter (M-RoPE positions over a size-dependent grid) and generators whose forward takes no `view`
+keyword raise with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from uno_engine.critics.base import CriticOutput
-from uno_engine.critics.common import find_layers
+from uno_engine.critics.common import find_layers, packed_caption_mask
 from uno_engine.latent.types import GeneratedLatents
 
 __all__ = ["LatentCritic", "LatentInputs", "latent_view_reasons"]
@@ -62,13 +72,30 @@ def _is(obj, class_name: str) -> bool:
     return any(c.__name__ == class_name for c in type(obj).__mro__)
 
 
+def _unwrap(generator):
+    """The module inside a DDP wrapper (which hides its methods); the generator itself otherwise."""
+    return generator.module if isinstance(generator, torch.nn.parallel.DistributedDataParallel) else generator
+
+
+def _takes_view(forward) -> bool:
+    params = inspect.signature(forward).parameters.values()
+    return any(p.name == "view" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def latent_view_reasons(critic, generator) -> list[str]:
     """Why this critic cannot read this generator's latents (empty when it can)."""
     reasons = []
+    generator = _unwrap(generator)
     if not callable(getattr(generator, "latents_for_critic", None)):
         reasons.append(
             f"the generator {type(generator).__name__} has no latents_for_critic(batch): it can only hand over "
             "pixels (use view='pixel')"
+        )
+    elif not _takes_view(generator.forward):
+        reasons.append(
+            f"the generator {type(generator).__name__}'s forward takes no `view` keyword: the step calls "
+            "generator(batch, view='latent') (so that a DDP / FSDP2 wrapper's hooks run), which must return "
+            "latents_for_critic(batch) (uno_engine.generators.Generator documents it)"
         )
     if _is(generator, "JanusGenerator"):
         if getattr(critic, "family", None) != "Janus":
@@ -118,6 +145,7 @@ class LatentCritic:
             )
         if latent_input not in LATENT_INPUTS:
             raise ValueError(f"latent_input must be one of {LATENT_INPUTS}, got {latent_input!r}")
+        generator = _unwrap(generator)  # its methods: grid, encode_images, vae (reference images)
         self.critic, self.generator, self.latent_input = critic, generator, latent_input
         self.tokens = _is(generator, "JanusGenerator")
         n_layers = len(find_layers(critic.language_model))
@@ -198,21 +226,31 @@ class LatentCritic:
         finally:
             handle.remove()
 
-    def _run(self, inputs: LatentInputs, captions: torch.Tensor, caption_mask):
+    def _run(self, inputs: LatentInputs, captions: torch.Tensor, caption_mask, blocks: int = 1):
+        """One LM pass over [prefix, captions] -> (last hidden states (B, P + blocks L, H), patch features
+        (B, N, H), P). captions (B, blocks L) long on the critic's device: `blocks` captions of length L packed
+        after one prefix (blocks > 1: the block mask of `_packed_layout`); caption_mask the same shape or None."""
         critic = self.critic
         emb = inputs.image_embeds
         B, N = emb.shape[:2]
         prefix = self._prefix(N)
         P, i0 = len(prefix), prefix.index(None)
         device = critic.lm_head_weight.device
-        attention_mask = None
-        if caption_mask is not None:
-            ones = torch.ones(B, P, dtype=torch.long, device=device)
-            attention_mask = torch.cat([ones, caption_mask.to(device).long()], dim=1)
+        attention_mask = position_ids = None
         with critic._running(), self._capture() as box:
             embeds = critic._assemble(emb.to(critic.lm_head_weight.dtype), prefix, captions)
+            if blocks > 1:
+                keys = torch.ones_like(captions) if caption_mask is None else caption_mask
+                attention_mask, position_ids = _packed_layout(P, blocks, keys, embeds.dtype)
+            elif caption_mask is not None:
+                ones = torch.ones(B, P, dtype=torch.long, device=device)
+                attention_mask = torch.cat([ones, caption_mask.to(device).long()], dim=1)
             out = critic.language_model(
-                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                return_dict=True,
             )
         return out.last_hidden_state, box["h"][:, i0 : i0 + N], P
 
@@ -223,11 +261,7 @@ class LatentCritic:
         _, feats, _ = self._run(inputs, torch.zeros(B, 0, dtype=torch.long, device=device), None)
         return feats, inputs.grid
 
-    def __call__(
-        self, inputs: LatentInputs, captions: torch.Tensor, caption_mask: torch.Tensor | None = None
-    ):
-        """-> CriticOutput, as `Critic.forward`: caption hidden states (B, L, H) after the final norm,
-        patch_features (B, N, H) from decoder layer `feature_layer`."""
+    def _check(self, inputs, captions, caption_mask) -> None:
         if not isinstance(inputs, LatentInputs):
             raise TypeError(
                 f"inputs must be LatentInputs (from LatentCritic.prepare), got {type(inputs).__name__}"
@@ -244,11 +278,19 @@ class LatentCritic:
             raise ValueError(
                 f"caption_mask must have the shape of captions {tuple(captions.shape)}, got {tuple(caption_mask.shape)}"
             )
-        B, L = captions.shape
+        B = captions.shape[0]
         if inputs.image_embeds.shape[0] != B:
             raise ValueError(
                 f"captions has batch size {B} but the latents have {inputs.image_embeds.shape[0]}"
             )
+
+    def __call__(
+        self, inputs: LatentInputs, captions: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ):
+        """-> CriticOutput, as `Critic.forward`: caption hidden states (B, L, H) after the final norm,
+        patch_features (B, N, H) from decoder layer `feature_layer`."""
+        self._check(inputs, captions, caption_mask)
+        L = captions.shape[1]
         critic = self.critic
         captions = captions.to(device=critic.lm_head_weight.device, dtype=torch.long)
         hidden, feats, P = self._run(inputs, captions, caption_mask)
@@ -267,8 +309,85 @@ class LatentCritic:
             grid=inputs.grid,
         )
 
-    def forward_with_negatives(self, *args, **kwargs):
-        raise ValueError(
-            "hard-negative captions (UNOLoss(negatives=...)) are not available in the latent view yet; "
-            "use view='pixel' or negatives=0"
+    def forward_with_negatives(
+        self,
+        inputs: LatentInputs,
+        captions: torch.Tensor,
+        caption_mask: torch.Tensor | None,
+        negative_captions: torch.Tensor,
+        negative_mask: torch.Tensor | None = None,
+    ) -> CriticOutput:
+        """`__call__` for each image's caption AND its K negative captions, the prefix computed once: the
+        contract and output of `Critic.forward_with_negatives` (module docstring). One LM pass over
+        T = P + (K+1) L positions per image, against K+1 passes over P + L; the attention reads a (B, 1, T, T)
+        additive mask. flash_attention_2 cannot take the mask (ValueError); sdpa and eager can.
+
+        Args:
+            captions, caption_mask: as `__call__`, (B, L).
+            negative_captions: (B, K, L) int token ids (right padded); K = 0 gives `__call__`'s output.
+            negative_mask: (B, K, L) 1 real / 0 pad, or None (all real).
+        Returns: CriticOutput with caption_hidden / caption_labels of the true captions, patch_features, and
+        negative_hidden (B, K, L, H) / negative_labels (B, K, L) (-100 at padding).
+        """
+        self._check(inputs, captions, caption_mask)
+        B, L = captions.shape
+        neg = negative_captions
+        if (
+            not isinstance(neg, torch.Tensor)
+            or neg.dim() != 3
+            or neg.shape[0] != B
+            or neg.shape[2] != L
+            or neg.dtype not in (torch.int64, torch.int32)
+        ):
+            got = f"{tuple(neg.shape)} {neg.dtype}" if isinstance(neg, torch.Tensor) else type(neg).__name__
+            raise ValueError(
+                f"negative_captions must be an integer tensor (B={B}, K, L={L}) matching captions, got {got}"
+            )
+        if negative_mask is not None and tuple(negative_mask.shape) != tuple(neg.shape):
+            raise ValueError(
+                f"negative_caption_mask must have the shape of negative_captions {tuple(neg.shape)}, "
+                f"got {tuple(getattr(negative_mask, 'shape', ()))}"
+            )
+        K = neg.shape[1]
+        if K == 0:
+            return self(inputs, captions, caption_mask)
+        critic = self.critic
+        if getattr(critic, "attn_implementation", {}).get("language_model") == "flash_attention_2":
+            raise ValueError(
+                "negative captions share the latent prefix through a block attention mask, which the "
+                "flash_attention_2 backend cannot take; build the critic with attn_backend='sdpa'"
+            )
+        device = critic.lm_head_weight.device
+        caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(
+            device=device, dtype=torch.long
         )
+        cmask = torch.ones_like(captions) if caption_mask is None else caption_mask
+        nmask = torch.ones_like(neg) if negative_mask is None else negative_mask
+        masks = torch.cat([cmask.to(device).long()[:, None], nmask.to(device).long()], dim=1)  # (B, K+1, L)
+        hidden, feats, P = self._run(inputs, caps.reshape(B, -1), masks.reshape(B, -1), blocks=K + 1)
+        H = hidden.shape[-1]
+        first = hidden[:, P - 1 : P, None].expand(B, K + 1, 1, H)  # the last prefix state predicts token 0
+        body = hidden[:, P:].reshape(B, K + 1, L, H)[:, :, : L - 1]
+        cap_hidden = torch.cat([first, body], dim=2)  # (B, K+1, L, H)
+        labels = caps.masked_fill(masks == 0, -100)
+        return CriticOutput(
+            caption_hidden=cap_hidden[:, 0],
+            caption_labels=labels[:, 0],
+            lm_head_weight=critic.lm_head_weight,
+            lm_head_bias=critic.lm_head_bias,
+            logit_softcap=critic.logit_softcap,
+            patch_features=feats,
+            grid=inputs.grid,
+            negative_hidden=cap_hidden[:, 1:],
+            negative_labels=labels[:, 1:],
+        )
+
+
+def _packed_layout(P: int, blocks: int, keys: torch.Tensor, dtype: torch.dtype):
+    """Attention mask and positions of [prefix (P), caption 1 (L), ..., caption `blocks` (L)] (the layout of
+    `Critic.forward_with_negatives`). keys: (B, blocks L) 1 real / 0 pad. Returns the additive mask (B, 1, T, T)
+    of `packed_caption_mask` and positions (B, T): 0 .. P-1, then P .. P+L-1 for every caption."""
+    B, device = keys.shape[0], keys.device
+    L = keys.shape[1] // blocks
+    pos = torch.cat([torch.arange(P, device=device), torch.arange(P, P + L, device=device).repeat(blocks)])
+    return packed_caption_mask(P, blocks, keys, dtype), pos.expand(B, -1)

@@ -43,7 +43,9 @@ class CachedSamplingJanusGenerator(JanusGenerator):
         )
         return tokens.to(self.model.device)
 
-    def forward(self, batch):
+    def forward(self, batch, *, view="pixel"):
+        if view != "pixel":  # JanusGenerator.forward checks it and calls latents_for_critic (below)
+            return super().forward(batch, view=view)
         key = (tuple(batch["gen_input_ids"].shape), batch.get("seed"))
         if "gen_tokens" in batch:
             return super().forward(batch)
