@@ -10,6 +10,7 @@ with ablations of the loss terms.
     python benchmarks/learning.py --seed 5        # seeds 5, 6, 7 for every draw of post-training and eval
     python benchmarks/learning.py --smoke         # CI version (< 60 s): untrained tiny run of the wiring
     python benchmarks/learning.py --ablations caption "caption+joint+kl"   # re-run some ablations only
+    python benchmarks/learning.py --probe         # the critic as a reward (AUC) and as a gradient (pixel descent)
 
 Writes benchmarks/results/learning-<tag>.json and learning-<tag>.png (tag: "cpu", or "smoke").
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
-from learning_lib import experiment, judge, models, training, world  # noqa: E402
+from learning_lib import experiment, judge, models, probe, training, world  # noqa: E402
 
 TARGETS = {"held_out_gain_points": 15.0, "seen_drop_points": 3.0, "denoise_rise_frac": 0.10}
 NOTES = {
@@ -187,6 +188,13 @@ def main(argv=None) -> int:
     ap.add_argument("--generator-steps", type=int, default=3000, help="length of the lr schedule")
     ap.add_argument("--generator-stop", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("UNO_LEARNING_THREADS", "1")))
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes for the independent work (the two pretrainings; the (ablation, seed) UNO runs), each "
+        "with --threads threads",
+    )
     ap.add_argument("--cache", type=Path, default=training.CACHE)
     ap.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
     ap.add_argument("--tag", default=None)
@@ -198,7 +206,25 @@ def main(argv=None) -> int:
         help="merge the ablations of these learning-*.json files (run with --ablations, other --tag) into "
         "learning-<tag>.json and redraw its plot; nothing is run",
     )
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="instead of UNO: probe the cached critic as a reward (AUC for the judge's verdict) and as a gradient "
+        "(pixel-space descent of its caption CE); writes learning-probe-<tag>.json/.png",
+    )
+    ap.add_argument(
+        "--probe-critic", type=Path, default=None, help="--probe this critic (safetensors) instead"
+    )
+    ap.add_argument(
+        "--probe-robust-steps",
+        type=int,
+        default=600,
+        help="--probe also a copy of the critic fine-tuned this many steps against PGD attacks and textures "
+        "(training.robust_finetune_critic; 0: skip)",
+    )
     args = ap.parse_args(argv)
+    if args.probe:
+        return run_probe(args)
     if args.merge:
         return merge(args.out / f"learning-{args.tag or 'cpu'}.json", args.merge)
     torch.set_num_threads(args.threads)
@@ -223,20 +249,35 @@ def main(argv=None) -> int:
     else:
         crit_path, gen_path = args.cache / "critic.safetensors", args.cache / "generator.safetensors"
         meta_path = args.cache / "meta.json"
-        if args.from_scratch or not crit_path.exists():
-            m, proc, st = training.train_critic(steps=args.critic_steps, log=log, bar=bar)
-            training.save_critic(m, crit_path)
-            training.write_meta(meta_path, critic=st)
-        if args.from_scratch or not gen_path.exists():
-            u, t, st = training.train_generator(
-                steps=args.generator_steps,
-                stop_at=args.generator_stop,
-                log=log,
-                bar=bar,
-                on_checkpoint=lambda uu, tt, k: training.save_generator(uu, tt, gen_path),
-            )
-            training.save_generator(u, t, gen_path)
-            training.write_meta(meta_path, generator=st)
+        todo = {
+            "critic": args.from_scratch or not crit_path.exists(),
+            "generator": args.from_scratch or not gen_path.exists(),
+        }
+        if todo["critic"] and todo["generator"] and args.jobs > 1:
+            # the two pretrainings are independent: one process each, side by side
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            log("pretraining the critic and the generator in two processes (progress: their logs)")
+            with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
+                fc = ex.submit(training.pretrain_critic_to, crit_path, args.critic_steps, args.threads)
+                fg = ex.submit(
+                    training.pretrain_generator_to,
+                    gen_path,
+                    args.generator_steps,
+                    args.generator_stop,
+                    args.threads,
+                )
+                training.write_meta(meta_path, critic=fc.result(), generator=fg.result())
+        else:
+            if todo["critic"]:
+                st = training.pretrain_critic_to(crit_path, args.critic_steps, args.threads, log=log, bar=bar)
+                training.write_meta(meta_path, critic=st)
+            if todo["generator"]:
+                st = training.pretrain_generator_to(
+                    gen_path, args.generator_steps, args.generator_stop, args.threads, log=log, bar=bar
+                )
+                training.write_meta(meta_path, generator=st)
         critic_model, proc = training.load_critic(crit_path)
         unet, text = training.load_generator(gen_path)
         pretrain = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -261,7 +302,8 @@ def main(argv=None) -> int:
         f"critic token accuracy {critic_acc['token_accuracy']:.4f}; judge exact parse {judge_acc['exact_parse_accuracy']:.4f}"
     )
 
-    res = experiment.run_all(critic_model, proc, unet, text, s, bar=bar, log=log)
+    cache = None if args.smoke else (args.cache / "critic.safetensors", args.cache / "generator.safetensors")
+    res = experiment.run_all(critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache)
     trained = res.pop("_trained_main_seed0")
     before, after, targets = headline(res, s.main)
     out = {
@@ -309,6 +351,48 @@ def main(argv=None) -> int:
             {"before": before.get("overall"), "after": after.get("overall"), "targets": targets}, default=str
         )
     )
+    return 0
+
+
+def run_probe(args) -> int:
+    """`--probe`: learning_lib.probe on the cached (or --probe-critic) critic and the cached base generator."""
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    crit = args.probe_critic or args.cache / "critic.safetensors"
+    critic_model, proc = training.load_critic(crit)
+    unet, text = training.load_generator(args.cache / "generator.safetensors")
+    res, fig = probe.run_probes(critic_model, proc, unet, text, seed=args.seed, log=log)
+    res.update(
+        critic=str(crit.relative_to(HERE.parent) if crit.is_relative_to(HERE.parent) else crit),
+        critic_token_accuracy=training.critic_accuracy(critic_model, proc, n=512)["token_accuracy"],
+    )
+    if args.probe_robust_steps > 0:
+        robust, st = training.robust_finetune_critic(
+            critic_model, proc, steps=args.probe_robust_steps, log=log
+        )
+        rres, rfig = probe.run_probes(robust, proc, unet, text, seed=args.seed, log=log)
+        rres.update(
+            finetune=st, critic_token_accuracy=training.critic_accuracy(robust, proc, n=512)["token_accuracy"]
+        )
+        res["robust_critic"] = rres
+    res.update(machine=harness.env_metadata("cpu"), wall_s=time.time() - t0, **commit_info())
+    tag = "probe-" + (args.tag or "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"learning-{tag}.json"
+    path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    probe.save_figure(fig, res, args.out / f"learning-{tag}.png")
+    if "robust_critic" in res:
+        probe.save_figure(rfig, res["robust_critic"], args.out / f"learning-{tag}-robust.png")
+    for key, r in (("critic", res), ("robust critic", res.get("robust_critic"))):
+        if r is not None:
+            a, b = r["pixel_attack"]["trace"][0], r["pixel_attack"]["trace"][-1]
+            print(
+                f"{key}: reward AUC {r['reward']['auc']:.3f} (pass rate {r['reward']['judge_pass_rate']:.3f}); "
+                f"pixel descent: CE {a['ce_nats_mean']:.3f} -> {b['ce_nats_mean']:.4f} nats, judge "
+                f"{a['judge_overall']:.3f} -> {b['judge_overall']:.3f}, mean |dx| {b['mean_abs_pixel_change']:.3f}"
+            )
+    log(f"wrote {path}")
     return 0
 
 

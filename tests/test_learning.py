@@ -201,3 +201,38 @@ def test_smoke_run(tmp_path):
     assert ab["caption"]["status"] == "ran" and ab["caption+regression"]["status"] == "ran"
     for name, a in ab.items():  # every ablation either ran or says why not
         assert a["status"] == "ran" or a["status"].startswith(("not yet run", "failed")), name
+
+
+# ----------------------------------------------------------------------------------------------- probes
+def test_probe_auc_against_brute_force_and_edges():
+    import torch
+    from learning_lib import probe
+
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.rand(13, generator=g), torch.rand(9, generator=g) + 0.3
+    pos[3] = neg[2]  # one tie counts one half
+    brute = sum((p < n) + 0.5 * (p == n) for p in pos.tolist() for n in neg.tolist()) / (13 * 9)
+    assert probe.auc(pos, neg) == pytest.approx(brute, abs=1e-12)
+    assert probe.auc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert probe.auc(torch.tensor([2.0]), torch.tensor([1.0])) == 0.0
+    assert probe.auc(torch.tensor([]), neg) is None
+
+
+def test_probe_caption_nats_is_the_summed_masked_ce():
+    """caption_nats = sum over caption tokens (mask 1) of -log p(token), against a float64 recomputation from
+    the HF model's own logits."""
+    import torch
+    from learning_lib import models, probe, training
+
+    from uno_engine import Critic
+
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model.double(), proc, checkpoint="none")
+    rng = random.Random(0)
+    images, ids, mask, _ = training.caption_batch(rng.sample(world.all_prompts(), 3), rng)
+    got = probe.caption_nats(critic, images.double(), ids, mask)
+    _, logits = training.critic_loss(critic, images.double(), ids, mask)
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
+    want = -(logp * mask).sum(1)
+    assert mask.sum(1).min() < mask.shape[1]  # padding is present and must be excluded
+    torch.testing.assert_close(got.double(), want, rtol=1e-10, atol=1e-10)

@@ -19,6 +19,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -202,6 +203,7 @@ def latent_critic(critic_model, proc, unet, s: Settings, log=None):
         images, _, _, _ = world.make_batch([rng.choice(seen) for _ in range(s.latent_fit_images)], rng)
         gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance)
         t0 = time.time()
+        torch.manual_seed(4242)  # the adapter's init: the same in every process that fits it
         _ADAPTERS[key] = fit_latent_adapter(
             critic, gen, torch.from_numpy(images), steps=s.latent_fit_steps, progress=False
         )
@@ -294,58 +296,133 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
-def run_all(critic_model, proc, unet, text, s: Settings, *, bar=None, log=print) -> dict:
-    """Before (pretrained) and after (each ablation) x seeds. -> results dict (without env metadata)."""
+def _run_unit(models_, unit, s: Settings, bar=None, log=None):
+    """One work unit: ("before", seed) or (ablation, seed) -> (unit, eval dict or {"error": ...}, trained unet
+    state_dict for the main ablation's first seed, else None)."""
+    critic_model, proc, unet, text = models_
     from uno_engine import Critic
 
     torch.set_num_threads(s.threads)
-    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
-    t0 = time.time()
-    before = []
-    for seed in s.seeds:
+    name, seed = unit
+    t1 = time.time()
+    if name == "before":
         ev = evaluate(unet, text, seed=seed, s=s)
         ev["denoising_loss"] = denoising_loss(unet, text, seed=seed, n=s.denoise_images)
-        before.append(ev)
-        log(f"before seed {seed}: held-out {ev['held_out']['overall']:.3f} seen {ev['seen']['overall']:.3f}")
-    ablations, keep = {}, {}
+        return unit, ev, None
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    try:
+        trained, hist = run_uno(unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
+    except (TypeError, ValueError, KeyError, NotImplementedError, RuntimeError) as e:
+        return unit, {"error": f"failed: {type(e).__name__}: {e}"}, None
+    ev = evaluate(trained, text, seed=seed, s=s)
+    ev["denoising_loss"] = denoising_loss(trained, text, seed=seed, n=s.denoise_images)
+    ev["uno_s"] = time.time() - t1
+    ev["final_caption_ce_held"] = hist[-1].get("held_caption_ce")
+    ev["first_caption_ce_held"] = hist[0].get("held_caption_ce")
+    keep = trained.state_dict() if (name == s.main and seed == s.seeds[0]) else None
+    return unit, ev, keep
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(critic_path: str, generator_path: str, threads: int) -> None:
+    """A worker process loads the cached models once (spawned: nothing is inherited)."""
+    torch.set_num_threads(threads)
+    critic_model, proc = training.load_critic(Path(critic_path))
+    unet, text = training.load_generator(Path(generator_path))
+    _WORKER["models"] = (critic_model, proc, unet, text)
+
+
+def _worker_unit(unit, s: Settings):
+    return _run_unit(_WORKER["models"], unit, s)
+
+
+def run_all(
+    critic_model, proc, unet, text, s: Settings, *, bar=None, log=print, jobs: int = 1, cache=None
+) -> dict:
+    """Before (pretrained) and after (each ablation) x seeds. -> results dict (without env metadata).
+
+    jobs > 1 (needs `cache`: (critic path, generator path) of the models passed in) spreads the independent
+    (ablation, seed) units over that many spawned processes of `s.threads` threads each. Every unit seeds its
+    own draws (UNO: torch.manual_seed(seed); sampling and evaluation: seeded generators), so the figures do not
+    depend on which process ran it, up to floating-point summation order."""
+    torch.set_num_threads(s.threads)
+    t0 = time.time()
+    runnable, status = [], {}
     for name in s.ablations:
         why = feature_status(name)
-        if why is not None:
-            ablations[name] = {"status": why}
+        if why is None:
+            runnable.append(name)
+        else:
+            status[name] = why
             log(f"{name}: {why}")
-            continue
-        runs, errors = [], None
-        for seed in s.seeds:
-            t1 = time.time()
-            try:
-                trained, hist = run_uno(unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
-            except (TypeError, ValueError, KeyError, NotImplementedError, RuntimeError) as e:
-                errors = f"failed: {type(e).__name__}: {e}"
-                log(f"{name} seed {seed}: {errors}")
-                break
-            if name == s.main and seed == s.seeds[0]:
-                keep["unet"] = trained  # for the sample grid
-            ev = evaluate(trained, text, seed=seed, s=s)
-            ev["denoising_loss"] = denoising_loss(trained, text, seed=seed, n=s.denoise_images)
-            ev["uno_s"] = time.time() - t1
-            ev["final_caption_ce_held"] = hist[-1].get("held_caption_ce")
-            ev["first_caption_ce_held"] = hist[0].get("held_caption_ce")
-            runs.append(ev)
+    units = [("before", seed) for seed in s.seeds] + [(n, seed) for n in runnable for seed in s.seeds]
+    results, keep = {}, {}
+
+    def record(unit, ev, state):
+        results[unit] = ev
+        name, seed = unit
+        if state is not None:
+            keep["state"] = state
+        if "error" in ev:
+            log(f"{name} seed {seed}: {ev['error']}")
+        elif name == "before":
+            log(
+                f"before seed {seed}: held-out {ev['held_out']['overall']:.3f} seen {ev['seen']['overall']:.3f}"
+            )
+        else:
             log(
                 f"{name} seed {seed}: held-out {ev['held_out']['overall']:.3f} seen {ev['seen']['overall']:.3f} "
                 f"denoise {ev['denoising_loss']:.4f} ({ev['uno_s']:.0f}s)"
             )
-        if errors is not None:
-            ablations[name] = {"status": errors}
-            continue
-        ablations[name] = {"status": "ran", "per_seed": runs, "mean": aggregate(runs), "seeds": list(s.seeds)}
+
+    if jobs > 1 and cache is not None and len(units) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        init = (str(cache[0]), str(cache[1]), s.threads)
+        with ProcessPoolExecutor(
+            jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=init
+        ) as ex:
+            futs = [ex.submit(_worker_unit, u, s) for u in units]
+            done = (
+                as_completed(futs) if bar is None else bar(as_completed(futs), "UNO units", total=len(futs))
+            )
+            for f in done:
+                record(*f.result())
+    else:
+        models_ = (critic_model, proc, unet, text)
+        for u in units:
+            record(*_run_unit(models_, u, s, bar=bar, log=log))
+
+    before = [results[("before", seed)] for seed in s.seeds]
+    ablations = {n: {"status": why} for n, why in status.items()}
+    for name in runnable:
+        runs = [results[(name, seed)] for seed in s.seeds]
+        err = next((r["error"] for r in runs if "error" in r), None)
+        if err is not None:
+            ablations[name] = {"status": err}
+        else:
+            ablations[name] = {
+                "status": "ran",
+                "per_seed": runs,
+                "mean": aggregate(runs),
+                "seeds": list(s.seeds),
+            }
+    trained = None
+    if "state" in keep:
+        trained = copy.deepcopy(unet)
+        trained.load_state_dict(keep["state"])
+        trained.eval().requires_grad_(False)
     return {
         "before_per_seed": before,
         "before_mean": aggregate(before),
-        "ablations": ablations,
+        "ablations": {n: ablations[n] for n in s.ablations},
         "settings": asdict(s),
         "experiment_s": time.time() - t0,
-        "_trained_main_seed0": keep.get("unet"),
+        "jobs": jobs,
+        "_trained_main_seed0": trained,
     }
 
 

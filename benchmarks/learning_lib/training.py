@@ -265,3 +265,84 @@ def write_meta(path: Path, **entries) -> None:
     meta = json.loads(path.read_text()) if path.exists() else {}
     meta.update(entries)
     path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------- pretraining to the cache
+def pretrain_critic_to(path: Path, steps: int, threads: int = 1, log=print, bar=None) -> dict:
+    """Train the critic and save it at `path` (a top-level function: it can run in a spawned process)."""
+    torch.set_num_threads(threads)
+    m, _, st = train_critic(steps=steps, log=log, bar=bar)
+    save_critic(m, path)
+    return st
+
+
+def pretrain_generator_to(
+    path: Path, steps: int, stop_at: int | None = None, threads: int = 1, log=print, bar=None
+) -> dict:
+    """Train the generator (checkpointed to `path` every 500 steps) and save it at `path`."""
+    torch.set_num_threads(threads)
+    u, t, st = train_generator(
+        steps=steps,
+        stop_at=stop_at,
+        log=log,
+        bar=bar,
+        on_checkpoint=lambda uu, tt, k: save_generator(uu, tt, path),
+    )
+    save_generator(u, t, path)
+    return st
+
+
+def robust_finetune_critic(
+    model,
+    proc,
+    *,
+    steps: int = 600,
+    eps: float = 0.3,
+    pgd: int = 4,
+    lr: float = 1e-3,
+    seed: int = 7,
+    log=None,
+):
+    """A copy of the critic fine-tuned to be harder to fool: per batch of 64 renders of every prompt, half are
+    replaced by an L-inf PGD attack on the caption CE (radius `eps` on the [-1, 1] pixel scale, `pgd` steps of
+    2.5 eps / pgd, random start; Madry et al. 2018), the other half get a random texture of amplitude U(0, 0.5):
+    white noise or a 4 x 4-pixel random grid (the patch grid the attack of `probe.py` writes). -> (model, stats)."""
+    import copy
+
+    from uno_engine import Critic
+
+    model = copy.deepcopy(model)
+    critic = Critic.from_hf(model, proc)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    prompts = world.all_prompts()
+    t0 = time.time()
+    for step in range(steps):
+        for gr in opt.param_groups:
+            gr["lr"] = _lr(step, steps, lr, warmup=20)
+        images, ids, mask, _ = caption_batch([rng.choice(prompts) for _ in range(64)], rng)
+        x, c = images[:32], images[32:]
+        d = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+        model.requires_grad_(False)
+        for _ in range(pgd):
+            d.requires_grad_(True)
+            loss, _ = critic_loss(critic, (x + d).clamp(-1, 1), ids[:32], mask[:32])
+            (gd,) = torch.autograd.grad(loss, d)
+            d = (d.detach() + 2.5 * eps / pgd * gd.sign()).clamp(-eps, eps)
+        model.requires_grad_(True)
+        amp = torch.rand(c.shape[0], 1, 1, 1, generator=g) * 0.5
+        white = torch.randn(c.shape, generator=g)
+        grid = F.interpolate(torch.randn(c.shape[0], 3, 8, 8, generator=g), scale_factor=4, mode="nearest")
+        pick = (torch.rand(c.shape[0], 1, 1, 1, generator=g) < 0.5).float()
+        c = (c + amp * (pick * white + (1 - pick) * grid)).clamp(-1, 1)
+        loss, _ = critic_loss(critic, torch.cat([(x + d).clamp(-1, 1), c]), ids, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if log is not None and (step % 100 == 0 or step == steps - 1):
+            log(f"robust critic step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    model.requires_grad_(False)
+    stats = {"steps": steps, "eps": eps, "pgd": pgd, "lr": lr, "seed": seed, "train_s": time.time() - t0}
+    return model.eval(), stats
