@@ -30,7 +30,7 @@ ABLATIONS = {
     "caption+regression": {"loss": {"caption": 1.0, "density": 0.1, "structure": 0.1}},
     "caption+joint+kl": {"loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0}},
     "caption+negatives": {"loss": {"caption": 1.0, "negatives": 1.0}, "negatives": 4},
-    "caption, latent view": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
+    "caption (latent view)": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
 }
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 
