@@ -55,7 +55,8 @@ def commit_info() -> dict:
             return ""
 
     sha = git("rev-parse", "HEAD").strip() or "unknown"
-    return {"commit": sha, "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    return {"commit": sha, "dirty": bool(dirty), "dirty_files": dirty}
 
 
 def headline(res: dict, main: str) -> tuple[dict, dict, dict]:
