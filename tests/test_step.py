@@ -346,10 +346,10 @@ def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, ar
 
 def test_unwrap_reaches_the_module_inside_ddp(tmp_path):
     """The step calls loss and generator methods (negatives_of, denoising_loss, predict, last_grad_steps)
-    that a DDP wrapper hides: `_unwrap` hands them the wrapped module (one-process gloo group)."""
+    that a DDP wrapper hides: `distributed.unwrap` (what the step uses) hands them the wrapped module (one-process gloo group)."""
     import torch.distributed as dist
 
-    from uno_engine.step import _unwrap
+    from uno_engine.distributed import unwrap as _unwrap
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -25,6 +25,7 @@ from torch import nn
 
 from uno_engine._profiling import PhaseTimer
 from uno_engine.config import UNOConfig
+from uno_engine.distributed import unwrap
 
 
 @dataclass
@@ -97,14 +98,14 @@ class UNOStep(nn.Module):
         with timer.phase("critic"):
             caps = (inputs, batch["captions"], batch.get("caption_mask"))
             # hard negatives share the image prefix: one pass
-            neg = _unwrap(self.uno_loss).negatives_of(batch)
+            neg = unwrap(self.uno_loss).negatives_of(batch)
             out = self.reader(*caps) if neg is None else self.reader.forward_with_negatives(*caps, *neg)
         with timer.phase("loss"):
             loss, metrics = self.uno_loss(
                 out,
                 batch,
                 critic=self.reader,
-                generator=_unwrap(self.generator),  # its methods (denoising_loss, predict), not its forward
+                generator=unwrap(self.generator),  # its methods (denoising_loss, predict), not its forward
                 lce_impl=cfg.lce_impl,
                 bridge_kernel=cfg.bridge_kernel,
                 **bridge,
@@ -115,11 +116,6 @@ class UNOStep(nn.Module):
         timer.on_grad(getattr(images, "tensor", images), "grad.images")
         timer = timer if cfg.profile else None
         return UNOOutput(loss, metrics, None if latent else images, timer, images if latent else None)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (whose own attributes hide the module's methods); itself otherwise."""
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -492,24 +492,7 @@ class Critic(nn.Module):
         if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
             raise ValueError(f"captions must be a (B, L) int64 tensor, got {_describe(captions)}")
         B, L = captions.shape
-        neg = negative_captions
-        if (
-            not isinstance(neg, torch.Tensor)
-            or neg.dim() != 3
-            or neg.shape[0] != B
-            or neg.shape[2] != L
-            or neg.dtype not in (torch.int64, torch.int32)
-        ):
-            raise ValueError(
-                f"negative_captions must be an integer tensor (B={B}, K, L={L}) matching captions, "
-                f"got {_describe(neg)}"
-            )
-        if negative_mask is not None and tuple(negative_mask.shape) != tuple(neg.shape):
-            raise ValueError(
-                f"negative_caption_mask must have the shape of negative_captions {tuple(neg.shape)}, "
-                f"got {_describe(negative_mask)}"
-            )
-        K = neg.shape[1]
+        K = check_negatives(captions, negative_captions, negative_mask)
         if K == 0:
             return self.forward(inputs, captions, caption_mask)
         if caption_mask is not None and caption_mask.shape != captions.shape:
@@ -517,21 +500,9 @@ class Critic(nn.Module):
                 f"caption_mask must have the shape of captions {tuple(captions.shape)}, "
                 f"got {tuple(caption_mask.shape)}"
             )
-        impl = getattr(self, "attn_implementation", {}).get("language_model")
-        if impl == "flash_attention_2":
-            raise ValueError(
-                "negative captions share the image prefix through a block attention mask, which the "
-                "flash_attention_2 backend cannot take; build the critic with attn_backend='sdpa'"
-            )
         self._check_inputs(inputs)
         device = self.lm_head_weight.device
-        caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(
-            device=device, dtype=torch.long
-        )
-        ones = torch.ones(B, 1, L, dtype=torch.long, device=device)
-        cmask = ones if caption_mask is None else caption_mask.to(device).long()[:, None]
-        nmask = torch.ones_like(caps[:, 1:]) if negative_mask is None else negative_mask.to(device).long()
-        masks = torch.cat([cmask, nmask], dim=1)  # (B, K+1, L)
+        caps, masks = pack_negatives(self, captions, caption_mask, negative_captions, negative_mask, device)
         with self._running():
             image_embeds, patch_features, grid = self._encode(inputs)
             if image_embeds.shape[0] != B:
@@ -552,22 +523,7 @@ class Critic(nn.Module):
                 return_dict=True,
             )
             hidden = out.last_hidden_state
-        H = hidden.shape[-1]
-        first = hidden[:, P - 1 : P, None].expand(B, K + 1, 1, H)  # the last prefix state predicts token 0
-        body = hidden[:, P:].reshape(B, K + 1, L, H)[:, :, : L - 1]
-        cap_hidden = torch.cat([first, body], dim=2)  # (B, K+1, L, H)
-        labels = caps.masked_fill(masks == 0, -100)
-        return CriticOutput(
-            caption_hidden=cap_hidden[:, 0],
-            caption_labels=labels[:, 0],
-            lm_head_weight=self.lm_head_weight,
-            lm_head_bias=self.lm_head_bias,
-            logit_softcap=self.logit_softcap,
-            patch_features=patch_features,
-            grid=grid,
-            negative_hidden=cap_hidden[:, 1:],
-            negative_labels=labels[:, 1:],
-        )
+        return packed_output(self, hidden, P, caps, masks, patch_features, grid)
 
     def _assemble(self, image_embeds: torch.Tensor, prefix: list[int | None], captions: torch.Tensor):
         """inputs_embeds (B, P + L, H): the prefix (image features and wrapper tokens), then the captions."""
@@ -639,6 +595,68 @@ class Critic(nn.Module):
         adapter.requires_grad_(False).eval()
         self.latent_adapter = adapter.to(self.lm_head_weight.device)
         return self
+
+
+def check_negatives(captions: torch.Tensor, negative_captions, negative_mask) -> int:
+    """K of negative_captions (B, K, L), checked against captions (B, L) and negative_mask ((B, K, L) or None);
+    a ValueError names the argument otherwise."""
+    B, L = captions.shape
+    neg = negative_captions
+    if (
+        not isinstance(neg, torch.Tensor)
+        or neg.dim() != 3
+        or neg.shape[0] != B
+        or neg.shape[2] != L
+        or neg.dtype not in (torch.int64, torch.int32)
+    ):
+        raise ValueError(
+            f"negative_captions must be an integer tensor (B={B}, K, L={L}) matching captions, got {_describe(neg)}"
+        )
+    if negative_mask is not None and tuple(negative_mask.shape) != tuple(neg.shape):
+        raise ValueError(
+            f"negative_caption_mask must have the shape of negative_captions {tuple(neg.shape)}, "
+            f"got {_describe(negative_mask)}"
+        )
+    return neg.shape[1]
+
+
+def pack_negatives(critic, captions, caption_mask, negative_captions, negative_mask, device):
+    """-> (caps, masks), both (B, K+1, L) int64 on `device`: the caption, then its K negatives; masks 1 real /
+    0 pad (a None mask: all real). Refuses a flash_attention_2 LM, which cannot take the block mask."""
+    if getattr(critic, "attn_implementation", {}).get("language_model") == "flash_attention_2":
+        raise ValueError(
+            "negative captions share the image prefix through a block attention mask, which the "
+            "flash_attention_2 backend cannot take; build the critic with attn_backend='sdpa'"
+        )
+    neg = negative_captions
+    caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(device=device, dtype=torch.long)
+    cmask = torch.ones_like(captions) if caption_mask is None else caption_mask
+    nmask = torch.ones_like(neg) if negative_mask is None else negative_mask
+    masks = torch.cat([cmask.to(device).long()[:, None], nmask.to(device).long()], dim=1)
+    return caps, masks
+
+
+def packed_output(critic, hidden, P: int, caps, masks, patch_features, grid) -> CriticOutput:
+    """The CriticOutput of one packed pass: hidden (B, P + (K+1) L, H) over [prefix, caption, negatives],
+    caps / masks (B, K+1, L). Caption j's token 0 is predicted by the last prefix state, its token i > 0 by its
+    own block's state i - 1."""
+    B, K1, L = caps.shape
+    H = hidden.shape[-1]
+    first = hidden[:, P - 1 : P, None].expand(B, K1, 1, H)
+    body = hidden[:, P:].reshape(B, K1, L, H)[:, :, : L - 1]
+    cap_hidden = torch.cat([first, body], dim=2)  # (B, K+1, L, H)
+    labels = caps.masked_fill(masks == 0, -100)
+    return CriticOutput(
+        caption_hidden=cap_hidden[:, 0],
+        caption_labels=labels[:, 0],
+        lm_head_weight=critic.lm_head_weight,
+        lm_head_bias=critic.lm_head_bias,
+        logit_softcap=critic.logit_softcap,
+        patch_features=patch_features,
+        grid=grid,
+        negative_hidden=cap_hidden[:, 1:],
+        negative_labels=labels[:, 1:],
+    )
 
 
 def _describe(x) -> str:

@@ -46,8 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from uno_engine.critics.base import CriticOutput
+from uno_engine.critics.base import CriticOutput, check_negatives, pack_negatives, packed_output
 from uno_engine.critics.common import find_layers, packed_caption_mask
+from uno_engine.distributed import unwrap
 from uno_engine.latent.types import GeneratedLatents
 
 __all__ = ["LatentCritic", "LatentInputs", "latent_view_reasons"]
@@ -72,11 +73,6 @@ def _is(obj, class_name: str) -> bool:
     return any(c.__name__ == class_name for c in type(obj).__mro__)
 
 
-def _unwrap(generator):
-    """The module inside a DDP wrapper (which hides its methods); the generator itself otherwise."""
-    return generator.module if isinstance(generator, torch.nn.parallel.DistributedDataParallel) else generator
-
-
 def _takes_view(forward) -> bool:
     params = inspect.signature(forward).parameters.values()
     return any(p.name == "view" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
@@ -85,7 +81,7 @@ def _takes_view(forward) -> bool:
 def latent_view_reasons(critic, generator) -> list[str]:
     """Why this critic cannot read this generator's latents (empty when it can)."""
     reasons = []
-    generator = _unwrap(generator)
+    generator = unwrap(generator)
     if not callable(getattr(generator, "latents_for_critic", None)):
         reasons.append(
             f"the generator {type(generator).__name__} has no latents_for_critic(batch): it can only hand over "
@@ -145,7 +141,7 @@ class LatentCritic:
             )
         if latent_input not in LATENT_INPUTS:
             raise ValueError(f"latent_input must be one of {LATENT_INPUTS}, got {latent_input!r}")
-        generator = _unwrap(generator)  # its methods: grid, encode_images, vae (reference images)
+        generator = unwrap(generator)  # its methods: grid, encode_images, vae (reference images)
         self.critic, self.generator, self.latent_input = critic, generator, latent_input
         self.tokens = _is(generator, "JanusGenerator")
         n_layers = len(find_layers(critic.language_model))
@@ -330,57 +326,15 @@ class LatentCritic:
         negative_hidden (B, K, L, H) / negative_labels (B, K, L) (-100 at padding).
         """
         self._check(inputs, captions, caption_mask)
-        B, L = captions.shape
-        neg = negative_captions
-        if (
-            not isinstance(neg, torch.Tensor)
-            or neg.dim() != 3
-            or neg.shape[0] != B
-            or neg.shape[2] != L
-            or neg.dtype not in (torch.int64, torch.int32)
-        ):
-            got = f"{tuple(neg.shape)} {neg.dtype}" if isinstance(neg, torch.Tensor) else type(neg).__name__
-            raise ValueError(
-                f"negative_captions must be an integer tensor (B={B}, K, L={L}) matching captions, got {got}"
-            )
-        if negative_mask is not None and tuple(negative_mask.shape) != tuple(neg.shape):
-            raise ValueError(
-                f"negative_caption_mask must have the shape of negative_captions {tuple(neg.shape)}, "
-                f"got {tuple(getattr(negative_mask, 'shape', ()))}"
-            )
-        K = neg.shape[1]
+        K = check_negatives(captions, negative_captions, negative_mask)
         if K == 0:
             return self(inputs, captions, caption_mask)
         critic = self.critic
-        if getattr(critic, "attn_implementation", {}).get("language_model") == "flash_attention_2":
-            raise ValueError(
-                "negative captions share the latent prefix through a block attention mask, which the "
-                "flash_attention_2 backend cannot take; build the critic with attn_backend='sdpa'"
-            )
         device = critic.lm_head_weight.device
-        caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(
-            device=device, dtype=torch.long
-        )
-        cmask = torch.ones_like(captions) if caption_mask is None else caption_mask
-        nmask = torch.ones_like(neg) if negative_mask is None else negative_mask
-        masks = torch.cat([cmask.to(device).long()[:, None], nmask.to(device).long()], dim=1)  # (B, K+1, L)
+        caps, masks = pack_negatives(critic, captions, caption_mask, negative_captions, negative_mask, device)
+        B = captions.shape[0]
         hidden, feats, P = self._run(inputs, caps.reshape(B, -1), masks.reshape(B, -1), blocks=K + 1)
-        H = hidden.shape[-1]
-        first = hidden[:, P - 1 : P, None].expand(B, K + 1, 1, H)  # the last prefix state predicts token 0
-        body = hidden[:, P:].reshape(B, K + 1, L, H)[:, :, : L - 1]
-        cap_hidden = torch.cat([first, body], dim=2)  # (B, K+1, L, H)
-        labels = caps.masked_fill(masks == 0, -100)
-        return CriticOutput(
-            caption_hidden=cap_hidden[:, 0],
-            caption_labels=labels[:, 0],
-            lm_head_weight=critic.lm_head_weight,
-            lm_head_bias=critic.lm_head_bias,
-            logit_softcap=critic.logit_softcap,
-            patch_features=feats,
-            grid=inputs.grid,
-            negative_hidden=cap_hidden[:, 1:],
-            negative_labels=labels[:, 1:],
-        )
+        return packed_output(critic, hidden, P, caps, masks, feats, inputs.grid)
 
 
 def _packed_layout(P: int, blocks: int, keys: torch.Tensor, dtype: torch.dtype):
