@@ -224,6 +224,8 @@ def main(argv=None) -> int:
         "(training.robust_finetune_critic; 0: skip)",
     )
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.probe:
         return run_probe(args)
     if args.merge:

@@ -236,3 +236,11 @@ def test_probe_caption_nats_is_the_summed_masked_ce():
     want = -(logp * mask).sum(1)
     assert mask.sum(1).min() < mask.shape[1]  # padding is present and must be excluded
     torch.testing.assert_close(got.double(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_jobs_below_one_is_refused(capsys):
+    import learning
+
+    with pytest.raises(SystemExit) as e:
+        learning.main(["--jobs", "0", "--smoke"])
+    assert e.value.code == 2 and "--jobs must be >= 1, got 0" in capsys.readouterr().err
