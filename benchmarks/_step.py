@@ -156,6 +156,23 @@ def _engine_compile(preset, loss):
     return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", compile=True))
 
 
+def _latent_step(preset, pool: int, loss):
+    from uno_engine import UNOConfig, UNOStep
+
+    # its own Critic: the adapter attached below is its own
+    critic = preset.make_critic(preset.engine_checkpoint, cache=False)
+    if not hasattr(preset.generator, "model"):  # a diffusion generator: read through a LatentAdapter
+        from uno_engine.latent import LatentAdapter
+
+        adapter = LatentAdapter.for_pair(critic, preset.generator, pool=pool)
+        critic.attach_latent_adapter(adapter.to(preset.device, preset.dtype))
+    elif pool != 1:
+        raise ValueError(
+            "a pooled latent view needs a LatentAdapter (a diffusion generator), not Janus tokens"
+        )
+    return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", view="latent"))
+
+
 @provider(
     "latent",
     default_on=(),
@@ -164,16 +181,19 @@ def _engine_compile(preset, loss):
     "weights); no decode, no vision tower",
 )
 def _latent(preset, loss):
-    from uno_engine import UNOConfig, UNOStep
+    return _latent_step(preset, 1, loss)
 
-    # its own Critic: the adapter attached below is its own
-    critic = preset.make_critic(preset.engine_checkpoint, cache=False)
-    if not hasattr(preset.generator, "model"):  # a diffusion generator: read through a LatentAdapter
-        from uno_engine.latent import LatentAdapter
 
-        adapter = LatentAdapter.for_pair(critic, preset.generator).to(preset.device, preset.dtype)
-        critic.attach_latent_adapter(adapter)
-    return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", view="latent"))
+for _pool in (2, 4):
+
+    @provider(
+        f"latent-pool{_pool}",
+        default_on=(),
+        doc=f"the latent view with LatentAdapter(pool={_pool}): the LM reads {_pool * _pool}x fewer image tokens "
+        "(diffusion generators only)",
+    )
+    def _latent_pooled(preset, loss, _pool=_pool):
+        return _latent_step(preset, _pool, loss)
 
 
 # ------------------------------------------------------------------------------------------- step callables

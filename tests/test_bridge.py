@@ -6,9 +6,6 @@ smooth gradients, hard-edged shapes, a blown-out highlight); the bridge gets the
 """
 
 import dataclasses
-import importlib.util
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,16 +14,8 @@ import torch
 from uno_engine import ops, reference
 from uno_engine.bridge_spec import BridgeSpec, pil_resize_matrix
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _transformers():
-    # With the repo root on sys.path (python -m pytest), transformers' probe of the Hub `kernels` package
-    # finds
-    # the repo's kernels/ folder, which refuses a top-level import. Hide it from that probe only in that case.
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
-    if spec is not None and spec.origin and os.path.abspath(spec.origin).startswith(REPO):
-        sys.modules["kernels"] = None
     import transformers
 
     return transformers

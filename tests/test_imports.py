@@ -279,3 +279,22 @@ def test_register_rejects_bad_or_taken_names():
         bad = type("BadCritic", (Critic,), {"hf_class_names": names})
         with pytest.raises(ValueError, match="hf_class_names must be a non-empty tuple"):
             registry.register_critic(bad)
+
+
+def test_top_level_kernels_from_the_repo_root_is_not_our_folder():
+    """From the repository root (python -c / python -m put it first on sys.path) `import kernels` must not
+    give kernels/ (transformers >= 5.25 imports HF's `kernels` library): with the library installed it is
+    the library, without it a module with no __file__ (transformers' probe then skips it); either way
+    `import transformers` and a model's attention import work from the root."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, kernels, transformers\n"
+        "from transformers.integrations import hub_kernels\n"
+        "f = getattr(kernels, '__file__', None)\n"
+        "assert f is None or 'site-packages' in f or 'dist-packages' in f, f\n"
+        "print('ok', f)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]

@@ -285,3 +285,131 @@ def test_noise_latents_families():
     torch.testing.assert_close(flow[0], x0[0]) and torch.testing.assert_close(ddpm[0], x0[0])
     torch.testing.assert_close(flow[1], 0.4 * x0[1] + 0.6 * eps[1])
     torch.testing.assert_close(ddpm[1], 0.8 * x0[1] + 0.6 * eps[1])
+
+
+# ----------------------------------------------------------------------------- caption distillation and pooling
+def _captions(preset, n, L, seed):
+    g = torch.Generator("cpu").manual_seed(seed)
+    ids = torch.randint(1, preset.caption_vocab(), (n, L), generator=g)
+    mask = torch.ones(n, L, dtype=torch.long)
+    mask[0, L - 2 :] = 0  # one padded caption
+    return ids, mask
+
+
+def test_caption_logits_equal_the_critics_own_forward(tiny):
+    """caption_logits (what the fit's KL and bench_latent read) is the critic's own forward: the pixel path's
+    tokens through it give Critic.forward's logits, padding included."""
+    from uno_engine.latent import caption_logits
+
+    preset, critic = tiny
+    gen = preset.generator
+    images = _smooth_images(3, gen.height, gen.width, seed=11)
+    ids, mask = _captions(preset, 3, 6, seed=1)
+    inputs = critic.prepare(images, fuse_patch_embed=False)
+    want = critic(inputs, ids, mask).logits()
+    with critic._running():
+        tokens = critic._encode(inputs)[0]
+    got = caption_logits(critic, tokens, ids, mask)
+    assert got.shape == (3, 6, critic.lm_head_weight.shape[0])
+    m = mask.bool()
+    torch.testing.assert_close(got[m], want.float()[m], rtol=1e-5, atol=1e-5)
+
+
+def test_caption_loss_falls_and_bad_captions_are_refused(tiny):
+    preset, critic = tiny
+    gen = preset.generator
+    images = _smooth_images(8, gen.height, gen.width, seed=0)
+    ids, mask = _captions(preset, 8, 5, seed=2)
+    # the random LM barely reads the image (KL ~0.003 nats at the mean token); a large weight on clean
+    # latents makes the caption term the one the fit follows
+    ad = fit_latent_adapter(
+        critic,
+        gen,
+        images,
+        steps=40,
+        captions=(ids, mask),
+        caption_weight=1e3,
+        clean_fraction=1.0,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        **ARCH,
+    )
+    info = ad.fit_info
+    assert info["captions"] and info["clean_fraction"] == 1.0
+    assert info["final_caption_kl"] < 0.8 * info["first_caption_kl"], info
+    fit = dict(steps=1, progress=False, **ARCH)
+    with pytest.raises(ValueError, match="one row per image"):
+        fit_latent_adapter(critic, gen, images, captions=ids[:3], **fit)
+    with pytest.raises(ValueError, match="caption token ids must lie in"):
+        fit_latent_adapter(critic, gen, images, captions=ids + 10_000, **fit)
+    with pytest.raises(ValueError, match="at least one real token"):
+        fit_latent_adapter(critic, gen, images, captions=(ids, mask * 0), **fit)
+    with pytest.raises(ValueError, match="caption mask"):
+        fit_latent_adapter(critic, gen, images, captions=(ids, mask[:, :2]), **fit)
+    with pytest.raises(ValueError, match="captions must be"):
+        fit_latent_adapter(critic, gen, images, captions=ids.float(), **fit)
+    with pytest.raises(ValueError, match="clean_fraction"):
+        fit_latent_adapter(critic, gen, images, clean_fraction=1.5, **fit)
+    with pytest.raises(ValueError, match="caption_weight"):
+        fit_latent_adapter(critic, gen, images, captions=ids, caption_weight=0.0, **fit)
+
+
+def test_pool_tokens_is_the_block_mean():
+    from uno_engine.latent.fit import pool_tokens
+
+    t = torch.randn(2, 4 * 6, 3, dtype=torch.float64)
+    got = pool_tokens(t, (4, 6), 2)
+    grid = t.view(2, 4, 6, 3)
+    want = torch.stack(
+        [grid[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean((1, 2)) for r in range(2) for c in range(3)], 1
+    )
+    torch.testing.assert_close(got, want)
+    assert pool_tokens(t, (4, 6), 1) is t
+
+
+def test_pooled_adapter_emits_fewer_tokens_and_runs_the_step(tiny, tmp_path):
+    """pool=5 on the 5 x 5-token critic: one token per image. Its resample rows average the critic's rows;
+    a bad pool is refused by name; fitting it without captions is refused; fitted with captions it saves,
+    loads and drives a latent-view step (the LM reads 1 image token instead of 25)."""
+    preset, critic = tiny
+    gen = preset.generator
+    with pytest.raises(ValueError, match="pool must be an int >= 1 dividing"):
+        LatentAdapter.for_pair(critic, gen, pool=2, **ARCH)
+    full = LatentAdapter.for_pair(critic, gen, **ARCH)
+    ad = LatentAdapter.for_pair(critic, gen, pool=5, **ARCH)
+    assert ad.grid == (1, 1) and full.grid == full.identity.token_grid == (5, 5)
+    torch.testing.assert_close(ad.resample_rows, full.resample_rows.mean(0, keepdim=True))
+    images = _smooth_images(6, gen.height, gen.width, seed=3)
+    with pytest.raises(ValueError, match="pooled adapter"):
+        fit_latent_adapter(critic, gen, images, steps=1, adapter=ad, progress=False)
+    ids, mask = _captions(preset, 6, 5, seed=4)
+    ad = fit_latent_adapter(
+        critic, gen, images, steps=3, captions=(ids, mask), adapter=ad, batch_size=2, progress=False
+    )
+    ad.save(tmp_path / "pooled.safetensors")
+    back = LatentAdapter.load(tmp_path / "pooled.safetensors", critic=critic, generator=gen)
+    assert back.grid == (1, 1) and back.arch["pool"] == 5
+    x = torch.randn(2, 4, *gen.latent_size)
+    assert back(x, 0.0).shape == (2, 1, critic.hidden_size)
+    torch.testing.assert_close(back(x, 0.3), ad(x, 0.3))
+    critic.attach_latent_adapter(back)
+    try:
+        lc = LatentCritic(critic, gen)
+        out = lc(lc.prepare(_smooth_images(2, gen.height, gen.width, seed=9)), ids[:2], mask[:2])
+        assert out.patch_features.shape[1] == 1 and out.grid == (1, 1)
+    finally:
+        critic.attach_latent_adapter(full)
+
+
+def test_default_patch_size_matches_a_critic_token():
+    """The largest latent patch whose pixels fit in one critic token: tiny critic, 5 x 5 tokens of a 64 x 48
+    image (9.6 px per token); latents at 8 px -> 1, at 2 px -> 4 (8 px), at 4 px -> 2."""
+    from types import SimpleNamespace
+
+    from uno_engine.latent.adapter import default_patch_size
+
+    critic = build_preset("tiny").make_critic("none")
+    for (h, w), want in (((8, 6), 1), ((32, 24), 4), ((16, 12), 2)):
+        gen = SimpleNamespace(latent_size=(h, w), height=64, width=48)
+        assert default_patch_size(critic, gen) == want, (h, w)

@@ -9,7 +9,7 @@
   with `critic.attach_latent_adapter(adapter)` maps the grad step's latent to the critic's vision tokens.
 
 Public names: GeneratedLatents, LatentCritic, LatentInputs, latent_view_reasons, LatentAdapter,
-AdapterIdentity, LatentAdapterMismatch, fit_latent_adapter, noise_latents. Resolved lazily, so that
+AdapterIdentity, LatentAdapterMismatch, fit_latent_adapter, caption_logits, noise_latents. Resolved lazily, so that
 generators can import `uno_engine.latent.types` without importing the critics.
 """
 
@@ -25,7 +25,8 @@ _LAZY = {
     "LatentAdapter": "uno_engine.latent.adapter",
     "AdapterIdentity": "uno_engine.latent.adapter",
     "LatentAdapterMismatch": "uno_engine.latent.adapter",
-    "fit_latent_adapter": "uno_engine.latent.adapter",
+    "fit_latent_adapter": "uno_engine.latent.fit",
+    "caption_logits": "uno_engine.latent.fit",
     "noise_latents": "uno_engine.latent.adapter",
 }
 

@@ -20,17 +20,17 @@ DiT's adaLN-Zero blocks):
 4. `depth_out` blocks on the critic's grid (learned position code), an adaLN-modulated LayerNorm and a
    Linear to the critic's LM width H.
 
-Cost per image: (depth_in * n_lat + depth_out * n_crit) * (12 D^2 + 2 n D) multiply-adds plus the resample
-(n_crit * n_lat * D) and the output projection (n_crit * D * H); for D = 256 this is a few GFLOP, against a
+   With `pool` > 1 the adapter emits a coarser grid, (gh / pool) x (gw / pool) tokens, each standing for a
+   pool x pool block of the critic's tokens (the resample rows averaged): the LM then reads pool^2 times fewer
+   image tokens, which is where the latent view's remaining cost lies (the critic's LM runs in both views).
+   Such a prefix is not one the LM saw in training, so a pooled adapter must be fitted with captions
+   (`fit_latent_adapter(..., captions=...)`: it is distilled on the LM's caption predictions).
+
+Cost per image: (depth_in * n_lat + depth_out * n_out) * (12 D^2 + 2 n D) multiply-adds plus the resample
+(n_out * n_lat * D) and the output projection (n_out * D * H); for D = 256 this is a few GFLOP, against a
 VAE decoder plus a vision tower of tens to hundreds of GFLOP per image.
 
-Fitting (`fit_latent_adapter`): distillation from the critic's own pixel path on real images. The images are
-encoded once by the generator's VAE (posterior mode) and by the critic's vision path (`Critic._encode`, the
-projector's output); each step noises a random subset of latents to random noise levels, x_t = alpha(sigma)
-x0 + sigma eps (flow matching: alpha = 1 - sigma; DDPM family: alpha = sqrt(1 - sigma^2)), and minimises
-mean ||a - b||^2 / E||b||^2 + mean (1 - cos(a, b)) per token against the CLEAN image's tokens. Noise levels
-are sigma = u^2, u ~ U(0, 1) (71% of the draws at sigma <= 0.5: the default latent input is the x0
-prediction, read at sigma = 0).
+Fitting: `fit_latent_adapter` (uno_engine/latent/fit.py), distillation from the critic's own pixel path.
 
 Identity (`AdapterIdentity`): an adapter is tied to one critic (class, LM width, token grid, a hash of its
 config and image processor settings) and one VAE / latent layout (channels, latent size, patch grid, a hash
@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -57,7 +56,6 @@ __all__ = [
     "LatentAdapter",
     "LatentAdapterMismatch",
     "adapter_identity",
-    "fit_latent_adapter",
     "noise_latents",
 ]
 
@@ -233,18 +231,46 @@ def resample_matrices(
     return out[0], out[1]
 
 
+def pool_resample(ry: torch.Tensor, rx: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample matrices of the pooled grid: each output row / column averages `pool` critic rows / columns."""
+    return (
+        ry.view(ry.shape[0] // pool, pool, -1).mean(1),
+        rx.view(rx.shape[0] // pool, pool, -1).mean(1),
+    )
+
+
+def default_patch_size(critic, generator) -> int:
+    """The largest latent patch p (dividing both latent sides) whose pixel footprint, p * (image / latent), is
+    at most the image pixels one critic token covers: one adapter token then sees what one critic patch sees
+    (e.g. SD-1.5 at 512 px with a 24 x 24-token LLaVA: 21 px per token, 8 px per latent -> p = 2), and
+    finer latents are not averaged away inside a critic token by the resample."""
+    h, w = generator.latent_size
+    H, W = int(generator.height), int(generator.width)
+    g = critic_fields(critic, (H, W))["token_grid"]
+    per_token = min(H / g[0], W / g[1])  # image pixels per critic token
+    per_latent = max(H / h, W / w)
+    best = 1
+    for p in range(1, math.gcd(h, w) + 1):
+        if h % p == 0 and w % p == 0 and p * per_latent <= per_token + 1e-9:
+            best = p
+    return best
+
+
 class LatentAdapter(nn.Module):
-    """Noised latent (B, C, h, w) at noise level sigma -> the critic's vision tokens (B, gh * gw, H).
+    """Noised latent (B, C, h, w) at noise level sigma -> the critic's vision tokens (B, gh * gw, H), or with
+    `pool` > 1 a coarser grid of (gh / pool) * (gw / pool) tokens (`adapter.grid`).
 
     Build with `LatentAdapter.for_pair(critic, generator, ...)`, fit with `fit_latent_adapter`, attach with
     `critic.attach_latent_adapter(adapter)`; `save(path)` / `LatentAdapter.load(path, critic=, generator=)`.
 
     Args:
         identity: `AdapterIdentity` (what it is fitted for).
-        resample: (Ry (gh, h/p), Rx (gw, w/p)) fixed resample matrices (`resample_matrices`).
-        dim, heads, depth_in, depth_out: width, attention heads, blocks on the latent grid / critic grid.
-    forward(latents (B, C, h, w), sigma: float or (B,) tensor in [0, 1]) -> (B, gh * gw, H) in the adapter's
-    dtype.
+        resample: (Ry (gh / pool, h/p), Rx (gw / pool, w/p)) fixed resample matrices (`resample_matrices`,
+            pooled by `pool_resample`).
+        dim, heads, depth_in, depth_out: width, attention heads, blocks on the latent grid / output grid.
+        pool: critic tokens per output token along each axis (1: the critic's own grid).
+    forward(latents (B, C, h, w), sigma: float or (B,) tensor in [0, 1]) -> (B, N, H) in the adapter's dtype,
+    N = prod(adapter.grid).
     """
 
     def __init__(
@@ -256,6 +282,7 @@ class LatentAdapter(nn.Module):
         heads: int = 4,
         depth_in: int = 2,
         depth_out: int = 2,
+        pool: int = 1,
     ):
         super().__init__()
         if dim % heads or dim % 4:
@@ -263,15 +290,21 @@ class LatentAdapter(nn.Module):
                 f"LatentAdapter: dim must be a multiple of heads and of 4, got dim={dim}, heads={heads}"
             )
         self.identity = identity
-        self.arch = dict(dim=dim, heads=heads, depth_in=depth_in, depth_out=depth_out)
+        gh, gw = identity.token_grid
+        if not isinstance(pool, int) or pool < 1 or gh % pool or gw % pool:
+            raise ValueError(
+                f"LatentAdapter: pool must be an int >= 1 dividing the critic's token grid {(gh, gw)}, got {pool!r}"
+            )
+        self.arch = dict(dim=dim, heads=heads, depth_in=depth_in, depth_out=depth_out, pool=pool)
         self.fit_info: dict = {}
         C, p = identity.latent_channels, identity.patch_size
-        (ph, pw), (gh, gw) = identity.patch_grid, identity.token_grid
+        (ph, pw), (gh, gw) = identity.patch_grid, (gh // pool, gw // pool)
+        self.grid = (gh, gw)  # the grid of tokens this adapter emits: the critic's grid / pool
         ry, rx = resample
         if tuple(ry.shape) != (gh, ph) or tuple(rx.shape) != (gw, pw):
             raise ValueError(
-                f"LatentAdapter: resample matrices must be ({gh}, {ph}) and ({gw}, {pw}), "
-                f"got {tuple(ry.shape)} and {tuple(rx.shape)}"
+                f"LatentAdapter: resample matrices must be ({gh}, {ph}) and ({gw}, {pw}) (the output grid x the "
+                f"latent patch grid), got {tuple(ry.shape)} and {tuple(rx.shape)}"
             )
         self.patchify = nn.Conv2d(C, dim, kernel_size=p, stride=p)
         self.register_buffer("pos_in", _pos_2d(ph, pw, dim), persistent=False)
@@ -291,22 +324,34 @@ class LatentAdapter(nn.Module):
         self.register_buffer("token_scale", torch.ones(()))
 
     @classmethod
-    def for_pair(cls, critic, generator, *, patch_size: int | None = None, **arch) -> LatentAdapter:
-        """A fresh (unfitted) adapter for this critic and this generator's VAE. patch_size: latent patch
-        (default 1, or 2 when the latent grid has more than 1024 positions). Width: `dim` (default the
-        critic's LM width clamped to [64, 256], so the adapter stays far cheaper than the critic's tower and
-        LM), `heads` (default dim // 64)."""
+    def for_pair(
+        cls, critic, generator, *, patch_size: int | None = None, pool: int = 1, **arch
+    ) -> LatentAdapter:
+        """A fresh (unfitted) adapter for this critic and this generator's VAE.
+
+        patch_size: latent patch (default `default_patch_size`: the largest one whose pixels fit in one critic
+            token's). pool: critic tokens per output token along each axis (default 1).
+        Width: `dim` (default the critic's LM width clamped to [64, 256], so the adapter stays far cheaper
+        than the critic's tower and LM), `heads` (default dim // 64); `depth_in`, `depth_out` (default 2)."""
         if arch.get("dim") is None:
             arch["dim"] = int(min(256, max(64, critic.hidden_size)) // 64 * 64)
         if arch.get("heads") is None:
             arch["heads"] = max(1, arch["dim"] // 64)
         h, w = generator.latent_size
         if patch_size is None:
-            patch_size = 1 if h * w <= 1024 else 2
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"LatentAdapter: patch_size={patch_size} must divide the latent size {(h, w)}")
+            patch_size = default_patch_size(critic, generator)
+        if not isinstance(patch_size, int) or patch_size < 1 or h % patch_size or w % patch_size:
+            raise ValueError(
+                f"LatentAdapter: patch_size must be an int >= 1 dividing the latent size {(h, w)}, got {patch_size!r}"
+            )
         ident = adapter_identity(critic, generator, patch_size)
-        return cls(ident, resample_matrices(critic.spec, ident, int(critic.patch_size)), **arch)
+        gh, gw = ident.token_grid
+        if not isinstance(pool, int) or pool < 1 or gh % pool or gw % pool:
+            raise ValueError(
+                f"LatentAdapter: pool must be an int >= 1 dividing the critic's token grid {(gh, gw)}, got {pool!r}"
+            )
+        ry, rx = resample_matrices(critic.spec, ident, int(critic.patch_size))
+        return cls(ident, pool_resample(ry, rx, pool), pool=pool, **arch)
 
     # --------------------------------------------------------------------------------------------------
     def check_latents(self, latents: torch.Tensor) -> None:
@@ -415,131 +460,3 @@ class LatentAdapter(nn.Module):
             adapter.check_generator(generator)
         adapter.requires_grad_(False).eval()
         return adapter.to(device=device, dtype=dtype) if (device or dtype) else adapter
-
-
-# ------------------------------------------------------------------------------------------------ fitting
-@torch.no_grad()
-def _critic_tokens(critic, images: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The critic's vision tokens (its projector's output) of images in [-1, 1], (B, gh * gw, H) fp32."""
-    out = []
-    for i in range(0, images.shape[0], chunk):
-        inputs = critic.prepare(images[i : i + chunk], fuse_patch_embed=False)
-        with critic._running():
-            emb, _, _ = critic._encode(inputs)
-        out.append(emb.float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def _vae_latents(generator, images: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat(
-        [generator.encode_images(images[i : i + chunk]).float() for i in range(0, images.shape[0], chunk)]
-    )
-
-
-def fit_latent_adapter(
-    critic,
-    generator,
-    images: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    adapter: LatentAdapter | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    chunk: int = 8,
-    **arch,
-) -> LatentAdapter:
-    """Distil the critic's pixel path into a `LatentAdapter` on real images (module docstring, "Fitting").
-
-    Args:
-        critic: a `uno_engine.Critic` (its vision path gives the targets; frozen, not changed).
-        generator: a `DiffusersGenerator` (its VAE encoder gives the clean latents; not changed).
-        images: (M, 3, H, W) real images in [-1, 1] at the generator's output size (H, W).
-        steps: optimizer steps; batch_size: images per step; lr: AdamW peak learning rate (warm-up then
-            cosine decay).
-        adapter: continue fitting this one (default: `LatentAdapter.for_pair(critic, generator, **arch)`).
-        seed: noise levels, noise and subsets; progress: a tqdm bar; chunk: images per encode call.
-    Returns the adapter in eval mode with requires_grad False (frozen for UNO post-training);
-    `adapter.fit_info` holds steps, seconds, the number of images and the last losses.
-    """
-    if (
-        not isinstance(images, torch.Tensor)
-        or images.dim() != 4
-        or images.shape[1] != 3
-        or images.shape[0] < 1
-    ):
-        raise ValueError(
-            f"fit_latent_adapter: images must be (M >= 1, 3, H, W), got {getattr(images, 'shape', type(images))}"
-        )
-    if (images.shape[2], images.shape[3]) != (generator.height, generator.width):
-        raise ValueError(
-            f"fit_latent_adapter: images must be {generator.height}x{generator.width} (the generator's output "
-            f"size), got {images.shape[2]}x{images.shape[3]}"
-        )
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"fit_latent_adapter: steps must be an int >= 1, got {steps!r}")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("fit_latent_adapter: images contain NaN or Inf")
-    device = critic.lm_head_weight.device
-    t0 = time.perf_counter()
-    if adapter is None:
-        adapter = LatentAdapter.for_pair(critic, generator, **arch).to(device)
-    else:
-        adapter.check_critic(critic)
-        adapter.check_generator(generator)
-    images = images.to(device)
-    latents = _vae_latents(generator, images.to(generator.vae.dtype), chunk)
-    targets = _critic_tokens(critic, images.to(critic.lm_head_weight.dtype), chunk)
-    if targets.shape[1:] != (math.prod(adapter.identity.token_grid), adapter.identity.critic_width):
-        raise ValueError(
-            f"fit_latent_adapter: the critic gives {tuple(targets.shape[1:])} vision tokens per image but the "
-            f"adapter's token grid is {adapter.identity.token_grid} x width {adapter.identity.critic_width} "
-            "(a critic with a CLS token among its LM image tokens is not supported)"
-        )
-    scale = targets.pow(2).mean().clamp_min(1e-12)
-    if not adapter.fit_info:  # a fresh adapter: standardize its output to the critic's token statistics
-        adapter.token_mean.copy_(targets.mean(dim=(0, 1)))
-        adapter.token_scale.copy_((targets - adapter.token_mean).std().clamp_min(1e-12))
-    adapter.train().requires_grad_(True)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
-    g = torch.Generator("cpu").manual_seed(seed)
-    M = images.shape[0]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc="fit_latent_adapter", disable=not progress)
-    losses = []
-    noise = adapter.identity.noise
-    for _ in bar:
-        idx = torch.randint(0, M, (min(batch_size, M),), generator=g)
-        sigma = torch.rand(len(idx), generator=g) ** 2
-        eps = torch.randn(latents[idx].shape, generator=g)
-        x_t = noise_latents(latents[idx], sigma.to(device), eps.to(device), noise)
-        with torch.enable_grad():
-            pred = adapter(x_t, sigma).float()
-            tgt = targets[idx]
-            loss = (pred - tgt).pow(2).mean() / scale + (1 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    opt.zero_grad(set_to_none=True)
-    adapter.requires_grad_(False).eval()
-    k = max(1, len(losses) // 10)
-    adapter.fit_info = dict(
-        steps=steps,
-        images=M,
-        seconds=time.perf_counter() - t0,
-        first_loss=sum(losses[:k]) / k,  # mean of the first and the last 10% of the steps
-        final_loss=sum(losses[-k:]) / k,
-        lr=lr,
-        seed=seed,
-    )
-    return adapter

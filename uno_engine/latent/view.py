@@ -186,7 +186,7 @@ class LatentCritic:
                 return LatentInputs(self.critic.embed_token_probs(probs), tuple(self.generator.grid))
             adapter = self.critic.latent_adapter
             lat = self.generator.encode_images(images.to(self.generator.vae.dtype))
-            return LatentInputs(adapter(lat, 0.0), tuple(adapter.identity.token_grid))
+            return LatentInputs(adapter(lat, 0.0), tuple(adapter.grid))
 
     def _from_latents(self, gen: GeneratedLatents) -> LatentInputs:
         if self.tokens:
@@ -201,7 +201,7 @@ class LatentCritic:
             )
         adapter = self.critic.latent_adapter
         x, sigma = (gen.x0, 0.0) if self.latent_input == "x0" else (gen.xt, gen.sigma_t)
-        return LatentInputs(adapter(x, sigma), tuple(adapter.identity.token_grid))
+        return LatentInputs(adapter(x, sigma), tuple(adapter.grid))
 
     def _prefix(self, n: int) -> list[int | None]:
         if self.tokens:
