@@ -377,7 +377,9 @@ def main():
     ap.add_argument("--train", type=int, default=None, help="fit images (default 96; learning: 4096)")
     ap.add_argument("--held", type=int, default=None, help="held-out images (default 32; learning: 256)")
     ap.add_argument("--steps", type=int, default=None, help="fit steps (default 200; learning: 12000)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="images per fit step (default 8; learning: 16)"
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument(
         "--dim",
