@@ -408,6 +408,7 @@ def main():
         ("held", 32, 256),
         ("steps", 200, 12000),
         ("dim", None, 128),
+        ("batch_size", 8, 16),
     ):
         if getattr(args, k) is None:
             setattr(args, k, learning_default if learning else preset_default)
