@@ -39,13 +39,23 @@ def device_name(device: str | torch.device | None = None) -> str:
 
 
 def _commit() -> str:
+    """HEAD's short sha, "+dirty" when a tracked file outside benchmarks/results/ differs from it (the results
+    other runs wrote are not the code that was measured)."""
     try:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)benchmarks/results",
+            ],
             cwd=root,
             capture_output=True,
             text=True,
@@ -56,12 +66,16 @@ def _commit() -> str:
         return "unknown"
 
 
+# read when a benchmark starts, not when it writes: the code a run measured is the code it started with
+COMMIT_AT_START = _commit()
+
+
 def env_metadata(device: str | None = None) -> dict:
     """Device, versions, commit and date for a results file."""
     meta = {
         "device": device_name(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": COMMIT_AT_START,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

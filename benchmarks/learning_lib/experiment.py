@@ -204,8 +204,16 @@ def latent_critic(critic_model, proc, unet, s: Settings, log=None):
         gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance)
         t0 = time.time()
         torch.manual_seed(4242)  # the adapter's init: the same in every process that fits it
+        # the settings of the committed figures (learning-cpu.json): token loss only, no clean draws, latent
+        # patch 1; the caption-distilled fit of bench_latent.py is not in this ablation yet
         _ADAPTERS[key] = fit_latent_adapter(
-            critic, gen, torch.from_numpy(images), steps=s.latent_fit_steps, progress=False
+            critic,
+            gen,
+            torch.from_numpy(images),
+            steps=s.latent_fit_steps,
+            clean_fraction=0.0,
+            patch_size=1,
+            progress=False,
         )
         if log is not None:
             log(

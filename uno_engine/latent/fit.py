@@ -232,9 +232,9 @@ def fit_latent_adapter(
     for _ in bar:
         idx = torch.randint(0, M, (min(batch_size, M),), generator=g)
         sigma = torch.rand(len(idx), generator=g) ** 2
-        sigma = torch.where(
-            torch.rand(len(idx), generator=g) < clean_fraction, torch.zeros_like(sigma), sigma
-        )
+        if clean_fraction > 0:  # (no draw at 0: the stream of a clean_fraction=0 fit is that of earlier fits)
+            clean = torch.rand(len(idx), generator=g) < clean_fraction
+            sigma = torch.where(clean, torch.zeros_like(sigma), sigma)
         eps = torch.randn(latents[idx].shape, generator=g)
         x_t = noise_latents(latents[idx], sigma.to(device), eps.to(device), noise)
         with torch.enable_grad():
