@@ -300,10 +300,31 @@ def compile_layers(layers: Iterable[nn.Module], **compile_kwargs) -> int:
     n = 0
     for layer in layers:
         if "_uno_compiled" not in layer.__dict__:
-            layer.forward = torch.compile(layer.forward, **compile_kwargs)
+            layer.forward = _tolerate_kernel_context(torch.compile(layer.forward, **compile_kwargs))
             layer._uno_compiled = True
         n += 1
     return n
+
+
+def _tolerate_kernel_context(compiled):
+    """Run (and so trace) a compiled layer with Dynamo's `skip_fwd_side_effects_in_bwd_under_checkpoint`, scoped
+    to the call. Why: with the Hugging Face `kernels` library installed (transformers >= 5.25 depends on it),
+    hub-kernel layers (attention) set and reset a ContextVar around their forward; inside a checkpointed,
+    compiled layer Dynamo refuses that mutation (a graph break, an error under fullgraph=True) because the
+    backward's recomputation would not replay it. The variable only picks which kernel functions run, and is
+    reset before the layer returns, so not replaying it changes nothing the recomputation computes
+    (tests/test_checkpointing.py compares gradients with the uncompiled critic). Torch without the setting:
+    the compiled layer as it is."""
+    cfg = torch._dynamo.config
+    if not hasattr(cfg, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return compiled
+
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        with cfg.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 class _TraceableCollector:
