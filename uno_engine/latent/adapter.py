@@ -231,6 +231,13 @@ def resample_matrices(
     return out[0], out[1]
 
 
+def _check_pool(pool, grid: tuple[int, int]) -> None:
+    if not isinstance(pool, int) or pool < 1 or grid[0] % pool or grid[1] % pool:
+        raise ValueError(
+            f"LatentAdapter: pool must be an int >= 1 dividing the critic's token grid {grid}, got {pool!r}"
+        )
+
+
 def pool_resample(ry: torch.Tensor, rx: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample matrices of the pooled grid: each output row / column averages `pool` critic rows / columns."""
     return (
@@ -291,10 +298,7 @@ class LatentAdapter(nn.Module):
             )
         self.identity = identity
         gh, gw = identity.token_grid
-        if not isinstance(pool, int) or pool < 1 or gh % pool or gw % pool:
-            raise ValueError(
-                f"LatentAdapter: pool must be an int >= 1 dividing the critic's token grid {(gh, gw)}, got {pool!r}"
-            )
+        _check_pool(pool, (gh, gw))
         self.arch = dict(dim=dim, heads=heads, depth_in=depth_in, depth_out=depth_out, pool=pool)
         self.fit_info: dict = {}
         C, p = identity.latent_channels, identity.patch_size
@@ -345,11 +349,7 @@ class LatentAdapter(nn.Module):
                 f"LatentAdapter: patch_size must be an int >= 1 dividing the latent size {(h, w)}, got {patch_size!r}"
             )
         ident = adapter_identity(critic, generator, patch_size)
-        gh, gw = ident.token_grid
-        if not isinstance(pool, int) or pool < 1 or gh % pool or gw % pool:
-            raise ValueError(
-                f"LatentAdapter: pool must be an int >= 1 dividing the critic's token grid {(gh, gw)}, got {pool!r}"
-            )
+        _check_pool(pool, ident.token_grid)
         ry, rx = resample_matrices(critic.spec, ident, int(critic.patch_size))
         return cls(ident, pool_resample(ry, rx, pool), pool=pool, **arch)
 

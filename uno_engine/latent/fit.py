@@ -242,12 +242,13 @@ def fit_latent_adapter(
             tgt = targets[idx]
             loss = (pred - tgt).pow(2).mean() / scale + (1 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
             if captions is not None:
-                c, m = ids[idx.to(device)], cmask[idx.to(device)]
+                on = idx.to(device)
+                c, m = ids[on], cmask[on]
                 if teacher_all is not None:
-                    teacher = teacher_all[idx.to(device)]
+                    teacher = teacher_all[on]
                 else:
                     with torch.no_grad():
-                        teacher = caption_logits(critic, pixel_tokens[idx.to(device)], c, m).log_softmax(-1)
+                        teacher = caption_logits(critic, pixel_tokens[on], c, m).log_softmax(-1)
                 student = caption_logits(critic, pred, c, m).log_softmax(-1)
                 kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
                 kl = (kl * m).sum() / m.sum()
