@@ -135,6 +135,8 @@ class DiffusersGenerator(Generator):
         "negative_*" of each for CFG; "add_time_ids": (B, 6) optional for SDXL;
         "reference_latents": (B, C, h, w) optional, in denoiser-latent space (see below);
         "reference_images": (B, 3, H, W) in [-1, 1], optional;
+        "initial_noise": (B, C, h, w) optional, the noise the chain starts from (default: drawn from the
+            random source), so that each sample's noise can be its own whatever the batch split;
         "seed" / "generator": optional random source.
     and returns images (B, 3, H, W) in the VAE's dtype, nominally [-1, 1], not clamped; with decode=False it
     returns the x0 prediction of the last grad step as denoiser latents (B, C, h, w) fp32, with grad, without
@@ -427,6 +429,8 @@ class DiffusersGenerator(Generator):
         if ref is not None:  # noised-reference mode: x_s = alpha_s * x0_ref + sigma_s * noise
             eps = randn(ref.shape, generator=g, device=device, dtype=torch.float32)
             return self._alphas[s] * ref.to(device) + self._sigmas[s] * eps, s
+        if noise is None:
+            noise = batch.get("initial_noise")  # the caller's per-sample noise (uno-train: seeded per sample)
         if noise is None:
             h, w = self.latent_size
             noise = randn((B, self.latent_channels, h, w), generator=g, device=device, dtype=torch.float32)

@@ -1,0 +1,306 @@
+"""`uno-train` end to end on the CPU, on tiny models written with save_pretrained into a temporary folder
+(uno_engine.testing.presets.folders: SD-1.x and FLUX.1 pipelines, LLaVA and Qwen2-VL critics with word-level
+tokenizers and a chat template built in-process).
+
+- a run writes the LoRA in diffusers' format (pipe.load_lora_weights loads it, and it changes the denoiser),
+  the model card, a PNG grid per validation (one before training) and the per-token diagnosis;
+- a run resumed from its checkpoint equals the uninterrupted run, bitwise (every LoRA tensor, torch.equal);
+- each bad input of the issue exits non-zero with one line naming the thing, no traceback;
+- (distributed) 2 gloo processes under `accelerate launch` equal 1 process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uno_engine.testing.presets.folders import save_tiny_critic, save_tiny_pipeline, write_prompts
+from uno_engine.train import main
+
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+FAST = ["--resolution", "32", "--num_inference_steps", "2", "--rank", "4", "--learning_rate", "1e-2"]
+FAST += ["--cpu", "--no_progress_bar"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uno_tiny")
+    for name in ("tiny-sd", "tiny-flux"):
+        save_tiny_pipeline(name, root / name)
+    for name in ("tiny-llava", "tiny-qwen2-vl"):
+        save_tiny_critic(name, root / name)
+    write_prompts(root / "prompts.jsonl")
+    return root
+
+
+def _argv(tiny, out, pipe="tiny-sd", critic="tiny-llava", *extra):
+    return [
+        "--pretrained_model_name_or_path",
+        str(tiny / pipe),
+        "--critic_model_name_or_path",
+        str(tiny / critic),
+        "--train_data",
+        str(tiny / "prompts.jsonl"),
+        "--output_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+
+
+def _denoiser_out(pipe, seed=3):
+    """The denoiser's output on a fixed input (no text encoder: random conditioning of the right shape)."""
+    g = torch.Generator().manual_seed(seed)
+    den = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    with torch.no_grad():
+        if hasattr(pipe, "unet"):
+            x = torch.randn(1, 4, 4, 4, generator=g)
+            return den(x, torch.tensor([500.0]), torch.randn(1, 8, 32, generator=g)).sample
+        x = torch.randn(1, 4, 16, generator=g)  # FLUX: packed 2x2 latent tokens of a 4x4 latent
+        return den(
+            hidden_states=x,
+            encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+            pooled_projections=torch.randn(1, 24, generator=g),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.zeros(4, 3),
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([3.5]),
+        ).sample
+
+
+def _check_lora_loads(tiny, pipe_name, out):
+    """pipe.load_lora_weights(out) loads the trained adapters (equal to the last checkpoint's) and changes
+    the denoiser's output."""
+    from diffusers import DiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(tiny / pipe_name)
+    before = _denoiser_out(pipe)
+    pipe.load_lora_weights(out, adapter_name="uno")
+    after = _denoiser_out(pipe)
+    assert (after - before).abs().max() > 1e-4, "the LoRA does not change the denoiser"
+    den = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    loaded = get_peft_model_state_dict(den, adapter_name="uno")
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trained = load_file(last / "uno_lora.safetensors")
+    assert len(loaded) == len(trained) > 0
+    for k, v in trained.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_sd_llava_run_writes_lora_card_and_validation(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _argv(tiny, out, "tiny-sd", "tiny-llava", "--max_train_steps", "2", "--train_batch_size", "2")
+    argv += ["--checkpointing_steps", "2", "--validation_prompts", "a red cube|a blue ball", "--validation_steps", "2"]
+    assert main(argv) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    for step in (0, 2):  # one validation before training, one at step 2
+        assert (out / "validation" / f"step-{step:06d}.png").is_file()
+        diag = json.loads((out / "validation" / f"step-{step:06d}" / "diagnosis.json").read_text())
+        assert len(diag["images"] if "images" in diag else diag["rows"]) == 2
+    card = (out / "README.md").read_text()
+    assert str(tiny / "tiny-sd") in card and str(tiny / "tiny-llava") in card
+    assert "| caption_ce |" in card and "`--rank` | `4`" in card
+    _check_lora_loads(tiny, "tiny-sd", out)
+
+
+def test_flux_qwen2vl_run(tiny, tmp_path):
+    out = tmp_path / "flux"
+    argv = _argv(tiny, out, "tiny-flux", "tiny-qwen2-vl", "--max_train_steps", "2", "--train_batch_size", "1")
+    argv += ["--checkpointing_steps", "2", "--gradient_accumulation_steps", "2"]
+    assert main(argv) == 0
+    assert "flux denoiser" in (out / "README.md").read_text()
+    _check_lora_loads(tiny, "tiny-flux", out)
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tiny, tmp_path):
+    """4 steps straight vs a run interrupted after its checkpoint at step 2 and resumed by a new Trainer (new
+    models, optimizer, scheduler, stream) with --resume_from_checkpoint latest; a cosine schedule, and the data
+    stream crosses an epoch (8 records, 3 per step)."""
+    from uno_engine.train.args import parse_args
+    from uno_engine.train.loop import Trainer
+
+    common = ["--train_batch_size", "3", "--checkpointing_steps", "2", "--lr_scheduler", "cosine"]
+    common += ["--max_train_steps", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(_argv(tiny, straight, "tiny-sd", "tiny-llava", *common)) == 0
+    interrupted = Trainer.build(parse_args(_argv(tiny, split, "tiny-sd", "tiny-llava", *common)))
+    for _ in range(2):
+        interrupted.train_step()
+    interrupted.save_checkpoint()
+    del interrupted
+    resumed = ["--resume_from_checkpoint", "latest"]
+    assert main(_argv(tiny, split, "tiny-sd", "tiny-llava", *common, *resumed)) == 0
+    a = load_file(straight / "checkpoint-4" / "uno_lora.safetensors")
+    b = load_file(split / "checkpoint-4" / "uno_lora.safetensors")
+    mid = load_file(straight / "checkpoint-2" / "uno_lora.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert any(not torch.equal(a[k], mid[k]) for k in a), "steps 3-4 must change the LoRA"
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: resumed run differs from the uninterrupted one"
+    fa = load_file(straight / "pytorch_lora_weights.safetensors")
+    fb = load_file(split / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _bad_jsonl(tmp_path, text):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    return path
+
+
+def _unknown_family(tmp_path):
+    """A diffusers pipeline no family takes: an unconditional DDPMPipeline (UNet2DModel)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    return tmp_path / "ddpm"
+
+
+BAD = {
+    "missing pipeline folder": (
+        lambda t, tiny: ["--pretrained_model_name_or_path", str(t / "nope")],
+        r"--pretrained_model_name_or_path .*nope: folder does not exist",
+    ),
+    "missing critic folder": (
+        lambda t, tiny: ["--critic_model_name_or_path", "./no/such/critic"],
+        r"--critic_model_name_or_path ./no/such/critic: folder does not exist",
+    ),
+    "line not JSON": (
+        lambda t, tiny: ["--train_data", str(_bad_jsonl(t, '{"prompt": "a cube"}\n{"prompt": oops}\n'))],
+        r"bad\.jsonl:2: not JSON",
+    ),
+    "line without prompt": (
+        lambda t, tiny: ["--train_data", str(_bad_jsonl(t, '{"prompt": "a"}\n\n{"caption": "b"}\n'))],
+        r'bad\.jsonl:3: no "prompt"',
+    ),
+    "caption longer than the context": (
+        lambda t, tiny: ["--train_data", str(_bad_jsonl(t, json.dumps({"prompt": "a", "caption": "cat " * 5000}) + "\n"))],
+        r"record 1: the caption has 5000 tokens, longer than the critic's context \(4096 positions",
+    ),
+    "unknown pipeline family": (
+        lambda t, tiny: ["--pretrained_model_name_or_path", str(_unknown_family(t))],
+        r"DDPMPipeline with UNet2DModel denoiser is not a supported pipeline family",
+    ),
+    "missing resume checkpoint": (
+        lambda t, tiny: ["--resume_from_checkpoint", str(t / "checkpoint-7")],
+        r"--resume_from_checkpoint .*checkpoint-7: no such checkpoint folder",
+    ),
+}
+
+
+def _replace(argv, extra):
+    """argv with the options in `extra` replaced (or added)."""
+    argv = list(argv)
+    for i in range(0, len(extra), 2):
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i : i + 2]
+    return argv
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line(case, tiny, tmp_path, capsys):
+    make, pattern = BAD[case]
+    argv = _replace(_argv(tiny, tmp_path / "out", "tiny-sd", "tiny-llava", "--max_train_steps", "1"), make(tmp_path, tiny))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [l for l in err if "torchvision" not in l and "Loading" not in l]  # library notices, not ours
+    ours = [l for l in err if l.startswith("uno-train: error:")]
+    assert len(ours) == 1, err
+    import re
+
+    assert re.search(pattern, ours[0]), ours[0]
+
+
+def test_bad_input_exits_without_traceback(tiny, tmp_path):
+    """The installed entry point, as a process: exit status 2, one error line, no traceback."""
+    argv = _replace(_argv(tiny, tmp_path / "o", "tiny-sd", "tiny-llava"), ["--train_data", str(tmp_path / "none.jsonl")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "uno_engine.train", *argv], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"uno-train: error: --train_data {tmp_path / 'none.jsonl'}: file does not exist"
+
+
+# ------------------------------------------------------------------------------------------- distributed
+DRIVER = """
+import sys, torch
+from uno_engine import distributed as D
+from uno_engine.train.args import parse_args
+from uno_engine.train.loop import Trainer
+
+dump, argv = sys.argv[1], sys.argv[2:]
+trainer = Trainer.build(parse_args(argv))
+grads = {}
+trainer.after_backward = lambda t: grads.update(D.full_grads(t.step.generator))
+metrics = trainer.train_step()
+if trainer.accelerator.is_main_process:
+    torch.save({"loss": metrics["loss"], "grads": grads, "world": trainer.world}, dump)
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one(tiny, tmp_path):
+    """accelerate launch, 2 gloo processes x batch 2 == 1 process x batch 4: loss and LoRA gradients within
+    1e-5 (relative)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    runs = {}
+    for world, batch in ((1, 4), (2, 2)):
+        dump = tmp_path / f"w{world}.pt"
+        argv = _argv(tiny, tmp_path / f"out{world}", "tiny-sd", "tiny-llava", "--train_batch_size", str(batch))
+        launch = [sys.executable, str(driver)]
+        if world > 1:
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "--main_process_port", str(_free_port()), str(driver)]
+        proc = subprocess.run([*launch, str(dump), *argv], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[world] = torch.load(dump)
+        assert runs[world]["world"] == world
+    one, two = runs[1], runs[2]
+    assert abs(two["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 0
+    num = sum((two["grads"][k] - g).double().norm() ** 2 for k, g in one["grads"].items()) ** 0.5
+    den = sum(g.double().norm() ** 2 for g in one["grads"].values()) ** 0.5
+    assert den > 0 and num / den <= 1e-5, f"LoRA gradients differ: relative {float(num / den):.2e}"
