@@ -109,7 +109,14 @@ def _check_lora_loads(tiny, pipe_name, out):
 def test_sd_llava_run_writes_lora_card_and_validation(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _argv(tiny, out, "tiny-sd", "tiny-llava", "--max_train_steps", "2", "--train_batch_size", "2")
-    argv += ["--checkpointing_steps", "2", "--validation_prompts", "a red cube|a blue ball", "--validation_steps", "2"]
+    argv += [
+        "--checkpointing_steps",
+        "2",
+        "--validation_prompts",
+        "a red cube|a blue ball",
+        "--validation_steps",
+        "2",
+    ]
     assert main(argv) == 0
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     for step in (0, 2):  # one validation before training, one at step 2
@@ -202,18 +209,40 @@ BAD = {
         r'bad\.jsonl:3: no "prompt"',
     ),
     "caption longer than the context": (
-        lambda t, tiny: ["--train_data", str(_bad_jsonl(t, json.dumps({"prompt": "a", "caption": "cat " * 5000}) + "\n"))],
+        lambda t, tiny: [
+            "--train_data",
+            str(_bad_jsonl(t, json.dumps({"prompt": "a", "caption": "cat " * 5000}) + "\n")),
+        ],
         r"record 1: the caption has 5000 tokens, longer than the critic's context \(4096 positions",
     ),
     "unknown pipeline family": (
         lambda t, tiny: ["--pretrained_model_name_or_path", str(_unknown_family(t))],
         r"DDPMPipeline with UNet2DModel denoiser is not a supported pipeline family",
     ),
+    "tracker not installed": (
+        lambda t, tiny: ["--report_to", "wandb"],
+        r"--report_to wandb needs `wandb`: pip install wandb",
+    ),
     "missing resume checkpoint": (
         lambda t, tiny: ["--resume_from_checkpoint", str(t / "checkpoint-7")],
         r"--resume_from_checkpoint .*checkpoint-7: no such checkpoint folder",
     ),
 }
+
+
+try:
+    import datasets  # noqa: F401
+except ImportError:  # the datasets source is optional: without the package, a clear line
+    BAD["datasets source without datasets"] = (
+        lambda t, tiny: ["--train_data", "some-org/some-prompts"],
+        r"--train_data some-org/some-prompts: not a JSONL file, and reading a `datasets` folder or name needs",
+    )
+try:
+    import wandb  # noqa: F401
+
+    del BAD["tracker not installed"]
+except ImportError:
+    pass
 
 
 def _replace(argv, extra):
@@ -230,7 +259,9 @@ def _replace(argv, extra):
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line(case, tiny, tmp_path, capsys):
     make, pattern = BAD[case]
-    argv = _replace(_argv(tiny, tmp_path / "out", "tiny-sd", "tiny-llava", "--max_train_steps", "1"), make(tmp_path, tiny))
+    argv = _replace(
+        _argv(tiny, tmp_path / "out", "tiny-sd", "tiny-llava", "--max_train_steps", "1"), make(tmp_path, tiny)
+    )
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     err = [l for l in err if "torchvision" not in l and "Loading" not in l]  # library notices, not ours
@@ -243,30 +274,51 @@ def test_bad_input_is_one_line(case, tiny, tmp_path, capsys):
 
 def test_bad_input_exits_without_traceback(tiny, tmp_path):
     """The installed entry point, as a process: exit status 2, one error line, no traceback."""
-    argv = _replace(_argv(tiny, tmp_path / "o", "tiny-sd", "tiny-llava"), ["--train_data", str(tmp_path / "none.jsonl")])
+    argv = _replace(
+        _argv(tiny, tmp_path / "o", "tiny-sd", "tiny-llava"), ["--train_data", str(tmp_path / "none.jsonl")]
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "uno_engine.train", *argv], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "uno_engine.train", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"uno-train: error: --train_data {tmp_path / 'none.jsonl'}: file does not exist"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"uno-train: error: --train_data {tmp_path / 'none.jsonl'}: file does not exist"
+    )
 
 
 # ------------------------------------------------------------------------------------------- distributed
-DRIVER = """
-import sys, torch
-from uno_engine import distributed as D
-from uno_engine.train.args import parse_args
-from uno_engine.train.loop import Trainer
+def first_step(argv) -> dict:
+    """Build a Trainer from `argv`, run one step; {"loss", "grads" (full LoRA grads before clipping), "world"}."""
+    from uno_engine import distributed as D
+    from uno_engine.train.args import parse_args
+    from uno_engine.train.loop import Trainer
 
-dump, argv = sys.argv[1], sys.argv[2:]
-trainer = Trainer.build(parse_args(argv))
-grads = {}
-trainer.after_backward = lambda t: grads.update(D.full_grads(t.step.generator))
-metrics = trainer.train_step()
-if trainer.accelerator.is_main_process:
-    torch.save({"loss": metrics["loss"], "grads": grads, "world": trainer.world}, dump)
+    trainer = Trainer.build(parse_args(argv))
+    grads = {}
+    trainer.after_backward = lambda t: grads.update(D.full_grads(t.step.generator))
+    metrics = trainer.train_step()
+    return {
+        "loss": metrics["loss"],
+        "grads": grads,
+        "world": trainer.world,
+        "main": trainer.accelerator.is_main_process,
+    }
+
+
+DRIVER = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_train_cli import first_step
+
+run = first_step(sys.argv[2:])
+if run["main"]:
+    torch.save(run, sys.argv[1])
 """
 
 
@@ -278,29 +330,28 @@ def _free_port():
 
 @pytest.mark.distributed
 def test_two_processes_equal_one(tiny, tmp_path):
-    """accelerate launch, 2 gloo processes x batch 2 == 1 process x batch 4: loss and LoRA gradients within
-    1e-5 (relative)."""
+    """accelerate launch, 2 gloo processes x batch 2 == 1 process x batch 4 (in this process): loss and LoRA
+    gradients within 1e-5 (relative)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    runs = {}
-    for world, batch in ((1, 4), (2, 2)):
-        dump = tmp_path / f"w{world}.pt"
-        argv = _argv(tiny, tmp_path / f"out{world}", "tiny-sd", "tiny-llava", "--train_batch_size", str(batch))
-        launch = [sys.executable, str(driver)]
-        if world > 1:
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "--main_process_port", str(_free_port()), str(driver)]
-        proc = subprocess.run([*launch, str(dump), *argv], capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs[world] = torch.load(dump)
-        assert runs[world]["world"] == world
-    one, two = runs[1], runs[2]
+    one = first_step(_argv(tiny, tmp_path / "out1", "tiny-sd", "tiny-llava", "--train_batch_size", "4"))
+    dump = tmp_path / "w2.pt"
+    argv = _argv(tiny, tmp_path / "out2", "tiny-sd", "tiny-llava", "--train_batch_size", "2")
+    accelerate = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1"
+    accelerate += " --mixed_precision no --dynamo_backend no --main_process_port"
+    launch = [sys.executable, *accelerate.split(), str(_free_port()), str(driver), str(dump), *argv]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = torch.load(dump)
+    assert one["world"] == 1 and two["world"] == 2
     assert abs(two["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 0
     num = sum((two["grads"][k] - g).double().norm() ** 2 for k, g in one["grads"].items()) ** 0.5
     den = sum(g.double().norm() ** 2 for g in one["grads"].values()) ** 0.5
+    print(
+        f"2 processes vs 1: loss rel {abs(two['loss'] - one['loss']) / abs(one['loss']):.2e}, grads rel {float(num / den):.2e}"
+    )
     assert den > 0 and num / den <= 1e-5, f"LoRA gradients differ: relative {float(num / den):.2e}"

@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-train a diffusers pipeline with LoRA under a frozen understanding critic (UNO).",
     )
     m = p.add_argument_group("models")
-    m.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or hub id")
+    m.add_argument(
+        "--pretrained_model_name_or_path", required=True, help="diffusers pipeline folder or hub id"
+    )
     m.add_argument("--revision", default=None, help="hub revision of the pipeline (and the critic)")
     m.add_argument("--variant", default=None, help="weights variant of the pipeline, e.g. fp16")
     m.add_argument(
@@ -82,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--view", default="pixel", choices=("pixel", "latent"))
     mem = p.add_argument_group("memory")
     mem.add_argument("--critic_checkpoint", default="auto", help="auto | none | layer | selective | offload")
-    mem.add_argument("--shard_critic", action="store_true", help="FSDP2-shard the frozen critic (multi-process)")
-    mem.add_argument("--gradient_checkpointing", action="store_true", help="recompute the grad sampling steps")
+    mem.add_argument(
+        "--shard_critic", action="store_true", help="FSDP2-shard the frozen critic (multi-process)"
+    )
+    mem.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute the grad sampling steps"
+    )
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpointing_steps", type=int, default=500)
     c.add_argument("--checkpoints_total_limit", type=int, default=None)

@@ -42,7 +42,9 @@ def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
     if not path.is_dir():
         raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     if not (path / "uno_lora.safetensors").is_file():
-        raise UsageError(f"--resume_from_checkpoint {value}: not a uno-train checkpoint (no uno_lora.safetensors)")
+        raise UsageError(
+            f"--resume_from_checkpoint {value}: not a uno-train checkpoint (no uno_lora.safetensors)"
+        )
     return path
 
 
@@ -65,7 +67,11 @@ class CheckpointIO:
         accelerator.register_load_state_pre_hook(self._load_hook)
 
     def _heads(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.loss.state_dict().items() if k.startswith(("density_head", "structure_head"))}
+        return {
+            k: v
+            for k, v in self.loss.state_dict().items()
+            if k.startswith(("density_head", "structure_head"))
+        }
 
     def _save_hook(self, models, weights, output_dir):
         from peft.utils import get_peft_model_state_dict
@@ -74,7 +80,10 @@ class CheckpointIO:
         if self.accelerator.is_main_process:
             out = Path(output_dir)
             den = self.generator.denoiser
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()}, out / "uno_lora.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()},
+                out / "uno_lora.safetensors",
+            )
             self.save_lora(den, out)
             if heads := self._heads():
                 save_file({k: v.contiguous() for k, v in heads.items()}, out / "uno_heads.safetensors")
@@ -88,8 +97,10 @@ class CheckpointIO:
         path = Path(input_dir)
         result = set_peft_model_state_dict(self.generator.denoiser, load_file(path / "uno_lora.safetensors"))
         if getattr(result, "unexpected_keys", None):
-            raise UsageError(f"--resume_from_checkpoint {input_dir}: LoRA keys that this run does not have "
-                             f"(first: {result.unexpected_keys[0]}); was it written with other --rank / targets?")
+            raise UsageError(
+                f"--resume_from_checkpoint {input_dir}: LoRA keys that this run does not have "
+                f"(first: {result.unexpected_keys[0]}); was it written with other --rank / targets?"
+            )
         if (path / "uno_heads.safetensors").is_file():
             self.loss.load_state_dict(load_file(path / "uno_heads.safetensors"), strict=False)
         while models:

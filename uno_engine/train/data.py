@@ -85,14 +85,18 @@ def read_dataset(name: str, *, prompt_column: str, caption_column: str, split: s
             "`datasets` package (pip install datasets)"
         ) from None
     try:
-        if Path(name).is_dir() and (Path(name) / "dataset_dict.json").exists() or (
-            Path(name) / "dataset_info.json"
-        ).exists():
+        if (
+            Path(name).is_dir()
+            and (Path(name) / "dataset_dict.json").exists()
+            or (Path(name) / "dataset_info.json").exists()
+        ):
             ds = datasets.load_from_disk(name)
         else:
             ds = datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - any loader failure is the user's source: one line
-        raise UsageError(f"--train_data {name}: cannot load it with `datasets` ({type(e).__name__}: {e})") from None
+        raise UsageError(
+            f"--train_data {name}: cannot load it with `datasets` ({type(e).__name__}: {e})"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UsageError(f"--dataset_split {split!r}: {name} has splits {sorted(ds)}")
@@ -101,7 +105,11 @@ def read_dataset(name: str, *, prompt_column: str, caption_column: str, split: s
         raise UsageError(f"--prompt_column {prompt_column!r}: {name} has columns {ds.column_names}")
     records = []
     for i, row in enumerate(ds):
-        obj = {"prompt": row[prompt_column], "caption": row.get(caption_column), "negatives": row.get("negatives")}
+        obj = {
+            "prompt": row[prompt_column],
+            "caption": row.get(caption_column),
+            "negatives": row.get("negatives"),
+        }
         records.append(_record(obj, f"--train_data {name} row {i}", Path(".")))
     if not records:
         raise UsageError(f"--train_data {name}: no rows")
@@ -113,10 +121,17 @@ def read_records(args) -> list[Record]:
     path = Path(args.train_data)
     if path.is_file():
         return read_jsonl(path)
-    if path.suffix in (".jsonl", ".json") or args.train_data.startswith((".", "/", "~")) and not path.exists():
+    if (
+        path.suffix in (".jsonl", ".json")
+        or args.train_data.startswith((".", "/", "~"))
+        and not path.exists()
+    ):
         raise UsageError(f"--train_data {args.train_data}: file does not exist")
     return read_dataset(
-        args.train_data, prompt_column=args.prompt_column, caption_column=args.caption_column, split=args.dataset_split
+        args.train_data,
+        prompt_column=args.prompt_column,
+        caption_column=args.caption_column,
+        split=args.dataset_split,
     )
 
 
@@ -201,7 +216,9 @@ class CaptionTokenizer:
         return mask.sum(1).tolist()
 
 
-def pad(rows: list[list[int]], length: int | None = None, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    rows: list[list[int]], length: int | None = None, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(1, length or max(len(r) for r in rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
@@ -224,7 +241,9 @@ def image_token_count(critic, height: int, width: int) -> int:
     return (size // patch) ** 2 if size and patch else 0
 
 
-def check_caption_lengths(records: list[Record], tokenize: CaptionTokenizer, context: int, image_tokens: int, source):
+def check_caption_lengths(
+    records: list[Record], tokenize: CaptionTokenizer, context: int, image_tokens: int, source
+):
     """Every caption and negative fits the critic's context with the image: else UsageError naming the record."""
     budget = context - image_tokens
     texts = [(i, "caption", r.caption) for i, r in enumerate(records)]

@@ -43,18 +43,20 @@ class Trainer:
         validation_prompts = data.read_validation_prompts(args.validation_prompts)
         resume = checkpoints.resolve_resume(args.resume_from_checkpoint, out)
         log_with = None if args.report_to == "none" else args.report_to
-        if log_with == "tensorboard":
-            models.require("tensorboard", "--report_to tensorboard")
-        elif log_with == "wandb":
-            models.require("wandb", "--report_to wandb")
+        if log_with is not None:
+            models.require(log_with, f"--report_to {log_with}", install=log_with)
         accelerator = accelerate.Accelerator(
             cpu=args.cpu,
             mixed_precision=args.mixed_precision,
             log_with=log_with,
-            project_config=accelerate.utils.ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            project_config=accelerate.utils.ProjectConfiguration(
+                project_dir=str(out), logging_dir=str(out / "logs")
+            ),
             kwargs_handlers=[accelerate.utils.DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
         pipe = models.load_pipeline(args, dtype)
         critic, tokenizer = models.load_critic(args, dtype)
         return cls(args, accelerator, pipe, critic, tokenizer, records, validation_prompts, resume)
@@ -84,11 +86,15 @@ class Trainer:
         with_images = [r.image is not None for r in records]
         if any(with_images) and not all(with_images):
             first = with_images.index(not with_images[0]) + 1
-            raise UsageError(f'--train_data {args.train_data}: record {first} differs from record 1 in having an "image" (all or none)')
+            raise UsageError(
+                f'--train_data {args.train_data}: record {first} differs from record 1 in having an "image" (all or none)'
+            )
         self.with_images = all(with_images)
         needs_images = args.generator_loss_weight > 0 or args.density_weight > 0 or args.structure_weight > 0
         if needs_images and not self.with_images:
-            raise UsageError('--generator_loss_weight / --density_weight / --structure_weight need an "image" in every record')
+            raise UsageError(
+                '--generator_loss_weight / --density_weight / --structure_weight need an "image" in every record'
+            )
         if args.shard_critic and self.world > 1:
             D.shard_frozen_critic(critic)
         params = [p for p in step.parameters() if p.requires_grad]
@@ -97,19 +103,26 @@ class Trainer:
         if any(p.requires_grad for p in step.uno_loss.parameters()):
             step.uno_loss = accelerator.prepare_model(step.uno_loss)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer, _lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
+            self.optimizer.optimizer,
+            _lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps),
         )
         self.step, self.gen = step, gen
         self.stream = data.DataStream(len(records), args.seed)
         accelerator.register_for_checkpointing(self.stream, self.lr_scheduler)
-        checkpoints.CheckpointIO(accelerator, step.generator, step.uno_loss, lambda den, d: models.save_lora(pipe, den, d))
+        checkpoints.CheckpointIO(
+            accelerator, step.generator, step.uno_loss, lambda den, d: models.save_lora(pipe, den, d)
+        )
         self.global_step, self.metrics, self.validation_images = 0, {}, []
         self.after_backward = None  # tests: a callable(trainer) run after the step's last backward
         self.latent_shape = (gen.latent_channels, *gen.latent_size)
 
     # ------------------------------------------------------------------------------------------------ step
     def autocast(self):
-        return self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else contextlib.nullcontext()
+        return (
+            self.accelerator.autocast()
+            if self.accelerator.mixed_precision != "no"
+            else contextlib.nullcontext()
+        )
 
     def negative_prompt_kw(self, n: int) -> dict:
         return {"negative_prompts": [""] * n} if self.args.guidance_scale > 1 else {}
@@ -130,7 +143,11 @@ class Trainer:
         for j in range(A):
             rows = list(local[j * B : (j + 1) * B])
             batch = {k: v[rows].to(self.device) for k, v in tokens.items()}
-            batch.update(encode_prompts(self.pipe, [records[r].prompt for r in rows], **self.negative_prompt_kw(len(rows))))
+            batch.update(
+                encode_prompts(
+                    self.pipe, [records[r].prompt for r in rows], **self.negative_prompt_kw(len(rows))
+                )
+            )
             noise = data.sample_noise([picks[r][0] for r in rows], a.seed, self.latent_shape)
             batch["initial_noise"] = noise.to(self.device)
             batch["seed"] = seed
@@ -150,7 +167,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for j, batch in enumerate(micro):
             sync = j == len(micro) - 1
-            with (contextlib.nullcontext() if sync else D.no_sync(self.step)), self.autocast():
+            with contextlib.nullcontext() if sync else D.no_sync(self.step), self.autocast():
                 out = self.step(batch)
             self.accelerator.backward(out.loss)
             for k, v in out.metrics.items():
@@ -173,7 +190,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
     def resume(self) -> None:
         if self.args.resume_from_checkpoint is not None and self.resume_path is None:
-            self.accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir}; starting fresh")
+            self.accelerator.print(
+                f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir}; starting fresh"
+            )
         if self.resume_path is None:
             return
         step = checkpoints.step_of(self.resume_path)
@@ -212,7 +231,9 @@ class Trainer:
         while self.global_step < a.max_train_steps:
             self.metrics = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{self.metrics['loss']:.4f}", caption_ce=f"{self.metrics.get('caption_ce', 0):.4f}")
+            bar.set_postfix(
+                loss=f"{self.metrics['loss']:.4f}", caption_ce=f"{self.metrics.get('caption_ce', 0):.4f}"
+            )
             acc.log(self.metrics, step=self.global_step)
             if self.global_step % a.checkpointing_steps == 0:
                 self.save_checkpoint()

@@ -31,7 +31,9 @@ SETTINGS = (
 )
 
 
-def write_model_card(out_dir: Path, args, *, family: str, targets, metrics: dict, world_size: int, validation: list[str]) -> Path:
+def write_model_card(
+    out_dir: Path, args, *, family: str, targets, metrics: dict, world_size: int, validation: list[str]
+) -> Path:
     """Write out_dir/README.md and return its path."""
     base, critic = args.pretrained_model_name_or_path, args.critic_model_name_or_path
     rows = []

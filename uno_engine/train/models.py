@@ -22,14 +22,14 @@ DIT_TARGETS = UNET_TARGETS + ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_
 DEFAULT_TARGETS = {"sd": UNET_TARGETS, "sdxl": UNET_TARGETS}  # every other family: DIT_TARGETS
 
 
-def require(module: str, why: str):
+def require(module: str, why: str, install: str = "'uno_engine[train]'"):
     """Import an optional dependency of the command, or a UsageError with the install hint."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"{why} needs `{module}`: pip install 'uno_engine[train]'") from None
+        raise UsageError(f"{why} needs `{module}`: pip install {install}") from None
 
 
 def check_model_path(value: str, arg: str) -> None:
@@ -59,10 +59,14 @@ def load_pipeline(args, dtype: torch.dtype):
     path = args.pretrained_model_name_or_path
     check_model_path(path, "--pretrained_model_name_or_path")
     try:
-        kw = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32: the default, no deprecation notice
+        kw = (
+            {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        )  # fp32: the default, no deprecation notice
         pipe = DiffusionPipeline.from_pretrained(path, revision=args.revision, variant=args.variant, **kw)
     except Exception as e:  # noqa: BLE001 - a folder that is not a loadable pipeline: one line, no traceback
-        raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a diffusers pipeline ({_one_line(e)})") from None
+        raise UsageError(
+            f"--pretrained_model_name_or_path {path}: cannot load a diffusers pipeline ({_one_line(e)})"
+        ) from None
     try:
         den = pipeline_denoiser(pipe)
     except ValueError:
@@ -95,7 +99,9 @@ def load_critic(args, dtype: torch.dtype):
         )
         model = cls.from_pretrained(path, dtype=dtype, **kw).eval()
     except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--critic_model_name_or_path {path}: cannot load an image-text-to-text model ({_one_line(e)})") from None
+        raise UsageError(
+            f"--critic_model_name_or_path {path}: cannot load an image-text-to-text model ({_one_line(e)})"
+        ) from None
     try:
         processor = transformers.AutoProcessor.from_pretrained(path, **kw)
     except Exception:  # noqa: BLE001 - e.g. a processor that wants torchvision: load the parts below
@@ -108,12 +114,18 @@ def load_critic(args, dtype: torch.dtype):
         if tokenizer is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kw)
     except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--critic_model_name_or_path {path}: cannot load its image processor / tokenizer ({_one_line(e)})") from None
+        raise UsageError(
+            f"--critic_model_name_or_path {path}: cannot load its image processor / tokenizer ({_one_line(e)})"
+        ) from None
     options = dict(checkpoint=args.critic_checkpoint)
     takes_instruction = "instruction" in inspect.signature(Critic.from_hf).parameters
     if takes_instruction and args.instruction is not None:
         options["instruction"] = args.instruction
-    full = processor if (takes_instruction and processor is not None and tokenizer is not None) else image_processor
+    full = (
+        processor
+        if (takes_instruction and processor is not None and tokenizer is not None)
+        else image_processor
+    )
     try:
         critic = Critic.from_hf(model, full, **options)
     except (TypeError, ValueError) as e:
@@ -129,7 +141,9 @@ def add_lora(denoiser, family: str, args) -> list[torch.nn.Parameter]:
     targets = list(args.lora_target_modules or DEFAULT_TARGETS.get(family, DIT_TARGETS))
     denoiser.requires_grad_(False)
     torch.manual_seed(args.seed)  # the same adapter init on every process
-    config = peft.LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
+    config = peft.LoraConfig(
+        r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets
+    )
     try:
         denoiser.add_adapter(config)
     except ValueError as e:
@@ -183,7 +197,10 @@ def save_lora(pipe, denoiser, out_dir: Path) -> Path:
     if saver is None:  # a pipeline without diffusers' LoRA loader: the same file, keys under the denoiser
         from safetensors.torch import save_file
 
-        save_file({f"{attr}.{k}": v.contiguous() for k, v in layers.items()}, out_dir / "pytorch_lora_weights.safetensors")
+        save_file(
+            {f"{attr}.{k}": v.contiguous() for k, v in layers.items()},
+            out_dir / "pytorch_lora_weights.safetensors",
+        )
     else:
         kw = {f"{attr}_lora_layers": layers}
         if f"{attr}_lora_adapter_metadata" in inspect.signature(saver).parameters:

@@ -150,7 +150,12 @@ def save_tiny_critic(name: str, out: str | Path, seed: int = 0) -> Path:
         processor.save_pretrained(out)
     elif name == "tiny-qwen2-vl":
         model, image_processor = build_critic_model("tiny-qwen2-vl", seed=seed)
-        specials = {"<|image_pad|>": 124, "<|video_pad|>": 125, "<|vision_start|>": 126, "<|vision_end|>": 127}
+        specials = {
+            "<|image_pad|>": 124,
+            "<|video_pad|>": 125,
+            "<|vision_start|>": 126,
+            "<|vision_end|>": 127,
+        }
         model.save_pretrained(out)
         image_processor.save_pretrained(out)  # image-only: Qwen2VLProcessor's video half wants torchvision
         word_tokenizer(4096, special=specials).save_pretrained(out)
@@ -167,7 +172,9 @@ def write_prompts(path: str | Path, prompts=PROMPTS) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m uno_engine.testing.presets.folders", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m uno_engine.testing.presets.folders", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--out", required=True, help="folder to write the tiny models and prompts.jsonl into")
     args = p.parse_args(argv)
     out = Path(args.out)
