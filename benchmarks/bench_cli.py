@@ -8,7 +8,8 @@ Two whole optimizer steps, timed interleaved on the SAME step object (every vari
 of a shared machine hits them alike):
 
 - "unostep": `step(batch)`, `loss.backward()`, `optimizer.step()`, `zero_grad()` on a batch built once
-  (prompt embeddings, caption ids, noise ready on the device): the engine alone;
+  (prompt embeddings, caption ids, noise ready on the device): the engine alone. Its "seed" follows the CLI's
+  sequence, so both draw the same sampling start steps (6 or 7 steps without grad before the grad step);
 - "cli": one iteration of `uno-train`'s loop: `Trainer.train_step()` (the next records of the stream, caption
   tokenization, `encode_prompts` with the pipeline's text encoder, per-sample noise, the token count, forward,
   backward, gradient clipping, optimizer and LR scheduler, the metrics read back once) plus the progress bar
@@ -77,7 +78,11 @@ def main(argv=None):
         bar = tqdm(total=10**9, file=io.StringIO())  # the loop's bar, drawn into a buffer
         cpu: dict[str, list[float]] = {"unostep": [], "cli": []}
 
+        seeds = iter(range(10**9))
+
         def unostep():
+            # the CLI's seed sequence: the same sampling start steps (their cost varies with the step drawn)
+            fixed["seed"] = trainer.args.seed * 1_000_003 + next(seeds)
             t = time.process_time()
             step(fixed).loss.backward()
             opt.step()

@@ -355,3 +355,26 @@ def test_two_processes_equal_one(tiny, tmp_path):
         f"2 processes vs 1: loss rel {abs(two['loss'] - one['loss']) / abs(one['loss']):.2e}, grads rel {float(num / den):.2e}"
     )
     assert den > 0 and num / den <= 1e-5, f"LoRA gradients differ: relative {float(num / den):.2e}"
+
+
+def test_prompt_cache_reuses_rows_and_evicts(tiny):
+    """The cached encoder gives the uncached embeddings (within fp32 noise: rows are encoded one at a time),
+    runs the text encoder only for prompts it has not seen, and keeps at most `cache_size` prompts."""
+    from diffusers import DiffusionPipeline
+
+    from uno_engine.train.models import PromptEncoder
+
+    pipe = DiffusionPipeline.from_pretrained(tiny / "tiny-sd")
+    calls = []
+    pipe.text_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    cached = PromptEncoder(pipe, cfg=True, cache_size=2)
+    first = cached(["a red cube", "a blue ball"])
+    assert calls == [1, 1, 1, 1]  # each prompt alone, and its empty negative
+    again = cached(["a blue ball", "a red cube"])
+    assert len(calls) == 4, "cached prompts must not run the text encoder"
+    assert torch.equal(again["prompt_embeds"], first["prompt_embeds"].flip(0))
+    plain = PromptEncoder(pipe, cfg=True, cache_size=0)(["a red cube", "a blue ball"])
+    assert plain.keys() == first.keys() == {"prompt_embeds", "negative_prompt_embeds"}
+    torch.testing.assert_close(first["prompt_embeds"], plain["prompt_embeds"], rtol=1e-5, atol=1e-6)
+    cached(["a green tree"])  # a third prompt: the least recently used ("a blue ball") leaves
+    assert list(cached.cache) == ["a red cube", "a green tree"]

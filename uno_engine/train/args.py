@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard_critic", action="store_true", help="FSDP2-shard the frozen critic (multi-process)"
     )
     mem.add_argument(
+        "--prompt_embeds_cache",
+        type=int,
+        default=256,
+        help="prompts whose text-encoder outputs stay cached on the device (least recently used; 0: none); "
+        "FLUX.1: 4 MiB each",
+    )
+    mem.add_argument(
         "--gradient_checkpointing", action="store_true", help="recompute the grad sampling steps"
     )
     c = p.add_argument_group("checkpoints")
@@ -143,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.guidance_scale < 1:
         raise UsageError(f"--guidance_scale must be >= 1 (1: no CFG), got {args.guidance_scale}")
+    if args.prompt_embeds_cache < 0:
+        raise UsageError(f"--prompt_embeds_cache must be >= 0, got {args.prompt_embeds_cache}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise UsageError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.resolution is not None and args.resolution < 8:

@@ -107,6 +107,8 @@ class Trainer:
             _lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps),
         )
         self.step, self.gen = step, gen
+        cache = args.prompt_embeds_cache
+        self.encode = models.PromptEncoder(pipe, cfg=args.guidance_scale > 1, cache_size=cache)
         self.stream = data.DataStream(len(records), args.seed)
         accelerator.register_for_checkpointing(self.stream, self.lr_scheduler)
         checkpoints.CheckpointIO(
@@ -124,13 +126,9 @@ class Trainer:
             else contextlib.nullcontext()
         )
 
-    def negative_prompt_kw(self, n: int) -> dict:
-        return {"negative_prompts": [""] * n} if self.args.guidance_scale > 1 else {}
-
     def micro_batches(self) -> list[dict]:
         """This process's micro-batches of the next global batch (module docstring)."""
         from uno_engine import distributed as D
-        from uno_engine.generators import encode_prompts
 
         a = self.args
         B, A = a.train_batch_size, a.gradient_accumulation_steps
@@ -143,11 +141,7 @@ class Trainer:
         for j in range(A):
             rows = list(local[j * B : (j + 1) * B])
             batch = {k: v[rows].to(self.device) for k, v in tokens.items()}
-            batch.update(
-                encode_prompts(
-                    self.pipe, [records[r].prompt for r in rows], **self.negative_prompt_kw(len(rows))
-                )
-            )
+            batch.update(self.encode([records[r].prompt for r in rows]))
             noise = data.sample_noise([picks[r][0] for r in rows], a.seed, self.latent_shape)
             batch["initial_noise"] = noise.to(self.device)
             batch["seed"] = seed

@@ -207,3 +207,37 @@ def save_lora(pipe, denoiser, out_dir: Path) -> Path:
             kw[f"{attr}_lora_adapter_metadata"] = denoiser.peft_config["default"].to_dict()
         saver(out_dir, **kw)
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+class PromptEncoder:
+    """prompts -> the pipeline's conditioning (`encode_prompts`), with the negative (empty) prompt for CFG, and
+    a least-recently-used cache of `cache_size` prompts' embeddings kept on the device (0: no cache). With the
+    cache, each prompt is encoded alone (a batch of one), so its embedding is the same bits whichever prompts
+    share its batch: a resumed run (empty cache) and an uninterrupted one read identical rows. Repeated prompts
+    (every epoch, the validation prompts) skip the text encoders."""
+
+    def __init__(self, pipe, *, cfg: bool, cache_size: int):
+        from collections import OrderedDict
+
+        self.pipe, self.cfg, self.cache_size = pipe, cfg, cache_size
+        self.cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        from uno_engine.generators import encode_prompts
+
+        negatives = {"negative_prompts": [""] * len(prompts)} if self.cfg else {}
+        return encode_prompts(self.pipe, prompts, **negatives)
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.cache_size == 0:
+            return self._encode(prompts)
+        for p in dict.fromkeys(prompts):
+            if p not in self.cache:  # one prompt a call: its row never depends on which others were missing
+                self.cache[p] = self._encode([p])
+        rows = []
+        for p in prompts:
+            self.cache.move_to_end(p)
+            rows.append(self.cache[p])
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}

@@ -33,13 +33,12 @@ def validate(trainer, global_step: int) -> dict[str, float]:
     """Run one validation on the main process; returns {"validation/caption_ce": ...} (masked token mean)."""
     from uno_engine.diagnose import diagnose
     from uno_engine.distributed import unwrap
-    from uno_engine.generators import encode_prompts
 
     args = trainer.args
     prompts = [p for p in trainer.validation_prompts for _ in range(args.num_validation_images)]
     gen = unwrap(trainer.step.generator)
     out_dir = Path(args.output_dir) / "validation"
-    batch = dict(encode_prompts(trainer.pipe, prompts, **trainer.negative_prompt_kw(len(prompts))))
+    batch = dict(trainer.encode(prompts))
     batch["seed"] = args.seed
     with trainer.autocast():
         images = gen.decode_latents(gen.sample_latents(batch)).float()
