@@ -304,6 +304,7 @@ def first_step(argv) -> dict:
     trainer.after_backward = lambda t: grads.update(D.full_grads(t.step.generator))
     metrics = trainer.train_step()
     return {
+        "trainer": trainer,
         "loss": metrics["loss"],
         "grads": grads,
         "world": trainer.world,
@@ -318,7 +319,8 @@ from test_train_cli import first_step
 
 run = first_step(sys.argv[2:])
 if run["main"]:
-    torch.save(run, sys.argv[1])
+    torch.save({{k: v for k, v in run.items() if k != "trainer"}}, sys.argv[1])
+run["trainer"].run()  # on to --max_train_steps: a checkpoint and a validation with the sharded critic
 """
 
 
@@ -330,8 +332,9 @@ def _free_port():
 
 @pytest.mark.distributed
 def test_two_processes_equal_one(tiny, tmp_path):
-    """accelerate launch, 2 gloo processes x batch 2 == 1 process x batch 4 (in this process): loss and LoRA
-    gradients within 1e-5 (relative)."""
+    """accelerate launch, 2 gloo processes x batch 2 (the critic FSDP2-sharded) == 1 process x batch 4 (in this
+    process, critic replicated): loss and LoRA gradients of the first step within 1e-5 (relative). The 2
+    processes then run on to a checkpoint and a validation (collectives of the sharded critic on every rank)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -339,13 +342,19 @@ def test_two_processes_equal_one(tiny, tmp_path):
         env.pop(key, None)
     one = first_step(_argv(tiny, tmp_path / "out1", "tiny-sd", "tiny-llava", "--train_batch_size", "4"))
     dump = tmp_path / "w2.pt"
-    argv = _argv(tiny, tmp_path / "out2", "tiny-sd", "tiny-llava", "--train_batch_size", "2")
+    argv = _argv(
+        tiny, tmp_path / "out2", "tiny-sd", "tiny-llava", "--train_batch_size", "2", "--shard_critic"
+    )
+    argv += ["--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_prompts", "a red cube"]
     accelerate = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1"
     accelerate += " --mixed_precision no --dynamo_backend no --main_process_port"
     launch = [sys.executable, *accelerate.split(), str(_free_port()), str(driver), str(dump), *argv]
     proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = torch.load(dump)
+    out2 = tmp_path / "out2"
+    assert (out2 / "checkpoint-2" / "uno_lora.safetensors").is_file() and (out2 / "README.md").is_file()
+    assert (out2 / "validation" / "step-000002.png").is_file()
     assert one["world"] == 1 and two["world"] == 2
     assert abs(two["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 0

@@ -202,7 +202,8 @@ class Trainer:
     def validate(self) -> None:
         from .validation import validate
 
-        if self.validation_prompts and self.accelerator.is_main_process:
+        sharded = self.args.shard_critic and self.world > 1  # the critic's forward is then a collective
+        if self.validation_prompts and (self.accelerator.is_main_process or sharded):
             self.accelerator.log(validate(self, self.global_step), step=self.global_step)
         self.accelerator.wait_for_everyone()
 

@@ -30,7 +30,8 @@ def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> P
 
 @torch.no_grad()
 def validate(trainer, global_step: int) -> dict[str, float]:
-    """Run one validation on the main process; returns {"validation/caption_ce": ...} (masked token mean)."""
+    """Run one validation; returns {"validation/caption_ce": ...} (masked token mean). Only the main process
+    writes files (other processes run it too when the critic is sharded: its forward is a collective)."""
     from uno_engine.diagnose import diagnose
     from uno_engine.distributed import unwrap
 
@@ -42,13 +43,17 @@ def validate(trainer, global_step: int) -> dict[str, float]:
     batch["seed"] = args.seed
     with trainer.autocast():
         images = gen.decode_latents(gen.sample_latents(batch)).float()
-    grid = save_grid(images, out_dir / f"step-{global_step:06d}.png", columns=args.num_validation_images)
+    main = trainer.accelerator.is_main_process
+    grid = out_dir / f"step-{global_step:06d}.png"
+    if main:
+        save_grid(images, grid, columns=args.num_validation_images)
     ids, mask = trainer.tokenize(prompts)
     device = trainer.device
     batch |= {"captions": ids.to(device), "caption_mask": mask.to(device)}
     view = types.SimpleNamespace(generator=gen, critic=trainer.step.critic, config=trainer.step.config)
     with trainer.autocast():
-        diag = diagnose(view, batch, tokenizer=trainer.tokenizer, out_dir=out_dir / f"step-{global_step:06d}")
+        diag_dir = out_dir / f"step-{global_step:06d}" if main else None
+        diag = diagnose(view, batch, tokenizer=trainer.tokenizer, out_dir=diag_dir)
     ce = float((diag.token_ce * diag.caption_mask).sum() / diag.caption_mask.sum())
     trainer.validation_images.append(str(grid.relative_to(args.output_dir)))
     return {"validation/caption_ce": ce}
