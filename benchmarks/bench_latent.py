@@ -125,8 +125,7 @@ def vision_tokens(critic, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """The critic's vision tokens (projector output) of images in [-1, 1]: (B, N, H)."""
     out = []
     for i in range(0, len(images), chunk):
-        with critic._running():
-            out.append(critic._encode(critic.prepare(images[i : i + chunk], fuse_patch_embed=False))[0])
+        out.append(critic.encode_image_tokens(critic.prepare(images[i : i + chunk], fuse_patch_embed=False))[0])
     return torch.cat(out)
 
 
