@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The hardware-truth GPU call: every GPU figure of the README re-measured on the current code, in one call of at
+# The hardware-truth GPU call: every GPU figure of docs/benchmarks.md re-measured on the current code, in one call of at
 # most 8 minutes, most needed first. Parts, in order (each stage under `timeout`, all inside BUDGET_S):
 #   info        python -m uno_engine.info (the kernels' choices and their reasons)
 #   bridge      bench_bridge.py with --kernel two_pass, --kernel fused (the decision), then the default (auto)
