@@ -70,3 +70,17 @@ def test_snippets_come_from_the_pages_that_hold_them():
         python_block("README.md", "## No such heading")
     with pytest.raises(ValueError, match="doc="):
         doc_path("docs/../setup.py")
+
+
+def test_ci_runs_the_readme_commands_in_order():
+    """.ci/run runs the README's main job exactly as its first command does, then the README's test command,
+    so a main job that breaks the tests (e.g. by rewriting the committed results) fails CI."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    main_job, tests = (b.strip().split(" && ")[-1] for b in blocks[:2])
+    assert main_job == "python benchmarks/step_throughput.py" and tests.startswith("pytest -q -n 2"), blocks[
+        :2
+    ]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert main_job in ci, "the README's main job is not a line of .ci/run"
+    pytest_line = next(i for i, line in enumerate(ci) if line.startswith(tests))
+    assert ci.index(main_job) < pytest_line
