@@ -1,17 +1,11 @@
 """The README's usage example runs as written, on tiny real models standing in for the names it leaves open."""
 
-import re
-from pathlib import Path
-
 import torch
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from doc_snippets import doc_path, python_block
 
 
 def _usage_block() -> str:
-    text = README.read_text()
-    section = text.split("## Usage", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return python_block("README.md", "## Usage")
 
 
 def test_readme_usage_example_runs():
@@ -40,6 +34,6 @@ def test_readme_usage_example_runs():
     }
     code = _usage_block()
     assert "UNOStep" in code and "out.loss.backward()" in code
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(code, str(doc_path("README.md")), "exec"), namespace)  # noqa: S102
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
     assert {"loss", "caption_ce", "density", "structure"} <= set(logged[0])
