@@ -11,8 +11,10 @@ def _usage_block() -> str:
 def test_readme_usage_example_runs():
     from uno_engine.testing.presets.critics import build_critic_model
     from uno_engine.testing.presets.generators import build_generator
+    from uno_engine.testing.presets.processors import chat_processor
 
     llava_model, llava_image_processor = build_critic_model("tiny-llava-clip")
+    llava_processor = chat_processor("tiny-llava-clip", llava_model, llava_image_processor)
     tiny, make_batch = build_generator("tiny-sd")
     batches = [
         make_batch(
@@ -25,7 +27,7 @@ def test_readme_usage_example_runs():
     logged = []
     namespace = {
         "llava_model": llava_model,
-        "llava_image_processor": llava_image_processor,
+        "llava_processor": llava_processor,
         "unet": tiny.denoiser,
         "scheduler": tiny.scheduler,
         "vae": tiny.vae,
