@@ -8,7 +8,7 @@
 #   critic      bench_critic.py (llava-1.5-7b shapes, bf16, B=8)
 #   tests       the whole test suite on the compiled kernels (TRITON_INTERPRET unset), xdist; after the op
 #               benchmarks (about 30 s each) because it is the longest part (2 minutes or more)
-#   steps       step_throughput.py on STEP_PRESETS (sd15-llava7b, janus-pro-1b), the latent provider included
+#   steps       step_throughput.py on STEP_PRESETS (sd15-llava7b, janus-pro-1b), the templated critic and the latent provider included
 #   families    step_throughput.py on FAMILY_PRESETS (the other real-shape generator/critic pairs)
 #   diag        diag_bridge.py: GPU-only and host time of the two-pass and one-launch bridge kernels (log only)
 #   compile     step_throughput.py on janus-pro-1b with the compile providers
@@ -207,7 +207,7 @@ fi
 if want steps; then
   for preset in $STEP_PRESETS; do
     stage steps "step-$preset" 65 -- "$PY" benchmarks/step_throughput.py --preset "$preset" \
-      --providers "eager,engine$LATENT" --steps "$STEPS" --profile-steps 3 --no-plot --verbose "${REC[@]}"
+      --providers "eager,engine,engine-template$LATENT" --steps "$STEPS" --profile-steps 3 --no-plot --verbose "${REC[@]}"
   done
 fi
 
