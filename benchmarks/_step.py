@@ -156,6 +156,24 @@ def _engine_compile(preset, loss):
     return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", compile=True))
 
 
+@provider(
+    "engine-template",
+    default_on=(),
+    doc="the engine reading in the critic's chat template (Critic.from_hf(..., instruction=)): the same "
+    "captions after a longer prefix (system turn, user turn with the image and the instruction, generation "
+    "prompt)",
+)
+def _engine_template(preset, loss):
+    from uno_engine import UNOConfig, UNOStep
+
+    # its own Critic (cache=False): a second critic of the same checkpoint policy wraps the shared layers anew
+    critic = preset.make_critic(preset.engine_checkpoint, cache=False, instruction=TEMPLATE_INSTRUCTION)
+    return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto"))
+
+
+TEMPLATE_INSTRUCTION = "describe this image ."
+
+
 def _latent_step(preset, pool: int, loss):
     from uno_engine import UNOConfig, UNOStep
 

@@ -24,7 +24,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import env_metadata, measure_ceilings, print_table, time_fn, write_results  # noqa: E402
+from harness import (  # noqa: E402
+    add_output_args,
+    env_metadata,
+    measure_ceilings,
+    output_dir,
+    print_table,
+    time_fn,
+    write_results,
+)
 
 from uno_engine import ops, reference  # noqa: E402
 from uno_engine.bridge_spec import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, BridgeSpec  # noqa: E402
@@ -72,6 +80,7 @@ def main():
     ap.add_argument(
         "--kernel", default="auto", choices=("auto", "two_pass", "fused"), help="ops.bridge(kernel=)"
     )
+    add_output_args(ap)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     # do_bench replays backward on one graph (retain_graph=True); compiled graphs with donated buffers refuse that
@@ -195,7 +204,13 @@ def main():
     )
     meta = env_metadata(device)
     meta.update(ceil)
-    paths = write_results("bench_bridge", rows, meta, tag=None if args.kernel == "auto" else args.kernel)
+    paths = write_results(
+        "bench_bridge",
+        rows,
+        meta,
+        tag=None if args.kernel == "auto" else args.kernel,
+        out_dir=output_dir(args),
+    )
     print("results:", *paths)
 
 

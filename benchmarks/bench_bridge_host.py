@@ -72,12 +72,16 @@ def _child(calls: int, batches: int) -> dict:
 
 
 def main():
+    sys.path.insert(0, HERE)
+    import harness
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--against", default="", help="another source tree to time side by side (PYTHONPATH)")
     ap.add_argument("--rounds", type=int, default=5, help="child processes per tree")
     ap.add_argument("--calls", type=int, default=300, help="calls per timed batch")
     ap.add_argument("--batches", type=int, default=15, help="timed batches per child (median)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    harness.add_output_args(ap)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.calls, args.batches)))
@@ -95,7 +99,6 @@ def main():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             assert os.path.realpath(r["source"]).startswith(os.path.realpath(root)), (r["source"], root)
             res[name].append(r)
-    sys.path.insert(0, HERE)
     from harness import env_metadata, print_table, write_results
 
     rows = []
@@ -113,7 +116,7 @@ def main():
             rows[0][k.replace("_us", "_ratio")] = rows[0][k] / rows[1][k]
     print_table(rows, list(rows[0]), title="ops.bridge host time per call (launches stubbed), median")
     meta = env_metadata("cpu")
-    print("results:", *write_results("bench_bridge_host", rows, meta))
+    print("results:", *write_results("bench_bridge_host", rows, meta, out_dir=harness.output_dir(args)))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default: 100 on CUDA)")
     p.add_argument("--attn-backend", default="auto")
     p.add_argument("--quick-ceilings", action="store_true", help="small ceiling sizes (smoke runs only)")
-    p.add_argument("--out-dir", default=None, help="results directory (default: benchmarks/results)")
+    harness.add_output_args(p)
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     args.preset = args.preset or ("llava-1.5-7b" if cuda else "mid-llava")
@@ -312,8 +312,7 @@ def main(argv=None):
     meta = harness.env_metadata(args.device)
     meta.update(ceilings=ceilings, args=vars(args), skipped=skipped, wall_s=elapsed())
     tag = f"{args.preset}-b{B}" + (f"-lm{args.lm_layers}" if args.lm_layers else "")
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    paths = harness.write_results("bench_critic", rows, meta, tag=tag, out_dir=out_dir)
+    paths = harness.write_results("bench_critic", rows, meta, tag=tag, out_dir=harness.output_dir(args))
     print(f"[{elapsed():.0f}s] wrote", *paths)
     return rows
 

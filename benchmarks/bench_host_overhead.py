@@ -30,7 +30,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensor
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import env_metadata, print_table, write_results  # noqa: E402
+from harness import add_output_args, env_metadata, output_dir, print_table, write_results  # noqa: E402
 
 
 def _stub_lce(counts):
@@ -221,6 +221,7 @@ def main():
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tag", default=None)
     ap.add_argument("--no-write", action="store_true")
+    add_output_args(ap)
     args = ap.parse_args()
     if args.json:
         print(json.dumps(run_here(args.rep)))
@@ -254,7 +255,7 @@ def main():
         cols = ["op", "case", "other_us", "this_us", "this/other", "launches other/this"]
     print_table(rows, cols, title=f"host time per call, launches stubbed, {meta['device']}")
     if not args.no_write:
-        paths = write_results("bench_host_overhead", rows, meta, tag=args.tag)
+        paths = write_results("bench_host_overhead", rows, meta, tag=args.tag, out_dir=output_dir(args))
         print("wrote", *paths)
 
 

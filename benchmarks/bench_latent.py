@@ -30,7 +30,7 @@ mean per-image relative difference (ce_rel_diff) is reported too, and is dominat
 pixel-path CE is ~1e-4 nats (the trained critic is nearly certain of most captions).
 `--pool 2`: an adapter that emits (8 / 2)^2 = 16 tokens (the LM reads 4x fewer image tokens); its cosine is to
 the critic's tokens averaged over 2 x 2 blocks.
-Writes results/bench_latent-learning[-<tag>]-<device>.json/.csv.
+Writes bench_latent-learning[-<tag>]-<device>.json/.csv to benchmarks/runs/ (--record: benchmarks/results/).
 
     python benchmarks/bench_latent.py [--preset mid] [--train 96] [--held 32] [--steps 200] [--threads 1]
     python benchmarks/bench_latent.py --world learning [--train 4096] [--held 256] [--steps 12000] \
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from harness import env_metadata, print_table, write_results  # noqa: E402
+from harness import add_output_args, env_metadata, output_dir, print_table, write_results  # noqa: E402
 
 SIGMAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -125,8 +125,7 @@ def vision_tokens(critic, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """The critic's vision tokens (projector output) of images in [-1, 1]: (B, N, H)."""
     out = []
     for i in range(0, len(images), chunk):
-        with critic._running():
-            out.append(critic._encode(critic.prepare(images[i : i + chunk], fuse_patch_embed=False))[0])
+        out.append(critic.encode_image_tokens(critic.prepare(images[i : i + chunk], fuse_patch_embed=False))[0])
     return torch.cat(out)
 
 
@@ -401,6 +400,7 @@ def main():
     ap.add_argument("--save", default=None, help="also save the fitted adapter (safetensors) here")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--tag", default=None, help="results file tag: results/<name>-<tag>-<device>.json")
+    add_output_args(ap)
     args = ap.parse_args()
     learning = args.world == "learning"
     for k, preset_default, learning_default in (
@@ -440,7 +440,7 @@ def main():
                 "(mean |CE_a - CE_p| / CE_p per image) is large for any adapter error; ratio = mean CE_a / mean "
                 "CE_p; exact_*: fraction of images whose caption is every token's argmax (teacher forced)"
             )
-        paths = write_results(name, rows, meta, tag=args.tag)
+        paths = write_results(name, rows, meta, tag=args.tag, out_dir=output_dir(args))
         print("wrote", *paths)
 
 

@@ -40,7 +40,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import env_metadata, measure_ceilings, print_table, progress, time_fn, write_results  # noqa: E402
+from harness import (  # noqa: E402
+    add_output_args,
+    env_metadata,
+    measure_ceilings,
+    output_dir,
+    print_table,
+    progress,
+    time_fn,
+    write_results,
+)
 
 from uno_engine import _optional  # noqa: E402
 from uno_engine.ops import linear_cross_entropy  # noqa: E402
@@ -226,7 +235,7 @@ def main(argv=None):
     )
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--tag", default=None)
-    p.add_argument("--out-dir", default=None, help="where results go (default: benchmarks/results)")
+    add_output_args(p)
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
 
@@ -325,9 +334,7 @@ def main(argv=None):
         ],
         title=f"linear_cross_entropy fwd+bwd, frozen head, V={args.v}, H={args.h}, {args.dtype}",
     )
-    paths = write_results(
-        "linear_cross_entropy", rows, meta, tag=args.tag, out_dir=Path(args.out_dir) if args.out_dir else None
-    )
+    paths = write_results("linear_cross_entropy", rows, meta, tag=args.tag, out_dir=output_dir(args))
     print("results:", *paths)
 
 

@@ -15,7 +15,8 @@ process's CPU time (the CPU figure is the one to read on a machine shared with o
   LM prefix each time), the same loss.
 
 Ratios over "caption" are reported, and the relative difference of the generator gradients of "shared" and
-"separate" (they compute the same objective). Results: benchmarks/results/bench_negatives-<device>.json/.csv.
+"separate" (they compute the same objective). Results: bench_negatives-<device>.json/.csv in
+benchmarks/runs/ (--record: benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="negatives per image")
     p.add_argument("--steps", type=int, default=5, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1)
+    harness.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -152,7 +154,7 @@ def main(argv=None):
             }
         )
     meta = harness.env_metadata(args.device)
-    paths = harness.write_results("bench_negatives", rows, meta)
+    paths = harness.write_results("bench_negatives", rows, meta, out_dir=harness.output_dir(args))
     harness.print_table(
         rows,
         ["variant", "k", "median_ms", "p20_ms", "p80_ms", "vs_caption", "cpu_median_ms", "cpu_vs_caption"],

@@ -36,9 +36,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
+    add_output_args,
     default_device,
     env_metadata,
     measure_ceilings,
+    output_dir,
     print_table,
     progress,
     write_results,
@@ -171,6 +173,7 @@ def main():
     ap.add_argument("--host-overhead", action="store_true", help="CPU: host path per call, launches stubbed")
     ap.add_argument("--tag", default=None, help="results file tag")
     ap.add_argument("--no-write", action="store_true")
+    add_output_args(ap)
     args = ap.parse_args()
     if args.host_overhead:
         return host_overhead(args)
@@ -275,7 +278,9 @@ def main():
         )
     if not args.no_write:
         tag = args.tag or ("configs" if args.configs else None)
-        paths = write_results("bench_regression", rows, env_metadata(device), tag=tag)
+        paths = write_results(
+            "bench_regression", rows, env_metadata(device), tag=tag, out_dir=output_dir(args)
+        )
         print("wrote", *paths)
 
 

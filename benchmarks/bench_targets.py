@@ -19,7 +19,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import env_metadata, measure_ceilings, print_table, progress, time_fn, write_results  # noqa: E402
+from harness import (  # noqa: E402
+    add_output_args,
+    env_metadata,
+    measure_ceilings,
+    output_dir,
+    print_table,
+    progress,
+    time_fn,
+    write_results,
+)
 
 from uno_engine import _ext, targets  # noqa: E402
 
@@ -30,6 +39,7 @@ def main():
     ap.add_argument("--grid", type=int, default=27)
     ap.add_argument("--rep", type=int, default=20)
     ap.add_argument("--no-write", action="store_true")
+    add_output_args(ap)
     args = ap.parse_args()
     C = _ext.require("bench_targets")
     torch.set_num_threads(1)  # the torch reference and the copy ceiling on one thread, like the C++ run
@@ -121,7 +131,7 @@ def main():
     )
     rows.append(cap)
     if not args.no_write:
-        print("wrote", *write_results("bench_targets", rows, env_metadata("cpu")))
+        print("wrote", *write_results("bench_targets", rows, env_metadata("cpu"), out_dir=output_dir(args)))
 
 
 if __name__ == "__main__":

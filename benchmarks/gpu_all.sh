@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The hardware-truth GPU call: every GPU figure of the README re-measured on the current code, in one call of at
+# The hardware-truth GPU call: every GPU figure of docs/benchmarks.md re-measured on the current code, in one call of at
 # most 8 minutes, most needed first. Parts, in order (each stage under `timeout`, all inside BUDGET_S):
 #   info        python -m uno_engine.info (the kernels' choices and their reasons)
 #   bridge      bench_bridge.py with --kernel two_pass, --kernel fused (the decision), then the default (auto)
@@ -8,7 +8,7 @@
 #   critic      bench_critic.py (llava-1.5-7b shapes, bf16, B=8)
 #   tests       the whole test suite on the compiled kernels (TRITON_INTERPRET unset), xdist; after the op
 #               benchmarks (about 30 s each) because it is the longest part (2 minutes or more)
-#   steps       step_throughput.py on STEP_PRESETS (sd15-llava7b, janus-pro-1b), the latent provider included
+#   steps       step_throughput.py on STEP_PRESETS (sd15-llava7b, janus-pro-1b), the templated critic and the latent provider included
 #   families    step_throughput.py on FAMILY_PRESETS (the other real-shape generator/critic pairs)
 #   diag        diag_bridge.py: GPU-only and host time of the two-pass and one-launch bridge kernels (log only)
 #   compile     step_throughput.py on janus-pro-1b with the compile providers
@@ -43,6 +43,9 @@ PY="${PYTHON:-python3}"
 TEST_WORKERS="${TEST_WORKERS:-14}"
 RESULTS="${GPU_ALL_RESULTS:-$ROOT/benchmarks/results}"  # (tests point this and SKIP_SETUP=1 elsewhere)
 LOGS="$RESULTS/logs"
+# the scripts write their results where this run packs and stamps them: the committed folder (--record, how the
+# README's figures are made) or the one the tests point GPU_ALL_RESULTS at
+if [[ "$RESULTS" == "$ROOT/benchmarks/results" ]]; then REC=(--record); else REC=(--out-dir "$RESULTS"); fi
 SKIP_SETUP="${SKIP_SETUP:-0}"
 START=$(date +%s)
 SUMMARY=()
@@ -181,17 +184,17 @@ BRIDGE_ONLY=(); has bench_bridge.py '"--providers"' && BRIDGE_ONLY=(--providers 
 want info && stage info info 30 -- "${PYM[@]}" uno_engine.info
 
 if want bridge; then  # the decision first: both kernels at both shapes, then the default for the README
-  stage bridge bridge-two_pass 30 -- "$PY" benchmarks/bench_bridge.py --kernel two_pass --rep 20 "${BRIDGE_ONLY[@]}"
-  stage bridge bridge-fused 30 -- "$PY" benchmarks/bench_bridge.py --kernel fused --rep 20 "${BRIDGE_ONLY[@]}"
-  stage bridge bridge-auto 40 -- "$PY" benchmarks/bench_bridge.py --rep 20
+  stage bridge bridge-two_pass 30 -- "$PY" benchmarks/bench_bridge.py --kernel two_pass --rep 20 "${BRIDGE_ONLY[@]}" "${REC[@]}"
+  stage bridge bridge-fused 30 -- "$PY" benchmarks/bench_bridge.py --kernel fused --rep 20 "${BRIDGE_ONLY[@]}" "${REC[@]}"
+  stage bridge bridge-auto 40 -- "$PY" benchmarks/bench_bridge.py --rep 20 "${REC[@]}"
 fi
 
 want lce && stage lce lce 45 -- "$PY" benchmarks/bench_linear_cross_entropy.py --n 2048 8192 \
-  --providers eager native cce_exact liger ours ours_recompute --chunk-rows 128 512 --rep 5 --no-check
+  --providers eager native cce_exact liger ours ours_recompute --chunk-rows 128 512 --rep 5 --no-check "${REC[@]}"
 
-want regression && stage regression regression 30 -- "$PY" benchmarks/bench_regression.py
+want regression && stage regression regression 30 -- "$PY" benchmarks/bench_regression.py "${REC[@]}"
 
-want critic && stage critic critic 55 -- "$PY" benchmarks/bench_critic.py --device cuda --budget-s 40
+want critic && stage critic critic 55 -- "$PY" benchmarks/bench_critic.py --device cuda --budget-s 40 "${REC[@]}"
 
 if want tests; then
   # the README-equals-results test is left out: this run has just rewritten the results (regenerate here after)
@@ -204,14 +207,14 @@ fi
 if want steps; then
   for preset in $STEP_PRESETS; do
     stage steps "step-$preset" 65 -- "$PY" benchmarks/step_throughput.py --preset "$preset" \
-      --providers "eager,engine$LATENT" --steps "$STEPS" --profile-steps 3 --no-plot --verbose
+      --providers "eager,engine,engine-template$LATENT" --steps "$STEPS" --profile-steps 3 --no-plot --verbose "${REC[@]}"
   done
 fi
 
 if want families; then
   for preset in $FAMILY_PRESETS; do
     stage families "step-$preset" 60 -- "$PY" benchmarks/step_throughput.py --preset "$preset" \
-      --providers "eager,engine" --steps "$STEPS" --profile-steps 0 --no-plot --verbose
+      --providers "eager,engine" --steps "$STEPS" --profile-steps 0 --no-plot --verbose "${REC[@]}"
   done
 fi
 
@@ -221,7 +224,7 @@ want diag && stage diag diag_bridge 40 -- env "DIAG=default|$T|$F" "$PY" benchma
 
 want compile && stage compile step-janus-pro-1b-compile 120 -- "$PY" benchmarks/step_throughput.py \
   --preset janus-pro-1b --providers eager+compile,engine+compile --steps "$STEPS" --profile-steps 0 \
-  --tag compile --no-plot --verbose
+  --tag compile --no-plot --verbose "${REC[@]}"
 
 [[ "$DRY_RUN" == 1 ]] && exit 0
 

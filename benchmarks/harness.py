@@ -4,7 +4,10 @@
   on a GPU, `time.perf_counter` on the CPU.
 - `measure_ceilings`: the device's copy bandwidth (bytes read + written) and matmul rate, measured in the
   same run, so every kernel figure is reported as a fraction of a ceiling of the same machine.
-- `env_metadata` / `write_results`: JSON and CSV under benchmarks/results/ with device, versions, commit, date.
+- `env_metadata` / `write_results`: JSON and CSV with device, versions, commit, date.
+- `add_output_args` / `output_dir`: where a run writes. By default benchmarks/runs/ (ignored by git) or the
+  `--out-dir` the user gives; only `--record` writes benchmarks/results/, the committed figures behind the
+  README and docs/benchmarks.md (how those figures are made), so a user's first run never changes them.
 - `progress`: a tqdm bar on stderr.
 """
 
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed figures: written only under --record
+RUNS_DIR = Path(__file__).resolve().parent / "runs"  # every other run (ignored by git)
 
 
 def default_device() -> str:
@@ -187,6 +191,33 @@ def measure_ceilings(
     return {"copy_GBps": copy_gbps, "matmul_TFLOPs": tflops, "matmul_dtype": str(dtype).replace("torch.", "")}
 
 
+def add_output_args(parser, *names: str) -> None:
+    """Add the output flags every benchmark shares: `--out-dir DIR` (or the `names` given) and `--record`,
+    mutually exclusive. Read them back with `output_dir(args)`."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        *(names or ("--out-dir",)),
+        dest="out_dir",
+        type=Path,
+        default=None,
+        help="results folder (default: benchmarks/runs/, ignored by git)",
+    )
+    group.add_argument(
+        "--record",
+        action="store_true",
+        help="write benchmarks/results/: the committed figures behind the README (how they are recorded)",
+    )
+
+
+def output_dir(args) -> Path:
+    """The folder a run writes to: benchmarks/results/ under `--record`, else `--out-dir`, else
+    benchmarks/runs/."""
+    if getattr(args, "record", False):
+        return RESULTS_DIR
+    out = getattr(args, "out_dir", None)
+    return Path(out) if out else RUNS_DIR
+
+
 def write_results(
     name: str,
     rows: list[dict],
@@ -197,8 +228,10 @@ def write_results(
 ) -> tuple[Path, Path]:
     """Write `rows` (flat dicts) as JSON (with `meta`) and CSV; returns the two paths.
 
-    Files: results/<name>[-<tag>]-<device slug>.json/.csv, overwritten by a newer run on the same device."""
-    out_dir = Path(out_dir or RESULTS_DIR)
+    Files: <out_dir>/<name>[-<tag>]-<device slug>.json/.csv, overwritten by a newer run on the same device.
+    `out_dir` defaults to benchmarks/runs/ (ignored by git): pass `output_dir(args)`, which is
+    benchmarks/results/ only under `--record`."""
+    out_dir = Path(out_dir or RUNS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = meta or env_metadata()
     slug = "".join(c if c.isalnum() else "_" for c in meta.get("device", "unknown")).strip("_").lower()

@@ -11,7 +11,7 @@ another. Every `--eval-every` steps the denoising loss of the generator (`genera
 parameterization, fixed timesteps and noise through the batch seed) is measured on the held-out batch, under
 no grad. Two runs from the same initial weights: "caption" (UNOLoss(caption=1)) and "joint"
 (UNOLoss(caption=1, generator_loss=--w)). Result rows: the curve of each run, and its start / end / max.
-Results: benchmarks/results/joint_objective-<device>.json/.csv.
+Results: joint_objective-<device>.json/.csv in benchmarks/runs/ (--record: benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--w", type=float, default=1.0, help="generator_loss weight of the joint run")
+    harness.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -120,7 +121,7 @@ def main(argv=None):
         )
     meta = harness.env_metadata("cpu")
     meta.update(preset=args.preset, steps=args.steps, lr=args.lr, generator_loss_weight=args.w)
-    paths = harness.write_results("joint_objective", rows + summary, meta)
+    paths = harness.write_results("joint_objective", rows + summary, meta, out_dir=harness.output_dir(args))
     harness.print_table(
         summary,
         [

@@ -12,7 +12,8 @@ with ablations of the loss terms.
     python benchmarks/learning.py --ablations caption "caption+joint+kl"   # re-run some ablations only
     python benchmarks/learning.py --probe         # the critic as a reward (AUC) and as a gradient (pixel descent)
 
-Writes benchmarks/results/learning-<tag>.json and learning-<tag>.png (tag: "cpu", or "smoke").
+Writes learning-<tag>.json and learning-<tag>.png (tag: "cpu", or "smoke") to benchmarks/runs/ (ignored by git),
+or --out DIR, or with --record to benchmarks/results/ (the committed figures: how they are recorded).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         "with --threads threads",
     )
     ap.add_argument("--cache", type=Path, default=training.CACHE)
-    ap.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
+    harness.add_output_args(ap, "--out", "--out-dir")
     ap.add_argument("--tag", default=None)
     ap.add_argument(
         "--merge",
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
         "(training.robust_finetune_critic; 0: skip)",
     )
     args = ap.parse_args(argv)
+    args.out = harness.output_dir(args)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.probe:

@@ -4,7 +4,8 @@
   - the kernel roofline fractions: each kernel benchmark row's achieved GB/s or TFLOP/s as a fraction of the
     device ceiling measured in the same run (from results/bench_*.json; skipped when there are none).
 
-    python benchmarks/plot.py                       # all results files -> results/step_throughput.png
+    python benchmarks/plot.py                       # all results files -> runs/step_throughput.png
+    python benchmarks/plot.py --record              # ... -> results/step_throughput.png (the committed one)
     python benchmarks/plot.py FILE.json ... --out plot.png
 
 matplotlib is a dependency of uno_engine (so `python benchmarks/step_throughput.py` after `pip install -e .`
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUNS_DIR = Path(__file__).resolve().parent / "runs"  # ignored by git: where a run writes without --record
 PHASES = ("generate", "bridge", "critic", "loss", "loss_bwd", "critic_bwd", "bridge_bwd", "generator_bwd")
 PHASE_COLORS = {
     "generate": "#4c72b0",
@@ -84,7 +86,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "files", nargs="*", type=Path, help="results JSON files (default: all in benchmarks/results)"
     )
-    ap.add_argument("--out", type=Path, default=None, help="PNG path (default results/step_throughput.png)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path, default=None, help="PNG path (default runs/step_throughput.png)")
+    out.add_argument(
+        "--record", action="store_true", help="write results/step_throughput.png (the committed one)"
+    )
     ap.add_argument("--device", default=None, help="only results whose device contains this (e.g. H200, CPU)")
     args = ap.parse_args(argv)
     try:
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
     elif not args.files:
         print("plot.py: no kernel benchmark results with a roofline fraction; the kernel panel is left out")
     fig.tight_layout()
-    out = args.out or RESULTS_DIR / "step_throughput.png"
+    out = args.out or (RESULTS_DIR if args.record else RUNS_DIR) / "step_throughput.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"plot.py: wrote {out}")

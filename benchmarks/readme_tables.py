@@ -1,9 +1,11 @@
-"""Regenerate the README's result tables from the results files (benchmarks/results/*.json).
+"""Regenerate the result tables of README.md and docs/benchmarks.md from the results files
+(benchmarks/results/*.json, written only by a benchmark run with --record).
 
-The README holds two generated blocks, each between marker comments:
+Three generated blocks, each between marker comments, in the file `TARGETS` names:
 
-    <!-- gpu-table:begin --> ... <!-- gpu-table:end -->   every GPU figure: the ops, the critic, the step
-    <!-- cpu-table:begin --> ... <!-- cpu-table:end -->   the CPU step table (tiny, tiny-janus, mid)
+    <!-- cpu-table:begin --> ... <!-- cpu-table:end -->   README.md: the CPU step table (tiny, tiny-janus, mid)
+    <!-- cpu-goals:begin --> ... <!-- cpu-goals:end -->   README.md: the CPU goals, as the runs judged them
+    <!-- gpu-table:begin --> ... <!-- gpu-table:end -->   docs/benchmarks.md: every GPU figure (ops, critic, step)
 
 Every row names the commit its figures were measured at (the results file's `meta.commit`) and whether that
 commit still has the current kernels: a figure is **stale** when a file its op depends on (`OP_PATHS`) changed
@@ -12,8 +14,8 @@ working tree; a figure whose commit is "unknown" or absent from the history is m
 in the table, marked, never hidden. A stale mark depends on the committed history only through ancestry, so
 committing a kernel change (with the README regenerated beside it) does not change the generated text.
 
-    python benchmarks/readme_tables.py            # rewrite the blocks in README.md
-    python benchmarks/readme_tables.py --check    # exit 1 (and print a diff) when README.md differs
+    python benchmarks/readme_tables.py            # rewrite the blocks in README.md and docs/benchmarks.md
+    python benchmarks/readme_tables.py --check    # exit 1 (and print a diff) when a file differs
     python benchmarks/readme_tables.py --print    # print the blocks
 
 Nothing here measures anything; numbers come from the JSON files only.
@@ -33,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
-BLOCKS = ("gpu-table", "cpu-table")
+# file (relative to the repository root) -> the generated blocks it holds; each block lives in one file
+TARGETS = {"README.md": ("cpu-table", "cpu-goals"), "docs/benchmarks.md": ("gpu-table",)}
+BLOCKS = tuple(name for names in TARGETS.values() for name in names)
 
 # the files each figure depends on (git pathspecs, relative to the repository root)
 OP_PATHS = {
@@ -447,9 +451,38 @@ def cpu_block(results: list[dict]) -> list[str]:
     return _step_table(steps)
 
 
+def cpu_goals_block(results: list[dict]) -> list[str]:
+    """The goals each CPU run judged itself by (`meta.goals`, written by step_throughput's check_goals)."""
+    rows = []
+    for tag in CPU_PRESETS:
+        for res in results:
+            if res["name"] != "step_throughput" or res["slug"] != "cpu" or res["tag"] != tag:
+                continue
+            fr = freshness(res["meta"].get("commit"), "step")
+            for g in res["meta"].get("goals") or []:
+                measured = g.get("measured")
+                status = str(g.get("status", "?"))
+                rows.append(
+                    [
+                        str(g.get("goal", "?")).removeprefix("CPU: "),
+                        g.get("preset", tag),
+                        "-" if measured is None else f"{float(measured):.3f}x",
+                        f"**{status}**" if status != "met" else status,
+                        fr,
+                    ]
+                )
+    if not rows:
+        return ["No goals in the CPU `step_throughput` results files."]
+    return _table(["goal", "preset", "measured", "status", "measured at"], rows)
+
+
 def generate(results_dir: Path = RESULTS) -> dict[str, str]:
     results = load_results(results_dir)
-    return {"gpu-table": "\n".join(gpu_block(results)), "cpu-table": "\n".join(cpu_block(results))}
+    return {
+        "gpu-table": "\n".join(gpu_block(results)),
+        "cpu-table": "\n".join(cpu_block(results)),
+        "cpu-goals": "\n".join(cpu_goals_block(results)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ README
@@ -462,7 +495,7 @@ def render(text: str, blocks: dict[str, str]) -> str:
     for name, body in blocks.items():
         pat = _pattern(name)
         if len(pat.findall(text)) != 1:
-            raise ValueError(f"README: expected one '<!-- {name}:begin -->' ... '<!-- {name}:end -->' pair")
+            raise ValueError(f"expected one '<!-- {name}:begin -->' ... '<!-- {name}:end -->' pair")
         text = pat.sub(lambda m, body=body: m.group(1) + body.rstrip("\n") + "\n" + m.group(3), text)
     return text
 
@@ -470,16 +503,21 @@ def render(text: str, blocks: dict[str, str]) -> str:
 def extract(text: str, name: str) -> str:
     m = _pattern(name).search(text)
     if m is None:
-        raise ValueError(f"README: no '<!-- {name}:begin -->' ... '<!-- {name}:end -->' pair")
+        raise ValueError(f"no '<!-- {name}:begin -->' ... '<!-- {name}:end -->' pair")
     return m.group(2).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the results")
+    mode.add_argument("--check", action="store_true", help="exit 1 when a file differs from the results")
     mode.add_argument("--print", action="store_true", help="print the generated blocks")
-    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="the tree whose README.md and docs/benchmarks.md are rewritten",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     blocks = generate(args.results)
@@ -487,27 +525,29 @@ def main(argv: list[str] | None = None) -> int:
         for name in BLOCKS:
             print(f"<!-- {name}:begin -->\n{blocks[name]}\n<!-- {name}:end -->\n")
         return 0
-    old = args.readme.read_text()
-    new = render(old, blocks)
-    if args.check:
-        if new != old:
-            sys.stdout.writelines(
-                difflib.unified_diff(
-                    old.splitlines(True), new.splitlines(True), str(args.readme), "generated", n=1
+    rc = 0
+    for rel, names in TARGETS.items():
+        path = args.root / rel
+        old = path.read_text()
+        try:
+            new = render(old, {name: blocks[name] for name in names})
+        except ValueError as e:
+            raise ValueError(f"{rel}: {e}") from None
+        if args.check:
+            if new != old:
+                sys.stdout.writelines(
+                    difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel, "generated", n=1)
                 )
-            )
-            print(
-                f"{args.readme.name}: result tables differ from benchmarks/results; run {Path(__file__).name}"
-            )
-            return 1
-        print(f"{args.readme.name}: result tables match benchmarks/results")
-        return 0
-    if new != old:
-        args.readme.write_text(new)
-        print(f"wrote {args.readme}")
-    else:
-        print(f"{args.readme} unchanged")
-    return 0
+                print(f"{rel}: result tables differ from benchmarks/results; run {Path(__file__).name}")
+                rc = 1
+            else:
+                print(f"{rel}: result tables match benchmarks/results")
+        elif new != old:
+            path.write_text(new)
+            print(f"wrote {path}")
+        else:
+            print(f"{path} unchanged")
+    return rc
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ it measures, side by side on one fixed batch, the median step time and images/s,
 the understanding overhead over a generation-only step (in total and per phase), the critic's FLOP floor, and
 optionally (GPU, --max-batch-search N) the largest batch before out-of-memory.
 Outputs: a progress bar and the tables (figures, per-phase ms, goals) on the terminal; JSON + CSV under
-benchmarks/results/ (harness.write_results, with env_metadata and the ceilings); the per-phase picture
-results/step_throughput.png (benchmarks/plot.py; --no-plot skips it); with --compare FILE each metric against a
-committed results file (exit 1 if any metric is more than 10% worse).
+benchmarks/runs/ (ignored by git), or --out-dir DIR, or with --record benchmarks/results/ (the committed figures
+behind the README: how they are recorded) (harness.write_results, with env_metadata and the ceilings); the
+per-phase picture step_throughput.png beside them (benchmarks/plot.py; --no-plot skips it); with --compare FILE
+each metric against a committed results file (exit 1 if any metric is more than 10% worse).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def parse_args(argv=None):
         help="a committed results JSON: report each metric against it; exit 1 if any is >10%% worse",
     )
     p.add_argument("--tolerance", type=float, default=0.10, help="--compare: allowed relative slowdown")
-    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_args(p)
     p.add_argument("--tag", default=None, help="extra tag in the results file names")
     p.add_argument(
         "--quick-ceilings",
@@ -145,7 +146,9 @@ def parse_args(argv=None):
         help="CPU threads (torch.set_num_threads). Default on the CPU: 1, so that timings on a shared or "
         "small machine are not ruined by OpenMP oversubscription; 0 keeps torch's default",
     )
-    p.add_argument("--no-plot", action="store_true", help="do not draw results/step_throughput.png")
+    p.add_argument(
+        "--no-plot", action="store_true", help="do not draw step_throughput.png beside the results"
+    )
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
     args = p.parse_args(argv)
 
@@ -237,7 +240,9 @@ def main(argv=None) -> int:
             "loss": args.loss_kwargs,
         }
         steps = args.steps
-        out_dir = Path(args.out_dir) if args.out_dir else None
+        out_dir = harness.output_dir(args)
+        note = "" if args.record else " (the committed figures: --record)"
+        log(f"results go to {os.path.relpath(out_dir)}/{note}")
         for name in args.presets:
             tag = name + (f"-{args.tag}" if args.tag else "")
 

@@ -500,7 +500,7 @@ class RegressionConfig:
         return ",".join(diff) or "default"
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
+def pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two <= cap that divides n (n > 0)."""
     return min(n & -n, cap)
 
@@ -521,7 +521,7 @@ def term_settings(kind: int, R: int, D: int, config: RegressionConfig) -> tuple[
         block_r = max(1, min(config.cos_tile // block_d, triton.next_power_of_2(R)))
         return block_r, block_d, one_pass
     if D % 16 == 0:
-        block_d = _pow2_divisor(D, min(512, config.tile))
+        block_d = pow2_divisor(D, min(512, config.tile))
     else:
         block_d = min(triton.next_power_of_2(D), 128, config.tile)
         while block_d > 16 and D / (triton.cdiv(D, block_d) * block_d) < 0.88:

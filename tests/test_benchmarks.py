@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +34,28 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 
 
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size, mtime in ns)."""
+    files = (f for f in folder.rglob("*") if f.is_file())
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
+
+
 @pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
+    """The main job with its default output folder, as a user runs it (no --out-dir, no --record), on a copy of
+    benchmarks/ whose results/ holds one committed-looking file: the default folder is the copy's, so this
+    never writes into the repository (nor races another xdist worker there)."""
+    bench = tmp_path_factory.mktemp("clone") / "benchmarks"
+    bench.mkdir()
+    for script in BENCH.glob("*.py"):
+        shutil.copy2(script, bench / script.name)
+    committed = bench / "results" / "step_throughput-tiny-cpu.json"
+    committed.parent.mkdir()
+    committed.write_text('{"meta": {}, "rows": []}\n')
+    before = _tree(bench / "results")
     proc = _run(
         [
-            str(BENCH / "step_throughput.py"),
+            str(bench / "step_throughput.py"),
             "--preset",
             "tiny",
             "--steps",
@@ -51,16 +68,47 @@ def tiny_results(tmp_path_factory):
             "--device",
             "cpu",
             "--quick-ceilings",
-            "--out-dir",
-            str(out),
         ]
     )
     assert proc.returncode == 0, _explain(proc)
+    assert _tree(bench / "results") == before, "a run without --record wrote into benchmarks/results/"
+    out = bench / "runs"
     files = sorted(out.glob("step_throughput-tiny-*.json"))
     assert len(files) == 1, (
         f"expected one results JSON in {out}, found {[f.name for f in files]}\n" + _explain(proc)
     )
     return files[0], proc
+
+
+def test_a_default_run_writes_to_the_ignored_runs_folder_and_says_so(tiny_results):
+    """The README's first command leaves the committed figures alone: it writes benchmarks/runs/ (checked in
+    the fixture: the copy's results/ is byte- and time-identical after the run), a folder git ignores, and
+    prints where it wrote."""
+    path, proc = tiny_results
+    assert path.parent.name == "runs"
+    assert f"wrote {os.path.relpath(path, ROOT)}" in proc.stdout, proc.stdout[-2000:]  # relative to its cwd
+    assert "results go to" in proc.stderr and "--record" in proc.stderr
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "benchmarks/runs/step_throughput-tiny-cpu.json"], cwd=ROOT
+    )
+    if ignored.returncode == 128:  # not a git checkout (an unpacked sdist): nothing to ignore
+        pytest.skip("no git repository here")
+    assert ignored.returncode == 0, "benchmarks/runs/ must be ignored by git (.gitignore)"
+
+
+def test_record_and_out_dir_choose_the_folder(tmp_path):
+    """--record writes the committed folder, --out-dir the one given, neither the ignored runs folder; the two
+    flags together are refused. Checked on the parser alone (nothing is measured)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import harness, step_throughput as st\n"
+        "for argv in ([], ['--record'], ['--out-dir', sys.argv[2]]):\n"
+        "    args, _ = st.parse_args(argv + ['--device', 'cpu'])\n"
+        "    print(harness.output_dir(args))\n"
+        "st.parse_args(['--record', '--out-dir', sys.argv[2]])\n"
+    )
+    proc = _run(["-c", code, str(BENCH), str(tmp_path)], timeout=120)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr, _explain(proc)
+    assert proc.stdout.split() == [str(BENCH / "runs"), str(BENCH / "results"), str(tmp_path)], proc.stdout
 
 
 def test_step_throughput_tiny_writes_results(tiny_results):

@@ -237,9 +237,9 @@ class _ProbeCritic(Critic):
     hf_class_names = ("ProbeForConditionalGeneration",)
     family = "Probe"
 
-    def __init__(self, model, image_processor, *, checkpoint, attn_backend):
+    def __init__(self, model, processor, *, instruction=None, checkpoint, attn_backend):
         torch.nn.Module.__init__(self)
-        self.args = (model, image_processor, checkpoint, attn_backend)
+        self.args = (model, processor, instruction, checkpoint, attn_backend)
 
 
 class _SecondLlavaCritic(Critic):
@@ -261,8 +261,8 @@ def test_registering_a_family_is_all_from_hf_needs():
     model, proc = ProbeForConditionalGeneration(), object()
     try:
         assert registry.register_critic(_ProbeCritic) is _ProbeCritic
-        critic = Critic.from_hf(model, proc, checkpoint="layer", attn_backend="sdpa")
-        assert type(critic) is _ProbeCritic and critic.args == (model, proc, "layer", "sdpa")
+        critic = Critic.from_hf(model, proc, instruction="say", checkpoint="layer", attn_backend="sdpa")
+        assert type(critic) is _ProbeCritic and critic.args == (model, proc, "say", "layer", "sdpa")
         assert registry.registered_families()["Probe"] == ("ProbeForConditionalGeneration",)
     finally:
         registry._BY_CLASS_NAME.pop("ProbeForConditionalGeneration", None)

@@ -186,9 +186,10 @@ def test_default_markers_and_sequence():
     critic = preset.make_critic("none")
     assert critic.latent_markers == (preset.hf_model.config.text_config.bos_token_id, None, None)
     critic.latent_markers = (1, 125, 126)
-    assert critic.latent_prefix_ids(3) == [1, 125, None, None, None, 126]
+    assert critic.default_prefix(3, latent=True) == [1, 125, None, None, None, 126]
     critic.latent_markers = (None, 125, None)
-    assert critic.latent_prefix_ids(2) == [125, None, None]
+    assert critic.default_prefix(2, latent=True) == [125, None, None]
+    assert critic.default_prefix(2) == [None, None]  # the pixel view: image tokens only
     with pytest.raises(ValueError, match="codebook"):
         critic.embed_token_probs(torch.zeros(1, 2, 7))
 

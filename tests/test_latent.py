@@ -307,8 +307,7 @@ def test_caption_logits_equal_the_critics_own_forward(tiny):
     ids, mask = _captions(preset, 3, 6, seed=1)
     inputs = critic.prepare(images, fuse_patch_embed=False)
     want = critic(inputs, ids, mask).logits()
-    with critic._running():
-        tokens = critic._encode(inputs)[0]
+    tokens = critic.encode_image_tokens(inputs)[0]
     got = caption_logits(critic, tokens, ids, mask)
     assert got.shape == (3, 6, critic.lm_head_weight.shape[0])
     m = mask.bool()

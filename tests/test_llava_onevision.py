@@ -94,7 +94,7 @@ def test_tile_layout_is_what_the_parity_checks(tiny):
     caps, mask = _captions(batch=2)
     with torch.no_grad():
         inputs = critic.prepare(images, backend="reference")
-        base, _, (gh, gw) = critic._encode(inputs)
+        base, _, (gh, gw) = critic.encode_image_tokens(inputs)
         assert base.shape[1] == gh * gw + gh * (gw + 1) == 36
         ours = _ce(critic(inputs, caps, mask))
         views = inputs.pixel_values[:, None].expand(2, 2, 3, 32, 32)

@@ -5,14 +5,13 @@ diffusers' own LoRA functions. Tiny SD UNet + VAE generator, tiny LLaVA critic (
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
+from doc_snippets import python_block
 from peft import LoraConfig  # a test extra (pyproject [test]); the engine itself does not import peft
 from peft.utils import get_peft_model_state_dict
 
@@ -152,22 +151,20 @@ def test_adapters_save_and_load_with_diffusers(critic, tmp_path):
         assert (fresh(x, t, emb).sample - y).abs().max() > 1e-4  # the adapter matters: not a vacuous check
 
 
-def _readme_lora_block() -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("### LoRA", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def _docs_lora_block() -> str:
+    return python_block("docs/usage.md", "## LoRA (the default way to train a denoiser)")
 
 
-def test_readme_lora_block_runs(critic, tmp_path):
-    """The README's LoRA block as written: only the adapters change, and what it saves loads back into the
-    base UNet with diffusers' loader (the saved adapter, lora_alpha included: the same output)."""
+def test_docs_lora_block_runs(critic, tmp_path):
+    """The LoRA block of docs/usage.md as written: only the adapters change, and what it saves loads back into
+    the base UNet with diffusers' loader (the saved adapter, lora_alpha included: the same output)."""
     from uno_engine import UNOConfig
     from uno_engine.generators import DiffusersGenerator
 
     gen, batch = _generator_and_batch(critic)
     unet = gen.denoiser
     base = copy.deepcopy(unet)
-    code = _readme_lora_block()
+    code = _docs_lora_block()
     assert "add_adapter" in code and "save_lora_weights" in code
     namespace = dict(
         torch=torch,
@@ -182,7 +179,7 @@ def test_readme_lora_block_runs(critic, tmp_path):
         UNOLoss=UNOLoss,
         UNOConfig=UNOConfig,
     )
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "docs/usage.md", "exec"), namespace)  # noqa: S102
     for name, p in unet.named_parameters():
         if "lora" not in name:
             assert torch.equal(p, base.get_parameter(name.replace(".base_layer", ""))), name

@@ -1,5 +1,7 @@
-"""The README's result tables are generated from benchmarks/results/*.json (benchmarks/readme_tables.py), and
-benchmarks/gpu_all.sh, the one GPU call that re-measures them, is well-formed and calls the scripts' real CLIs."""
+"""The result tables of README.md and docs/benchmarks.md are generated from the committed
+benchmarks/results/*.json (benchmarks/readme_tables.py), which only a benchmark run with --record writes (a user's
+default run writes benchmarks/runs/: tests/test_benchmarks.py), and benchmarks/gpu_all.sh, the one GPU call that
+re-measures them, is well-formed and calls the scripts' real CLIs."""
 
 from __future__ import annotations
 
@@ -29,23 +31,32 @@ def _mask_freshness(text: str) -> str:
 
 # ------------------------------------------------------------------------------------- the README tables
 def test_readme_tables_equal_the_results_files():
-    readme = (ROOT / "README.md").read_text()
-    blocks = rt.generate()
-    for name in rt.BLOCKS:
-        got, want = rt.extract(readme, name), blocks[name]
-        if not rt.git_usable():  # a shallow clone cannot tell stale figures from current ones
-            got, want = _mask_freshness(got), _mask_freshness(want)
-        assert got == want, (
-            f"README block {name} is not what the results say: run benchmarks/readme_tables.py"
-        )
+    blocks = rt.generate(RESULTS)
+    assert sorted(rt.BLOCKS) == ["cpu-goals", "cpu-table", "gpu-table"]
+    for rel, names in rt.TARGETS.items():
+        text = (ROOT / rel).read_text()
+        for name in names:
+            got, want = rt.extract(text, name), blocks[name]
+            if not rt.git_usable():  # a shallow clone cannot tell stale figures from current ones
+                got, want = _mask_freshness(got), _mask_freshness(want)
+            assert got == want, (
+                f"{rel}: block {name} is not what the results say: run benchmarks/readme_tables.py"
+            )
+
+
+def test_each_block_lives_in_one_file():
+    for rel, names in rt.TARGETS.items():
+        text = (ROOT / rel).read_text()
+        for name in rt.BLOCKS:
+            assert text.count(f"<!-- {name}:begin -->") == (name in names), (rel, name)
 
 
 def test_render_round_trips_and_check_flags_an_edited_number(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    blocks = rt.generate()
+    blocks = {name: text for name, text in rt.generate().items() if name in rt.TARGETS["README.md"]}
     once = rt.render(readme, blocks)
     assert rt.render(once, blocks) == once  # idempotent
-    for name in rt.BLOCKS:
+    for name in blocks:
         assert rt.extract(once, name) == blocks[name]
     # a hand-edited number inside a generated table: --check fails, a rewrite restores the generated text
     block = rt.extract(once, "cpu-table")
@@ -55,12 +66,16 @@ def test_render_round_trips_and_check_flags_an_edited_number(tmp_path):
     assert edited != once
     path = tmp_path / "README.md"
     path.write_text(edited)
-    assert rt.main(["--check", "--readme", str(path)]) == 1
-    assert rt.main(["--readme", str(path)]) == 0
+    for rel in rt.TARGETS:
+        if rel != "README.md":
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, tmp_path / rel)
+    assert rt.main(["--check", "--root", str(tmp_path)]) == 1
+    assert rt.main(["--root", str(tmp_path)]) == 0
     assert path.read_text() == once
-    assert rt.main(["--check", "--readme", str(path)]) == 0
-    with pytest.raises(ValueError, match="gpu-table"):
-        rt.render(readme.replace("<!-- gpu-table:end -->", ""), blocks)
+    assert rt.main(["--check", "--root", str(tmp_path)]) == 0
+    with pytest.raises(ValueError, match="cpu-goals"):
+        rt.render(readme.replace("<!-- cpu-goals:end -->", ""), blocks)
 
 
 def _ms(x: float) -> str:
@@ -72,17 +87,41 @@ def _rows(name: str) -> list[dict]:
     return json.loads((RESULTS / name).read_text())["rows"]
 
 
+def _fig(x: float, digits: int = 3) -> str:
+    """The README's rule for figures, written out: no decimal from 100, one from 10, `digits - 1` decimals from
+    1, `digits` significant digits below 1 (in magnitude)."""
+    if abs(x) >= 100:
+        return str(round(x))
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits - 1}f}"
+
+
+def _engine_cells(results_dir: Path | None = None) -> list[str]:
+    block = rt.generate(results_dir or RESULTS)["cpu-table"]
+    engine = next(line for line in block.splitlines() if line.startswith("| tiny | engine |"))
+    return [c.strip() for c in engine.strip("|").split("|")]
+
+
+def _check_engine_cells(cells: list[str], e: dict) -> None:
+    assert cells[2] == _fig(e["median_ms"])
+    assert cells[4] == (f"{e['peak_MB']:.2f}" if e["peak_MB"] < 100 else _fig(e["peak_MB"]))
+    assert cells[5] == f"{_fig(e['overhead_ms'], 2)} ms ({_fig(e['overhead_pct'], 2)}%)"
+    assert cells[7] == f"{e['time_vs_eager']:.3f} / {e['peak_vs_eager']:.3f}"
+
+
 def test_generated_cells_are_the_json_numbers():
     """Independent formatting of a few committed figures, found in the generated rows."""
     blocks = rt.generate()
     cpu = {r["provider"]: r for r in _rows("step_throughput-tiny-cpu.json")}
-    engine = next(line for line in blocks["cpu-table"].splitlines() if line.startswith("| tiny | engine |"))
-    cells = [c.strip() for c in engine.strip("|").split("|")]
-    e = cpu["engine"]
-    assert cells[2] == f"{e['median_ms']:.1f}"
-    assert cells[4] == f"{e['peak_MB']:.2f}"
-    assert cells[5] == f"{e['overhead_ms']:.1f} ms ({e['overhead_pct']:.1f}%)"
-    assert cells[7] == f"{e['time_vs_eager']:.3f} / {e['peak_vs_eager']:.3f}"
+    _check_engine_cells(_engine_cells(), cpu["engine"])
+    goals = json.loads((RESULTS / "step_throughput-mid-cpu.json").read_text())["meta"]["goals"]
+    for g in goals:
+        row = next(
+            line for line in blocks["cpu-goals"].splitlines() if line.startswith(f"| {g['goal'][5:]} | mid |")
+        )
+        status = "met" if g["status"] == "met" else f"**{g['status']}**"
+        assert f"| {g['measured']:.3f}x | {status} |" in row, row
     gpu = blocks["gpu-table"].splitlines()
     lce_files = sorted(RESULTS.glob("linear_cross_entropy-nvidia_*.json"))
     bridge_files = sorted(RESULTS.glob("bench_bridge-nvidia_*.json"))
@@ -95,6 +134,22 @@ def test_generated_cells_are_the_json_numbers():
         if r["provider"] == "triton":
             row = next(line for line in gpu if line.startswith(f"| bridge fwd / bwd, {r['case']} |"))
             assert row.split("|")[3].strip().startswith(f"{_ms(r['fwd_ms'])} / {_ms(r['bwd_ms'])} ms")
+
+
+@pytest.mark.parametrize(
+    "median_ms, overhead_ms",
+    [(68.8, 6.8), (104.3, 12.4), (9.87, 0.654), (1234.5, 150.2), (99.96, -0.35)],
+)
+def test_generated_cells_follow_the_rule_at_every_magnitude(tmp_path, median_ms, overhead_ms):
+    """The same check on a results file with figures of other magnitudes than the committed ones (a slower
+    machine's tiny step is over 100 ms): the check must not depend on which side of 10 or 100 a run lands."""
+    data = json.loads((RESULTS / "step_throughput-tiny-cpu.json").read_text())
+    for r in data["rows"]:
+        if r["provider"] == "engine":
+            r.update(median_ms=median_ms, overhead_ms=overhead_ms, overhead_pct=100 * overhead_ms / 62.04)
+            engine = r
+    (tmp_path / "step_throughput-tiny-cpu.json").write_text(json.dumps(data))
+    _check_engine_cells(_engine_cells(tmp_path), engine)
 
 
 def test_figures_from_an_old_commit_are_marked_stale_not_hidden(tmp_path):
@@ -189,6 +244,9 @@ def test_gpu_all_parses_and_dry_run_lists_the_parts_in_order():
     tests = next(line for line in lines if line.startswith("[tests]"))
     assert tests.rstrip().endswith(" tests") and "TRITON_INTERPRET" not in tests  # the whole suite
     assert not Path("/nonexistent/uno_gpu_out").exists()
+    # every benchmark that writes results records them where the README's figures come from (--record)
+    writers = [line for line in lines if re.search(r"benchmarks/(bench_\w+|step_throughput)\.py", line)]
+    assert len(writers) >= 8 and all(line.rstrip().endswith(" --record") for line in writers), writers
     # a second call runs only the parts it names
     assert {line[1 : line.index("]")] for line in _dry_run(PARTS="steps compile")} == {"steps", "compile"}
 
@@ -206,6 +264,8 @@ def test_gpu_all_calls_existing_scripts_presets_and_flags():
         src = script.read_text()
         if script.name == "step_throughput.py":
             src += (ROOT / "benchmarks" / "_step.py").read_text()
+        if "add_output_args(" in src:  # --out-dir and --record: the harness's, shared by every benchmark
+            src += (ROOT / "benchmarks" / "harness.py").read_text()
         for flag in re.findall(r"\s(--[a-z][a-z0-9-]*)", m.group(2)):
             negated = flag.startswith("--no-") and f'"--{flag[5:]}"' in src and "BooleanOptionalAction" in src
             assert f'"{flag}"' in src or negated, f"{script.name} has no {flag}: {line}"

@@ -11,7 +11,7 @@ never read the environment: the op reads the knob here and passes the value to t
 `get` reads os.environ on every call (tests and sweeps set variables at run time) and caches the parse per
 raw string, so a call costs one dict lookup after the first. An invalid value raises ValueError naming the
 variable and what it accepts. A deprecated alias is read when the new name is unset (with a one-time
-DeprecationWarning). `python -m uno_engine.info` prints `describe()`; README.md has the same table.
+DeprecationWarning). `python -m uno_engine.info` prints `describe()`; docs/environment.md has the same table.
 """
 
 from __future__ import annotations

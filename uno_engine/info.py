@@ -133,7 +133,7 @@ def main() -> None:
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")
-    print("\nenvironment variables (overrides for sweeps; see README.md):")
+    print("\nenvironment variables (overrides for sweeps; see docs/environment.md):")
     rows = _env.describe()
     w = max(len(r["name"]) for r in rows)
     for r in rows:

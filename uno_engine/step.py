@@ -62,7 +62,8 @@ class UNOStep(nn.Module):
         super().__init__()
         self.config = config or UNOConfig()
         self.generator, self.critic, self.uno_loss = generator, critic, loss
-        self.__dict__["reader"] = critic  # what reads the generation: the critic, or its latent view
+        # what reads the generation (a CaptionReader, uno_engine.critics.reader): the critic, or its latent view
+        self.__dict__["reader"] = critic
         if self.config.view == "latent":
             from uno_engine.latent import LatentCritic
 

@@ -1,6 +1,6 @@
 """The critic: a frozen understanding model that captions the generated image and exposes its patch features.
 
-`Critic.from_hf(model, image_processor, checkpoint=..., attn_backend=...)` wraps a transformers model and
+`Critic.from_hf(model, processor, instruction=..., checkpoint=..., attn_backend=...)` wraps a transformers model and
 returns the family's adapter (LLaVA, LLaVA-OneVision, Janus, Qwen2-VL / Qwen2.5-VL, Qwen3-VL). The adapter
 
 - freezes the understanding parameters (`requires_grad_(False)`) and keeps them in eval mode (`train()` is a
@@ -10,9 +10,11 @@ returns the family's adapter (LLaVA, LLaVA-OneVision, Janus, Qwen2-VL / Qwen2.5-
   (`prepare(..., fuse_patch_embed=...)`, see uno_engine.critics.patch_embed): LLaVA (CLIP / SigLIP towers)
   and Janus. Qwen2-VL's patch embedding is a Conv3d over the processor's flattened patch rows, a layout the
   bridge's `patch_embed` does not take, so Qwen2-VL always gets pixel_values;
-- assembles the sequence image tokens, then caption tokens (right padded), and returns the LM's final hidden
-  states (after the final norm) at the positions that predict each caption token, the lm_head weight (and
-  bias, softcap), and the vision patch features. The full [B, L, V] logits are never computed.
+- reads through its `SequenceReader` (uno_engine.critics.reader): without an instruction, the sequence image
+  tokens then caption tokens (right padded); with `instruction=` and the full processor, the model's own chat
+  template ([prompt with the image] then the caption as the assistant's completion). It returns the LM's final
+  hidden states (after the final norm) at the positions that predict each caption token, the lm_head weight
+  (and bias, softcap), and the vision patch features. The full [B, L, V] logits are never computed.
 
 Only the understanding modules are registered as submodules of the critic (so `critic.parameters()` are the
 frozen ones); the full HF model is kept as `critic.hf_model`.
@@ -21,7 +23,6 @@ frozen ones); the full HF model is kept as `critic.hf_model`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,64 +40,13 @@ from uno_engine.critics.checkpointing import (
     record_auto_decision,
     wrap_layers,
 )
-from uno_engine.critics.common import find_layers, packed_caption_mask
+from uno_engine.critics.common import find_layers
 from uno_engine.critics.patch_embed import find_patch_embedding, precomputed_patch_embedding
+from uno_engine.critics.reader import ChatPrompt, SequenceReader, check_captions
 from uno_engine.critics.registry import lookup, supported_classes
+from uno_engine.critics.types import CriticInputs, CriticOutput
 
 __all__ = ["Critic", "CriticInputs", "CriticOutput"]
-
-
-@dataclass
-class CriticInputs:
-    """What `Critic.prepare` returns and `Critic.forward` takes: pixel_values or patch_tokens, not both.
-
-    pixel_values: (B, 3, h, w) for LLaVA / Janus; (B*gh*gw, 3*tps*p*p) pre-patchified for Qwen2-VL; None when
-        patch_tokens are given.
-    image_grid_thw: (B, 3) int64, Qwen2-VL only.
-    patch_tokens: (B, N, D) output of the vision tower's conv patch embedding, computed by the fused bridge
-        (LLaVA / Janus; N = (image_size // p)**2, D = the conv's output channels), or None.
-    grid_thw: (t, gh, gw) of every image as Python ints (Qwen2-VL), known on the host from the spec, so
-        the adapter never reads `image_grid_thw` back from the device; None -> read it (one sync).
-    """
-
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    patch_tokens: torch.Tensor | None = None
-    grid_thw: tuple[int, int, int] | None = None
-
-    @property
-    def bridge_output(self) -> torch.Tensor:
-        """The tensor the bridge produced: patch_tokens when fused, else pixel_values."""
-        return self.pixel_values if self.patch_tokens is None else self.patch_tokens
-
-
-@dataclass
-class CriticOutput:
-    """caption_hidden: (B, L, H) final-norm hidden states; position l predicts caption token l.
-    caption_labels: (B, L) int64 caption ids, -100 where caption_mask == 0.
-    lm_head_weight: (V, H); lm_head_bias: (V,) or None; logit_softcap: float or None.
-    patch_features: (B, N, Dv) vision patch features (no CLS), N = gh * gw in raster order; grid: (gh, gw).
-    negative_hidden: (B, K, L, H) and negative_labels: (B, K, L), the same for K negative captions of each
-    image (`Critic.forward_with_negatives`), else None."""
-
-    caption_hidden: torch.Tensor
-    caption_labels: torch.Tensor
-    lm_head_weight: torch.Tensor
-    lm_head_bias: torch.Tensor | None
-    logit_softcap: float | None
-    patch_features: torch.Tensor
-    grid: tuple[int, int]
-    negative_hidden: torch.Tensor | None = None
-    negative_labels: torch.Tensor | None = None
-
-    def logits(self) -> torch.Tensor:
-        """(B, L, V) caption logits. For tests and debugging only: the engine never materializes them."""
-        logits = self.caption_hidden @ self.lm_head_weight.T
-        if self.lm_head_bias is not None:
-            logits = logits + self.lm_head_bias
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
 
 
 class Critic(nn.Module):
@@ -108,7 +58,12 @@ class Critic(nn.Module):
     # ---------------------------------------------------------------------------------------------- build
     @staticmethod
     def from_hf(
-        model: nn.Module, image_processor=None, *, checkpoint: str = "auto", attn_backend: str = "auto"
+        model: nn.Module,
+        processor=None,
+        *,
+        instruction: str | None = None,
+        checkpoint: str = "auto",
+        attn_backend: str = "auto",
     ) -> Critic:
         """Wrap a transformers model as a frozen critic.
 
@@ -117,8 +72,13 @@ class Critic(nn.Module):
                 JanusForConditionalGeneration (its understanding path), Qwen2VLForConditionalGeneration,
                 Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration (the registry's list:
                 `uno_engine.critics.supported_classes()`).
-            image_processor: the model's HF image processor (its settings define the bridge); may be None when
-                only `forward` on ready pixel_values is used (then `.spec` / `.prepare` raise).
+            processor: the model's full HF processor (tokenizer + image processor + chat template), or its image
+                processor alone (its settings define the bridge either way); may be None when only `forward` on
+                ready pixel_values is used (then `.spec` / `.prepare` raise).
+            instruction: with the full processor, the critic reads each image in its own chat template: the user
+                turn holds the image and this instruction, the caption is the assistant's completion (batch
+                captions from `critic.tokenize_captions(texts)`). None (default): no template, the sequence
+                [image tokens] caption, whatever the processor.
             checkpoint: "auto" | "none" | "layer" | "selective" | "offload" (see
                 uno_engine.critics.checkpointing). "auto" picks "none", "selective" or "layer" from the
                 activation bytes per image estimated from the model's shapes (`activation_estimate`); the
@@ -133,12 +93,16 @@ class Critic(nn.Module):
                 f"Critic.from_hf: model of class {type(model).__name__} is not supported; supported classes: "
                 + ", ".join(supported_classes())
             )
-        return cls(model, image_processor, checkpoint=checkpoint, attn_backend=attn_backend)
+        return cls(model, processor, instruction=instruction, checkpoint=checkpoint, attn_backend=attn_backend)
 
-    def __init__(self, model: nn.Module, image_processor, *, checkpoint: str, attn_backend: str):
+    def __init__(
+        self, model: nn.Module, processor, *, instruction: str | None = None, checkpoint: str, attn_backend: str
+    ):
         super().__init__()
         self.__dict__["hf_model"] = model  # not registered: a unified model's generation side is not ours
-        self.image_processor = image_processor
+        full = processor is not None and hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")
+        self.processor = processor if full else None  # the full processor (tokenizer, chat template), or None
+        self.image_processor = processor.image_processor if full else processor
         check_policy(checkpoint, allow_auto=True)
         self.attn_backend = check_attn_backend(attn_backend)
         self._spec = None
@@ -161,6 +125,13 @@ class Critic(nn.Module):
         )
         if checkpoint in ("layer", "selective"):
             wrap_layers(self._checkpoint_layers(), self._recomputed_projections())
+        if instruction is not None and processor is not None and not full:
+            raise ValueError(
+                f"instruction={instruction!r} needs the model's full processor (tokenizer + chat template); got "
+                f"the image processor {type(processor).__name__}: pass AutoProcessor.from_pretrained(...)"
+            )
+        prompt = None if instruction is None else ChatPrompt(processor, instruction, self.image_markers())
+        self.reader = SequenceReader(self, prompt)  # the one sequence builder of every view
 
     # ------------------------------------------------------------------------------------- family hooks
     def _build(self):
@@ -291,9 +262,15 @@ class Critic(nn.Module):
         with precomputed_patch_embedding(site, tokens, (g, g)):
             yield placeholder, (g, g)
 
-    def _prefix_ids(self, n_image_tokens: int) -> tuple[list[int | None], int]:
-        """Token ids of the image prefix: None marks an image-feature slot. Default: image tokens only."""
-        return [None] * n_image_tokens, n_image_tokens
+    def default_prefix(self, n_image_tokens: int, *, latent: bool = False) -> list[int | None]:
+        """The sequence before the caption without a chat template: token ids, None marking an image slot.
+        Default: the image tokens only (the latent view the same)."""
+        return [None] * n_image_tokens
+
+    def image_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Token ids the processor writes before / after the image tokens when it expands the image placeholder
+        of a chat template (default: none)."""
+        return (), ()
 
     def _position_ids(
         self, inputs: CriticInputs, prefix: list[int | None], batch: int, length: int, device
@@ -398,75 +375,78 @@ class Critic(nn.Module):
             grid_host = (1, *self.spec.grid(H, W))
         return CriticInputs(pixel_values=pixel_values, image_grid_thw=grid_thw, grid_thw=grid_host)
 
+    def encode_caption(self, text: str) -> list[int]:
+        """One caption's token ids as the critic reads it: with an instruction, the chat template's completion
+        (end-of-turn token included); without, the tokenizer's ids (no special tokens added). The `encode` for
+        `uno_engine.negatives.to_tensor`."""
+        if self.processor is None:
+            raise ValueError(
+                f"tokenize_captions: this {self.family} critic was built without a tokenizer (Critic.from_hf got "
+                f"{type(self.image_processor).__name__ if self.image_processor is not None else None}); pass the "
+                "model's full processor (AutoProcessor) to Critic.from_hf"
+            )
+        if self.reader.prompt is not None:
+            return self.reader.prompt.completion(text)
+        if not isinstance(text, str):
+            raise TypeError(f"captions must be strings, got {type(text).__name__}")
+        return list(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize_captions(self, texts, *, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption texts -> (captions (B, L) int64, caption_mask (B, L) int64), right padded with the
+        tokenizer's pad id, ready for the batch's "captions" / "caption_mask". Each row is `encode_caption(text)`
+        (with an instruction: the completion of the chat template's prompt). `length`: pad to this L (default:
+        the longest); a caption longer than `length`, or than the critic's context after its prompt, raises
+        ValueError (nothing is cut)."""
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+            raise ValueError(f"tokenize_captions: texts must be a non-empty list of strings, got {texts!r:.80}")
+        rows = [self.encode_caption(t) for t in texts]
+        L = max(len(r) for r in rows) if length is None else length
+        for i, r in enumerate(rows):
+            if not r:
+                raise ValueError(f"tokenize_captions: caption {i} ({texts[i]!r}) has no tokens")
+            if len(r) > L:
+                raise ValueError(f"tokenize_captions: caption {i} has {len(r)} tokens, more than length={L}")
+        prompt = self.reader.prompt
+        self.reader.check_context(len(prompt.prompt_ids) if prompt is not None else 0, L)
+        pad = self.processor.tokenizer.pad_token_id
+        ids = torch.full((len(rows), L), 0 if pad is None else pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def encode_image_tokens(self, inputs: CriticInputs) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The vision path alone -> (image tokens (B, N, H) in LM space, i.e. what fills the image slots of
+        the sequence; patch_features (B, N', Dv); grid (gh, gw))."""
+        self._check_inputs(inputs)
+        with self.running():
+            return self._encode(inputs)
+
     def encode_patches(self, inputs: CriticInputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """Vision only -> (patch_features (B, N, Dv), grid (gh, gw))."""
-        self._check_inputs(inputs)
-        with self._running():
-            _, feats, grid = self._encode(inputs)
+        _, feats, grid = self.encode_image_tokens(inputs)
         return feats, grid
 
     def forward(
         self, inputs: CriticInputs, captions: torch.Tensor, caption_mask: torch.Tensor | None = None
     ) -> CriticOutput:
-        """Run the critic on prepared images and captions.
+        """Run the critic on prepared images and captions (through `self.reader`, uno_engine.critics.reader).
 
         Args:
             inputs: from `prepare` (or built by hand with the processor's pixel layout).
-            captions: (B, L) int64 caption token ids (right padded).
+            captions: (B, L) int64 caption token ids (right padded); with an instruction, the completions
+                from `tokenize_captions`.
             caption_mask: (B, L) 1 for real tokens, 0 for padding; None means all real.
         """
-        if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
-            raise ValueError(f"captions must be a (B, L) int64 tensor, got {_describe(captions)}")
-        if captions.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"captions must hold integer token ids, got dtype {captions.dtype}")
-        if caption_mask is not None and caption_mask.shape != captions.shape:
-            raise ValueError(
-                f"caption_mask must have the shape of captions {tuple(captions.shape)}, "
-                f"got {tuple(caption_mask.shape)}"
-            )
-        self._check_inputs(inputs)
-        B, L = captions.shape
-        device = self.lm_head_weight.device
-        captions = captions.to(device=device, dtype=torch.long)
-        with self._running():
-            image_embeds, patch_features, grid = self._encode(inputs)
-            if image_embeds.shape[0] != B:
-                raise ValueError(f"captions has batch size {B} but the images have {image_embeds.shape[0]}")
-            prefix, _ = self._prefix_ids(image_embeds.shape[1])
-            embeds = self._assemble(image_embeds, prefix, captions)
-            P = len(prefix)
-            attention_mask = None
-            if caption_mask is not None:
-                caption_mask = caption_mask.to(device)
-                attention_mask = torch.cat(
-                    [torch.ones(B, P, dtype=torch.long, device=device), caption_mask.long()], dim=1
-                )
-            position_ids = self._position_ids(inputs, prefix, B, P + L, device)
-            out = self.language_model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                return_dict=True,
-            )
-            hidden = out.last_hidden_state
-        labels = captions if caption_mask is None else captions.masked_fill(caption_mask == 0, -100)
-        return CriticOutput(
-            caption_hidden=hidden[:, P - 1 : P - 1 + L],
-            caption_labels=labels,
-            lm_head_weight=self.lm_head_weight,
-            lm_head_bias=self.lm_head_bias,
-            logit_softcap=self.logit_softcap,
-            patch_features=patch_features,
-            grid=grid,
-        )
+        return self.forward_with_negatives(inputs, captions, caption_mask, None)
 
     def forward_with_negatives(
         self,
         inputs: CriticInputs,
         captions: torch.Tensor,
         caption_mask: torch.Tensor | None,
-        negative_captions: torch.Tensor,
+        negative_captions: torch.Tensor | None,
         negative_mask: torch.Tensor | None = None,
     ) -> CriticOutput:
         """`forward` for each image's caption AND its K negative captions, with the image prefix computed once.
@@ -480,70 +460,27 @@ class Critic(nn.Module):
         one vision pass and P + (K+1) L LM positions per image, against (K+1) (vision + P + L) for K+1
         separate passes; the attention also reads the (B, 1, T, T) additive mask (T^2 floats per image).
         It is a plain LM forward, so every checkpoint policy applies unchanged; attention backends: sdpa,
-        eager and xformers take the mask, flash_attention_2 cannot (ValueError).
+        eager and xformers take the mask, flash_attention_2 cannot (ValueError). With a chat template the
+        negatives are completions of the same prompt.
 
         Args:
             captions, caption_mask: as `forward`, (B, L).
-            negative_captions: (B, K, L) int token ids (right padded); K = 0 gives `forward`'s output.
+            negative_captions: (B, K, L) int token ids (right padded), or None (= `forward`).
             negative_mask: (B, K, L) 1 real / 0 pad, or None (all real).
         Returns: CriticOutput with caption_hidden / caption_labels of the true captions and
-        negative_hidden (B, K, L, H) / negative_labels (B, K, L) (-100 at padding).
+        negative_hidden (B, K, L, H) / negative_labels (B, K, L) (-100 at padding); K = 0 or None: `forward`'s.
         """
-        if not isinstance(captions, torch.Tensor) or captions.dim() != 2:
-            raise ValueError(f"captions must be a (B, L) int64 tensor, got {_describe(captions)}")
-        B, L = captions.shape
-        K = check_negatives(captions, negative_captions, negative_mask)
-        if K == 0:
-            return self.forward(inputs, captions, caption_mask)
-        if caption_mask is not None and caption_mask.shape != captions.shape:
-            raise ValueError(
-                f"caption_mask must have the shape of captions {tuple(captions.shape)}, "
-                f"got {tuple(caption_mask.shape)}"
-            )
+        check_captions(captions, caption_mask)
         self._check_inputs(inputs)
-        device = self.lm_head_weight.device
-        caps, masks = pack_negatives(self, captions, caption_mask, negative_captions, negative_mask, device)
-        with self._running():
-            image_embeds, patch_features, grid = self._encode(inputs)
-            if image_embeds.shape[0] != B:
-                raise ValueError(f"captions has batch size {B} but the images have {image_embeds.shape[0]}")
-            prefix, _ = self._prefix_ids(image_embeds.shape[1])
-            P = len(prefix)
-            embeds = self._assemble(image_embeds, prefix, caps.reshape(B, (K + 1) * L))
-            pos = self._position_ids(inputs, prefix, B, P + L, device)
-            if pos is None:
-                pos = torch.arange(P + L, device=device).expand(B, -1)
-            pos = torch.cat([pos[..., :P], pos[..., P:].repeat(*([1] * (pos.dim() - 1)), K + 1)], dim=-1)
-            mask4 = packed_caption_mask(P, K + 1, masks.reshape(B, -1).to(device), embeds.dtype)
-            out = self.language_model(
-                inputs_embeds=embeds,
-                attention_mask=mask4,
-                position_ids=pos,
-                use_cache=False,
-                return_dict=True,
-            )
-            hidden = out.last_hidden_state
-        return packed_output(self, hidden, P, caps, masks, patch_features, grid)
-
-    def _assemble(self, image_embeds: torch.Tensor, prefix: list[int | None], captions: torch.Tensor):
-        """inputs_embeds (B, P + L, H): the prefix (image features and wrapper tokens), then the captions."""
-        B = captions.shape[0]
-        emb = self.embed_tokens
-        text = emb(captions)
-        image_embeds = image_embeds.to(text.dtype)
-        parts, i, n_img = [], 0, image_embeds.shape[1]
-        while i < len(prefix):
-            if prefix[i] is None:
-                parts.append(image_embeds)
-                i += n_img
-            else:
-                j = i
-                while j < len(prefix) and prefix[j] is not None:
-                    j += 1
-                ids = torch.tensor(prefix[i:j], dtype=torch.long, device=captions.device)
-                parts.append(emb(ids).unsqueeze(0).expand(B, -1, -1))
-                i = j
-        return torch.cat(parts + [text], dim=1)
+        B, device = captions.shape[0], self.lm_head_weight.device
+        return self.reader.read(
+            lambda: self._encode(inputs),
+            captions,
+            caption_mask,
+            negative_captions,
+            negative_mask,
+            positions=lambda prefix, length: self._position_ids(inputs, prefix, B, length, device),
+        )
 
     def _check_inputs(self, inputs) -> None:
         if not isinstance(inputs, CriticInputs):
@@ -563,7 +500,7 @@ class Critic(nn.Module):
                 + ". Pass pixel_values"
             )
 
-    def _running(self):
+    def running(self):
         """Context of a critic pass: layer checkpointing active, offloading when asked for."""
         stack = contextlib.ExitStack()
         stack.enter_context(self._ckpt.activate())
@@ -595,68 +532,6 @@ class Critic(nn.Module):
         adapter.requires_grad_(False).eval()
         self.latent_adapter = adapter.to(self.lm_head_weight.device)
         return self
-
-
-def check_negatives(captions: torch.Tensor, negative_captions, negative_mask) -> int:
-    """K of negative_captions (B, K, L), checked against captions (B, L) and negative_mask ((B, K, L) or None);
-    a ValueError names the argument otherwise."""
-    B, L = captions.shape
-    neg = negative_captions
-    if (
-        not isinstance(neg, torch.Tensor)
-        or neg.dim() != 3
-        or neg.shape[0] != B
-        or neg.shape[2] != L
-        or neg.dtype not in (torch.int64, torch.int32)
-    ):
-        raise ValueError(
-            f"negative_captions must be an integer tensor (B={B}, K, L={L}) matching captions, got {_describe(neg)}"
-        )
-    if negative_mask is not None and tuple(negative_mask.shape) != tuple(neg.shape):
-        raise ValueError(
-            f"negative_caption_mask must have the shape of negative_captions {tuple(neg.shape)}, "
-            f"got {_describe(negative_mask)}"
-        )
-    return neg.shape[1]
-
-
-def pack_negatives(critic, captions, caption_mask, negative_captions, negative_mask, device):
-    """-> (caps, masks), both (B, K+1, L) int64 on `device`: the caption, then its K negatives; masks 1 real /
-    0 pad (a None mask: all real). Refuses a flash_attention_2 LM, which cannot take the block mask."""
-    if getattr(critic, "attn_implementation", {}).get("language_model") == "flash_attention_2":
-        raise ValueError(
-            "negative captions share the image prefix through a block attention mask, which the "
-            "flash_attention_2 backend cannot take; build the critic with attn_backend='sdpa'"
-        )
-    neg = negative_captions
-    caps = torch.cat([captions[:, None], neg.to(captions.device)], dim=1).to(device=device, dtype=torch.long)
-    cmask = torch.ones_like(captions) if caption_mask is None else caption_mask
-    nmask = torch.ones_like(neg) if negative_mask is None else negative_mask
-    masks = torch.cat([cmask.to(device).long()[:, None], nmask.to(device).long()], dim=1)
-    return caps, masks
-
-
-def packed_output(critic, hidden, P: int, caps, masks, patch_features, grid) -> CriticOutput:
-    """The CriticOutput of one packed pass: hidden (B, P + (K+1) L, H) over [prefix, caption, negatives],
-    caps / masks (B, K+1, L). Caption j's token 0 is predicted by the last prefix state, its token i > 0 by its
-    own block's state i - 1."""
-    B, K1, L = caps.shape
-    H = hidden.shape[-1]
-    first = hidden[:, P - 1 : P, None].expand(B, K1, 1, H)
-    body = hidden[:, P:].reshape(B, K1, L, H)[:, :, : L - 1]
-    cap_hidden = torch.cat([first, body], dim=2)  # (B, K+1, L, H)
-    labels = caps.masked_fill(masks == 0, -100)
-    return CriticOutput(
-        caption_hidden=cap_hidden[:, 0],
-        caption_labels=labels[:, 0],
-        lm_head_weight=critic.lm_head_weight,
-        lm_head_bias=critic.lm_head_bias,
-        logit_softcap=critic.logit_softcap,
-        patch_features=patch_features,
-        grid=grid,
-        negative_hidden=cap_hidden[:, 1:],
-        negative_labels=labels[:, 1:],
-    )
 
 
 def _describe(x) -> str:

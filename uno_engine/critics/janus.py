@@ -76,11 +76,27 @@ class JanusCritic(Critic):
         return image_embeds, feats, (gh, gw)
 
     # ---------------------------------------------------------------- latent view (module docstring)
-    def latent_prefix_ids(self, n_image_tokens: int) -> list[int | None]:
-        """[bos, boi] + N image slots (None) + [eoi], markers that are None left out."""
+    def default_prefix(self, n_image_tokens: int, *, latent: bool = False) -> list[int | None]:
+        """Pixel view: the N image slots. Latent view: [bos, boi] + N image slots (None) + [eoi], markers that
+        are None left out."""
+        if not latent:
+            return [None] * n_image_tokens
         bos, boi, eoi = self.latent_markers
         head = [t for t in (bos, boi) if t is not None]
         return head + [None] * n_image_tokens + ([eoi] if eoi is not None else [])
+
+    def image_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """JanusProcessor writes <begin_of_image> N x <image_placeholder> <end_of_image> for one image."""
+        p = self.processor
+        if p is None:
+            return (), ()
+        ids = p.tokenizer.convert_tokens_to_ids([p.image_start_token, p.image_end_token])
+        return (ids[0],), (ids[1],)
+
+    @property
+    def generation_vocab_size(self) -> int:
+        """Size of the generation codebook (the latent view's token distributions are over it)."""
+        return self.hf_model.model.generation_embeddings.num_embeddings
 
     def embed_token_probs(self, token_probs: torch.Tensor) -> torch.Tensor:
         """(B, N, V_img) token distribution -> (B, N, H) LM inputs through the generation embedding:

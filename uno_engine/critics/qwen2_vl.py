@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL critic: `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`.
 
 pixel_values come pre-patchified, (B*gh*gw, 3*tps*p*p) in the processor's order, with image_grid_thw (B, 3).
-The sequence is <|vision_start|> image tokens <|vision_end|> caption, as the processor writes it; M-RoPE
+Without a template the sequence is <|vision_start|> image tokens <|vision_end|> caption, as the processor
+writes it (with one: the chat template's, uno_engine.critics.reader); M-RoPE
 position ids come from the model's own `get_rope_index` (computed once per (sequence length, grid) and
 cached: they do not depend on the caption ids, and positions after right padding never influence real tokens).
 Patch features are the vision blocks' output before the merger, reordered from the processor's merge-window
@@ -55,9 +56,8 @@ class Qwen2VLCritic(Critic):
             "(B*gh*gw, 3*T*p*p), and ops.bridge(patch_embed=) takes layout 'nchw' only"
         ]
 
-    def _prefix_ids(self, n_image_tokens: int):
-        prefix = [self.vision_start_token_id] + [None] * n_image_tokens + [self.vision_end_token_id]
-        return prefix, n_image_tokens
+    def default_prefix(self, n_image_tokens: int, *, latent: bool = False) -> list[int | None]:
+        return [self.vision_start_token_id] + [None] * n_image_tokens + [self.vision_end_token_id]
 
     def _encode(self, inputs: CriticInputs):
         out, grid_thw, (B, t, gh, gw) = self._run_vision(inputs)

@@ -21,7 +21,7 @@ HF does this with a boolean `visual_pos_masks` (`hidden[mask] += f`: a nonzero, 
 DeepStack layer on CUDA). Here the image slots are a fixed slice of the sequence (after <|vision_start|>), so
 the same sum is a slice add, done by a forward hook on decoder layer k (installed once per layer, outside the
 layer's checkpoint region and outside `torch.compile` of the layer, which wraps `layer.forward`). The hook
-acts only inside this critic's forward (`_running`): the model's own forward is untouched.
+acts only inside this critic's pass (`running()`): the model's own forward is untouched.
 
 Patch features are the last vision block's output before the merger, in raster order (as Qwen2-VL).
 Memory: the K DeepStack features add K x (B, Ni, H) to what the vision pass keeps (Ni = image tokens).
@@ -71,13 +71,13 @@ class Qwen3VLCritic(Qwen2VLCritic):
     def _encode(self, inputs: CriticInputs):
         out, grid_thw, (B, t, gh, gw) = self._run_vision(inputs)
         image_embeds = out.pooler_output.reshape(B, -1, out.pooler_output.shape[-1])
-        start = self._prefix_ids(image_embeds.shape[1])[0].index(None)
+        start = self.reader.image_start(image_embeds.shape[1])  # the image slots of the sequence
         self._deepstack = (start, [f.reshape(B, -1, f.shape[-1]) for f in out.deepstack_features])
         patch = self._raster_patches(out.last_hidden_state, grid_thw, B, t, gh, gw)
         return image_embeds, patch, (gh, gw)
 
-    def _running(self):
-        stack = super()._running()
+    def running(self):
+        stack = super().running()
         _ACTIVE.append(self)
         stack.callback(self._end_pass)
         return stack

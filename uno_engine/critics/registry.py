@@ -30,8 +30,10 @@ Adding a family (e.g. Qwen3-VL):
            def _vision_tower(self): ...
            def _encode(self, inputs: CriticInputs): ...  # -> (image_embeds, patch_features, grid)
 
-   (the hooks are documented on `Critic` in critics/base.py; `_prefix_ids` / `_position_ids` when the
-   sequence has wrapper tokens or its own position ids, as critics/qwen2_vl.py does);
+   (the hooks are documented on `Critic` in critics/base.py; `default_prefix` / `_position_ids` when the
+   sequence has wrapper tokens or its own position ids, as critics/qwen2_vl.py does; `image_markers` when
+   the processor writes tokens around the image tokens of a chat template, as critics/janus.py does; the
+   sequence itself is built by critics/reader.py for every family);
 2. one import line in `uno_engine/critics/__init__.py` (`from uno_engine.critics.qwen3_vl import
    Qwen3VLCritic`) and its name in `__all__`;
 3. a tiny preset in uno_engine/testing/presets/critics.py and its case in tests/test_critics.py.

@@ -1,7 +1,7 @@
 """`fit_latent_adapter`: distil a critic's pixel path into a `LatentAdapter` on real images.
 
 The images are encoded once by the generator's VAE (posterior mode) and by the critic's vision path
-(`Critic._encode`, the projector's output; averaged over pool x pool blocks for a pooled adapter). Each step
+(`Critic.encode_image_tokens`, the projector's output; averaged over pool x pool blocks for a pooled adapter). Each step
 draws a batch of images and noise levels, noises their latents, x_t = alpha(sigma) x0 + sigma eps (flow
 matching: alpha = 1 - sigma; DDPM family: alpha = sqrt(1 - sigma^2)), and minimises against the CLEAN image:
 
@@ -38,9 +38,7 @@ def _critic_tokens(critic, images: torch.Tensor, chunk: int) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], chunk):
         inputs = critic.prepare(images[i : i + chunk], fuse_patch_embed=False)
-        with critic._running():
-            emb, _, _ = critic._encode(inputs)
-        out.append(emb.float())
+        out.append(critic.encode_image_tokens(inputs)[0].float())
     return torch.cat(out)
 
 
@@ -62,27 +60,11 @@ def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], pool: int) -> torch
 
 
 def caption_logits(critic, image_embeds: torch.Tensor, captions: torch.Tensor, mask=None) -> torch.Tensor:
-    """(B, L, V) fp32 logits of each caption token, the critic's LM reading `image_embeds` (B, N, H) in its
-    own prefix (`Critic._prefix_ids`) and the captions (B, L) after it, as `Critic.forward` assembles them.
-    mask: (B, L) 1 real / 0 padding (keys masked), or None. Differentiable in image_embeds."""
-    prefix, _ = critic._prefix_ids(image_embeds.shape[1])
-    P, B = len(prefix), captions.shape[0]
-    device = critic.lm_head_weight.device
-    attention_mask = None
-    if mask is not None:
-        ones = torch.ones(B, P, dtype=torch.long, device=device)
-        attention_mask = torch.cat([ones, mask.to(device).long()], dim=1)
-    with critic._running():
-        embeds = critic._assemble(image_embeds.to(critic.lm_head_weight.dtype), prefix, captions.to(device))
-        hidden = critic.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
-        ).last_hidden_state
-    logits = F.linear(
-        hidden[:, P - 1 : P - 1 + captions.shape[1]], critic.lm_head_weight, critic.lm_head_bias
-    )
-    if critic.logit_softcap is not None:
-        logits = torch.tanh(logits / critic.logit_softcap) * critic.logit_softcap
-    return logits.float()
+    """(B, L, V) fp32 logits of each caption token, the critic's LM reading `image_embeds` (B, N, H) in the image
+    slots of its own sequence and the captions (B, L) after it: `Critic.forward`'s reader, the image tokens
+    given. mask: (B, L) 1 real / 0 padding (keys masked), or None. Differentiable in image_embeds."""
+    out = critic.reader.read(lambda: (image_embeds, None, None), captions, mask)
+    return out.logits().float()
 
 
 def _check_captions(captions, M: int, vocab: int):

@@ -8,7 +8,8 @@ generator hands over `GeneratedLatents` (`generator.latents_for_critic(batch)`) 
   no VQ decode, no vision tower;
 - diffusion models with a separate critic: the critic's attached, frozen `LatentAdapter` maps a latent that
   carries the grad steps' gradient to the critic's vision tokens, which take the image tokens' place in the
-  critic's own sequence (its `_prefix_ids`); no VAE decode, no vision tower. `latent_input`: "x0" (default)
+  critic's own sequence (its reader's prefix: the chat template when it has one); no VAE decode, no vision
+  tower. `latent_input`: "x0" (default)
   reads the last grad step's x0 prediction at sigma = 0; "xt" reads that step's output, the noised latent,
   at its noise level. Why "x0" by default: it is the latent the pixel view decodes, so both views supervise
   the same object, and an adapter is most faithful at low noise (benchmarks/bench_latent.py measures the
@@ -30,7 +31,10 @@ sequence per image, [prefix (P), caption (L), negative 1 (L), ..., negative K (L
 rows causal; caption j's rows see the prefix and, causally, caption j's real tokens) with every caption block
 at positions P .. P+L-1, so each caption's hidden states equal those of a separate pass up to float rounding.
 The prefix here is this view's (Janus: [BOS] <begin_of_image> g(y) <end_of_image>; adapter: the critic's
-`_prefix_ids` around the adapter tokens), and the adapter or the generation embedding runs once per image.
+reader's prefix around the adapter tokens), and the adapter or the generation embedding runs once per image.
+With an instruction (`Critic.from_hf(..., instruction=)`) both read the critic's chat template, the latent
+tokens where the image goes. The sequence itself is built by `Critic.reader` (uno_engine.critics.reader), as
+for the pixel view.
 
 The step reads the generator through its forward, `generator(batch, view="latent")` (which returns
 `latents_for_critic(batch)`), so that a DDP / FSDP2 wrapper's hooks run. Not in this view: Qwen2-VL critics
@@ -40,14 +44,13 @@ keyword raise with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 
-from uno_engine.critics.base import CriticOutput, check_negatives, pack_negatives, packed_output
-from uno_engine.critics.common import find_layers, packed_caption_mask
+from uno_engine.critics.common import find_layers
+from uno_engine.critics.types import CriticOutput
 from uno_engine.distributed import unwrap
 from uno_engine.latent.types import GeneratedLatents
 
@@ -181,7 +184,7 @@ class LatentCritic:
         with torch.no_grad():
             if self.tokens:
                 ids = self.critic.image_tokens(images)
-                V = self.critic.hf_model.model.generation_embeddings.num_embeddings
+                V = self.critic.generation_vocab_size
                 probs = torch.nn.functional.one_hot(ids, V).float()
                 return LatentInputs(self.critic.embed_token_probs(probs), tuple(self.generator.grid))
             adapter = self.critic.latent_adapter
@@ -203,81 +206,31 @@ class LatentCritic:
         x, sigma = (gen.x0, 0.0) if self.latent_input == "x0" else (gen.xt, gen.sigma_t)
         return LatentInputs(adapter(x, sigma), tuple(adapter.grid))
 
-    def _prefix(self, n: int) -> list[int | None]:
-        if self.tokens:
-            return self.critic.latent_prefix_ids(n)
-        return self.critic._prefix_ids(n)[0]
-
-    @contextlib.contextmanager
-    def _capture(self):
-        """Keeps the output of decoder layer `feature_layer` (a forward hook, removed on exit)."""
-        box = {}
-
-        def hook(_mod, _args, output):
-            box["h"] = output[0] if isinstance(output, (tuple, list)) else output
-
-        handle = self._layer.register_forward_hook(hook)
-        try:
-            yield box
-        finally:
-            handle.remove()
-
-    def _run(self, inputs: LatentInputs, captions: torch.Tensor, caption_mask, blocks: int = 1):
-        """One LM pass over [prefix, captions] -> (last hidden states (B, P + blocks L, H), patch features
-        (B, N, H), P). captions (B, blocks L) long on the critic's device: `blocks` captions of length L packed
-        after one prefix (blocks > 1: the block mask of `_packed_layout`); caption_mask the same shape or None."""
-        critic = self.critic
-        emb = inputs.image_embeds
-        B, N = emb.shape[:2]
-        prefix = self._prefix(N)
-        P, i0 = len(prefix), prefix.index(None)
-        device = critic.lm_head_weight.device
-        attention_mask = position_ids = None
-        with critic._running(), self._capture() as box:
-            embeds = critic._assemble(emb.to(critic.lm_head_weight.dtype), prefix, captions)
-            if blocks > 1:
-                keys = torch.ones_like(captions) if caption_mask is None else caption_mask
-                attention_mask, position_ids = _packed_layout(P, blocks, keys, embeds.dtype)
-            elif caption_mask is not None:
-                ones = torch.ones(B, P, dtype=torch.long, device=device)
-                attention_mask = torch.cat([ones, caption_mask.to(device).long()], dim=1)
-            out = critic.language_model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                return_dict=True,
-            )
-        return out.last_hidden_state, box["h"][:, i0 : i0 + N], P
+    def _read(self, inputs: LatentInputs, captions, caption_mask=None, negatives=None, negative_mask=None):
+        """One pass of the critic's reader over [this view's prefix, captions (, negatives)] -> CriticOutput
+        whose patch_features (B, N, H) are decoder layer `feature_layer`'s output at the image slots."""
+        grid = inputs.grid
+        return self.critic.reader.read(
+            lambda: (inputs.image_embeds, None, grid),
+            captions,
+            caption_mask,
+            negatives,
+            negative_mask,
+            latent=self.tokens,  # Janus's generation-format prefix ([BOS] <boi> tokens <eoi>) without a template
+            capture=self._layer,
+        )
 
     def encode_patches(self, inputs: LatentInputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch features (B, N, H) of prepared inputs: the image block alone through the LM."""
         B = inputs.image_embeds.shape[0]
         device = self.critic.lm_head_weight.device
-        _, feats, _ = self._run(inputs, torch.zeros(B, 0, dtype=torch.long, device=device), None)
-        return feats, inputs.grid
+        out = self._read(inputs, torch.zeros(B, 0, dtype=torch.long, device=device))
+        return out.patch_features, inputs.grid
 
-    def _check(self, inputs, captions, caption_mask) -> None:
+    def _check(self, inputs) -> None:
         if not isinstance(inputs, LatentInputs):
             raise TypeError(
                 f"inputs must be LatentInputs (from LatentCritic.prepare), got {type(inputs).__name__}"
-            )
-        if (
-            not isinstance(captions, torch.Tensor)
-            or captions.dim() != 2
-            or captions.dtype not in (torch.int64, torch.int32)
-        ):
-            raise ValueError(
-                f"captions must be a (B, L) integer tensor, got {getattr(captions, 'shape', type(captions))}"
-            )
-        if caption_mask is not None and caption_mask.shape != captions.shape:
-            raise ValueError(
-                f"caption_mask must have the shape of captions {tuple(captions.shape)}, got {tuple(caption_mask.shape)}"
-            )
-        B = captions.shape[0]
-        if inputs.image_embeds.shape[0] != B:
-            raise ValueError(
-                f"captions has batch size {B} but the latents have {inputs.image_embeds.shape[0]}"
             )
 
     def __call__(
@@ -285,25 +238,8 @@ class LatentCritic:
     ):
         """-> CriticOutput, as `Critic.forward`: caption hidden states (B, L, H) after the final norm,
         patch_features (B, N, H) from decoder layer `feature_layer`."""
-        self._check(inputs, captions, caption_mask)
-        L = captions.shape[1]
-        critic = self.critic
-        captions = captions.to(device=critic.lm_head_weight.device, dtype=torch.long)
-        hidden, feats, P = self._run(inputs, captions, caption_mask)
-        labels = (
-            captions
-            if caption_mask is None
-            else captions.masked_fill(caption_mask.to(captions.device) == 0, -100)
-        )
-        return CriticOutput(
-            caption_hidden=hidden[:, P - 1 : P - 1 + L],
-            caption_labels=labels,
-            lm_head_weight=critic.lm_head_weight,
-            lm_head_bias=critic.lm_head_bias,
-            logit_softcap=critic.logit_softcap,
-            patch_features=feats,
-            grid=inputs.grid,
-        )
+        self._check(inputs)
+        return self._read(inputs, captions, caption_mask)
 
     def forward_with_negatives(
         self,
@@ -325,23 +261,5 @@ class LatentCritic:
         Returns: CriticOutput with caption_hidden / caption_labels of the true captions, patch_features, and
         negative_hidden (B, K, L, H) / negative_labels (B, K, L) (-100 at padding).
         """
-        self._check(inputs, captions, caption_mask)
-        K = check_negatives(captions, negative_captions, negative_mask)
-        if K == 0:
-            return self(inputs, captions, caption_mask)
-        critic = self.critic
-        device = critic.lm_head_weight.device
-        caps, masks = pack_negatives(critic, captions, caption_mask, negative_captions, negative_mask, device)
-        B = captions.shape[0]
-        hidden, feats, P = self._run(inputs, caps.reshape(B, -1), masks.reshape(B, -1), blocks=K + 1)
-        return packed_output(critic, hidden, P, caps, masks, feats, inputs.grid)
-
-
-def _packed_layout(P: int, blocks: int, keys: torch.Tensor, dtype: torch.dtype):
-    """Attention mask and positions of [prefix (P), caption 1 (L), ..., caption `blocks` (L)] (the layout of
-    `Critic.forward_with_negatives`). keys: (B, blocks L) 1 real / 0 pad. Returns the additive mask (B, 1, T, T)
-    of `packed_caption_mask` and positions (B, T): 0 .. P-1, then P .. P+L-1 for every caption."""
-    B, device = keys.shape[0], keys.device
-    L = keys.shape[1] // blocks
-    pos = torch.cat([torch.arange(P, device=device), torch.arange(P, P + L, device=device).repeat(blocks)])
-    return packed_caption_mask(P, blocks, keys, dtype), pos.expand(B, -1)
+        self._check(inputs)
+        return self._read(inputs, captions, caption_mask, negative_captions, negative_mask)

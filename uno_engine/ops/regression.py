@@ -305,7 +305,7 @@ def _build_plan(tensors, layout, device, config, resident: int | None = None) ->
         if kind != 2 and not has_m and not has_w and prep_p == prep_y == _AS_IS and pred.numel() % 16 == 0:
             if pred.is_contiguous() and tgt.is_contiguous() and pred.numel() > 0:
                 # no per-row data: any (R', D') factorization of the flat tensors; take D' a power of two
-                D = K._pow2_divisor(pred.numel(), min(512, config.tile))
+                D = K.pow2_divisor(pred.numel(), min(512, config.tile))
                 R, sp, sy = pred.numel() // D, D, D
         block_r, block_d, fast = K.term_settings(kind, R, D, config)
         modes = (aux[0][2], aux[1][2])

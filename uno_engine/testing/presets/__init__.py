@@ -152,16 +152,29 @@ class Preset:
     def name(self) -> str:
         return self.spec.name
 
-    def make_critic(self, checkpoint: str = "none", attn_backend: str = "auto", *, cache: bool = True):
+    def make_critic(
+        self,
+        checkpoint: str = "none",
+        attn_backend: str = "auto",
+        *,
+        cache: bool = True,
+        instruction: str | None = None,
+    ):
         """A `uno_engine.Critic` over the preset's HF model (`Critic.from_hf`), one per (checkpoint,
-        attention) unless `cache=False`."""
+        attention, instruction) unless `cache=False`. `instruction`: read in the family's chat template, with
+        the preset's full processor (`presets.processors.chat_processor`)."""
         from uno_engine.critics import Critic
 
-        key = (checkpoint, attn_backend)
+        key = (checkpoint, attn_backend, instruction)
         if cache and key in self._critics:
             return self._critics[key]
+        processor = self.image_processor
+        if instruction is not None:
+            from uno_engine.testing.presets.processors import chat_processor
+
+            processor = chat_processor(self.spec.critic, self.hf_model, self.image_processor)
         critic = Critic.from_hf(
-            self.hf_model, self.image_processor, checkpoint=checkpoint, attn_backend=attn_backend
+            self.hf_model, processor, instruction=instruction, checkpoint=checkpoint, attn_backend=attn_backend
         )
         if cache:
             self._critics[key] = critic
