@@ -1,6 +1,6 @@
 """`uno-train`'s time per step against `UNOStep` alone, on the tiny preset's models (tiny-sd + tiny LLaVA).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_cli.py              # CPU, 30 interleaved rounds
+    OMP_NUM_THREADS=1 python benchmarks/bench_cli.py [--record]     # CPU, 30 interleaved rounds
 
 The models are written with save_pretrained into a temporary folder and loaded by the command's own
 `Trainer.build` (the same code path as `uno-train`), at the preset's batch (2 images) and 8 sampling steps.
@@ -16,7 +16,7 @@ of a shared machine hits them alike):
   and the tracker call of `Trainer.run`.
 
 Reported: the medians of wall time and of this process's CPU time, and cli / unostep (the issue's bound:
-<= 1.05). Results: benchmarks/results/bench_cli-<device>.json/.csv.
+<= 1.05). Results: benchmarks/runs/ (--record: benchmarks/results/) bench_cli-<device>.json/.csv.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=2, help="images per step (the tiny preset's)")
     p.add_argument("--num_inference_steps", type=int, default=8)
+    harness.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -136,7 +137,9 @@ def main(argv=None):
         title=f"uno-train vs UNOStep alone, tiny preset models ({harness.device_name('cpu')}, "
         f"{torch.get_num_threads()} threads)",
     )
-    paths = harness.write_results("bench_cli", rows, harness.env_metadata("cpu"))
+    paths = harness.write_results(
+        "bench_cli", rows, harness.env_metadata("cpu"), out_dir=harness.output_dir(args)
+    )
     print("wrote", *paths)
 
 

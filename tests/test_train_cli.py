@@ -107,22 +107,22 @@ def _check_lora_loads(tiny, pipe_name, out):
 
 
 def test_sd_llava_run_writes_lora_card_and_validation(tiny, tmp_path, capsys):
+    """SD-1.x + LLaVA reading in its chat template (--instruction): the caption is the template's completion,
+    which ends with the end-of-turn token </s> (id 3 of the tiny tokenizer)."""
     out = tmp_path / "run"
     argv = _argv(tiny, out, "tiny-sd", "tiny-llava", "--max_train_steps", "2", "--train_batch_size", "2")
-    argv += [
-        "--checkpointing_steps",
-        "2",
-        "--validation_prompts",
-        "a red cube|a blue ball",
-        "--validation_steps",
-        "2",
-    ]
+    argv += ["--checkpointing_steps", "2", "--validation_prompts", "a red cube|a blue ball"]
+    argv += ["--validation_steps", "2", "--instruction", "describe this image ."]
     assert main(argv) == 0
+    rows = json.loads((out / "validation" / "step-000000" / "diagnosis.json").read_text())["images"]
+    for row in rows:
+        real = [t for t, m in zip(row["caption_ids"], row["caption_mask"], strict=True) if m]
+        assert real[-1] == 3, f"not the template's completion: {real}"
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     for step in (0, 2):  # one validation before training, one at step 2
         assert (out / "validation" / f"step-{step:06d}.png").is_file()
         diag = json.loads((out / "validation" / f"step-{step:06d}" / "diagnosis.json").read_text())
-        assert len(diag["images"] if "images" in diag else diag["rows"]) == 2
+        assert len(diag["images"]) == 2
     card = (out / "README.md").read_text()
     assert str(tiny / "tiny-sd") in card and str(tiny / "tiny-llava") in card
     assert "| caption_ce |" in card and "`--rank` | `4`" in card
@@ -218,6 +218,15 @@ BAD = {
     "unknown pipeline family": (
         lambda t, tiny: ["--pretrained_model_name_or_path", str(_unknown_family(t))],
         r"DDPMPipeline with UNet2DModel denoiser is not a supported pipeline family",
+    ),
+    "instruction without a chat processor": (
+        lambda t, tiny: [
+            "--critic_model_name_or_path",
+            str(tiny / "tiny-qwen2-vl"),
+            "--instruction",
+            "describe",
+        ],
+        r"--instruction needs the critic's full processor \(its chat template\), which AutoProcessor could not",
     ),
     "tracker not installed": (
         lambda t, tiny: ["--report_to", "wandb"],

@@ -189,73 +189,49 @@ class DataStream:
 # ------------------------------------------------------------------------------------------- captions
 class CaptionTokenizer:
     """texts -> (ids (B, L) int64, mask (B, L) int64), right-padded to the longest: the critic's own
-    `tokenize_captions` (its chat template and --instruction) when it has one; else the tokenizer's plain
-    ids (no special tokens, no template), which cannot take an --instruction."""
+    `tokenize_captions` (its chat template's completion with --instruction, else the tokenizer's plain ids)."""
 
-    def __init__(self, critic, tokenizer, instruction: str | None):
-        self.critic_fn = getattr(critic, "tokenize_captions", None)
-        if self.critic_fn is None and instruction is not None:
-            raise UsageError(
-                f"--instruction: this uno_engine's {type(critic).__name__} has no chat template support "
-                "(Critic.tokenize_captions); drop --instruction or update uno_engine"
-            )
-        if self.critic_fn is None and tokenizer is None:
-            raise UsageError("--critic_model_name_or_path: the critic folder has no tokenizer")
-        self.tokenizer = tokenizer
+    def __init__(self, critic):
+        self.critic = critic
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.critic_fn is not None:
-            ids, mask = self.critic_fn(texts)
-            return ids.long(), mask.long()
-        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return pad(rows)
+        return self.critic.tokenize_captions(list(texts))
 
     def lengths(self, texts: list[str]) -> list[int]:
         """Tokens per text (the completion the critic reads)."""
-        _, mask = self(texts)
-        return mask.sum(1).tolist()
+        return [len(self.critic.encode_caption(t)) for t in texts]
 
 
-def pad(
-    rows: list[list[int]], length: int | None = None, pad_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(1, length or max(len(r) for r in rows))
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def image_token_count(critic, height: int, width: int) -> int:
-    """How many positions of the critic's sequence one image takes (its patch grid after merging)."""
+def prefix_length(critic, height: int, width: int) -> int:
+    """How many positions of the critic's sequence come before the caption: the image's tokens (its patch grid
+    after merging) plus, with a chat template, the prompt's other tokens."""
     size, patch = getattr(critic, "image_size", None), getattr(critic, "patch_size", None)
-    if not size:  # Qwen-VL: the processor's grid for this image size, merged
+    if size and patch:
+        n = (size // patch) ** 2
+    else:  # Qwen-VL: the processor's grid for this image size, merged
         try:
             gh, gw = critic.spec.grid(height, width)
-            return gh * gw // (getattr(critic, "merge", 1) ** 2)
+            n = gh * gw // (getattr(critic, "merge", 1) ** 2)
         except (ValueError, AttributeError):
-            return 0
-    size, patch = getattr(critic, "image_size", None), getattr(critic, "patch_size", None)
-    return (size // patch) ** 2 if size and patch else 0
+            n = 0
+    prompt = critic.reader.prompt
+    return n + (len(prompt.prefix(0)) if prompt is not None else 0)
 
 
 def check_caption_lengths(
-    records: list[Record], tokenize: CaptionTokenizer, context: int, image_tokens: int, source
+    records: list[Record], tokenize: CaptionTokenizer, context: int, prefix: int, source
 ):
-    """Every caption and negative fits the critic's context with the image: else UsageError naming the record."""
-    budget = context - image_tokens
+    """Every caption and negative fits the critic's context after its prefix (`prefix_length`): else UsageError
+    naming the record."""
+    budget = context - prefix
     texts = [(i, "caption", r.caption) for i, r in enumerate(records)]
     texts += [(i, "negative", n) for i, r in enumerate(records) for n in r.negatives]
-    for start in range(0, len(texts), 256):
-        chunk = texts[start : start + 256]
-        for (i, what, _), n in zip(chunk, tokenize.lengths([t for _, _, t in chunk]), strict=True):
-            if n > budget:
-                raise UsageError(
-                    f"--train_data {source} record {i + 1}: the {what} has {n} tokens, longer than the critic's "
-                    f"context ({context} positions, {image_tokens} of them the image's)"
-                )
+    for (i, what, _), n in zip(texts, tokenize.lengths([t for _, _, t in texts]), strict=True):
+        if n > budget:
+            raise UsageError(
+                f"--train_data {source} record {i + 1}: the {what} has {n} tokens, longer than the critic's "
+                f"context ({context} positions, {prefix} of them before the caption: the image and the prompt)"
+            )
 
 
 # ------------------------------------------------------------------------------------------- batches

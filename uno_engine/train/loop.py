@@ -71,14 +71,14 @@ class Trainer:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         pipe.to(self.device)
         critic.to(self.device)
-        self.tokenize = data.CaptionTokenizer(critic, tokenizer, args.instruction)
+        self.tokenize = data.CaptionTokenizer(critic)
         step, gen = models.build_step(args, pipe, critic, self.device)
         self.targets = sorted(next(iter(gen.denoiser.peft_config.values())).target_modules)
         data.check_caption_lengths(
             records,
             self.tokenize,
             critic.text_config.max_position_embeddings,
-            data.image_token_count(critic, gen.height, gen.width),
+            data.prefix_length(critic, gen.height, gen.width),
             args.train_data,
         )
         if args.negatives_weight > 0 and not any(r.negatives for r in records):

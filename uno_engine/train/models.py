@@ -81,6 +81,15 @@ def load_pipeline(args, dtype: torch.dtype):
     return pipe
 
 
+class ProcessorParts:
+    """A critic's image processor and tokenizer, when its full processor cannot be built (e.g. Qwen2-VL's
+    AutoProcessor without torchvision): `Critic.from_hf` takes it as a processor without a chat template, and
+    reads captions as the tokenizer's plain ids."""
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+
 def load_critic(args, dtype: torch.dtype):
     """(critic, tokenizer): the critic model frozen and wrapped with `Critic.from_hf`."""
     import transformers
@@ -103,34 +112,32 @@ def load_critic(args, dtype: torch.dtype):
             f"--critic_model_name_or_path {path}: cannot load an image-text-to-text model ({_one_line(e)})"
         ) from None
     try:
-        processor = transformers.AutoProcessor.from_pretrained(path, **kw)
-    except Exception:  # noqa: BLE001 - e.g. a processor that wants torchvision: load the parts below
-        processor = None
-    image_processor = getattr(processor, "image_processor", None)
-    tokenizer = getattr(processor, "tokenizer", None)
+        processor, why_not = transformers.AutoProcessor.from_pretrained(path, **kw), None
+    except Exception as e:  # noqa: BLE001 - e.g. Qwen2-VL's processor wants torchvision for its video half
+        processor, why_not = None, _one_line(e)
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        try:
+            processor = ProcessorParts(
+                transformers.AutoImageProcessor.from_pretrained(path, **kw),
+                transformers.AutoTokenizer.from_pretrained(path, **kw),
+            )
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(
+                f"--critic_model_name_or_path {path}: cannot load its image processor / tokenizer ({_one_line(e)})"
+            ) from None
+        if args.instruction is not None:
+            raise UsageError(
+                f"--instruction needs the critic's full processor (its chat template), which AutoProcessor could "
+                f"not build from {path} ({why_not or 'no processor'})"
+            )
     try:
-        if image_processor is None:
-            image_processor = transformers.AutoImageProcessor.from_pretrained(path, **kw)
-        if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kw)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(
-            f"--critic_model_name_or_path {path}: cannot load its image processor / tokenizer ({_one_line(e)})"
-        ) from None
-    options = dict(checkpoint=args.critic_checkpoint)
-    takes_instruction = "instruction" in inspect.signature(Critic.from_hf).parameters
-    if takes_instruction and args.instruction is not None:
-        options["instruction"] = args.instruction
-    full = (
-        processor
-        if (takes_instruction and processor is not None and tokenizer is not None)
-        else image_processor
-    )
-    try:
-        critic = Critic.from_hf(model, full, **options)
+        critic = Critic.from_hf(
+            model, processor, instruction=args.instruction, checkpoint=args.critic_checkpoint
+        )
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--critic_model_name_or_path {path}: {_one_line(e)}") from None
-    return critic, tokenizer
+        arg = "--instruction" if args.instruction is not None else "--critic_model_name_or_path"
+        raise UsageError(f"{arg} ({path}): {_one_line(e)}") from None
+    return critic, processor.tokenizer
 
 
 def add_lora(denoiser, family: str, args) -> list[torch.nn.Parameter]:

@@ -19,49 +19,24 @@ from pathlib import Path
 
 import torch
 
-WORDS = (
-    "a an the red green blue yellow black white cube ball cat dog bird tree house car photo of on under "
-    "next to in sky table grass two three small big"
-).split()
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-)
+from uno_engine.testing.presets.processors import WORDS, chat_processor, chat_tokenizer
+
 PROMPTS = [
-    "a red cube on the table",
-    "two blue balls under a tree",
-    "a black cat next to a white dog",
-    "a yellow car in the grass",
-    "a small bird in the sky",
-    "a big green house",
-    "three red balls on the grass",
-    "a photo of a blue car",
+    "a red cube on a blue ball",
+    "two green circle left of a star",
+    "a yellow triangle above a square",
+    "three small blue star",
+    "a big red ball under a green cube",
+    "a photo of a yellow star",
+    "one blue square and two red circle",
+    "a small green triangle on the right",
 ]
+TEXT_VOCAB = 6 + len(WORDS)  # the pipelines' text encoders: chat_tokenizer's base ids and WORDS
 
 
-def word_tokenizer(max_len: int, *, special: dict[str, int] | None = None, vocab_size: int | None = None):
-    """A word-level PreTrainedTokenizerFast on WORDS (ids 4..), pad 0 / unk 1 / eos 2 / bos 3, plus `special`
-    tokens at fixed ids (e.g. {"<image>": 127}), with CHAT_TEMPLATE."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "<s>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    vocab.update(special or {})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-        bos_token="<s>",
-        model_max_length=max_len,
-        additional_special_tokens=list(special or {}),
-    )
-    out.chat_template = CHAT_TEMPLATE
-    return out
+def text_tokenizer(max_len: int):
+    """The pipelines' word-level tokenizer (presets.processors.chat_tokenizer, no extra special tokens)."""
+    return chat_tokenizer(TEXT_VOCAB, {}, model_max_length=max_len)
 
 
 def _clip(hidden: int, *, projection_dim=None, seed=0):
@@ -69,15 +44,15 @@ def _clip(hidden: int, *, projection_dim=None, seed=0):
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=len(WORDS) + 4,
+        vocab_size=TEXT_VOCAB,
         hidden_size=hidden,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=37,
         max_position_embeddings=8,
-        eos_token_id=2,
+        eos_token_id=3,
         pad_token_id=0,
-        bos_token_id=3,
+        bos_token_id=2,
         **({} if projection_dim is None else {"projection_dim": projection_dim}),
     )
     return (CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection)(cfg).eval()
@@ -88,7 +63,7 @@ def _t5(d_model: int):
 
     torch.manual_seed(1)
     cfg = T5Config(
-        vocab_size=len(WORDS) + 4, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2, pad_token_id=0
+        vocab_size=TEXT_VOCAB, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2, pad_token_id=0
     )
     return T5EncoderModel(cfg).eval()
 
@@ -105,7 +80,7 @@ def save_tiny_pipeline(name: str, out: str | Path, seed: int = 0) -> Path:
         pipe = d.StableDiffusionPipeline(
             vae=gen.vae,
             text_encoder=_clip(32),
-            tokenizer=word_tokenizer(8),
+            tokenizer=text_tokenizer(8),
             unet=gen.denoiser,
             scheduler=gen.scheduler,
             safety_checker=None,
@@ -117,9 +92,9 @@ def save_tiny_pipeline(name: str, out: str | Path, seed: int = 0) -> Path:
             scheduler=gen.scheduler,
             vae=gen.vae,
             text_encoder=_clip(24),
-            tokenizer=word_tokenizer(8),
+            tokenizer=text_tokenizer(8),
             text_encoder_2=_t5(32),
-            tokenizer_2=word_tokenizer(8),
+            tokenizer_2=text_tokenizer(8),
             transformer=gen.denoiser,
         )
     else:
@@ -133,34 +108,18 @@ def save_tiny_critic(name: str, out: str | Path, seed: int = 0) -> Path:
     from uno_engine.testing.presets.critics import build_critic_model
 
     out = Path(out)
-    if name == "tiny-llava":
-        from transformers import LlavaProcessor
-
-        model, image_processor = build_critic_model("tiny-llava-clip", seed=seed)
-        tok = word_tokenizer(4096, special={"<image>": 127})
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=6,
-            vision_feature_select_strategy="default",
-            image_token="<image>",
-            chat_template=CHAT_TEMPLATE,
-        )
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-    elif name == "tiny-qwen2-vl":
-        model, image_processor = build_critic_model("tiny-qwen2-vl", seed=seed)
-        specials = {
-            "<|image_pad|>": 124,
-            "<|video_pad|>": 125,
-            "<|vision_start|>": 126,
-            "<|vision_end|>": 127,
-        }
-        model.save_pretrained(out)
-        image_processor.save_pretrained(out)  # image-only: Qwen2VLProcessor's video half wants torchvision
-        word_tokenizer(4096, special=specials).save_pretrained(out)
-    else:
+    preset = {"tiny-llava": "tiny-llava-clip", "tiny-qwen2-vl": "tiny-qwen2-vl"}.get(name)
+    if preset is None:
         raise ValueError(f"save_tiny_critic: name must be 'tiny-llava' or 'tiny-qwen2-vl', got {name!r}")
+    model, image_processor = build_critic_model(preset, seed=seed)
+    processor = chat_processor(preset, model, image_processor)
+    model.save_pretrained(out)
+    if name == "tiny-llava":
+        processor.save_pretrained(out)  # LlavaProcessor: AutoProcessor loads it back
+    else:  # Qwen2VLProcessor's video half wants torchvision: the parts, the template on the tokenizer
+        image_processor.save_pretrained(out)
+        processor.tokenizer.chat_template = processor.chat_template
+        processor.tokenizer.save_pretrained(out)
     return out
 
 
