@@ -228,6 +228,14 @@ BAD = {
         ],
         r"--instruction needs the critic's full processor \(its chat template\), which AutoProcessor could not",
     ),
+    "latent view without an adapter": (
+        lambda t, tiny: ["--view", "latent"],
+        r"--view latent: ValueError: UNOConfig\(view='latent'\) cannot run .*no LatentAdapter is attached",
+    ),
+    "latent adapter file missing": (
+        lambda t, tiny: ["--view", "latent", "--latent_adapter", str(t / "none.safetensors")],
+        r"--latent_adapter .*none\.safetensors: ",
+    ),
     "tracker not installed": (
         lambda t, tiny: ["--report_to", "wandb"],
         r"--report_to wandb needs `wandb`: pip install wandb",
@@ -396,3 +404,56 @@ def test_prompt_cache_reuses_rows_and_evicts(tiny):
     torch.testing.assert_close(first["prompt_embeds"], plain["prompt_embeds"], rtol=1e-5, atol=1e-6)
     cached(["a green tree"])  # a third prompt: the least recently used ("a blue ball") leaves
     assert list(cached.cache) == ["a red cube", "a green tree"]
+
+
+def test_datasets_source_reads_the_named_columns(monkeypatch, tmp_path):
+    """A `datasets` name (a stand-in module: the package is optional): --prompt_column / --caption_column /
+    --dataset_split pick the records; a missing split or column is one UsageError naming the argument."""
+    import types
+
+    from uno_engine.train.args import UsageError, parse_args
+    from uno_engine.train.data import read_records
+
+    class Split(list):
+        column_names = ["text", "target"]
+
+    class DatasetDict(dict):
+        pass
+
+    rows = Split([{"text": "a red cube", "target": "a cube"}, {"text": "a blue ball", "target": None}])
+    stub = types.ModuleType("datasets")
+    stub.DatasetDict = DatasetDict
+    stub.load_dataset = lambda name: DatasetDict(train=rows)
+    stub.load_from_disk = lambda name: pytest.fail("not a save_to_disk folder")
+    monkeypatch.setitem(sys.modules, "datasets", stub)
+    base = ["--pretrained_model_name_or_path", "p", "--critic_model_name_or_path", "c", "--output_dir", "o"]
+    base += ["--train_data", "org/prompts", "--prompt_column", "text", "--caption_column", "target"]
+    records = read_records(parse_args(base))
+    assert [(r.prompt, r.caption) for r in records] == [
+        ("a red cube", "a cube"),
+        ("a blue ball", "a blue ball"),
+    ]
+    with pytest.raises(UsageError, match=r"--dataset_split 'test': org/prompts has splits \['train'\]"):
+        read_records(parse_args([*base, "--dataset_split", "test"]))
+    with pytest.raises(UsageError, match=r"--prompt_column 'prompt': org/prompts has columns"):
+        read_records(parse_args([*base, "--prompt_column", "prompt"]))
+
+
+def test_latent_view_with_a_fitted_adapter(tiny, tmp_path):
+    """--view latent --latent_adapter: an adapter fitted (2 steps) for this critic and VAE, saved, then a run
+    that reads the latents (and checks the adapter against the pair when it loads it)."""
+    from uno_engine.generators import DiffusersGenerator
+    from uno_engine.latent import fit_latent_adapter
+    from uno_engine.train import models
+    from uno_engine.train.args import parse_args
+
+    argv = _argv(tiny, tmp_path / "out", "tiny-sd", "tiny-llava", "--max_train_steps", "1")
+    args = parse_args(argv)
+    critic, _ = models.load_critic(args, torch.float32)
+    gen = DiffusersGenerator.from_pipeline(models.load_pipeline(args, torch.float32), height=32, width=32)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    adapter = fit_latent_adapter(critic, gen, images, steps=2, batch_size=2, progress=False)
+    adapter.save(tmp_path / "adapter.safetensors")
+    assert main([*argv, "--view", "latent", "--latent_adapter", str(tmp_path / "adapter.safetensors")]) == 0
+    assert "`--view` | `latent`" in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

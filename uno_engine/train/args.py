@@ -18,6 +18,12 @@ class UsageError(Exception):
     non-zero, without a traceback. The message names the argument or the file (and line)."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="uno-train",
@@ -82,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--density_weight", type=float, default=0.0)
     o.add_argument("--structure_weight", type=float, default=0.0)
     o.add_argument("--view", default="pixel", choices=("pixel", "latent"))
+    o.add_argument(
+        "--latent_adapter",
+        default=None,
+        help="--view latent: a LatentAdapter file fitted for this critic and VAE (uno_engine.latent)",
+    )
     mem = p.add_argument_group("memory")
     mem.add_argument("--critic_checkpoint", default="auto", help="auto | none | layer | selective | offload")
     mem.add_argument(

@@ -7,13 +7,25 @@ ONE line naming the thing, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from .args import UsageError, parse_args
 
 
 def main(argv=None) -> int:
-    """Run `uno-train` with `argv` (default: sys.argv[1:]); returns the exit status."""
+    """Run `uno-train` with `argv` (default: sys.argv[1:]); returns the exit status. Under a multi-process
+    launcher, an unexpected error ends its process at once (`uno_engine.distributed.fail_fast`), so the
+    launcher stops the other processes instead of leaving them waiting in a collective."""
+    from uno_engine.distributed import fail_fast
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with fail_fast() if several else contextlib.nullcontext():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     try:
         args = parse_args(argv)
         from .loop import Trainer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .args import UsageError
+from .args import UsageError, one_line
 
 
 @dataclass(frozen=True)
@@ -84,19 +84,11 @@ def read_dataset(name: str, *, prompt_column: str, caption_column: str, split: s
             f"--train_data {name}: not a JSONL file, and reading a `datasets` folder or name needs the "
             "`datasets` package (pip install datasets)"
         ) from None
-    try:
-        if (
-            Path(name).is_dir()
-            and (Path(name) / "dataset_dict.json").exists()
-            or (Path(name) / "dataset_info.json").exists()
-        ):
-            ds = datasets.load_from_disk(name)
-        else:
-            ds = datasets.load_dataset(name)
+    try:  # a folder written by save_to_disk, else a name (or folder of data files) for load_dataset
+        saved = any((Path(name) / f).is_file() for f in ("dataset_dict.json", "dataset_info.json"))
+        ds = datasets.load_from_disk(name) if saved else datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - any loader failure is the user's source: one line
-        raise UsageError(
-            f"--train_data {name}: cannot load it with `datasets` ({type(e).__name__}: {e})"
-        ) from None
+        raise UsageError(f"--train_data {name}: cannot load it with `datasets` ({one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UsageError(f"--dataset_split {split!r}: {name} has splits {sorted(ds)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .args import UsageError
+from .args import UsageError, one_line
 
 # LoRA targets per denoiser family (diffusers' LoRA scripts' choices): the attention projections; the DiTs'
 # joint attention also has the text stream's projections.
@@ -44,11 +44,6 @@ def check_model_path(value: str, arg: str) -> None:
         raise UsageError(f"{arg} {value}: folder does not exist")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
 def load_pipeline(args, dtype: torch.dtype):
     """The diffusers pipeline, its family checked (UsageError for a missing folder or an unknown family)."""
     from diffusers import DiffusionPipeline
@@ -65,7 +60,7 @@ def load_pipeline(args, dtype: torch.dtype):
         pipe = DiffusionPipeline.from_pretrained(path, revision=args.revision, variant=args.variant, **kw)
     except Exception as e:  # noqa: BLE001 - a folder that is not a loadable pipeline: one line, no traceback
         raise UsageError(
-            f"--pretrained_model_name_or_path {path}: cannot load a diffusers pipeline ({_one_line(e)})"
+            f"--pretrained_model_name_or_path {path}: cannot load a diffusers pipeline ({one_line(e)})"
         ) from None
     try:
         den = pipeline_denoiser(pipe)
@@ -109,12 +104,12 @@ def load_critic(args, dtype: torch.dtype):
         model = cls.from_pretrained(path, dtype=dtype, **kw).eval()
     except Exception as e:  # noqa: BLE001
         raise UsageError(
-            f"--critic_model_name_or_path {path}: cannot load an image-text-to-text model ({_one_line(e)})"
+            f"--critic_model_name_or_path {path}: cannot load an image-text-to-text model ({one_line(e)})"
         ) from None
     try:
         processor, why_not = transformers.AutoProcessor.from_pretrained(path, **kw), None
     except Exception as e:  # noqa: BLE001 - e.g. Qwen2-VL's processor wants torchvision for its video half
-        processor, why_not = None, _one_line(e)
+        processor, why_not = None, one_line(e)
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         try:
             processor = ProcessorParts(
@@ -123,7 +118,7 @@ def load_critic(args, dtype: torch.dtype):
             )
         except Exception as e:  # noqa: BLE001
             raise UsageError(
-                f"--critic_model_name_or_path {path}: cannot load its image processor / tokenizer ({_one_line(e)})"
+                f"--critic_model_name_or_path {path}: cannot load its image processor / tokenizer ({one_line(e)})"
             ) from None
         if args.instruction is not None:
             raise UsageError(
@@ -136,7 +131,7 @@ def load_critic(args, dtype: torch.dtype):
         )
     except (TypeError, ValueError) as e:
         arg = "--instruction" if args.instruction is not None else "--critic_model_name_or_path"
-        raise UsageError(f"{arg} ({path}): {_one_line(e)}") from None
+        raise UsageError(f"{arg} ({path}): {one_line(e)}") from None
     return critic, processor.tokenizer
 
 
@@ -154,7 +149,7 @@ def add_lora(denoiser, family: str, args) -> list[torch.nn.Parameter]:
     try:
         denoiser.add_adapter(config)
     except ValueError as e:
-        raise UsageError(f"--lora_target_modules {','.join(targets)}: {_one_line(e)}") from None
+        raise UsageError(f"--lora_target_modules {','.join(targets)}: {one_line(e)}") from None
     cast_training_params(denoiser, dtype=torch.float32)
     return [p for p in denoiser.parameters() if p.requires_grad]
 
@@ -175,7 +170,7 @@ def build_step(args, pipe, critic, device):
             **size,
         )
     except ValueError as e:
-        raise UsageError(f"--pretrained_model_name_or_path / --resolution: {_one_line(e)}") from None
+        raise UsageError(f"--pretrained_model_name_or_path / --resolution: {one_line(e)}") from None
     add_lora(gen.denoiser, gen.kind, args)
     torch.manual_seed(args.seed + 1)  # the loss heads, identical on every process
     loss = UNOLoss(
@@ -187,7 +182,19 @@ def build_step(args, pipe, critic, device):
         kl=args.kl_weight,
         normalize="global",  # the caption-token mean over every process and micro-batch
     )
-    step = UNOStep(gen.to(device), critic, loss, UNOConfig(view=args.view))
+    gen.to(device)
+    if args.latent_adapter is not None:
+        from uno_engine.latent import LatentAdapter
+
+        try:
+            adapter = LatentAdapter.load(args.latent_adapter, critic=critic, generator=gen, device=device)
+        except Exception as e:  # noqa: BLE001 - a missing, malformed or mismatched file: one line
+            raise UsageError(f"--latent_adapter {args.latent_adapter}: {one_line(e)}") from None
+        critic.attach_latent_adapter(adapter)
+    try:
+        step = UNOStep(gen, critic, loss, UNOConfig(view=args.view))
+    except ValueError as e:
+        raise UsageError(f"--view {args.view}: {one_line(e)}") from None
     return step, gen
 
 
