@@ -457,3 +457,33 @@ def test_latent_view_with_a_fitted_adapter(tiny, tmp_path):
     assert main([*argv, "--view", "latent", "--latent_adapter", str(tmp_path / "adapter.safetensors")]) == 0
     assert "`--view` | `latent`" in (tmp_path / "out" / "README.md").read_text()
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_reference_images_feed_the_joint_and_regression_terms(tiny, tmp_path):
+    """JSONL records with "image" (paths relative to the file) and "negatives": the generator's own loss, the
+    density head and the hard negatives all get their inputs; the step's metrics name each term."""
+    import numpy as np
+    from PIL import Image
+
+    from uno_engine.train.args import UsageError, parse_args
+    from uno_engine.train.loop import Trainer
+
+    (tmp_path / "refs").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, prompt in enumerate(["a red cube", "a blue ball", "two green star"]):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            tmp_path / "refs" / f"{i}.png"
+        )
+        lines.append({"prompt": prompt, "image": f"refs/{i}.png", "negatives": ["a yellow square"]})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    argv = _replace(_argv(tiny, tmp_path / "out", "tiny-sd", "tiny-llava"), ["--train_data", str(data)])
+    argv += ["--generator_loss_weight", "0.5", "--density_weight", "0.5", "--negatives_weight", "0.5"]
+    argv += ["--train_batch_size", "3"]
+    metrics = Trainer.build(parse_args(argv)).train_step()
+    assert {"caption_ce", "density", "generator_loss", "negatives", "loss"} <= set(metrics), metrics
+    lines[1].pop("image")
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(UsageError, match=r'record 2 differs from record 1 in having an "image"'):
+        Trainer.build(parse_args(argv))

@@ -127,6 +127,25 @@ def read_records(args) -> list[Record]:
     )
 
 
+def check_records(records: list[Record], args) -> bool:
+    """The records carry what the objective's weights need; returns whether they carry reference images."""
+    if args.negatives_weight > 0 and not any(r.negatives for r in records):
+        raise UsageError('--negatives_weight > 0 but no --train_data record has "negatives"')
+    with_images = [r.image is not None for r in records]
+    if any(with_images) and not all(with_images):
+        first = with_images.index(not with_images[0]) + 1
+        raise UsageError(
+            f'--train_data {args.train_data}: record {first} differs from record 1 in having an "image" '
+            "(all records or none)"
+        )
+    needs_images = args.generator_loss_weight > 0 or args.density_weight > 0 or args.structure_weight > 0
+    if needs_images and not all(with_images):
+        raise UsageError(
+            '--generator_loss_weight / --density_weight / --structure_weight need an "image" in every record'
+        )
+    return all(with_images)
+
+
 def read_validation_prompts(value: str | None) -> list[str]:
     """--validation_prompts: a text file (one prompt a line) or prompts separated by '|'."""
     if not value:

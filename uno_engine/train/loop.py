@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, data, models
-from .args import UsageError
 
 
 def _lr_lambda(name: str, warmup: int, total: int):
@@ -81,20 +80,7 @@ class Trainer:
             data.prefix_length(critic, gen.height, gen.width),
             args.train_data,
         )
-        if args.negatives_weight > 0 and not any(r.negatives for r in records):
-            raise UsageError('--negatives_weight > 0 but no --train_data record has "negatives"')
-        with_images = [r.image is not None for r in records]
-        if any(with_images) and not all(with_images):
-            first = with_images.index(not with_images[0]) + 1
-            raise UsageError(
-                f'--train_data {args.train_data}: record {first} differs from record 1 in having an "image" (all or none)'
-            )
-        self.with_images = all(with_images)
-        needs_images = args.generator_loss_weight > 0 or args.density_weight > 0 or args.structure_weight > 0
-        if needs_images and not self.with_images:
-            raise UsageError(
-                '--generator_loss_weight / --density_weight / --structure_weight need an "image" in every record'
-            )
+        self.with_images = data.check_records(records, args)
         if args.shard_critic and self.world > 1:
             D.shard_frozen_critic(critic)
         params = [p for p in step.parameters() if p.requires_grad]
