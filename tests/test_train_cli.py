@@ -28,7 +28,8 @@ from uno_engine.train import main
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-FAST = ["--resolution", "32", "--num_inference_steps", "2", "--rank", "4", "--learning_rate", "1e-2"]
+FAST = ["--resolution", "32", "--num_inference_steps", "2", "--rank", "4", "--lora_alpha", "8"]
+FAST += ["--learning_rate", "1e-2"]
 FAST += ["--cpu", "--no_progress_bar"]
 
 
@@ -86,9 +87,9 @@ def _denoiser_out(pipe, seed=3):
         ).sample
 
 
-def _check_lora_loads(tiny, pipe_name, out):
-    """pipe.load_lora_weights(out) loads the trained adapters (equal to the last checkpoint's) and changes
-    the denoiser's output."""
+def _check_lora_loads(tiny, pipe_name, out, rank=4, alpha=8):
+    """pipe.load_lora_weights(out) loads the trained adapters (equal to the last checkpoint's) with the run's
+    rank and lora_alpha, and changes the denoiser's output."""
     from diffusers import DiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -99,11 +100,22 @@ def _check_lora_loads(tiny, pipe_name, out):
     assert (after - before).abs().max() > 1e-4, "the LoRA does not change the denoiser"
     den = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     loaded = get_peft_model_state_dict(den, adapter_name="uno")
+    assert (den.peft_config["uno"].r, den.peft_config["uno"].lora_alpha) == (rank, alpha)
+    lora_fields = ("r", "lora_alpha", "target_modules")
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     trained = load_file(last / "uno_lora.safetensors")
     assert len(loaded) == len(trained) > 0
     for k, v in trained.items():
         assert torch.equal(loaded[k], v), k
+    # the same adapters put in by peft with the run's LoraConfig (lora_alpha included): the same output
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    ref = DiffusionPipeline.from_pretrained(tiny / pipe_name)
+    ref_den = ref.unet if hasattr(ref, "unet") else ref.transformer
+    ref_den.add_adapter(LoraConfig(**{k: getattr(den.peft_config["uno"], k) for k in lora_fields}))
+    set_peft_model_state_dict(ref_den, trained)
+    torch.testing.assert_close(_denoiser_out(ref), after, rtol=1e-5, atol=1e-6)
 
 
 def test_sd_llava_run_writes_lora_card_and_validation(tiny, tmp_path, capsys):
