@@ -166,8 +166,9 @@ def test_resume_equals_uninterrupted_run_bitwise(tiny, tmp_path):
         interrupted.train_step()
     interrupted.save_checkpoint()
     del interrupted
-    resumed = ["--resume_from_checkpoint", "latest"]
+    resumed = ["--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1"]
     assert main(_argv(tiny, split, "tiny-sd", "tiny-llava", *common, *resumed)) == 0
+    assert [p.name for p in split.glob("checkpoint-*")] == ["checkpoint-4"]  # the limit removed checkpoint-2
     a = load_file(straight / "checkpoint-4" / "uno_lora.safetensors")
     b = load_file(split / "checkpoint-4" / "uno_lora.safetensors")
     mid = load_file(straight / "checkpoint-2" / "uno_lora.safetensors")

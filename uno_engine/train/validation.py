@@ -50,6 +50,8 @@ def validate(trainer, global_step: int) -> dict[str, float]:
     ids, mask = trainer.tokenize(prompts)
     device = trainer.device
     batch |= {"captions": ids.to(device), "caption_mask": mask.to(device)}
+    # diagnose reads a step's generator, critic and config: the unwrapped generator here, so that a run on one
+    # process does not enter the DDP wrapper's forward (and its collectives) alone
     view = types.SimpleNamespace(generator=gen, critic=trainer.step.critic, config=trainer.step.config)
     with trainer.autocast():
         diag_dir = out_dir / f"step-{global_step:06d}" if main else None
