@@ -362,9 +362,10 @@ def _free_port():
 
 @pytest.mark.distributed
 def test_two_processes_equal_one(tiny, tmp_path):
-    """accelerate launch, 2 gloo processes x batch 2 (the critic FSDP2-sharded) == 1 process x batch 4 (in this
-    process, critic replicated): loss and LoRA gradients of the first step within 1e-5 (relative). The 2
-    processes then run on to a checkpoint and a validation (collectives of the sharded critic on every rank)."""
+    """accelerate launch, 2 gloo processes x 2 accumulated micro-batches of 1 (the critic FSDP2-sharded) == 1
+    process x batch 4 (in this process, critic replicated): loss and LoRA gradients of the first step within
+    1e-5 (relative). The 2 processes then run on to a checkpoint and a validation (collectives of the sharded
+    critic on every rank)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -373,9 +374,18 @@ def test_two_processes_equal_one(tiny, tmp_path):
     one = first_step(_argv(tiny, tmp_path / "out1", "tiny-sd", "tiny-llava", "--train_batch_size", "4"))
     dump = tmp_path / "w2.pt"
     argv = _argv(
-        tiny, tmp_path / "out2", "tiny-sd", "tiny-llava", "--train_batch_size", "2", "--shard_critic"
+        tiny, tmp_path / "out2", "tiny-sd", "tiny-llava", "--train_batch_size", "1", "--shard_critic"
     )
-    argv += ["--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_prompts", "a red cube"]
+    argv += [
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--validation_prompts",
+        "a red cube",
+    ]
     accelerate = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1"
     accelerate += " --mixed_precision no --dynamo_backend no --main_process_port"
     launch = [sys.executable, *accelerate.split(), str(_free_port()), str(driver), str(dump), *argv]
