@@ -113,7 +113,12 @@ class Trainer:
         )
 
     def micro_batches(self) -> list[dict]:
-        """This process's micro-batches of the next global batch (module docstring)."""
+        """This process's micro-batches of the next global batch (module docstring). Each holds, for B =
+        --train_batch_size: "captions" / "caption_mask" (B, L) padded to the global batch's longest caption,
+        "negative_captions" / "negative_caption_mask" (B, K, L) with --negatives_weight, the family's prompt
+        conditioning ("prompt_embeds" (B, S, D), ...), "initial_noise" (B, C, h, w) drawn per sample, "seed"
+        (the sampling start step's source: one per global step), "reference_images" (B, 3, H, W) in [-1, 1]
+        when the records have images, and the accumulation counts "num_caption_tokens" / "num_images"."""
         from uno_engine import distributed as D
 
         a = self.args
