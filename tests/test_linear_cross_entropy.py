@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from uno_engine.kernels import linear_cross_entropy as lce_kernels
 
 from uno_engine import ops, reference
+from uno_engine._log import reset_once
 from uno_engine.ops import _lce_ops, _lce_torch
 from uno_engine.ops._dispatch import interpreter_enabled
 
@@ -307,7 +308,7 @@ def test_grad_in_forward_is_the_path_when_a_gradient_is_needed(backend, monkeypa
     hidden, weight, labels = _inputs(device, torch.float32, n=9, v=40, h=8)
     spy = _Spy(monkeypatch)
     monkeypatch.delenv("UNO_LCE_IMPL", raising=False)
-    monkeypatch.setattr(lce_op_module, "_announced", set())
+    reset_once()
 
     def run(h, w, **kw):
         spy.calls.clear()
@@ -326,7 +327,7 @@ def test_grad_in_forward_is_the_path_when_a_gradient_is_needed(backend, monkeypa
     assert run(hidden, weight) == ["recompute"]  # no gradient needed
     with torch.no_grad():
         assert run(h_grad, w_grad) == ["recompute"]
-    lce_op_module._announced.clear()  # the choice is logged once per implementation
+    reset_once()  # the choice is logged once per implementation
     with caplog.at_level(logging.INFO, logger="uno_engine.ops"):
         assert run(h_grad, w_grad, reduction="none") == ["recompute"]  # dW needs per-token upstream grads
     assert any("reduction='none' with a trainable" in r.getMessage() for r in caplog.records), caplog.text

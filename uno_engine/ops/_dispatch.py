@@ -17,11 +17,11 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from uno_engine import _env, _optional
+from uno_engine._log import log_once
 
 log = logging.getLogger("uno_engine.ops")
 
 BACKENDS = ("auto", "triton", "torch")
-_announced: set[tuple[str, str]] = set()
 
 
 def interpreter_enabled() -> bool:
@@ -80,7 +80,6 @@ def resolve_backend(
         choice = "triton" if not reasons and devices == {"cuda"} else "torch"
     else:
         choice = "triton"
-    if not torch.compiler.is_compiling() and (op, choice) not in _announced:
-        _announced.add((op, choice))
-        log.info("%s: backend=%r -> %s%s", op, backend, choice, f" ({'; '.join(reasons)})" if reasons else "")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    log_once(log, ("backend", op, choice), "%s: backend=%r -> %s%s", op, backend, choice, why)
     return choice

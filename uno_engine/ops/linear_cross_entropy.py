@@ -30,13 +30,13 @@ import math
 import torch
 
 from uno_engine import _env
+from uno_engine._log import log_once
 from uno_engine.ops import _lce_ops
 from uno_engine.ops._dispatch import resolve_backend
 
 log = logging.getLogger("uno_engine.ops")
 
 IMPLS = _env.LCE_IMPLS  # ("auto", "grad_in_forward", "recompute")
-_announced: set[tuple[str, str]] = set()
 _REDUCTIONS = ("none", "sum", "mean")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -151,16 +151,9 @@ def resolve_impl(
         choice = "grad_in_forward" if not reasons else "recompute"
     else:
         choice = impl
-    if not torch.compiler.is_compiling() and (backend, choice) not in _announced:
-        _announced.add((backend, choice))
-        log.info(
-            "linear_cross_entropy[%s]: %s=%r -> %s%s",
-            backend,
-            source,
-            impl,
-            choice,
-            f" ({'; '.join(reasons)})" if reasons else "",
-        )
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    msg = "linear_cross_entropy[%s]: %s=%r -> %s%s"
+    log_once(log, ("impl", backend, choice), msg, backend, source, impl, choice, why)
     return choice
 
 
