@@ -359,3 +359,23 @@ def test_unwrap_reaches_the_module_inside_ddp(tmp_path):
         assert _unwrap(inner) is inner
     finally:
         dist.destroy_process_group()
+
+
+def test_for_backend_is_the_one_dispatch_point():
+    """UNOLoss and Critic.prepare reach every op through ops.for_backend: "reference" is the eager statement
+    (no op, no algorithm choice), the other backends the op with backend= and the choice bound."""
+    from uno_engine import eager, ops
+
+    assert ops.for_backend("linear_cross_entropy", "reference", impl="recompute") is eager.linear_cross_entropy
+    assert ops.for_backend("bridge", "reference", kernel="fused") is eager.bridge
+    f = ops.for_backend("linear_cross_entropy", "torch", impl="recompute")
+    assert f.func is ops.linear_cross_entropy and f.keywords == {"backend": "torch", "impl": "recompute"}
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(7, 5, generator=g), torch.randn(11, 5, generator=g)
+    y = torch.randint(0, 11, (7,), generator=g)
+    torch.testing.assert_close(
+        ops.for_backend("linear_cross_entropy", "auto")(h, w, y),
+        ops.for_backend("linear_cross_entropy", "reference")(h, w, y),
+    )
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.for_backend("bridge", "eager")

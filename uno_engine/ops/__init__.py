@@ -6,10 +6,20 @@ graph breaks, plus an eager fast path), and has an eager twin with the same sign
 
 The functions are imported eagerly: a lazy attribute would be shadowed by the submodule of the same name
 (`uno_engine.ops.linear_cross_entropy` the module vs. the function) once anything imports the submodule.
-Triton itself is imported only when a Triton kernel is launched."""
+Triton itself is imported only when a Triton kernel is launched. `for_backend(op, backend)` maps an engine
+backend (the three above, or "reference": the eager baseline) to the function to call."""
 
+from uno_engine.ops._dispatch import ENGINE_BACKENDS, for_backend
 from uno_engine.ops.bridge import bridge
 from uno_engine.ops.linear_cross_entropy import linear_cross_entropy
 from uno_engine.ops.regression import RegressionTerm, fused_regression, regression_loss
 
-__all__ = ["RegressionTerm", "bridge", "fused_regression", "linear_cross_entropy", "regression_loss"]
+__all__ = [
+    "ENGINE_BACKENDS",
+    "RegressionTerm",
+    "bridge",
+    "for_backend",
+    "fused_regression",
+    "linear_cross_entropy",
+    "regression_loss",
+]
