@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from uno_engine.eager import COSINE_EPS
 from uno_engine.ops._regression_plan import (
     _L_HEAD,
     _L_TERM,
@@ -112,7 +113,7 @@ def fused_regression_fwd(
             slots.append((p, y, g, gy, m, w, t.R, t.D, *t.strides, beta, scale, t.n_programs))
             flags.append(t.flags)
         n_prog = sum(t.n_programs for t in chunk)
-        kernel = K.launch_forward(part, slots, flags, n_prog, plan.num_warps)
+        kernel = K.launch_forward(part, slots, flags, n_prog, plan.num_warps, COSINE_EPS)
         if plan.learn_resident:  # per_sm = -1: size the persistent grid by what fits on an SM
             _, regs, threads = _sm_props(device)
             fit = K.resident_programs(kernel, plan.num_warps, regs, threads)
