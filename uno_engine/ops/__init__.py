@@ -9,7 +9,7 @@ The functions are imported eagerly: a lazy attribute would be shadowed by the su
 Triton itself is imported only when a Triton kernel is launched. `for_backend(op, backend)` maps an engine
 backend (the three above, or "reference": the eager baseline) to the function to call."""
 
-from uno_engine.ops._dispatch import ENGINE_BACKENDS, for_backend
+from uno_engine.ops._engine import ENGINE_BACKENDS, for_backend
 from uno_engine.ops.bridge import bridge
 from uno_engine.ops.linear_cross_entropy import linear_cross_entropy
 from uno_engine.ops.regression import RegressionTerm, fused_regression, regression_loss

@@ -9,15 +9,14 @@ Every op takes `backend="auto" | "triton" | "torch"`:
 The eager statements of the math are `uno_engine.eager` (no backend argument; the oracle re-exports them).
 
 The engine (UNOConfig.backend, UNOLoss, Critic.prepare) has one backend more, "reference": the eager baseline,
-plain autograd through those eager statements. `for_backend` is the one place that maps an engine backend to
-the function to call, so no caller branches on "reference" itself.
+plain autograd through those eager statements. `uno_engine.ops.for_backend` (`_engine.py`) is the one place
+that maps an engine backend to the function to call, so no caller branches on "reference" itself.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -27,7 +26,6 @@ from uno_engine._log import log_once
 log = logging.getLogger("uno_engine.ops")
 
 BACKENDS = ("auto", "triton", "torch")
-ENGINE_BACKENDS = (*BACKENDS, "reference")
 
 
 def interpreter_enabled() -> bool:
@@ -90,21 +88,3 @@ def resolve_backend(
     log_once(log, ("backend", op, choice), "%s: backend=%r -> %s%s", op, backend, choice, why)
     return choice
 
-
-def for_backend(op: str, backend: str, **choices) -> Callable:
-    """The function computing `op` ("bridge", "linear_cross_entropy", "fused_regression", "regression_loss") for
-    an engine backend: for "reference" the eager statement `uno_engine.eager.<op>` (the eager baseline: plain
-    autograd, no custom op, no algorithm choice), else `uno_engine.ops.<op>` with `backend=` bound.
-
-    choices: the op's algorithm arguments (`impl=` of linear_cross_entropy, `kernel=` of bridge), bound for
-        the ops; the eager statement has one algorithm, so they do not reach it.
-    Returns a callable taking the op's remaining arguments (the same for both)."""
-    if backend not in ENGINE_BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {ENGINE_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        from uno_engine import eager
-
-        return getattr(eager, op)
-    from uno_engine import ops
-
-    return functools.partial(getattr(ops, op), backend=backend, **choices)
