@@ -485,11 +485,12 @@ def test_torch_path_chunks():
     ],
     ids=["plain", "smoothing_zloss", "softcap_smoothing_zloss", "softcap"],
 )
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
 @pytest.mark.parametrize("impl", ["auto", "recompute"])
-def test_torch_path_respects_the_byte_budget(impl, kw, monkeypatch):
-    """With a budget of three full rows, every logits block the torch path forms fits it (online softmax: 13
-    class blocks of 81, the last partial; full-row chunks: 13 chunks of 3 tokens), and the results still
-    equal the float64 reference."""
+def test_torch_path_respects_the_byte_budget(impl, head, kw, monkeypatch):
+    """With a budget of three full rows, every logits block the torch path forms fits it (blocks of 37 tokens
+    x 81 classes: 13 class blocks, the last partial; grad_in_forward with a trainable head: full-row chunks,
+    13 chunks of 3 tokens), and the results still equal the float64 reference."""
     budget = 4 * 3 * V
     monkeypatch.setattr(_lce_torch, "CHUNK_BYTES", budget)
     blocks = []
@@ -501,8 +502,8 @@ def test_torch_path_respects_the_byte_budget(impl, kw, monkeypatch):
         return z, t
 
     monkeypatch.setattr(_lce_torch, "_logits", spy)
-    hidden, weight, labels = _inputs("cpu", torch.float32)
-    bias = torch.randn(V)  # frozen
+    hidden, weight, labels = _inputs("cpu", torch.float32, weight_grad=head == "trainable")
+    bias = torch.randn(V, requires_grad=head == "trainable")
     _compare(f"torch_{impl}" if impl != "auto" else "torch", hidden, weight, labels, bias=bias, **kw)
     assert len(blocks) > 5 and max(blocks) <= budget, (len(blocks), max(blocks))
 

@@ -8,8 +8,9 @@ Math per token n (label y, V classes, smoothing eps, z-loss zl, optional softcap
     dloss/dz_j = (1 + 2 zl lse) softmax(z)_j - (1 - eps) [j == y] - eps / V        (x (1 - tanh^2) with s)
 
 Three entry points, one per implementation:
-- `forward` (loss and (m, log sum) per token) and `backward` (recomputes each chunk's logits): the
-  "recompute" implementation; 1 GEMM forward, 2 backward (3 with a trainable head).
+- `forward` (loss and (m, log sum) per token) and `backward` (recomputes each block's logits; with lse
+  known, each block's gradient is final): the "recompute" implementation; 1 GEMM forward, 2 backward (3 with
+  a trainable head).
 - `grad_in_forward`: the loss and its gradients for an upstream gradient of 1; the backward only scales the
   saved gradients. With a frozen head (dhidden only) it runs in blocks of C tokens x Vb classes with an online
   softmax, as flash attention does: per block z = h_c @ W_b.T, the running row max m and sum s are updated,
@@ -56,7 +57,8 @@ def block_shape(N: int, V: int, chunk_bytes: int = CHUNK_BYTES, rows: int | None
 
 def chunk_rows(N: int, V: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Tokens per full-row chunk (C x V fp32 logits): the most whose logits fit chunk_bytes, at least 1, at
-    most N. Used where every logit of a token is needed at once (the recompute backward, the trainable head)."""
+    most N. Used where every logit of a token is needed at once: grad_in_forward with a trainable head (dW needs
+    each logit's final softmax before the row's log-sum-exp is known otherwise)."""
     return max(1, min(max(N, 1), chunk_bytes // (4 * max(V, 1))))
 
 
@@ -85,16 +87,18 @@ def _row_stats_(z, y, valid, label_smoothing, z_loss):
     return torch.where(valid, loss, 0.0), m, log_s
 
 
-def _dlogits_(e, t, m, log_s, g, y, valid, label_smoothing, z_loss):
-    """dL/dz of one chunk in place in e = exp(z - m): g * ((1 + 2 zl lse) softmax - (1 - eps) onehot - eps / V),
+def _dlogits_(e, t, m, log_s, g, y, valid, label_smoothing, z_loss, V=None, v0=0):
+    """dL/dz of one block in place in e = exp(z - m): g * ((1 + 2 zl lse) softmax - (1 - eps) onehot - eps / V),
     times 1 - t^2 with softcap; rows of ignored tokens are 0. softmax = e / exp(log_s) (rather than
-    exp(z - lse), whose fp32 rounding would matter for logits ~1e4). g: (C, 1) fp32."""
-    V = e.shape[1]
+    exp(z - lse), whose fp32 rounding would matter for logits ~1e4). g: (C, 1) fp32. The block holds classes
+    [v0, v0 + e.shape[1]) of V (default: all of them)."""
+    V = V or e.shape[1]
     u = e.mul_((1.0 + 2.0 * z_loss * (m + log_s))[:, None] * torch.exp(-log_s)[:, None] * g)
     if label_smoothing > 0:
         u.sub_((label_smoothing / V) * g)
+    here = valid & (y >= v0) & (y < v0 + u.shape[1])  # the label falls in this block
     rows = torch.arange(u.shape[0], device=u.device)
-    u[rows, torch.where(valid, y, 0)] -= (1.0 - label_smoothing) * g[:, 0]
+    u[rows, torch.where(here, y - v0, 0)] -= torch.where(here, (1.0 - label_smoothing) * g[:, 0], 0.0)
     if t is not None:
         u.mul_(t.square_().neg_().add_(1.0))
     return u.masked_fill_(~valid[:, None], 0.0)
@@ -146,16 +150,36 @@ def backward(
     chunk_bytes=None,
 ):
     """(dhidden in hidden.dtype, dweight, dbias in fp32 (fp64 for fp64 inputs)) for the per-token upstream
-    gradient g (N,) fp32; None where not needed. Recomputes each chunk's logits."""
+    gradient g (N,) fp32; None where not needed. Recomputes the logits in the forward's blocks (`block_shape`):
+    with lse known, each C x Vb block's gradient is final, so dhidden, dW and db accumulate block by block."""
+    N, V = hidden.shape[0], weight.shape[0]
     dh, dw, db = _grad_buffers(hidden, weight, need_dhidden, need_dweight, need_dbias)
-    for c0, c1 in _chunks(hidden, weight, chunk_rows, _budget(chunk_bytes, softcap)):
+    rows, cols = block_shape(N, V, _budget(chunk_bytes, softcap), chunk_rows)
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    for c0 in range(0, N, rows):
+        c1 = min(N, c0 + rows)
         h_c, y = hidden[c0:c1], labels[c0:c1]
-        z, t = _logits(h_c, weight, bias, softcap)
+        valid = y != ignore_index
         m, log_s = lse[0, c0:c1], lse[1, c0:c1]
-        e = z.sub_(m[:, None]).exp_()
-        u = _dlogits_(e, t, m, log_s, g[c0:c1, None], y, y != ignore_index, label_smoothing, z_loss)
-        _accumulate(u, h_c, weight, dh, dw, db, c0, c1)
-        del z, t, e, u  # before the next chunk's logits: one chunk alive at a time
+        acc = None  # dhidden's rows themselves when they are fp32 / fp64, else an fp32 block
+        if dh is not None:
+            acc = dh[c0:c1] if dh.dtype == acc_dtype else dh.new_empty(dh[c0:c1].shape, dtype=acc_dtype)
+            acc.zero_()
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            w_b = weight[v0:v1]
+            z, t = _logits(h_c, w_b, None if bias is None else bias[v0:v1], softcap)
+            e = z.sub_(m[:, None]).exp_()
+            u = _dlogits_(e, t, m, log_s, g[c0:c1, None], y, valid, label_smoothing, z_loss, V, v0)
+            if acc is not None:
+                _addmm_(acc, u, w_b)
+            if dw is not None:
+                dw[v0:v1].addmm_(u.t().to(dw.dtype), h_c.to(dw.dtype))
+            if db is not None:
+                db[v0:v1] += u.sum(0).to(db.dtype)
+            del z, t, e, u  # before the next block's logits: one block alive at a time
+        if acc is not None and acc.dtype != dh.dtype:
+            dh[c0:c1] = acc
     return dh, dw, db
 
 
