@@ -3,7 +3,9 @@
 The public function: argument checks, the backend ("triton" | "torch", `_dispatch`) and the implementation:
 - "grad_in_forward": chunks of tokens; per chunk the logits GEMM, the loss and the logits' gradient in place,
   the dhidden GEMM (and dW); the backward only scales the saved gradients by the upstream gradient. The same
-  GEMMs as eager autograd (2, or 3 with a trainable head), memory one C x V chunk plus the N x H gradient.
+  GEMMs as eager autograd (2, or 3 with a trainable head), memory one C x V chunk plus the N x H gradient
+  (the torch path: blocks of C tokens x Vb classes with an online softmax, within the byte budget
+  `_lce_torch.CHUNK_BYTES`).
 - "recompute": the forward keeps two floats per token (row max, log-sum); the backward recomputes each
   chunk's logits (one GEMM more than eager). No gradient state is held between forward and backward.
 "auto" takes grad_in_forward when a gradient is needed and it can form it, recompute otherwise: without a
