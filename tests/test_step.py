@@ -311,9 +311,8 @@ def test_public_names():
 )
 def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, arg):
     """UNOConfig.lce_impl / bridge_kernel reach every call of their op in the step, the reference images'
-    bridge and the hard negatives' per-token CE included, and change nothing in the result. The spy sits at
-    the one dispatch point (ops.for_backend's table of ops), which every call in the step goes through."""
-    from uno_engine.ops import _engine
+    bridge and the hard negatives' per-token CE included, and change nothing in the result."""
+    import uno_engine.ops as module
 
     critic = _critic("tiny-llava-clip")
     gen = PixelGenerator()
@@ -322,7 +321,7 @@ def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, ar
     }
     choice = {"lce_impl": "recompute", "bridge_kernel": "two_pass"}[field]
     seen = []
-    real = _engine._OPS[op]
+    real = getattr(module, op)
 
     def spy(*a, **kw):
         seen.append(kw.get(arg))
@@ -336,9 +335,9 @@ def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, ar
             CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, density=0.5, negatives=0.5), cfg
         )
         seen.clear()
-        monkeypatch.setitem(_engine._OPS, op, spy)
+        monkeypatch.setattr(module, op, spy)
         out = step(batch)
-        monkeypatch.setitem(_engine._OPS, op, real)
+        monkeypatch.setattr(module, op, real)
         out.loss.backward()
         results.append((out.loss.detach(), gen.pixels.grad.clone(), list(seen)))
     (l0, g0, _), (l1, g1, calls) = results

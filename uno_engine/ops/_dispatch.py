@@ -9,7 +9,7 @@ Every op takes `backend="auto" | "triton" | "torch"`:
 The eager statements of the math are `uno_engine.eager` (no backend argument; the oracle re-exports them).
 
 The engine (UNOConfig.backend, UNOLoss, Critic.prepare) has one backend more, "reference": the eager baseline,
-plain autograd through those eager statements. `uno_engine.ops.for_backend` (`_engine.py`) is the one place
+plain autograd through those eager statements. `uno_engine.ops.for_backend` is the one place
 that maps an engine backend to the function to call, so no caller branches on "reference" itself.
 """
 
