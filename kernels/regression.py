@@ -44,9 +44,7 @@ import dataclasses
 import triton
 import triton.language as tl
 
-KIND_IDS = {"mse": 0, "smooth_l1": 1, "cosine": 2}
 MAX_TERMS = 4  # term slots of one forward launch (and gradient slots of one backward launch)
-COSINE_EPS = 1e-8
 # aux (mask / weight) layouts of a term, as the kernel takes them
 AUX_NONE, AUX_ROW, AUX_2D = 0, 1, 2
 
@@ -567,19 +565,23 @@ _EMPTY_SLOT = (None,) * 6 + (1, 1, 0, 0, 0, 0, 0.0, 0.0, 1)  # an unused term sl
 _EMPTY_FLAGS = (0, 0, 0, False, False, False, 1, 16)
 
 
-def launch_forward(part, slots: list[tuple], flags: list[tuple], n_programs: int, num_warps: int):
+def launch_forward(
+    part, slots: list[tuple], flags: list[tuple], n_programs: int, num_warps: int, cosine_eps: float
+):
     """One forward launch over up to MAX_TERMS terms.
 
     part: (n_programs, 2) float32 (every entry written); slots[k]: the term's 15 runtime arguments (see
     `_fused_regression_kernel`); flags[k]: its 8 compile-time flags (kind, mask mode, weight mode, grad,
-    target grad, FAST, BLOCK_R, BLOCK_D). Returns what Triton returns (the compiled kernel on a GPU)."""
+    target grad, FAST, BLOCK_R, BLOCK_D); cosine_eps: the floor of the cosine kind's norms (the op passes
+    `uno_engine.eager.COSINE_EPS`, the one definition). Returns what Triton returns (the compiled kernel on a
+    GPU)."""
     n = len(slots)
     args = [part]
     for k in range(MAX_TERMS):
         args += slots[k] if k < n else _EMPTY_SLOT
     for k in range(MAX_TERMS):
         args += flags[k] if k < n else _EMPTY_FLAGS
-    return _fused_regression_kernel[(n_programs,)](*args, n, COSINE_EPS, num_warps=num_warps)
+    return _fused_regression_kernel[(n_programs,)](*args, n, cosine_eps, num_warps=num_warps)
 
 
 def launch_finish(total, stats, part, nps: list[int], t_off: int, t_all: int, mean: bool, last: bool) -> None:

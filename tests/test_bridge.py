@@ -340,9 +340,18 @@ def test_non_contiguous_and_fp16(backend, device):
     base = _rand_images(1, 41, 3 * 29).to(device)
     x = base.view(1, 3, 41, 3, 29)[..., 1, :]  # strided view: (1, 3, 41, 29), stride_w = 1, stride_h = 87
     assert not x.is_contiguous()
-    ref = reference.bridge(x.double(), spec)
-    out = ops.bridge(x, spec, backend=backend)
+    # the truth: the float64 reference on a contiguous copy of the same pixels (its own memory, not x's view)
+    x64 = x.detach().contiguous().double().requires_grad_()
+    assert x64.is_contiguous() and x64.data_ptr() != base.data_ptr()
+    ref = reference.bridge(x64, spec)
+    xg = x.detach().requires_grad_()  # the strided view itself is the leaf: its gradient has x's strides
+    out = ops.bridge(xg, spec, backend=backend)
     assert_close_verbose(out, ref, atol=1e-5, rtol=0, what="non-contiguous")
+    g = torch.randn(out.shape, dtype=torch.float64, device=out.device)
+    (g_out,) = torch.autograd.grad(out, xg, g.float())
+    (g_ref,) = torch.autograd.grad(ref, x64, g)
+    assert g_out.shape == x.shape
+    assert_close_verbose(g_out, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=0, what="non-contiguous grad")
     x16 = x.half().requires_grad_()
     out16 = ops.bridge(x16, spec, backend=backend)
     assert out16.dtype == torch.float16

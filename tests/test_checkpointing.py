@@ -11,12 +11,12 @@ from uno_engine.critics import CHECKPOINT_POLICIES, Critic
 from uno_engine.critics import checkpointing as ckpt
 from uno_engine.memory import track_peak_memory
 from uno_engine.testing.presets.critics import (
-    _clip_vision,
-    _llama,
-    _llava,
-    _random_init,
     build_critic_model,
     clip_processor,
+    clip_vision_config,
+    llama_config,
+    llava_config,
+    random_init,
 )
 
 
@@ -25,16 +25,16 @@ def _small_llava():
     afford."""
     from transformers import LlavaForConditionalGeneration
 
-    cfg = _llava(
-        _clip_vision(64, 8, 4, 256, 112, 14),
-        _llama(96, 8, 4, 256, 500),
+    cfg = llava_config(
+        clip_vision_config(64, 8, 4, 256, 112, 14),
+        llama_config(96, 8, 4, 256, 500),
         image_token_id=499,
         feature_layer=-2,
         strategy="default",
     )
     cfg._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(cfg).eval()
-    _random_init(model, 0)
+    random_init(model, 0)
     return model, clip_processor(112)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import uno_engine
 from uno_engine import Critic, UNOLoss, UNOStep
-from uno_engine.diagnose import _greedy
+from uno_engine.diagnose import greedy_caption
 from uno_engine.generators import CallableGenerator
 from uno_engine.testing.presets.critics import build_critic_model
 
@@ -87,7 +87,7 @@ def test_token_ce_and_verdicts_follow_the_rule(setup, tmp_path):
 
 def test_greedy_caption_is_read_right_and_same_image_reference_has_no_generation_error(setup):
     step, critic, gen, batch = setup
-    greedy = _greedy(critic, critic.prepare(gen(None)), 7, None, batch["captions"])
+    greedy = greedy_caption(critic, critic.prepare(gen(None)), 7, None, batch["captions"])
     # on the critic's own greedy caption every token is its top-1 prediction
     same = {"captions": greedy, "reference_images": gen(None).detach()}
     diag = uno_engine.diagnose(step, same)

@@ -4,6 +4,7 @@ rule that kernels never read the environment, `python -m uno_engine.info` listin
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -188,3 +189,35 @@ def test_register_eager_compile_and_opcheck():
     assert outs[0].grad_fn is None
     torch.testing.assert_close(total, a.sum() + b.sum())
     torch.library.opcheck(_scale_list.overload, ([torch.randn(3, requires_grad=True), torch.randn(2)], 2.0))
+
+
+@pytest.mark.parametrize("raw, on", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_triton_interpret_has_one_parse(raw, on, monkeypatch):
+    """TRITON_INTERPRET is read by the registry's parser only: interpreter_enabled() agrees with _env.get for
+    every spelling, and a malformed value raises naming the variable."""
+    from uno_engine.ops._dispatch import interpreter_enabled
+
+    monkeypatch.setenv("TRITON_INTERPRET", raw)
+    assert _env.interpreter_enabled() is on and interpreter_enabled() is on
+    assert bool(_env.get("TRITON_INTERPRET")) is on
+    monkeypatch.setenv("TRITON_INTERPRET", "maybe")
+    with pytest.raises(ValueError, match="environment variable TRITON_INTERPRET='maybe'"):
+        _env.interpreter_enabled()
+
+
+def test_choices_are_listed_once():
+    """The kernels' bridge lists (kernels cannot import uno_engine) equal the registry's, and the op and
+    UNOConfig take exactly the registry's choices."""
+    pytest.importorskip("triton")
+    from uno_engine.kernels import bridge as kernels_bridge
+
+    # the modules (the package's attributes of these names are the functions)
+    ops_bridge = importlib.import_module("uno_engine.ops.bridge")
+    lce = importlib.import_module("uno_engine.ops.linear_cross_entropy")
+    assert kernels_bridge.FORWARD_KERNELS == _env.BRIDGE_FORWARD
+    assert kernels_bridge.BACKWARD_KERNELS == _env.BRIDGE_BACKWARD
+    assert ops_bridge.KERNELS is _env.BRIDGE_KERNELS and lce.IMPLS is _env.LCE_IMPLS
+    for impl in _env.LCE_IMPLS:
+        assert UNOConfig(lce_impl=impl).lce_impl == impl
+    for kernel in _env.BRIDGE_KERNELS:
+        assert UNOConfig(bridge_kernel=kernel).bridge_kernel == kernel

@@ -1,5 +1,6 @@
 """Imports go one way: the package's module-level import graph, read with `ast` (no module is imported), has no
-cycle, and no production module imports the test oracle (uno_engine.reference), tests/ or benchmarks/.
+cycle, and no production module imports the test oracle (uno_engine.reference), the test support
+(uno_engine.testing), tests/ or benchmarks/.
 
 Every `import` / `from ... import` statement counts, also those inside functions and methods: a function-level
 import is how a cycle hides (it works at import time and ties the modules together all the same). The graph's
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {ROOT / "uno_engine": "uno_engine", ROOT / "kernels": "uno_engine.kernels"}
 # test and benchmark support that may use the oracle; everything else in the package is production code
 NOT_PRODUCTION = ("uno_engine.reference", "uno_engine.testing")
-FORBIDDEN = ("uno_engine.reference", "tests", "benchmarks", "harness", "conftest")
+FORBIDDEN = ("uno_engine.reference", "uno_engine.testing", "tests", "benchmarks", "harness", "conftest")
 
 
 def _modules() -> dict[str, Path]:
@@ -215,7 +216,17 @@ def test_forbidden_finder_sees_an_oracle_import(tmp_path):
     assert targets == ["uno_engine.reference"]
 
 
+def test_forbidden_finder_sees_a_testing_import(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def main():\n    from uno_engine.testing.presets import build_preset\n")
+    targets = [t for t, _ in _imports("uno_engine.m", src)]
+    assert targets == ["uno_engine.testing.presets"]
+    assert any(t.startswith(f + ".") for t in targets for f in FORBIDDEN)
+
+
 def test_production_never_imports_oracle_tests_or_benchmarks():
+    """No production module imports the oracle, uno_engine.testing (test presets and the commands built on
+    them, e.g. diagnose_preset), tests/ or benchmarks/, at any depth (function-level imports included)."""
     found = _forbidden_imports()
     assert not found, "production modules import test/benchmark code:\n" + "\n".join(found)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from uno_engine.kernels import linear_cross_entropy as lce_kernels
 
 from uno_engine import ops, reference
+from uno_engine._log import reset_once
 from uno_engine.ops import _lce_ops, _lce_torch
 from uno_engine.ops._dispatch import interpreter_enabled
 
@@ -307,7 +308,7 @@ def test_grad_in_forward_is_the_path_when_a_gradient_is_needed(backend, monkeypa
     hidden, weight, labels = _inputs(device, torch.float32, n=9, v=40, h=8)
     spy = _Spy(monkeypatch)
     monkeypatch.delenv("UNO_LCE_IMPL", raising=False)
-    monkeypatch.setattr(lce_op_module, "_announced", set())
+    reset_once()
 
     def run(h, w, **kw):
         spy.calls.clear()
@@ -326,7 +327,7 @@ def test_grad_in_forward_is_the_path_when_a_gradient_is_needed(backend, monkeypa
     assert run(hidden, weight) == ["recompute"]  # no gradient needed
     with torch.no_grad():
         assert run(h_grad, w_grad) == ["recompute"]
-    lce_op_module._announced.clear()  # the choice is logged once per implementation
+    reset_once()  # the choice is logged once per implementation
     with caplog.at_level(logging.INFO, logger="uno_engine.ops"):
         assert run(h_grad, w_grad, reduction="none") == ["recompute"]  # dW needs per-token upstream grads
     assert any("reduction='none' with a trainable" in r.getMessage() for r in caplog.records), caplog.text
@@ -460,11 +461,51 @@ def test_grad_in_forward_chunk_rows(monkeypatch):
 
 
 def test_torch_path_chunks():
-    assert _lce_torch.chunk_rows(37, 1007) == 37
-    assert _lce_torch.chunk_rows(2048, 32000) == 16
-    assert _lce_torch.chunk_rows(8192, 152064) == 64
-    assert _lce_torch.chunk_rows(128, 32000, 768) == 128  # at least H / 2 rows: GEMMs at the matmul rate
-    assert _lce_torch.chunk_rows(8192, 152064, 3584) == (256 << 20) // (152064 * 4)  # at most 256 MiB
+    budget = _lce_torch.CHUNK_BYTES
+    for n, v in ((37, 1007), (2048, 32000), (8192, 152064), (128, 32000), (1, 10**7)):
+        c, vb = _lce_torch.block_shape(n, v)
+        assert 1 <= c <= n and 1 <= vb <= v and c * vb * 4 <= budget, (n, v, c, vb)
+        rows = _lce_torch.chunk_rows(n, v)
+        assert 1 <= rows <= n and (rows * v * 4 <= budget or rows == 1), (n, v, rows)
+    assert _lce_torch.block_shape(37, 1007) == (37, 1007)  # small problems: one block
+    assert _lce_torch.block_shape(2048, 32000) == (1024, 1024)  # square: weight and rescale traffic balanced
+    assert _lce_torch.block_shape(128, 32000) == (128, 8192)  # few tokens: the block widens to the budget
+    assert _lce_torch.chunk_rows(2048, 32000) == budget // (32000 * 4)
+    # the CPU memory bar: one block within 2% of the fp32 N x V logits at N=2048, V=32000
+    assert budget <= 0.02 * 2048 * 32000 * 4
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(softcap=None, label_smoothing=0.0, z_loss=0.0),
+        dict(softcap=None, label_smoothing=0.2, z_loss=1e-3),
+        dict(softcap=6.0, label_smoothing=0.1, z_loss=1e-3),
+        dict(softcap=6.0, label_smoothing=0.0, z_loss=0.0),
+    ],
+    ids=["plain", "smoothing_zloss", "softcap_smoothing_zloss", "softcap"],
+)
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+@pytest.mark.parametrize("impl", ["auto", "recompute"])
+def test_torch_path_respects_the_byte_budget(impl, head, kw, monkeypatch):
+    """With a budget of three full rows, every logits block the torch path forms fits it (blocks of 37 tokens
+    x 81 classes: 13 class blocks, the last partial; grad_in_forward with a trainable head: full-row chunks,
+    13 chunks of 3 tokens), and the results still equal the float64 reference."""
+    budget = 4 * 3 * V
+    monkeypatch.setattr(_lce_torch, "CHUNK_BYTES", budget)
+    blocks = []
+    logits = _lce_torch._logits
+
+    def spy(h_c, w, b, softcap):
+        z, t = logits(h_c, w, b, softcap)
+        blocks.append(z.numel() * z.element_size() * (1 if t is None else 2))
+        return z, t
+
+    monkeypatch.setattr(_lce_torch, "_logits", spy)
+    hidden, weight, labels = _inputs("cpu", torch.float32, weight_grad=head == "trainable")
+    bias = torch.randn(V, requires_grad=head == "trainable")
+    _compare(f"torch_{impl}" if impl != "auto" else "torch", hidden, weight, labels, bias=bias, **kw)
+    assert len(blocks) > 5 and max(blocks) <= budget, (len(blocks), max(blocks))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -685,7 +726,7 @@ def test_cpu_memory_torch_path():
     """The op's peak extra memory <= 2% of the eager fp32 N x V logits (torch path, CPU, N=2048, V=32000), for
     both implementations. Extra = peak live bytes above the start minus the returned dhidden. Fails if N x V
     logits ever exist."""
-    n, v, h = 2048, 32000, 32  # H=1024 runs in the benchmark (H sets dhidden and the chunk floor H / 2)
+    n, v, h = 2048, 32000, 32  # H=1024 runs in the benchmark (H sets the size of dhidden)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=g).requires_grad_(True)
     weight = torch.randn(v, h, generator=g) / h**0.5

@@ -316,20 +316,20 @@ def _terms_vs_reference(terms, config=None, *, check_plan=None):
 
 def _plans_for(terms, config):
     """The launch plan the op builds for these terms (kind, FAST, BLOCK_R, BLOCK_D, mask / weight modes)."""
-    from uno_engine.ops import regression as R
+    from uno_engine.ops import _regression_ops, _regression_plan
 
-    with R.kernel_config_override(config) as cfg:
+    with _regression_plan.kernel_config_override(config) as cfg:
         tensors, layout, _ = [], [1], []
         for t in terms:
             tensors += [t.pred, t.target] + [x for x in (t.mask, t.weight) if isinstance(x, torch.Tensor)]
             layout += [
-                R._KIND_IDS[t.kind],
+                _regression_ops.KIND_IDS[t.kind],
                 int(t.mask is not None),
                 int(isinstance(t.weight, torch.Tensor)),
                 1,
                 0,
             ]
-        plan = R._build_plan(tensors, layout, tensors[0].device, cfg)
+        plan = _regression_plan._build_plan(tensors, layout, tensors[0].device, cfg)
     return [tp for chunk in plan.chunks for tp in chunk]
 
 
@@ -461,7 +461,7 @@ def test_tensor_weight_sum_reduction_and_direct_op_call():
 def test_op_compiles_fullgraph():
     """The op under torch.compile (AOTAutograd, fake tensors, the backward op traced): one graph, same
     numbers as eager."""
-    from uno_engine.ops.regression import _triton_terms
+    from uno_engine.ops._regression_ops import run_terms
 
     gen = torch.Generator(DEV).manual_seed(12)
     p = torch.randn(3, 5, 32, generator=gen, requires_grad=True)
@@ -469,7 +469,7 @@ def test_op_compiles_fullgraph():
     m = torch.rand(3, 5, generator=gen) > 0.3
 
     def f(p, y, m):
-        total, per = _triton_terms(
+        total, per = run_terms(
             [RegressionTerm(p, y, "mse", 0.5), RegressionTerm(p, y, "cosine", 1.0, m)], True
         )
         return total * 2, per
@@ -682,14 +682,14 @@ def test_fused_regression_cuda(dtype, config):
         )
         for i, k in enumerate(KINDS)
     ]
-    from uno_engine.ops import regression as R
+    from uno_engine.ops import _regression_plan
 
-    with R.kernel_config_override("" if config == "default" else config):
+    with _regression_plan.kernel_config_override("" if config == "default" else config):
         for _ in range(2):  # the second call runs the learned plan (per_sm=-1)
             total, per = ops.fused_regression(terms, backend="triton")
             grads = torch.autograd.grad(total, [t.pred for t in terms])
     if config == "per_sm=-1":
-        assert not any(p.learn_resident for p in R._PLANS.values() if p.chunks[0][0].R == 4 * 729)
+        assert not any(p.learn_resident for p in _regression_plan._PLANS.values() if p.chunks[0][0].R == 4 * 729)
     rterms = [
         RegressionTerm(t.pred.detach().double().requires_grad_(), t.target.double(), t.kind, t.weight, t.mask)
         for t in terms

@@ -120,9 +120,13 @@ def _key_values(raw: str) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------- registry
-LCE_IMPLS = ("auto", "grad_in_forward", "recompute")
-BRIDGE_FORWARD = ("two_pass", "fused", "fused_loads")
-BRIDGE_BACKWARD = ("two_pass", "fused")
+# The choices, listed once (the ops, UNOConfig and the knobs below read these). The kernels' own lists
+# (kernels.bridge.FORWARD_KERNELS / BACKWARD_KERNELS) cannot import this module (kernels know nothing of
+# uno_engine): tests/test_env.py checks they are equal.
+LCE_IMPLS = ("auto", "grad_in_forward", "recompute")  # ops.linear_cross_entropy(impl=), UNOConfig.lce_impl
+BRIDGE_KERNELS = ("auto", "two_pass", "fused")  # ops.bridge(kernel=), UNOConfig.bridge_kernel
+BRIDGE_FORWARD = ("two_pass", "fused", "fused_loads")  # UNO_BRIDGE_FORWARD
+BRIDGE_BACKWARD = ("two_pass", "fused")  # UNO_BRIDGE_BACKWARD
 
 KNOBS: dict[str, Knob] = {
     k.name: k
@@ -240,8 +244,9 @@ def get(name: str) -> Any:
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run under its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run under its interpreter (TRITON_INTERPRET=1, or true / yes / on as Triton
+    reads it): the knob's one parse (a malformed value raises ValueError naming the variable)."""
+    return bool(get("TRITON_INTERPRET"))
 
 
 def describe() -> list[dict[str, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from uno_engine import _env
+
 
 @dataclass(kw_only=True)
 class UNOConfig:
@@ -40,13 +42,11 @@ class UNOConfig:
             raise ValueError(
                 f"UNOConfig.fuse_patch_embed must be True, False or 'auto', got {self.fuse_patch_embed!r}"
             )
-        if self.lce_impl not in ("auto", "grad_in_forward", "recompute"):
+        if self.lce_impl not in _env.LCE_IMPLS:
+            raise ValueError(f"UNOConfig.lce_impl must be {'|'.join(_env.LCE_IMPLS)}, got {self.lce_impl!r}")
+        if self.bridge_kernel not in _env.BRIDGE_KERNELS:
             raise ValueError(
-                f"UNOConfig.lce_impl must be auto|grad_in_forward|recompute, got {self.lce_impl!r}"
-            )
-        if self.bridge_kernel not in ("auto", "two_pass", "fused"):
-            raise ValueError(
-                f"UNOConfig.bridge_kernel must be auto|two_pass|fused, got {self.bridge_kernel!r}"
+                f"UNOConfig.bridge_kernel must be {'|'.join(_env.BRIDGE_KERNELS)}, got {self.bridge_kernel!r}"
             )
         if self.view not in ("pixel", "latent"):
             raise ValueError(f"UNOConfig.view must be 'pixel' or 'latent', got {self.view!r}")

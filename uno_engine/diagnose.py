@@ -25,12 +25,13 @@ greedy caption, per-token CE bars colored by verdict with the reference's CE as 
 materializes the (B, L, V) caption logits for the top-1 test and runs the critic G times for the greedy
 caption: a debugging tool, not a training-step cost.
 
-    python -m uno_engine.diagnose --preset tiny --out DIR
+On a preset with random weights (a test-support command, in uno_engine.testing):
+
+    python -m uno_engine.testing.diagnose_preset --preset tiny --out DIR
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -183,8 +184,12 @@ def _read(critic, inputs, captions, mask):
     return ce.float(), top1
 
 
-def _greedy(critic, inputs, length: int, eos: int | None, start: torch.Tensor) -> torch.Tensor:
-    """Greedy caption (B, length): token i is the argmax of the critic's prediction after tokens < i."""
+def greedy_caption(critic, inputs, length: int, eos: int | None, start: torch.Tensor) -> torch.Tensor:
+    """Greedy caption (B, length) token ids: token i is the argmax of the critic's prediction after tokens < i.
+
+    critic: a `Critic`; inputs: its `CriticInputs` of B images (`critic.prepare`); length: tokens to generate
+    (stops early once every row has produced `eos`, when eos is not None); start: (B, >= 1) token ids whose
+    first column fills the slot being predicted (any valid id: position i's prediction does not read it)."""
     B = start.shape[0]
     ids = torch.zeros(B, 0, dtype=torch.long, device=start.device)
     for i in range(length):
@@ -226,7 +231,7 @@ def diagnose(
         ref_inputs = critic.prepare(batch["reference_images"], clamp=cfg.clamp, **bridge)
         ref_ce, ref_top1 = _read(critic, ref_inputs, captions, mask)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    greedy = _greedy(critic, inputs, max_new_tokens or captions.shape[1], eos, captions)
+    greedy = greedy_caption(critic, inputs, max_new_tokens or captions.shape[1], eos, captions)
     ok = top1 | (ce < threshold)
     ref_ok = None if ref_ce is None else (ref_top1 | (ref_ce < threshold))
     verdict = []
@@ -268,35 +273,6 @@ def diagnose(
     return diag
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uno_engine.diagnose", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--preset", default="tiny", help="uno_engine.testing.presets name (CPU: tiny, tiny-janus)"
-    )
-    parser.add_argument("--out", required=True, help="output directory for diagnosis.json / diagnosis.png")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=math.log(2.0))
-    args = parser.parse_args(argv)
-    from uno_engine import UNOConfig, UNOStep
-    from uno_engine.testing.presets import build_preset
-
-    preset = build_preset(args.preset)
-    step = UNOStep(preset.generator, preset.make_critic("none"), preset.make_loss(), UNOConfig())
-    batch = preset.make_batch(seed=args.seed)
-    with torch.no_grad():
-        # random weights have no real captions: the reference is the generator's image on another seed, and
-        # the caption is what the critic reads in it (so the reference is read right, by construction)
-        ref = preset.generator({**batch, "seed": args.seed + 1}).float().clamp(-1, 1)
-        critic = step.critic
-        ref_inputs = critic.prepare(ref, input_range=step.config.input_range, backend=step.config.backend)
-        batch["captions"] = _greedy(critic, ref_inputs, preset.caption_len, None, batch["captions"])
-        batch["caption_mask"] = torch.ones_like(batch["captions"])
-        batch["reference_images"] = ref
-    diag = diagnose(step, batch, threshold=args.threshold, out_dir=args.out)
-    print(json.dumps({"out": str(Path(args.out).resolve()), "counts": diag.counts()}))
-    return 0
-
-
 class _CallableModule(types.ModuleType):
     """`uno_engine.diagnose(step, batch)` works whether the name resolves to this module or its function."""
 
@@ -305,6 +281,3 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from uno_engine import eager, ops
+from uno_engine import ops
 
 
 class UNOLoss(nn.Module):
@@ -164,9 +164,7 @@ class UNOLoss(nn.Module):
         )
         terms, names = self._regression_terms(out, batch, critic, backend, input_range, prep)
         if terms:
-            fused = eager.fused_regression if backend == "reference" else ops.fused_regression
-            kw = {} if backend == "reference" else {"backend": backend}
-            reg_total, per_term = fused(terms, **kw)
+            reg_total, per_term = ops.for_backend("fused_regression", backend)(terms)
             if batch.get("num_images") is not None:  # accumulation: a micro-batch's share of the whole batch
                 reg_total = reg_total * (out.patch_features.shape[0] / batch["num_images"])
             total = total + reg_total
@@ -292,19 +290,9 @@ class UNOLoss(nn.Module):
             softcap=out.logit_softcap,
             reduction="sum",
         )
-        if backend == "reference":
-            ce_sum = eager.linear_cross_entropy(
-                out.caption_hidden, out.lm_head_weight, out.caption_labels, **kw
-            )
-        else:
-            ce_sum = ops.linear_cross_entropy(
-                out.caption_hidden,
-                out.lm_head_weight,
-                out.caption_labels,
-                backend=backend,
-                impl=lce_impl,
-                **kw,
-            )
+        ce_sum = ops.for_backend("linear_cross_entropy", backend, impl=lce_impl)(
+            out.caption_hidden, out.lm_head_weight, out.caption_labels, **kw
+        )
         count = batch.get("num_caption_tokens")
         scale = 1.0
         if count is None:
@@ -388,9 +376,7 @@ def _lce(hidden, out, labels, backend, impl="auto") -> torch.Tensor:
     H = hidden.shape[-1]
     args = (hidden.reshape(-1, H), out.lm_head_weight, labels.reshape(-1))
     kw = dict(bias=out.lm_head_bias, softcap=out.logit_softcap, reduction="none")
-    if backend == "reference":  # the eager baseline path
-        return eager.linear_cross_entropy(*args, **kw).reshape(labels.shape)
-    return ops.linear_cross_entropy(*args, backend=backend, impl=impl, **kw).reshape(labels.shape)
+    return ops.for_backend("linear_cross_entropy", backend, impl=impl)(*args, **kw).reshape(labels.shape)
 
 
 class _Predict(nn.Module):

@@ -171,22 +171,6 @@ def _targets_numpy(image: np.ndarray, gh: int, gw: int, kind: str) -> np.ndarray
     return out if batched else out[0]
 
 
-def density_targets_numpy(image: np.ndarray, grid) -> np.ndarray:
-    """The pure-Python (numpy) fallback of the uint8 HWC density targets."""
-    _check_uint8(image)
-    gh, gw = _parse_grid(grid)
-    _check_grid(gh, gw, image.shape[-3], image.shape[-2])
-    return _targets_numpy(image, gh, gw, "density")
-
-
-def structure_targets_numpy(image: np.ndarray, grid) -> np.ndarray:
-    """The pure-Python (numpy) fallback of the uint8 HWC structure targets."""
-    _check_uint8(image)
-    gh, gw = _parse_grid(grid)
-    _check_grid(gh, gw, image.shape[-3], image.shape[-2])
-    return _targets_numpy(image, gh, gw, "structure")
-
-
 # ---------------------------------------------------------------------------------------------- public
 def _pick(impl: str, feature: str):
     if impl not in IMPLS:

@@ -341,8 +341,8 @@ class Critic(nn.Module):
         bridge_kernel: str = "auto",
     ) -> CriticInputs:
         """Generated images (B, 3, H, W) in `input_range` -> CriticInputs, differentiably, with the model's
-        own preprocessing. backend "reference" -> uno_engine.eager.bridge, else uno_engine.ops.bridge (with
-        kernel=bridge_kernel, UNOConfig.bridge_kernel).
+        own preprocessing, through `uno_engine.ops.for_backend("bridge", backend)`: uno_engine.ops.bridge (with
+        kernel=bridge_kernel, UNOConfig.bridge_kernel), or for backend "reference" uno_engine.eager.bridge.
 
         fuse_patch_embed: False: pixel_values. True: the bridge also applies the vision tower's conv patch
             embedding and returns patch_tokens (B, N, D), so the normalized image is not kept for the backward
@@ -358,14 +358,9 @@ class Critic(nn.Module):
         kw = dict(
             input_range=input_range, clamp=clamp, patch_embed=(conv.weight, conv.bias) if fuse else None
         )
-        if backend == "reference":
-            from uno_engine import eager
+        from uno_engine import ops
 
-            pixel_values = eager.bridge(images, self.spec, **kw)
-        else:
-            from uno_engine.ops import bridge
-
-            pixel_values = bridge(images, self.spec, backend=backend, kernel=bridge_kernel, **kw)
+        pixel_values = ops.for_backend("bridge", backend, kernel=bridge_kernel)(images, self.spec, **kw)
         if fuse:
             return CriticInputs(patch_tokens=pixel_values)
         grid_thw = grid_host = None

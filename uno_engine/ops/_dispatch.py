@@ -7,6 +7,10 @@ Every op takes `backend="auto" | "triton" | "torch"`:
   TRITON_INTERPRET=1 (the Triton interpreter; slow, small shapes, used by the CPU test suite).
 - "torch": the op's torch path (chunked where memory matters), never Triton.
 The eager statements of the math are `uno_engine.eager` (no backend argument; the oracle re-exports them).
+
+The engine (UNOConfig.backend, UNOLoss, Critic.prepare) has one backend more, "reference": the eager baseline,
+plain autograd through those eager statements. `uno_engine.ops.for_backend` is the one place
+that maps an engine backend to the function to call, so no caller branches on "reference" itself.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from uno_engine import _env, _optional
+from uno_engine._log import log_once
 
 log = logging.getLogger("uno_engine.ops")
 
 BACKENDS = ("auto", "triton", "torch")
-_announced: set[tuple[str, str]] = set()
 
 
 def interpreter_enabled() -> bool:
@@ -80,7 +84,7 @@ def resolve_backend(
         choice = "triton" if not reasons and devices == {"cuda"} else "torch"
     else:
         choice = "triton"
-    if not torch.compiler.is_compiling() and (op, choice) not in _announced:
-        _announced.add((op, choice))
-        log.info("%s: backend=%r -> %s%s", op, backend, choice, f" ({'; '.join(reasons)})" if reasons else "")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    log_once(log, ("backend", op, choice), "%s: backend=%r -> %s%s", op, backend, choice, why)
     return choice
+

@@ -314,6 +314,9 @@ def _grad_in_forward_setup(ctx, inputs, output):
     )
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
+    # No zero gradients for the three gradient outputs: autograd would materialize an N x H (and V x H) zero
+    # tensor for them in the backward, as large as dhidden itself.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(labels, dh, dw, db)
     ctx.args = (
         ignore_index,

@@ -33,7 +33,7 @@ from uno_engine.bridge_spec import BridgeSpec, bridge_tensors
 from uno_engine.ops._dispatch import resolve_backend
 from uno_engine.ops._register import custom_op
 
-KERNELS = ("auto", "two_pass", "fused")
+KERNELS = _env.BRIDGE_KERNELS  # ("auto", "two_pass", "fused"), listed once in uno_engine._env
 CLAMPS = ("clamp", "straight_through")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _AUTO_WHY = (

@@ -3,7 +3,9 @@
 The public function: argument checks, the backend ("triton" | "torch", `_dispatch`) and the implementation:
 - "grad_in_forward": chunks of tokens; per chunk the logits GEMM, the loss and the logits' gradient in place,
   the dhidden GEMM (and dW); the backward only scales the saved gradients by the upstream gradient. The same
-  GEMMs as eager autograd (2, or 3 with a trainable head), memory one C x V chunk plus the N x H gradient.
+  GEMMs as eager autograd (2, or 3 with a trainable head), memory one C x V chunk plus the N x H gradient
+  (the torch path: blocks of C tokens x Vb classes with an online softmax, within the byte budget
+  `_lce_torch.CHUNK_BYTES`).
 - "recompute": the forward keeps two floats per token (row max, log-sum); the backward recomputes each
   chunk's logits (one GEMM more than eager). No gradient state is held between forward and backward.
 "auto" takes grad_in_forward when a gradient is needed and it can form it, recompute otherwise: without a
@@ -30,13 +32,13 @@ import math
 import torch
 
 from uno_engine import _env
+from uno_engine._log import log_once
 from uno_engine.ops import _lce_ops
 from uno_engine.ops._dispatch import resolve_backend
 
 log = logging.getLogger("uno_engine.ops")
 
 IMPLS = _env.LCE_IMPLS  # ("auto", "grad_in_forward", "recompute")
-_announced: set[tuple[str, str]] = set()
 _REDUCTIONS = ("none", "sum", "mean")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -151,16 +153,9 @@ def resolve_impl(
         choice = "grad_in_forward" if not reasons else "recompute"
     else:
         choice = impl
-    if not torch.compiler.is_compiling() and (backend, choice) not in _announced:
-        _announced.add((backend, choice))
-        log.info(
-            "linear_cross_entropy[%s]: %s=%r -> %s%s",
-            backend,
-            source,
-            impl,
-            choice,
-            f" ({'; '.join(reasons)})" if reasons else "",
-        )
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    msg = "linear_cross_entropy[%s]: %s=%r -> %s%s"
+    log_once(log, ("impl", backend, choice), msg, backend, source, impl, choice, why)
     return choice
 
 

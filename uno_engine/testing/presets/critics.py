@@ -137,7 +137,9 @@ def _decoder(model_type, hidden, layers, heads, kv, inter, vocab, *, max_pos, ep
     )
 
 
-def _llama(hidden, layers, heads, inter, vocab, kv=None, max_pos=4096, eps=1e-5, **kw):
+def llama_config(hidden, layers, heads, inter, vocab, kv=None, max_pos=4096, eps=1e-5, **kw):
+    """A Llama text config (a dict for a composite config's text_config): hidden size, layers, heads,
+    MLP intermediate size, vocabulary; kv heads default to heads."""
     return _decoder("llama", hidden, layers, heads, kv or heads, inter, vocab, max_pos=max_pos, eps=eps, **kw)
 
 
@@ -158,7 +160,8 @@ def _vision(model_type, hidden, layers, heads, inter, image, patch, **kw):
     )
 
 
-def _clip_vision(hidden, layers, heads, inter, image, patch, proj=None):
+def clip_vision_config(hidden, layers, heads, inter, image, patch, proj=None):
+    """A CLIP vision tower config (dict): hidden size, layers, heads, MLP size, image side, patch side."""
     return _vision(
         "clip_vision_model",
         hidden,
@@ -187,7 +190,8 @@ def _siglip_vision(hidden, layers, heads, inter, image, patch):
     )
 
 
-def _llava(vision, text, *, image_token_id, feature_layer, strategy):
+def llava_config(vision, text, *, image_token_id, feature_layer, strategy):
+    """A LlavaConfig from a vision config (e.g. `clip_vision_config`) and a text config (`llama_config`)."""
     from transformers import LlavaConfig
 
     return LlavaConfig(
@@ -319,16 +323,16 @@ _TINY_VQ = dict(
 def _config(name: str):
     """-> (config, model class name, image processor)."""
     if name == "tiny-llava-clip":
-        cfg = _llava(
-            _clip_vision(32, 2, 4, 64, 30, 6),
-            _llama(32, 2, 4, 64, 128, kv=2),
+        cfg = llava_config(
+            clip_vision_config(32, 2, 4, 64, 30, 6),
+            llama_config(32, 2, 4, 64, 128, kv=2),
             image_token_id=127,
             feature_layer=-2,
             strategy="default",
         )
         return cfg, "LlavaForConditionalGeneration", clip_processor(30)
     if name == "tiny-llava-siglip":
-        cfg = _llava(
+        cfg = llava_config(
             _siglip_vision(32, 2, 4, 64, 32, 8),
             _qwen2(32, 2, 4, 2, 64, 128, tie=True),
             image_token_id=127,
@@ -359,7 +363,7 @@ def _config(name: str):
             v_heads=4,
             image=32,
             patch=8,
-            text=_llama(32, 2, 4, 64, 128, kv=2),
+            text=llama_config(32, 2, 4, 64, 128, kv=2),
             vq=_TINY_VQ,
         )
         return cfg, "JanusForConditionalGeneration", janus_processor(32)
@@ -414,25 +418,25 @@ def _config(name: str):
             qwen3_vl_processor(patch_size=4, min_pixels=32 * 32, max_pixels=32 * 32),
         )
     if name == "mid-llava":
-        cfg = _llava(
-            _clip_vision(512, 8, 8, 2048, 224, 14),
-            _llama(640, 8, 10, 1728, 32064),
+        cfg = llava_config(
+            clip_vision_config(512, 8, 8, 2048, 224, 14),
+            llama_config(640, 8, 10, 1728, 32064),
             image_token_id=32000,
             feature_layer=-2,
             strategy="default",
         )
         return cfg, "LlavaForConditionalGeneration", clip_processor(224)
     if name == "llava-1.5-7b":
-        cfg = _llava(
-            _clip_vision(1024, 24, 16, 4096, 336, 14, proj=768),
-            _llama(4096, 32, 32, 11008, 32064),
+        cfg = llava_config(
+            clip_vision_config(1024, 24, 16, 4096, 336, 14, proj=768),
+            llama_config(4096, 32, 32, 11008, 32064),
             image_token_id=32000,
             feature_layer=-2,
             strategy="default",
         )
         return cfg, "LlavaForConditionalGeneration", clip_processor(336)
     if name == "siglip-so400m-qwen2-1.5b":
-        cfg = _llava(
+        cfg = llava_config(
             _siglip_vision(1152, 27, 16, 4304, 384, 14),
             _qwen2(1536, 28, 12, 2, 8960, 151936, tie=True, rope_theta=1e6),
             image_token_id=151646,
@@ -442,9 +446,9 @@ def _config(name: str):
         return cfg, "LlavaForConditionalGeneration", siglip_processor(384)
     if name in ("janus-pro-1b", "janus-pro-7b"):
         text = (
-            _llama(2048, 24, 16, 5632, 102400, max_pos=16384)
+            llama_config(2048, 24, 16, 5632, 102400, max_pos=16384)
             if name.endswith("1b")
-            else _llama(4096, 30, 32, 11008, 102400, max_pos=16384)
+            else llama_config(4096, 30, 32, 11008, 102400, max_pos=16384)
         )
         vq = dict(
             embed_dim=8,
@@ -519,7 +523,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 @torch.no_grad()
-def _random_init(model: torch.nn.Module, seed: int):
+def random_init(model: torch.nn.Module, seed: int):
     """Small random weights, generated on the model's device (fast for real shapes on a GPU)."""
     gen_device = next(model.parameters()).device
     g = torch.Generator(device=gen_device).manual_seed(seed)
@@ -556,7 +560,7 @@ def build_critic_model(name: str, *, device="cpu", dtype=torch.float32, seed: in
         model = cls(config)
     model = model.to(device=device, dtype=dtype)
     if device.type != "meta":  # meta: shapes only (tests of the real-shaped configs)
-        _random_init(model, seed)
+        random_init(model, seed)
     if getattr(config, "tie_word_embeddings", False) or getattr(
         config.get_text_config(), "tie_word_embeddings", False
     ):
@@ -566,7 +570,7 @@ def build_critic_model(name: str, *, device="cpu", dtype=torch.float32, seed: in
 
 @contextlib.contextmanager
 def _no_init():
-    """Skip transformers' (slow, CPU-side) weight initialisation: weights are set by `_random_init`."""
+    """Skip transformers' (slow, CPU-side) weight initialisation: weights are set by `random_init`."""
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older layouts
