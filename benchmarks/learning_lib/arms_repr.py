@@ -29,10 +29,12 @@ from . import judge, models, world
 REPR_BLOCK = "mid_block"
 LAST: dict = {}  # the last generator a prepare hook built in this process (quick_check reads its head)
 REPR_OPTIONS = {"prompt_dropout": 0.5, "noise_range": (0.0, 1.0)}
+REPR_FIT_STEPS = 150  # head-only warm start (lr 1e-3) before the UNO steps
 
 
 def _prepare_representation(gen, critic, text, s, seed: int):
-    from uno_engine.representation import attach_representation
+    from uno_engine import UNOConfig, UNOLoss, UNOStep
+    from uno_engine.representation import attach_representation, fit_head
 
     from .experiment import prompt_batch
 
@@ -42,7 +44,20 @@ def _prepare_representation(gen, critic, text, s, seed: int):
     torch.manual_seed(seed)  # the head's init
     opts = dict(REPR_OPTIONS, **(s.extra.get("representation") or {}))
     block = opts.pop("block", REPR_BLOCK)
+    fit_steps = opts.pop("fit_steps", REPR_FIT_STEPS)
     attach_representation(critic, gen, batch, block=block, **opts)
+    if fit_steps:  # the head alone first, on real renders of seen prompts (the UNet and the critic frozen)
+        step = UNOStep(
+            gen, critic, UNOLoss(**ARMS["representation"]["loss"]), UNOConfig(view="representation")
+        )
+
+        def batches(i):
+            b = [rng.choice(seen) for _ in range(s.batch_seen)]
+            return prompt_batch(b, text, seed=rng.randrange(2**31), rng=rng, references=True)
+
+        losses = fit_head(step, batches, steps=fit_steps, lr=1e-3)
+        LAST["fit_losses"] = (losses[0], losses[-1])
+        LAST["copy_leak_after_head_fit"] = leak_on_held(critic, gen, text, seed=seed)
     LAST["generator"] = gen
     return gen
 
@@ -153,6 +168,8 @@ def quick_check(
     out["denoising_loss_before"] = experiment.denoising_loss(unet, text, seed=seed, n=128)
     out["denoising_loss_after"] = experiment.denoising_loss(trained, text, seed=seed, n=128)
     out["caption_ce_held_first_last"] = (hist[0].get("held_caption_ce"), hist[-1].get("held_caption_ce"))
+    out["head_fit_loss_first_last"] = LAST.get("fit_losses")
+    out["copy_leak_after_head_fit"] = LAST.get("copy_leak_after_head_fit")
     gen = LAST.get("generator")
     if getattr(gen, "representation", None) is not None:
         out["copy_leak_after"] = leak_on_held(critic, gen, text, seed=seed)

@@ -31,6 +31,7 @@ _LAZY = {
     "representation_view_reasons": "uno_engine.representation.view",
     "caption_ce": "uno_engine.representation.leak",
     "copy_leak": "uno_engine.representation.leak",
+    "fit_head": "uno_engine.representation.fit",
 }
 
 __all__ = sorted(_LAZY)
