@@ -227,3 +227,45 @@ def test_errors_name_the_argument(critic):
     neg = {**batch, "negative_captions": batch["captions"][:, None]}
     with pytest.raises(NotImplementedError, match="negatives"):
         step(neg)
+
+
+# ------------------------------------------------------------------------------------------------- Janus
+@pytest.fixture(scope="module")
+def janus():
+    return build_preset("tiny-janus")
+
+
+def test_janus_reads_the_lm_hidden_states_at_the_image_positions(janus):
+    """Janus: the head reads the LM block's output at the N image positions of one teacher-forced pass over
+    [prompt, noised tokens]; Janus's own loss (generation-head CE to the clean tokens) from the same pass;
+    pure noise (level 1) replaces every token; gradients reach the generation modules and the head."""
+    gen, critic = janus.generator, janus.make_critic("none", cache=False)
+    batch = janus.make_batch(seed=1)
+    B, N = batch["gen_input_ids"].shape[0], gen.num_image_tokens
+    V = gen.model.model.generation_head.vision_head.out_features
+    clean = torch.randint(0, V, (B, N), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    head = attach_representation(critic, gen, batch, block="layers.0")
+    try:
+        ref = {**batch, "reference_image_tokens": clean, "representation_noise_level": 0.0}
+        lm = gen.model.model.language_model
+        with block_output(lm, "layers.0") as box:
+            rep = gen(ref, view="representation")
+        S = batch["gen_input_ids"].shape[1]
+        torch.testing.assert_close(rep.tokens, head(box["hidden"][:, S : S + N], gen.grid))
+        assert rep.from_reference and rep.generator_loss is not None
+        step = UNOStep(
+            gen, critic, UNOLoss(caption=1.0, generator_loss=1.0), UNOConfig(view="representation")
+        )
+        out = step(ref)
+        out.loss.backward()
+        for p in list(gen.trainable_parameters()) + list(head.parameters()):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert sum(float(p.grad.abs().sum()) for p in gen.model.model.generation_embeddings.parameters()) > 0
+        noisy = gen({**ref, "representation_noise_level": 1.0}, view="representation")
+        assert not torch.allclose(noisy.tokens, rep.tokens)
+        leak = copy_leak(critic, gen, batch)
+        assert all(torch.isfinite(torch.tensor(v)) for v in leak.values())
+    finally:
+        gen.representation = None
+        gen.zero_grad(set_to_none=True)

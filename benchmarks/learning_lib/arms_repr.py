@@ -186,3 +186,46 @@ def leak_on_held(critic, gen, text, *, seed: int, n: int = 64) -> dict:
     rng = random.Random(seed + 5)
     batch = prompt_batch([rng.choice(held) for _ in range(n)], text, seed=seed + 5)
     return copy_leak(critic, gen, batch)
+
+
+def main(argv=None) -> int:
+    """python -m learning_lib.arms_repr ARM [--steps N --samples S --held N --seen N] (run from benchmarks/):
+    the quick check of one arm on the tuning seed; writes results/learning-check-<arm>.json."""
+    import argparse
+    import json
+    import subprocess
+    import time
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("arm", choices=sorted(ARMS))
+    ap.add_argument("--seed", type=int, default=100, help="the tuning seed (never 0-2)")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--samples", type=int, default=3, help="samples per prompt")
+    ap.add_argument("--held", type=int, default=96, help="held-out prompts")
+    ap.add_argument("--seen", type=int, default=32, help="seen prompts")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    res = quick_check(
+        args.arm, seed=args.seed, steps=args.steps, samples=args.samples, n_held=args.held, n_seen=args.seen
+    )
+    res["wall_s"] = time.time() - t0
+    root = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    res["env"] = {
+        "commit": commit.stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": "2-core CPU, 1 thread, shared with other sessions",
+        "torch": torch.__version__,
+        "command": "cd benchmarks && python -m learning_lib.arms_repr " + " ".join(argv or []),
+    }
+    out = root / "benchmarks" / "results" / f"learning-check-{args.arm.replace(' ', '-')}.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

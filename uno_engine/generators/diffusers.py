@@ -607,6 +607,21 @@ class DiffusersGenerator(Generator):
         self.representation = head
         return self
 
+    @torch.no_grad()
+    def representation_probe(self, batch: Mapping, block: str, output_index: int = 0):
+        """-> (channels / width of the denoiser block `block`'s output, (H, W) of the images): one no-grad
+        denoiser call at a zero latent with the batch's conditioning, what `attach_representation` sizes a
+        head with."""
+        cond = self.conditioning(batch, cfg=False)
+        h, w = self.latent_size
+        x = torch.zeros(cond["batch_size"], self.latent_channels, h, w, device=cond["prompt_embeds"].device)
+        with block_output(self.denoiser, block, output_index) as box:
+            self._call_denoiser(x, self.num_train_timesteps // 2, cond)
+        if "hidden" not in box:
+            raise ValueError(f"representation_probe: block {block!r} did not run in the denoiser's forward")
+        hid = box["hidden"]
+        return int(hid.shape[1] if hid.dim() == 4 else hid.shape[-1]), (self.height, self.width)
+
     def _masked_prompt_batch(self, batch: Mapping, drop: torch.Tensor) -> dict:
         """The batch with each conditioning key's rows where `drop` (B,) bool replaced by its negative."""
         out = dict(batch)

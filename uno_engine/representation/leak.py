@@ -50,9 +50,8 @@ def copy_leak(critic, generator, batch: dict) -> dict[str, float]:
             ce[name] = float(caption_ce(critic, rep.tokens, caps, mask))
     finally:
         head.prompt_dropout = saved
-    gray = torch.zeros(
-        caps.shape[0], 3, generator.height, generator.width, device=critic.lm_head_weight.device
-    )
+    _, image_hw = generator.representation_probe(batch, head.block, head.output_index)
+    gray = torch.zeros(caps.shape[0], 3, *image_hw, device=critic.lm_head_weight.device)
     blank, _ = critic_image_tokens(critic, gray)
     ce["ce_blank"] = float(caption_ce(critic, blank, caps, mask))
     ce["leak"] = ce["ce_prompt_free"] - ce["ce_pure_noise"]

@@ -111,7 +111,8 @@ def representation_view_reasons(critic, generator) -> list[str]:
     gen = unwrap(generator)
     if not callable(getattr(gen, "representation_for_critic", None)):
         reasons.append(
-            f"the generator {type(gen).__name__} has no representation_for_critic(batch) (DiffusersGenerator has)"
+            f"the generator {type(gen).__name__} has no representation_for_critic(batch) (DiffusersGenerator and "
+            "JanusGenerator have)"
         )
         return reasons
     head = getattr(gen, "representation", None)
@@ -133,29 +134,18 @@ def attach_representation(
     critic, generator, batch: dict, *, block: str, output_index: int = 0, **options
 ) -> RepresentationHead:
     """Build a `RepresentationHead` sized to this pair and attach it to the generator (saved and trained with
-    it). One no-grad pass of the generator's denoiser on `batch` (its prompt_embeds are enough) reads the
-    block's width; one critic pass on a gray image gives its image-token count, grid and the RMS of its
+    it). One no-grad pass of the generator on `batch` (`generator.representation_probe`: the denoiser with the
+    batch's prompt_embeds, or Janus's LM over its gen_input_ids) reads the block's width; one critic pass on a gray image gives its image-token count, grid and the RMS of its
     tokens (the head's initial output scale). `options` go to RepresentationHead (prompt_dropout,
     noise_range, source, width). Errors name the argument."""
     gen = unwrap(generator)
-    if not callable(getattr(gen, "attach_representation", None)):
+    if not callable(getattr(gen, "representation_probe", None)):
         raise TypeError(f"attach_representation: `generator` {type(gen).__name__} has no representation view")
-    from uno_engine.representation.capture import block_output
-
+    in_dim, image_hw = gen.representation_probe(batch, block, output_index)
     device = critic.lm_head_weight.device
-    gray = torch.zeros(1, 3, gen.height, gen.width, device=device)
-    emb, grid = critic_image_tokens(critic, gray)
+    emb, grid = critic_image_tokens(critic, torch.zeros(1, 3, *image_hw, device=device))
     grid = _token_grid(emb.shape[1], grid)
     rms = float(emb.float().pow(2).mean().sqrt())
-    cond = gen.conditioning(batch, cfg=False)
-    h, w = gen.latent_size
-    x = torch.zeros(cond["batch_size"], gen.latent_channels, h, w, device=cond["prompt_embeds"].device)
-    with torch.no_grad(), block_output(gen.denoiser, block, output_index) as box:
-        gen.predict(x, gen.num_train_timesteps // 2, cond)
-    if "hidden" not in box:
-        raise ValueError(f"attach_representation: block {block!r} did not run in the denoiser's forward")
-    hid = box["hidden"]
-    in_dim = hid.shape[1] if hid.dim() == 4 else hid.shape[-1]
     head = RepresentationHead(
         int(in_dim),
         critic.hidden_size,
@@ -165,7 +155,7 @@ def attach_representation(
         target_rms=rms,
         **options,
     )
-    p = next(gen.denoiser.parameters())
+    p = next(p for p in gen.parameters() if p.is_floating_point())
     gen.attach_representation(head.to(p.device))
     return head
 
