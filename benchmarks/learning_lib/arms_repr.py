@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     the quick check of one arm on the tuning seed; writes results/learning-check-<arm>.json."""
     import argparse
     import json
+    import shlex
     import subprocess
     import time
     from pathlib import Path
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": "2-core CPU, 1 thread, shared with other sessions",
         "torch": torch.__version__,
-        "command": "cd benchmarks && python -m learning_lib.arms_repr " + " ".join(argv or []),
+        "command": "cd benchmarks && python -m learning_lib.arms_repr " + shlex.join(argv or []),
     }
     out = root / "benchmarks" / "results" / f"learning-check-{args.arm.replace(' ', '-')}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
