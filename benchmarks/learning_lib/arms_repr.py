@@ -137,6 +137,7 @@ def quick_check(
     n_held: int = 96,
     n_seen: int = 48,
     log=print,
+    extra: dict | None = None,
 ) -> dict:
     """One arm on the tuning seed: train `steps` UNO steps, judge held-out / seen prompts x `samples` before and
     after on the same noise (paired), and (representation) the copy leak before and after training."""
@@ -147,7 +148,7 @@ def quick_check(
     torch.set_num_threads(1)
     critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
     unet, text = training.load_generator(training.CACHE / "generator.safetensors")
-    s = experiment.Settings(seeds=(seed,), uno_steps=steps)
+    s = experiment.Settings(seeds=(seed,), uno_steps=steps, extra=dict(extra or {}))
     seen, held = world.split_prompts()
     r = random.Random(seed)
     held_p = r.sample(held, min(n_held, len(held))) * samples
@@ -163,7 +164,11 @@ def quick_check(
         "held_out": judged(trained, text, held_p, seed=seed, s=s),
         "seen": judged(trained, text, seen_p, seed=seed + 1, s=s),
     }
-    out = {"arm": arm, "seed": seed, "steps": steps, "samples_per_prompt": samples}
+    out = {"arm": arm, "seed": seed, "steps": steps, "samples_per_prompt": samples, "lr": s.lr}
+    out["loss"] = {k: v for k, v in ARMS[arm]["loss"].items()}
+    if arm == "representation":
+        out["representation"] = {"block": REPR_BLOCK, **REPR_OPTIONS, "fit_steps": REPR_FIT_STEPS}
+        out["representation"].update(s.extra.get("representation") or {})
     out.update({k: paired(before[k], after[k]) for k in before})
     out["denoising_loss_before"] = experiment.denoising_loss(unet, text, seed=seed, n=128)
     out["denoising_loss_after"] = experiment.denoising_loss(trained, text, seed=seed, n=128)
@@ -205,10 +210,19 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=3, help="samples per prompt")
     ap.add_argument("--held", type=int, default=96, help="held-out prompts")
     ap.add_argument("--seen", type=int, default=32, help="seen prompts")
+    ap.add_argument("--prompt-dropout", type=float, default=None, help="representation: masked-prompt rate")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
     t0 = time.time()
+    extra = {} if args.prompt_dropout is None else {"representation": {"prompt_dropout": args.prompt_dropout}}
     res = quick_check(
-        args.arm, seed=args.seed, steps=args.steps, samples=args.samples, n_held=args.held, n_seen=args.seen
+        args.arm,
+        extra=extra,
+        seed=args.seed,
+        steps=args.steps,
+        samples=args.samples,
+        n_held=args.held,
+        n_seen=args.seen,
     )
     res["wall_s"] = time.time() - t0
     root = Path(__file__).resolve().parents[2]
@@ -220,7 +234,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "command": "cd benchmarks && python -m learning_lib.arms_repr " + shlex.join(argv or []),
     }
-    out = root / "benchmarks" / "results" / f"learning-check-{args.arm.replace(' ', '-')}.json"
+    name = args.arm.replace(" ", "-") + (f"-{args.tag}" if args.tag else "")
+    out = root / "benchmarks" / "results" / f"learning-check-{name}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
     return 0
