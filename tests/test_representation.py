@@ -12,6 +12,9 @@ pass on the same image tokens; copy_leak; errors name the argument.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,8 @@ from uno_engine.representation import (
 from uno_engine.representation.capture import block_output
 from uno_engine.testing.presets import build_preset
 from uno_engine.testing.presets.generators import build_generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # learning_lib, for its arms
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -269,3 +274,28 @@ def test_janus_reads_the_lm_hidden_states_at_the_image_positions(janus):
     finally:
         gen.representation = None
         gen.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow  # the cached learning models, 2 UNO steps
+def test_learning_arm_trains_the_head_with_the_generator():
+    """The learning benchmark's "representation" arm: a head on the UNet's mid block, warm-started, then
+    trained with the UNet (2 steps on the cached models)."""
+    from learning_lib import arms_repr, experiment, training
+
+    from uno_engine import Critic
+
+    critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
+    unet, text = training.load_generator(training.CACHE / "generator.safetensors")
+    s = experiment.Settings(
+        uno_steps=2, batch_held=2, batch_seen=2, extra={"representation": {"fit_steps": 3}}
+    )
+    assert experiment.feature_status("representation") is None
+    arms_repr.LAST.clear()
+    trained, hist = experiment.run_uno(
+        unet, text, Critic.from_hf(critic_model, proc), "representation", seed=100, s=s
+    )
+    gen = arms_repr.LAST["generator"]
+    assert gen.representation.block == "mid_block" and gen.denoiser is trained
+    assert {"held_caption_ce", "seen_caption_ce", "seen_generator_loss", "seen_structure"} <= set(hist[-1])
+    assert "held_generator_loss" not in hist[-1]  # no real image on the held-out stream
+    assert set(arms_repr.LAST["copy_leak_after_head_fit"]) >= {"ce_pure_noise", "ce_prompt_free", "leak"}
