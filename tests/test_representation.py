@@ -178,6 +178,38 @@ def test_read_tokens_is_the_critics_own_pass(critic):
     torch.testing.assert_close(hidden[:, P - 1 : P + 4], own.caption_hidden, rtol=1e-5, atol=1e-5)
 
 
+def test_caption_ce_per_caption_is_the_masked_mean(critic):
+    from uno_engine.representation import caption_ce
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 30, 30, generator=g) * 2 - 1
+    caps = torch.randint(1, critic.vocab_size, (3, 6), generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0]])
+    out = critic(critic.prepare(images, fuse_patch_embed=False), caps, mask)
+    nll = F.cross_entropy(out.logits().double().transpose(1, 2), out.caption_labels, reduction="none")
+    want = nll.sum(1) / mask.sum(1)
+    tokens, _ = critic_image_tokens(critic, images)
+    got = caption_ce(critic, tokens, caps, mask, per_caption=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caption_ce(critic, tokens, caps, mask).double(), nll.sum() / mask.sum())
+
+
+@pytest.mark.parametrize(
+    "name, block, index", [("tiny-sana", "transformer_blocks.1", 0), ("tiny-sd3", "transformer_blocks.0", 1)]
+)
+def test_dit_blocks_are_read_as_image_tokens(critic, name, block, index):
+    """DiTs: a block's (B, M, C) image tokens are laid on the latent grid; SD3's joint blocks return
+    (text, image): output_index=1."""
+    gen, make_batch = build_generator(name, num_inference_steps=2)
+    batch = make_batch(2, 6, critic.vocab_size, generator=torch.Generator().manual_seed(0))
+    head = attach_representation(critic, gen, batch, block=block, output_index=index, source="sample")
+    rep = gen(batch, view="representation")
+    assert rep.tokens.shape == (2, head.num_tokens, critic.hidden_size) and not rep.from_reference
+    rep.tokens.square().mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in gen.denoiser.parameters() if p.grad is not None) > 0
+
+
 def test_head_is_saved_with_the_generator(critic):
     gen, _ = _pair(critic)
     keys = [k for k in gen.state_dict() if k.startswith("representation.")]
@@ -188,7 +220,8 @@ def test_head_is_saved_with_the_generator(critic):
 def test_copy_leak_and_fit_head(critic):
     gen, batch = _pair(critic, prompt_dropout=0.5)
     leak = copy_leak(critic, gen, batch)
-    assert set(leak) == {"ce_pure_noise", "ce_prompt_free", "ce_blank", "leak"}
+    assert set(leak) == {"ce_pure_noise", "ce_prompt_free", "ce_blank", "leak", "leak_se", "n"}
+    assert leak["leak"] == pytest.approx(leak["ce_prompt_free"] - leak["ce_pure_noise"], abs=1e-5)
     assert all(torch.isfinite(torch.tensor(v)) for v in leak.values())
     assert gen.representation.prompt_dropout == 0.5  # restored
     step = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(view="representation"))
