@@ -322,10 +322,12 @@ class JanusGenerator(Generator):
         u = batch.get("representation_noise_level")
         if u is None:
             u = lo + (hi - lo) * rand((B,), generator=g, device=device)
-        elif not isinstance(u, torch.Tensor):
-            if not 0.0 <= float(u) <= 1.0:
-                raise ValueError(f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u!r}')
-            u = torch.full((B,), float(u), device=device)
+        else:  # a measurement's fixed level (copy_leak): checked here, outside the training path
+            u = torch.as_tensor(u, dtype=torch.float32, device=device).expand(B)
+            if not bool(((u >= 0) & (u <= 1)).all()):
+                raise ValueError(
+                    f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u.tolist()}'
+                )
         V = inner.generation_head.vision_head.out_features
         swap = rand((B, N), generator=g, device=device) < u.to(device)[:, None]
         codes = (rand((B, N), generator=g, device=device) * V).long().clamp_(max=V - 1)

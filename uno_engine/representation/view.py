@@ -141,9 +141,9 @@ def attach_representation(
 ) -> RepresentationHead:
     """Build a `RepresentationHead` sized to this pair and attach it to the generator (saved and trained with
     it). One no-grad pass of the generator on `batch` (`generator.representation_probe`: the denoiser with the
-    batch's prompt_embeds, or Janus's LM over its gen_input_ids) reads the block's width; one critic pass on a gray image gives its image-token count, grid and the RMS of its
-    tokens (the head's initial output scale). `options` go to RepresentationHead (prompt_dropout,
-    noise_range, source, width). Errors name the argument."""
+    batch's prompt_embeds, or Janus's LM over its gen_input_ids) reads the block's width; one critic pass on a
+    gray image gives its image-token count, grid and the RMS of its tokens (the head's initial output scale).
+    `options` go to RepresentationHead (prompt_dropout, noise_range, source, width). Errors name the argument."""
     gen = unwrap(generator)
     if not callable(getattr(gen, "representation_probe", None)):
         raise TypeError(f"attach_representation: `generator` {type(gen).__name__} has no representation view")
