@@ -62,6 +62,7 @@ from .base import (
     check_images,
     check_shape,
     draw_generator,
+    noise_levels,
     rand,
     randint,
     randn,
@@ -679,16 +680,7 @@ class DiffusersGenerator(Generator):
         from_reference = x0 is not None
         if x0 is None:
             x0 = self.sample_latents(batch)
-        lo, hi = head.noise_range
-        u = batch.get("representation_noise_level")
-        if u is None:
-            u = lo + (hi - lo) * rand((B,), generator=g, device=device)
-        else:  # a measurement's fixed level (copy_leak): checked here, outside the training path
-            u = torch.as_tensor(u, dtype=torch.float32, device=device).expand(B)
-            if not bool(((u >= 0) & (u <= 1)).all()):
-                raise ValueError(
-                    f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u.tolist()}'
-                )
+        u = noise_levels(batch, head.noise_range, B, g, device, name)
         eps = randn(x0.shape, generator=g, device=device, dtype=torch.float32)
         x_t, t, target = self.noise_at(x0.to(device), u, eps)
         kept = torch.ones(B, dtype=torch.bool, device=device)
