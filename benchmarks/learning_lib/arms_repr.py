@@ -217,7 +217,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="UNO learning rate (default: Settings.lr)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
-    t0 = time.time()
+    root = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    t0 = time.time()  # the commit is read at the start: the code that ran
     extra = {} if args.prompt_dropout is None else {"representation": {"prompt_dropout": args.prompt_dropout}}
     from . import arms_repr  # this module as the package imports it: the prepare hooks fill ITS `LAST`
 
@@ -232,8 +234,6 @@ def main(argv=None) -> int:
         n_seen=args.seen,
     )
     res["wall_s"] = time.time() - t0
-    root = Path(__file__).resolve().parents[2]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     res["env"] = {
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
