@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import judge, models, training, world
+from . import arms_repr, judge, models, training, world
 
 ABLATIONS = {
     "caption": {"loss": {"caption": 1.0}},
@@ -56,6 +56,11 @@ class Settings:
     latent_fit_images: int = 256
     threads: int = 1
     extra: dict = field(default_factory=dict)
+
+
+ABLATIONS.update(
+    arms_repr.ARMS
+)  # "representation", "early window": run with --ablations (not in the default set)
 
 
 # -------------------------------------------------------------------------------------------- batches
@@ -241,6 +246,8 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
         k_grad_steps=s.k_grad_steps,
         grad_window=s.grad_window,
     )
+    if "prepare" in spec:  # arms_repr.py: the generator the arm needs (an attached head, another window)
+        gen = spec["prepare"](gen, critic, text, s, seed)
     held_kw, seen_kw = _losses(name, s)
     cfg = UNOConfig(**spec.get("config", {}))
     step_held = UNOStep(gen, critic, UNOLoss(**held_kw), cfg)
