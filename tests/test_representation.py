@@ -174,8 +174,8 @@ def test_read_tokens_is_the_critics_own_pass(critic):
     caps = torch.randint(1, critic.vocab_size, (2, 5), generator=g)
     own = critic(critic.prepare(images, fuse_patch_embed=False), caps)
     tokens, _ = critic_image_tokens(critic, images)
-    hidden, P = read_tokens(critic, tokens, caps)
-    torch.testing.assert_close(hidden[:, P - 1 : P + 4], own.caption_hidden, rtol=1e-5, atol=1e-5)
+    out = read_tokens(critic, tokens, caps)
+    torch.testing.assert_close(out.caption_hidden, own.caption_hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_caption_ce_per_caption_is_the_masked_mean(critic):
@@ -261,10 +261,27 @@ def test_errors_name_the_argument(critic):
     with pytest.raises(ValueError, match="view"):
         UNOConfig(view="representations")
     gen.representation.source, gen.representation.prompt_dropout = "auto", 0.0
+
+def test_hard_negatives_read_through_the_critics_reader(critic):
+    """The representation view packs hard negatives after one prefix, as the pixel view: the caption and each
+    negative's states equal separate passes of the view."""
+    from uno_engine.representation import RepresentationCritic
+
+    gen, batch = _pair(critic)
+    gen.representation.prompt_dropout = 0.0
+    view = RepresentationCritic(critic, gen)
+    g = torch.Generator().manual_seed(5)
+    B, L = batch["captions"].shape
+    negs = torch.randint(1, critic.vocab_size, (B, 2, L), generator=g)
+    with torch.no_grad():
+        inputs = view.prepare(gen(batch, view="representation"))
+        packed = view.forward_with_negatives(inputs, batch["captions"], None, negs)
+        alone = [view(inputs, batch["captions"])] + [view(inputs, negs[:, j]) for j in range(2)]
+    torch.testing.assert_close(packed.caption_hidden, alone[0].caption_hidden, rtol=1e-5, atol=1e-5)
+    for j in range(2):
+        torch.testing.assert_close(packed.negative_hidden[:, j], alone[j + 1].caption_hidden, rtol=1e-5, atol=1e-5)
     step = UNOStep(gen, critic, UNOLoss(caption=1.0, negatives=1.0), UNOConfig(view="representation"))
-    neg = {**batch, "negative_captions": batch["captions"][:, None]}
-    with pytest.raises(NotImplementedError, match="negatives"):
-        step(neg)
+    assert "negatives" in step({**batch, "negative_captions": negs}).metrics
 
 
 # ------------------------------------------------------------------------------------------------- Janus

@@ -27,9 +27,8 @@ def caption_ce(
     (0-d fp32), or with per_caption=True each caption's mean per real token (B,)."""
     device = critic.lm_head_weight.device
     captions = captions.to(device=device, dtype=torch.long)
-    hidden, P = read_tokens(critic, tokens, captions, caption_mask)
-    L = captions.shape[1]
-    logits = hidden[:, P - 1 : P - 1 + L].float() @ critic.lm_head_weight.float().T
+    hidden = read_tokens(critic, tokens, captions, caption_mask).caption_hidden
+    logits = hidden.float() @ critic.lm_head_weight.float().T
     if critic.lm_head_bias is not None:
         logits = logits + critic.lm_head_bias.float()
     labels = captions if caption_mask is None else captions.masked_fill(caption_mask.to(device) == 0, -100)

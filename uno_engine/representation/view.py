@@ -13,11 +13,13 @@ The step, the losses and the metrics are those of the pixel view; what changes:
 - `UNOLoss(generator_loss=w)` takes the generator's own loss from the same denoiser call (the output's
   `generator_loss`) instead of a second call, where x_t came from a real image.
 
-The one function that runs the critic's LM over [prefix, projected tokens, captions] is `read_tokens`.
+The critic's LM reads [prefix, projected tokens, captions] through its reader (uno_engine.critics.reader), in
+`read_tokens`: the same sequence, template and packed negatives as the pixel and latent views.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,24 +63,18 @@ class RepresentationOutput(CriticOutput):
 
 
 # ------------------------------------------------------------------------------------------ the critic side
-def read_tokens(critic, tokens: torch.Tensor, captions: torch.Tensor, caption_mask=None):
-    """THE reading of projected tokens by the critic's LM: one pass over [prefix (the critic's image prefix
-    with `tokens` in the image slots), captions]. tokens (B, N, H); captions (B, L) long on the critic's
-    device; caption_mask (B, L) or None. -> (last hidden states (B, P + L, H) after the final norm, P)."""
-    B = tokens.shape[0]
-    device = critic.lm_head_weight.device
-    prefix, _ = critic._prefix_ids(tokens.shape[1])
-    P = len(prefix)
-    attention_mask = None
-    if caption_mask is not None:
-        ones = torch.ones(B, P, dtype=torch.long, device=device)
-        attention_mask = torch.cat([ones, caption_mask.to(device).long()], dim=1)
-    with critic._running():
-        embeds = critic._assemble(tokens.to(critic.lm_head_weight.dtype), prefix, captions)
-        out = critic.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
-        )
-    return out.last_hidden_state, P
+def read_tokens(
+    critic,
+    tokens: torch.Tensor,
+    captions: torch.Tensor,
+    caption_mask=None,
+    negatives=None,
+    negative_mask=None,
+):
+    """The critic's LM reading projected tokens: its reader (uno_engine.critics.reader) over [the critic's
+    prefix with `tokens` (B, N, H) in the image slots, captions (B, L) (, negatives (B, K, L))], the chat
+    template included when the critic has one. -> CriticOutput (patch_features None)."""
+    return critic.reader.read(lambda: (tokens, None, None), captions, caption_mask, negatives, negative_mask)
 
 
 def critic_image_tokens(
@@ -94,8 +90,7 @@ def critic_image_tokens(
 
 def encode_image_tokens(critic, inputs: CriticInputs) -> tuple[torch.Tensor, tuple]:
     """THE reading of real images on the critic side: CriticInputs -> (image tokens (B, N, H), grid)."""
-    with critic._running():
-        emb, _, grid = critic._encode(inputs)
+    emb, _, grid = critic.encode_image_tokens(inputs)
     return emb, tuple(grid)
 
 
@@ -218,52 +213,18 @@ class RepresentationCritic:
 
     def __call__(self, inputs: RepresentationInputs, captions: torch.Tensor, caption_mask=None):
         """-> RepresentationOutput: caption hidden states (B, L, H), patch_features = the projected tokens."""
+        return self.forward_with_negatives(inputs, captions, caption_mask, None)
+
+    def forward_with_negatives(
+        self, inputs: RepresentationInputs, captions, caption_mask, negatives, negative_mask=None
+    ):
+        """`__call__` with K hard-negative captions (B, K, L) packed after one prefix, as
+        `Critic.forward_with_negatives` (the same reader)."""
         if not isinstance(inputs, RepresentationInputs):
             raise TypeError(
                 f"inputs must be RepresentationInputs (from RepresentationCritic.prepare), got {type(inputs).__name__}"
             )
-        if (
-            not isinstance(captions, torch.Tensor)
-            or captions.dim() != 2
-            or captions.dtype
-            not in (
-                torch.int64,
-                torch.int32,
-            )
-        ):
-            raise ValueError(
-                f"captions must be a (B, L) integer tensor, got {getattr(captions, 'shape', type(captions))}"
-            )
-        if caption_mask is not None and caption_mask.shape != captions.shape:
-            raise ValueError(
-                f"caption_mask must have the shape of captions {tuple(captions.shape)}, got {tuple(caption_mask.shape)}"
-            )
-        B, L = captions.shape
-        if inputs.tokens.shape[0] != B:
-            raise ValueError(
-                f"captions has batch size {B} but the representation has {inputs.tokens.shape[0]}"
-            )
-        critic = self.critic
-        captions = captions.to(device=critic.lm_head_weight.device, dtype=torch.long)
-        hidden, P = read_tokens(critic, inputs.tokens, captions, caption_mask)
-        labels = (
-            captions
-            if caption_mask is None
-            else captions.masked_fill(caption_mask.to(captions.device) == 0, -100)
-        )
-        return RepresentationOutput(
-            caption_hidden=hidden[:, P - 1 : P - 1 + L],
-            caption_labels=labels,
-            lm_head_weight=critic.lm_head_weight,
-            lm_head_bias=critic.lm_head_bias,
-            logit_softcap=critic.logit_softcap,
-            patch_features=inputs.tokens,
-            grid=inputs.grid,
-            generator_loss=inputs.generator_loss,
-        )
-
-    def forward_with_negatives(self, *args, **kwargs):
-        raise NotImplementedError(
-            "UNOLoss(negatives=...) is not in the representation view yet: set negatives=0 with "
-            "UNOConfig(view='representation')"
-        )
+        out = read_tokens(self.critic, inputs.tokens, captions, caption_mask, negatives, negative_mask)
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        fields.update(patch_features=inputs.tokens, grid=inputs.grid)
+        return RepresentationOutput(**fields, generator_loss=inputs.generator_loss)
