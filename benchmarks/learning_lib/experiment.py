@@ -31,6 +31,8 @@ ABLATIONS = {
     "caption+joint+kl": {"loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0}},
     "caption+negatives": {"loss": {"caption": 1.0, "negatives": 1.0}, "negatives": 4},
     "caption (latent view)": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
+    # the value path (learning_lib/value.py): uno_engine.reward.ValueStep, no caption gradient
+    "value (group reward)": {"loss": {}, "runner": "value", "negatives": 4},
 }
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 
@@ -227,6 +229,10 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
     """-> (trained unet, metrics history). Raises on a feature that constructs but cannot run here."""
     from uno_engine import UNOConfig, UNOLoss, UNOStep
 
+    if ABLATIONS[name].get("runner") == "value":
+        from .value import run_value
+
+        return run_value(base_unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
     if ABLATIONS[name].get("config", {}).get("view") == "latent":
         critic = latent_critic(critic.hf_model, critic.image_processor, base_unet, s, log)
 

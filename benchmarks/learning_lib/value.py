@@ -1,0 +1,163 @@
+"""The value path's arm of the learning benchmark: `uno_engine.reward.ValueStep` (the critic as a reward).
+
+Each optimizer step sums two ValueSteps that share the generator, as experiment.run_uno sums two UNOSteps:
+- held-out stream: held-out prompts only; G samples per prompt drawn without grad (DDIM with the evaluation's
+  guidance), rewarded by the critic's caption log-probability against the prompt's hard negatives, trained by
+  the group-relative objective on the samples (`RewardObjective`);
+- seen stream: the same on seen prompts, plus the generator's own denoising loss on fresh real renders (the
+  real-data anchor, `generator_loss`).
+No gradient goes through the critic, the sampler or the decoder; no real image of a held-out composition is used.
+
+`quick_check(...)` (the command line below) runs one arm on one seed and judges the same prompts with the same
+noise before and after (paired), with the standard error of the paired difference:
+
+    cd benchmarks && python -m learning_lib.value --seed 100 --steps 40   # the tuning seed only
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+
+import torch
+
+from . import experiment, judge, world
+
+# the arm's default settings (RewardObjective's arguments), overridable per ablation ("value" in its spec)
+DEFAULTS = {"kind": "nft", "group_size": 4, "beta": 1.0, "clip": 2.0, "reward": "log", "generator_loss": 1.0}
+
+
+def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log=None) -> tuple:
+    """-> (trained unet, metrics history): experiment.run_uno's contract, for a spec with "runner": "value"."""
+    from uno_engine import UNOConfig
+    from uno_engine.reward import RewardObjective, ValueStep
+
+    spec = experiment.ABLATIONS[name]
+    opts = {**DEFAULTS, **spec.get("value", {}), **(s.extra.get("value") or {})}
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(base_unet).train()
+    unet.requires_grad_(True)
+    from . import models
+
+    gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance)
+    cfg = UNOConfig(**spec.get("config", {}))
+    step_held = ValueStep(gen, critic, RewardObjective(**{**opts, "generator_loss": 0.0}), cfg)
+    step_seen = ValueStep(gen, critic, RewardObjective(**opts), cfg)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=s.extra.get("value_lr", s.lr))
+    k = spec.get("negatives", 4)
+    rng = random.Random(seed)
+    seen, held = world.split_prompts()
+    steps = s.extra.get("value_steps", s.uno_steps)
+    history = []
+    it = range(steps) if bar is None else bar(range(steps), f"value {name} seed {seed}")
+    for i in it:
+        bh = [rng.choice(held) for _ in range(s.batch_held)]
+        bs = [rng.choice(seen) for _ in range(s.batch_seen)]
+        batch_h = experiment.prompt_batch(bh, text, seed=rng.randrange(2**31))
+        batch_s = experiment.prompt_batch(bs, text, seed=rng.randrange(2**31), rng=rng, references=True)
+        batch_h["negative_captions"], batch_h["negative_caption_mask"] = experiment.negative_captions(
+            bh, k, seed
+        )
+        batch_s["negative_captions"], batch_s["negative_caption_mask"] = experiment.negative_captions(
+            bs, k, seed
+        )
+        out_h, out_s = step_held(batch_h), step_seen(batch_s)
+        loss = 0.5 * (out_h.loss + out_s.loss)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": i, "loss": float(loss.detach())}
+        rec.update({f"held_{n}": float(v) for n, v in out_h.metrics.items()})
+        rec.update({f"seen_{n}": float(v) for n, v in out_s.metrics.items()})
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"value {name} seed {seed}: loss is {rec['loss']} at step {i}")
+        history.append(rec)
+        if log is not None and (i % 10 == 0 or i == steps - 1):
+            log(
+                f"value {name} seed {seed} step {i} loss {rec['loss']:.4f} held reward {rec['held_reward']:.3f} "
+                f"(ranked first {rec['held_ranked_first']:.2f}) seen reward {rec['seen_reward']:.3f}"
+            )
+    unet.eval().requires_grad_(False)
+    return unet, history
+
+
+# ------------------------------------------------------------------------------------- the quick check
+def judged(unet, text, prompts, *, seed: int, s) -> list[bool]:
+    """Per prompt: the judge's overall verdict on one sample (seeded: the same noise for any unet)."""
+    images = experiment.generate(unet, text, prompts, seed=seed, s=s)
+    return [bool(judge.check(p, judge.parse(im))["overall"]) for p, im in zip(prompts, images, strict=True)]
+
+
+def paired(before: list[bool], after: list[bool]) -> dict:
+    """Accuracies, their difference, and the standard error of the paired difference (points)."""
+    n = len(before)
+    d = [float(a) - float(b) for a, b in zip(after, before, strict=True)]
+    m = sum(d) / n
+    se = (sum((x - m) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return {
+        "n": n,
+        "before": 100 * sum(before) / n,
+        "after": 100 * sum(after) / n,
+        "gain_points": 100 * m,
+        "gain_se_points": 100 * se,
+    }
+
+
+def quick_check(seed: int, steps: int, samples: int, name: str, log=print, **extra) -> dict:
+    from uno_engine import Critic
+
+    from . import training
+
+    torch.set_num_threads(1)
+    critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
+    unet, text = training.load_generator(training.CACHE / "generator.safetensors")
+    s = experiment.Settings(seeds=(seed,), extra={"value_steps": steps, **extra})
+    seen, held = world.split_prompts()
+    res, t0 = {}, time.time()
+    before = {}
+    for split, prompts in (("held_out", held), ("seen", seen)):
+        before[split] = judged(unet, text, prompts * samples, seed=seed * 7 + (split == "seen"), s=s)
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    trained, hist = run_value(unet, text, critic, name, seed=seed, s=s, log=log)
+    for split, prompts in (("held_out", held), ("seen", seen)):
+        after = judged(trained, text, prompts * samples, seed=seed * 7 + (split == "seen"), s=s)
+        res[split] = paired(before[split], after)
+    res["denoising_loss"] = {
+        "before": experiment.denoising_loss(unet, text, seed=seed, n=s.denoise_images),
+        "after": experiment.denoising_loss(trained, text, seed=seed, n=s.denoise_images),
+    }
+    first, last = hist[: max(1, steps // 5)], hist[-max(1, steps // 5) :]
+    for key in ("held_reward", "held_ranked_first", "seen_reward"):
+        res[key] = {
+            "first": sum(h[key] for h in first) / len(first),
+            "last": sum(h[key] for h in last) / len(last),
+        }
+    res["seconds"] = time.time() - t0
+    res["settings"] = {"seed": seed, "steps": steps, "samples": samples, "name": name, **extra}
+    return res
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=100, help="the tuning seed (never 0-2 here)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=1, help="samples per prompt in the judged evaluation")
+    ap.add_argument("--name", default="value (group reward)")
+    ap.add_argument(
+        "--lr", type=float, default=None, help="the value arm's learning rate (default Settings.lr)"
+    )
+    ap.add_argument("--out", default=None, help="write the result JSON here")
+    a = ap.parse_args()
+    extra = {} if a.lr is None else {"value_lr": a.lr}
+    r = quick_check(a.seed, a.steps, a.samples, a.name, **extra)
+    print(json.dumps(r, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(r, f, indent=2)
