@@ -107,7 +107,9 @@ def paired(before: list[bool], after: list[bool]) -> dict:
     }
 
 
-def quick_check(seed: int, steps: int, samples: int, name: str, log=print, **extra) -> dict:
+def quick_check(
+    seed: int, steps: int, samples: int, name: str, batch: int = 6, seen_samples: int = 1, log=print, **extra
+) -> dict:
     from uno_engine import Critic
 
     from . import training
@@ -115,16 +117,19 @@ def quick_check(seed: int, steps: int, samples: int, name: str, log=print, **ext
     torch.set_num_threads(1)
     critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
     unet, text = training.load_generator(training.CACHE / "generator.safetensors")
-    s = experiment.Settings(seeds=(seed,), extra={"value_steps": steps, **extra})
+    s = experiment.Settings(
+        seeds=(seed,), batch_held=batch, batch_seen=batch, extra={"value_steps": steps, **extra}
+    )
+    reps = {"held_out": samples, "seen": seen_samples}
     seen, held = world.split_prompts()
     res, t0 = {}, time.time()
     before = {}
     for split, prompts in (("held_out", held), ("seen", seen)):
-        before[split] = judged(unet, text, prompts * samples, seed=seed * 7 + (split == "seen"), s=s)
+        before[split] = judged(unet, text, prompts * reps[split], seed=seed * 7 + (split == "seen"), s=s)
     critic = Critic.from_hf(critic_model, proc, checkpoint="none")
     trained, hist = run_value(unet, text, critic, name, seed=seed, s=s, log=log)
     for split, prompts in (("held_out", held), ("seen", seen)):
-        after = judged(trained, text, prompts * samples, seed=seed * 7 + (split == "seen"), s=s)
+        after = judged(trained, text, prompts * reps[split], seed=seed * 7 + (split == "seen"), s=s)
         res[split] = paired(before[split], after)
     res["denoising_loss"] = {
         "before": experiment.denoising_loss(unet, text, seed=seed, n=s.denoise_images),
@@ -137,7 +142,10 @@ def quick_check(seed: int, steps: int, samples: int, name: str, log=print, **ext
             "last": sum(h[key] for h in last) / len(last),
         }
     res["seconds"] = time.time() - t0
-    res["settings"] = {"seed": seed, "steps": steps, "samples": samples, "name": name, **extra}
+    res["settings"] = {
+        "seed": seed, "steps": steps, "samples": reps, "batch": batch, "name": name, "lr": s.extra.get("value_lr", s.lr),
+        **extra,
+    }  # fmt: skip
     return res
 
 
@@ -148,7 +156,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=100, help="the tuning seed (never 0-2 here)")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--samples", type=int, default=1, help="samples per prompt in the judged evaluation")
+    ap.add_argument(
+        "--samples", type=int, default=1, help="samples per held-out prompt in the judged evaluation"
+    )
+    ap.add_argument(
+        "--seen-samples", type=int, default=1, help="samples per seen prompt in the judged evaluation"
+    )
+    ap.add_argument("--batch", type=int, default=6, help="prompts per stream per step (each sampled G times)")
     ap.add_argument("--name", default="value (group reward)")
     ap.add_argument(
         "--lr", type=float, default=None, help="the value arm's learning rate (default Settings.lr)"
@@ -156,7 +170,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="write the result JSON here")
     a = ap.parse_args()
     extra = {} if a.lr is None else {"value_lr": a.lr}
-    r = quick_check(a.seed, a.steps, a.samples, a.name, **extra)
+    r = quick_check(a.seed, a.steps, a.samples, a.name, a.batch, a.seen_samples, **extra)
     print(json.dumps(r, indent=2))
     if a.out:
         with open(a.out, "w") as f:
