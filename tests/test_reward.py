@@ -280,3 +280,37 @@ def test_value_step_bad_input():
     frozen.denoiser.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable weights"):
         ValueStep(frozen, critic)
+
+
+def test_value_step_latent_view_reads_through_the_steps_reader():
+    """UNOConfig(view="latent"): the reward comes from the latent reader (an attached LatentAdapter) on the
+    no-grad samples, equal to a float64 pass of each candidate caption through that reader separately."""
+    from uno_engine.latent import LatentAdapter
+    from uno_engine.latent.types import GeneratedLatents
+
+    model, processor = build_critic_model("tiny-llava-clip")
+    critic = Critic.from_hf(model, processor, checkpoint="none")
+    gen, make_batch = build_generator("tiny-sd", num_inference_steps=2)
+    critic.attach_latent_adapter(LatentAdapter.for_pair(critic, gen))
+    step = ValueStep(gen, critic, RewardObjective("advantage", group_size=2), UNOConfig(view="latent"))
+    batch = _value_batch(gen, make_batch, critic)
+    out = step(batch)
+    out.loss.backward()
+    assert out.images is None and out.latents.kind == "latents"
+    rep = repeat_batch({k: v for k, v in batch.items() if k != "reference_latents"}, 2)
+    with torch.no_grad():
+        x0 = gen.sample_latents(rep)
+        lat = GeneratedLatents(kind="latents", grid=gen.latent_size, x0=x0, xt=x0, sigma_t=0.0)
+        inputs = step.reader.prepare(lat)
+        caps = torch.cat([rep["captions"][:, None], rep["negative_captions"]], 1)
+        masks = torch.cat([rep["caption_mask"][:, None], rep["negative_caption_mask"]], 1)
+        s = []
+        for j in range(caps.shape[1]):
+            o = step.reader(inputs, caps[:, j], masks[:, j])
+            logp = torch.log_softmax(o.caption_hidden.double() @ o.lm_head_weight.double().T, -1)
+            s.append((logp.gather(-1, caps[:, j, :, None]).squeeze(-1) * masks[:, j]).sum(-1))
+        s = torch.stack(s, 1)
+        r = s[:, 0] - torch.logsumexp(s, 1)
+    torch.testing.assert_close(out.metrics["reward"].double(), r.mean(), rtol=1e-4, atol=1e-5)
+    pixel = CaptionReward(critic)(gen.decode_latents(x0), rep).log_prob.mean()  # the pixel critic differs
+    assert (pixel - out.metrics["reward"]).abs() > 1e-4

@@ -17,9 +17,11 @@ noise before and after (paired), with the standard error of the paired differenc
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -108,9 +110,21 @@ def paired(before: list[bool], after: list[bool]) -> dict:
 
 
 def quick_check(
-    seed: int, steps: int, samples: int, name: str, batch: int = 6, seen_samples: int = 1, log=print, **extra
-) -> dict:
-    from uno_engine import Critic
+    seed: int,
+    steps: int,
+    samples: int,
+    name: str,
+    batch: int = 6,
+    seen_samples: int = 1,
+    *,
+    work: Path | None = None,
+    stop_after: str | None = None,
+    log=print,
+    **extra,
+) -> dict | None:
+    """Judge before, train, judge after (paired). With `work` (a folder), each phase's result is kept there and
+    re-used by the next call with the same settings, so the three phases can run as separate processes on a
+    loaded machine (`stop_after`: "before" | "train" ends the call after that phase, returning None)."""
 
     from . import training
 
@@ -122,26 +136,40 @@ def quick_check(
     )
     reps = {"held_out": samples, "seen": seen_samples}
     seen, held = world.split_prompts()
-    res, t0 = {}, time.time()
-    before = {}
-    for split, prompts in (("held_out", held), ("seen", seen)):
-        before[split] = judged(unet, text, prompts * reps[split], seed=seed * 7 + (split == "seen"), s=s)
-    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
-    trained, hist = run_value(unet, text, critic, name, seed=seed, s=s, log=log)
-    for split, prompts in (("held_out", held), ("seen", seen)):
-        after = judged(trained, text, prompts * reps[split], seed=seed * 7 + (split == "seen"), s=s)
-        res[split] = paired(before[split], after)
+    t0 = time.time()
+    tag = f"s{seed}-h{samples}-n{seen_samples}"
+    key = f"{tag}-{name}-t{steps}-b{batch}-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
+    cached = _Cache(work)
+
+    def verdicts(model, label):
+        return {
+            split: judged(model, text, prompts * reps[split], seed=seed * 7 + (split == "seen"), s=s)
+            for split, prompts in (("held_out", held), ("seen", seen))
+        }
+
+    before = cached.get(f"before-{tag}.json", lambda: verdicts(unet, "before"))
+    log(f"before judged ({time.time() - t0:.0f}s)")
+    if stop_after == "before":
+        return None
+    state = cached.get(
+        f"trained-{key}.pt", lambda: _train(unet, text, critic_model, proc, name, seed, s, log)
+    )
+    if stop_after == "train":
+        return None
+    trained = copy.deepcopy(unet)
+    trained.load_state_dict(state["unet"])
+    trained.eval().requires_grad_(False)
+    after = verdicts(trained, "after")
+    res = {split: paired(before[split], after[split]) for split in before}
     res["denoising_loss"] = {
         "before": experiment.denoising_loss(unet, text, seed=seed, n=s.denoise_images),
         "after": experiment.denoising_loss(trained, text, seed=seed, n=s.denoise_images),
     }
+    hist = state["history"]
     first, last = hist[: max(1, steps // 5)], hist[-max(1, steps // 5) :]
-    for key in ("held_reward", "held_ranked_first", "seen_reward"):
-        res[key] = {
-            "first": sum(h[key] for h in first) / len(first),
-            "last": sum(h[key] for h in last) / len(last),
-        }
-    res["seconds"] = time.time() - t0
+    for k in ("held_reward", "held_ranked_first", "seen_reward", "seen_ranked_first"):
+        res[k] = {"first": sum(h[k] for h in first) / len(first), "last": sum(h[k] for h in last) / len(last)}
+    res["train_seconds"] = state["seconds"]
     res["settings"] = {
         "seed": seed, "steps": steps, "samples": reps, "batch": batch, "name": name, "lr": s.extra.get("value_lr", s.lr),
         **extra,
@@ -149,9 +177,38 @@ def quick_check(
     return res
 
 
+def _train(unet, text, critic_model, proc, name, seed, s, log) -> dict:
+    from uno_engine import Critic
+
+    t0 = time.time()
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    trained, hist = run_value(unet, text, critic, name, seed=seed, s=s, log=log)
+    return {"unet": trained.state_dict(), "history": hist, "seconds": time.time() - t0}
+
+
+class _Cache:
+    """A phase's result in a folder (JSON or torch.save), computed once; no folder: always computed."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def get(self, name: str, make):
+        if self.folder is None:
+            return make()
+        path = Path(self.folder) / name
+        if path.exists():
+            return json.loads(path.read_text()) if name.endswith(".json") else torch.load(path)
+        value = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".json"):
+            path.write_text(json.dumps(value))
+        else:
+            torch.save(value, path)
+        return value
+
+
 if __name__ == "__main__":
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=100, help="the tuning seed (never 0-2 here)")
@@ -168,10 +225,22 @@ if __name__ == "__main__":
         "--lr", type=float, default=None, help="the value arm's learning rate (default Settings.lr)"
     )
     ap.add_argument("--out", default=None, help="write the result JSON here")
+    ap.add_argument("--work", type=Path, default=None, help="keep each phase's result here (resumable)")
+    ap.add_argument("--stop-after", choices=("before", "train"), default=None)
     a = ap.parse_args()
     extra = {} if a.lr is None else {"value_lr": a.lr}
-    r = quick_check(a.seed, a.steps, a.samples, a.name, a.batch, a.seen_samples, **extra)
+    r = quick_check(
+        a.seed,
+        a.steps,
+        a.samples,
+        a.name,
+        a.batch,
+        a.seen_samples,
+        work=a.work,
+        stop_after=a.stop_after,
+        **extra,
+    )
     print(json.dumps(r, indent=2))
-    if a.out:
+    if a.out and r is not None:
         with open(a.out, "w") as f:
             json.dump(r, f, indent=2)
