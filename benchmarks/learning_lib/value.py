@@ -139,6 +139,7 @@ def quick_check(
     t0 = time.time()
     tag = f"s{seed}-h{samples}-n{seen_samples}"
     key = f"{tag}-{name}-t{steps}-b{batch}-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
+    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     cached = _Cache(work)
 
     def verdicts(model, label):
@@ -227,8 +228,14 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="write the result JSON here")
     ap.add_argument("--work", type=Path, default=None, help="keep each phase's result here (resumable)")
     ap.add_argument("--stop-after", choices=("before", "train"), default=None)
+    ap.add_argument("--kind", choices=("nft", "advantage"), default=None, help="RewardObjective kind")
+    ap.add_argument("--kl", type=float, default=None, help="RewardObjective kl")
+    ap.add_argument("--beta", type=float, default=None, help="RewardObjective beta")
     a = ap.parse_args()
     extra = {} if a.lr is None else {"value_lr": a.lr}
+    objective = {k: v for k, v in (("kind", a.kind), ("kl", a.kl), ("beta", a.beta)) if v is not None}
+    if objective:
+        extra["value"] = objective
     r = quick_check(
         a.seed,
         a.steps,
