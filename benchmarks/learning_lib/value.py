@@ -47,6 +47,9 @@ def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log
     cfg = UNOConfig(**spec.get("config", {}))
     step_held = ValueStep(gen, critic, RewardObjective(**{**opts, "generator_loss": 0.0}), cfg)
     step_seen = ValueStep(gen, critic, RewardObjective(**opts), cfg)
+    if s.extra.get("value_control") == "shuffled":  # the control: each sample gets another sample's reward
+        step_held.reward = ShuffledReward(step_held.reward, seed)
+        step_seen.reward = ShuffledReward(step_seen.reward, seed + 1)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.extra.get("value_lr", s.lr))
     k = spec.get("negatives", 4)
@@ -85,6 +88,21 @@ def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log
             )
     unet.eval().requires_grad_(False)
     return unet, history
+
+
+class ShuffledReward:
+    """The control arm's reward: the critic's rewards of the batch, randomly permuted across all its samples, so
+    the advantages carry no information about the sample they weight (the metrics' means are unchanged)."""
+
+    def __init__(self, inner, seed: int):
+        self.inner, self.g = inner, torch.Generator().manual_seed(seed)
+
+    def __call__(self, generation, batch):
+        from uno_engine.reward import Reward
+
+        r = self.inner(generation, batch)
+        perm = torch.randperm(r.log_prob.shape[0], generator=self.g).to(r.log_prob.device)
+        return Reward(r.log_prob[perm], r.prob[perm], r.scores[perm], r.ranked_first[perm])
 
 
 # ------------------------------------------------------------------------------------- the quick check
@@ -228,11 +246,14 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="write the result JSON here")
     ap.add_argument("--work", type=Path, default=None, help="keep each phase's result here (resumable)")
     ap.add_argument("--stop-after", choices=("before", "train"), default=None)
+    ap.add_argument("--control", choices=("shuffled",), default=None, help="rewards permuted across samples")
     ap.add_argument("--kind", choices=("nft", "advantage"), default=None, help="RewardObjective kind")
     ap.add_argument("--kl", type=float, default=None, help="RewardObjective kl")
     ap.add_argument("--beta", type=float, default=None, help="RewardObjective beta")
     a = ap.parse_args()
     extra = {} if a.lr is None else {"value_lr": a.lr}
+    if a.control:
+        extra["value_control"] = a.control
     objective = {k: v for k, v in (("kind", a.kind), ("kl", a.kl), ("beta", a.beta)) if v is not None}
     if objective:
         extra["value"] = objective
