@@ -31,6 +31,9 @@ ABLATIONS = {
     "caption+joint+kl": {"loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0}},
     "caption+negatives": {"loss": {"caption": 1.0, "negatives": 1.0}, "negatives": 4},
     "caption (latent view)": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
+    # the value path (learning_lib/value.py): uno_engine.reward.ValueStep, no caption gradient
+    # (an arm beyond the default run: --ablations "value (group reward)")
+    "value (group reward)": {"loss": {}, "runner": "value", "negatives": 4, "default": False},
 }
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 
@@ -38,7 +41,7 @@ REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 @dataclass
 class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
-    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    ablations: tuple[str, ...] = tuple(n for n, a in ABLATIONS.items() if a.get("default", True))
     main: str = "caption+joint+kl"  # the ablation whose result is the top-level "after"
     uno_steps: int = 80  # with lr 3e-5: chosen on a tuning seed (100), see the results JSON settings.extra
     batch_held: int = 6
@@ -232,6 +235,10 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
     """-> (trained unet, metrics history). Raises on a feature that constructs but cannot run here."""
     from uno_engine import UNOConfig, UNOLoss, UNOStep
 
+    if ABLATIONS[name].get("runner") == "value":
+        from .value import run_value
+
+        return run_value(base_unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
     if ABLATIONS[name].get("config", {}).get("view") == "latent":
         critic = latent_critic(critic.hf_model, critic.image_processor, base_unet, s, log)
 
