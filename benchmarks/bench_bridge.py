@@ -210,53 +210,61 @@ def main():
 
 def bench_views(args, ks):
     """Augmented reading: K views in one call vs K one-view calls vs the plain read (module docstring)."""
-    from uno_engine import ReadAugment
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = {"janus": (8, 1024, 1024), "siglip": (32, 512, 512)} if device == "cuda" else None
     shapes = shapes or {"janus": (2, 128, 96), "siglip": (2, 128, 96)}
     specs = {"janus": JANUS, "siglip": SIGLIP}
-    aug = dict(shift=3.0, scale=(0.9, 1.1), noise=0.1)
     rows = []
     for name in args.cases.split(","):
-        spec = specs[name]
-        B, H, W = shapes[name]
-        x = (torch.rand(B, 3, H, W, device=device) * 2 - 1).requires_grad_()
-        one = ReadAugment(views=1, **aug)
-
-        def fwd_bwd(views):
-            out = ops.bridge(x, spec, views=views)
-            torch.autograd.grad(out, x, torch.ones_like(out))
-
-        plain = time_fn(lambda: fwd_bwd(None), device=device, rep=args.rep)["median_ms"]
-        step = [0]
-
-        def k_single(K):
-            for _ in range(K):
-                step[0] += 1
-                fwd_bwd(one.draw(B, H, W, step=step[0]))
-
-        for K in ks:
-            read = ReadAugment(views=K, **aug)
-            many = time_fn(lambda read=read: fwd_bwd(read.draw(B, H, W, step=1)), device=device, rep=args.rep)
-            single = time_fn(lambda K=K: k_single(K), device=device, rep=args.rep)
-            rows.append(
-                dict(
-                    case=name,
-                    shape=f"{B}x3x{H}x{W}->{'x'.join(map(str, spec.output_size(H, W)))}",
-                    views=K,
-                    plain_ms=plain,
-                    views_ms=many["median_ms"],
-                    k_single_ms=single["median_ms"],
-                    views_over_k_single=many["median_ms"] / single["median_ms"],
-                    views_over_k_plain=many["median_ms"] / (K * plain),
-                )
-            )
-    cols = ["case", "shape", "views", "plain_ms", "views_ms", "k_single_ms", "views_over_k_single", "views_over_k_plain"]
-    print_table(rows, cols, title="bridge with K views: forward + backward, one call vs K one-view calls")
+        rows += _views_case(name, specs[name], shapes[name], ks, device, args.rep)
+    cols = ["case", "shape", "views", "plain_ms", "views_ms", "k_single_ms", "views_over_k_single"]
+    print_table(
+        rows, cols + ["views_over_k_plain"], title="bridge with K views: fwd + bwd, one call vs K calls"
+    )
     meta = env_metadata(device)
     paths = write_results("bench_bridge", rows, meta, tag="views")
     print("results:", *paths)
+
+
+def _views_case(name, spec, shape, ks, device, rep):
+    from uno_engine import ReadAugment
+
+    B, H, W = shape
+    aug = dict(shift=3.0, scale=(0.9, 1.1), noise=0.1)
+    x = (torch.rand(B, 3, H, W, device=device) * 2 - 1).requires_grad_()
+    one = ReadAugment(views=1, **aug)
+    step = [0]
+
+    def fwd_bwd(views):
+        out = ops.bridge(x, spec, views=views)
+        torch.autograd.grad(out, x, torch.ones_like(out))
+
+    def k_single(K):
+        for _ in range(K):
+            step[0] += 1
+            fwd_bwd(one.draw(B, H, W, step=step[0]))
+
+    plain = time_fn(lambda: fwd_bwd(None), device=device, rep=rep)["median_ms"]
+    rows = []
+    for K in ks:
+        read = ReadAugment(views=K, **aug)
+        many = time_fn(lambda read=read: fwd_bwd(read.draw(B, H, W, step=1)), device=device, rep=rep)
+        many = many["median_ms"]
+        single = time_fn(lambda K=K: k_single(K), device=device, rep=rep)["median_ms"]
+        out_hw = "x".join(map(str, spec.output_size(H, W)))
+        rows.append(
+            dict(
+                case=name,
+                shape=f"{B}x3x{H}x{W}->{out_hw}",
+                views=K,
+                plain_ms=plain,
+                views_ms=many,
+                k_single_ms=single,
+                views_over_k_single=many / single,
+                views_over_k_plain=many / (K * plain),
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":

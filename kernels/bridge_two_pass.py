@@ -146,7 +146,11 @@ def _resample_fwd_kernel(
             k0 = tl.load(key_ptr + b * 2).to(tl.uint32)
             k1 = tl.load(key_ptr + b * 2 + 1).to(tl.uint32)
             eps = _hash_normal((c * R_out + rows[:, None]) * C_out + cols[None, :], k0, k1)
-            acc = tl.load(aff_ptr + b * 3) * acc + tl.load(aff_ptr + b * 3 + 1) + tl.load(aff_ptr + b * 3 + 2) * eps
+            acc = (
+                tl.load(aff_ptr + b * 3) * acc
+                + tl.load(aff_ptr + b * 3 + 1)
+                + tl.load(aff_ptr + b * 3 + 2) * eps
+            )
     if CLIP:
         if STORE_MASK:
             tl.store(m_ptr + off, ((acc >= 0.0) & (acc <= 1.0)).to(tl.uint8), mask=ok2)
@@ -249,7 +253,9 @@ def _resample_bwd_kernel(
                     QWEN, TEMPORAL, USE_MASKS, CLIP,
                 )  # fmt: skip
             else:
-                g = tl.load(in_ptr + src_plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0.0)
+                g = tl.load(
+                    in_ptr + src_plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0.0
+                )
             acc += w * g
 
     ok2 = r_ok[:, None] & c_ok[None, :]

@@ -41,7 +41,8 @@ def _dense(start, w, count, n_in):
 # ------------------------------------------------------------------------------------ the box taps
 @pytest.mark.parametrize("resample", ["bicubic", "bilinear"])
 @pytest.mark.parametrize(
-    "n_in,n_out,box", [(50, 24, (3.25, 47.5)), (37, 60, (0.5, 30.75)), (101, 13, (10.0, 90.3)), (33, 33, (0, 33))]
+    "n_in,n_out,box",
+    [(50, 24, (3.25, 47.5)), (37, 60, (0.5, 30.75)), (101, 13, (10.0, 90.3)), (33, 33, (0, 33))],
 )
 def test_box_taps_match_pillow(n_in, n_out, box, resample):
     """A box inside the image: Pillow's own `resize(box=)` in float mode gives the same coefficients."""
@@ -80,10 +81,20 @@ def test_tap_tables_equal_the_dense_matrices(spec_name):
     for name, m, n_in in (("y", wy, H), ("x", wx, W)):
         V, n, _ = m.shape
         cnt = np.full(t[name + "s"].shape, t["K" + name.upper()])
-        fwd = _dense(t[name + "s"].astype(np.int64), t["w" + name].astype(np.float64), np.minimum(cnt, n_in - t[name + "s"]), n_in)
+        fwd = _dense(
+            t[name + "s"].astype(np.int64),
+            t["w" + name].astype(np.float64),
+            np.minimum(cnt, n_in - t[name + "s"]),
+            n_in,
+        )
         np.testing.assert_array_equal(fwd, m.astype(np.float32).astype(np.float64))
         cnt = np.full(t["o" + name + "s"].shape, t["KT" + name.upper()])
-        bwd = _dense(t["o" + name + "s"].astype(np.int64), t["w" + name + "T"].astype(np.float64), np.minimum(cnt, n - t["o" + name + "s"]), n)
+        bwd = _dense(
+            t["o" + name + "s"].astype(np.int64),
+            t["w" + name + "T"].astype(np.float64),
+            np.minimum(cnt, n - t["o" + name + "s"]),
+            n,
+        )
         np.testing.assert_array_equal(bwd, m.transpose(0, 2, 1).astype(np.float32).astype(np.float64))
 
 
@@ -305,7 +316,9 @@ def test_step_views_average_the_losses(monkeypatch):
 
     critic, g, gen, batch = _setup()
     batch["caption_mask"] = torch.ones_like(batch["caption_mask"])
-    batch["negative_captions"] = torch.randint(3, critic.vocab_size - 1, (2, 2, 6), generator=torch.Generator().manual_seed(3))
+    batch["negative_captions"] = torch.randint(
+        3, critic.vocab_size - 1, (2, 2, 6), generator=torch.Generator().manual_seed(3)
+    )
     kw = dict(caption=1.0, density=0.5, structure=0.5, negatives=0.3)
     read = ReadAugment(views=3, shift=2.0, scale=(0.9, 1.1), noise=0.1, seed=4)
     v = read.draw(2, 40, 56, step=0)

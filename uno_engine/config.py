@@ -58,7 +58,9 @@ class UNOConfig:
         if self.latent_input not in ("x0", "xt"):
             raise ValueError(f"UNOConfig.latent_input must be 'x0' or 'xt', got {self.latent_input!r}")
         if self.read is not None and not isinstance(self.read, ReadAugment):
-            raise TypeError(f"UNOConfig.read must be a uno_engine.ReadAugment or None, got {type(self.read).__name__}")
+            raise TypeError(
+                f"UNOConfig.read must be a uno_engine.ReadAugment or None, got {type(self.read).__name__}"
+            )
         if self.read is not None and self.view != "pixel":
             raise ValueError(
                 "UNOConfig.read needs view='pixel' (the views are drawn in the bridge); the latent view has no "

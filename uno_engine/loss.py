@@ -227,7 +227,9 @@ class UNOLoss(nn.Module):
         loss = torch.logsumexp(s, dim=1) - s[:, 0]
         return loss, (s[:, :1] > s[:, 1:]).all(dim=1)
 
-    def _objective_terms(self, out, batch, backend, generator, metrics, lce_impl="auto", views=1) -> torch.Tensor:
+    def _objective_terms(
+        self, out, batch, backend, generator, metrics, lce_impl="auto", views=1
+    ) -> torch.Tensor:
         """negatives + generator_loss + kl (each a per-image mean, rescaled like the caption term)."""
         total = out.caption_hidden.new_zeros((), dtype=torch.float32)
         if self.w_negatives <= 0 and self.w_generator <= 0 and self.w_kl <= 0:
@@ -292,7 +294,9 @@ class UNOLoss(nn.Module):
             return n * float(dist.get_world_size()) / count
         return 1.0
 
-    def caption_loss(self, out, batch: dict, backend: str, lce_impl: str = "auto", views: int = 1) -> torch.Tensor:
+    def caption_loss(
+        self, out, batch: dict, backend: str, lce_impl: str = "auto", views: int = 1
+    ) -> torch.Tensor:
         """Caption CE summed over tokens, divided by the (local, global or given) caption-token count (a given
         count is of the images' tokens: times `views`, the rows per image)."""
         kw = dict(
@@ -360,7 +364,11 @@ class UNOLoss(nn.Module):
                     )
                 terms.append(
                     ops.RegressionTerm(
-                        feats, per_view(views, target.float()), kind="cosine", weight=self.w_structure, mask=keep
+                        feats,
+                        per_view(views, target.float()),
+                        kind="cosine",
+                        weight=self.w_structure,
+                        mask=keep,
                     )
                 )
                 names.append("structure")
@@ -370,7 +378,9 @@ class UNOLoss(nn.Module):
                 )
                 pred = self.structure_head(feats, detach_params=True)
                 terms.append(
-                    ops.RegressionTerm(pred, per_view(views, target), kind="mse", weight=self.w_structure, mask=keep)
+                    ops.RegressionTerm(
+                        pred, per_view(views, target), kind="mse", weight=self.w_structure, mask=keep
+                    )
                 )
                 names.append("structure")
                 if ref_feats is not None and self.w_fit > 0:

@@ -42,7 +42,15 @@ import torch
 
 from uno_engine.bridge_spec import RESAMPLE_FILTERS, BridgeSpec
 
-__all__ = ["ReadAugment", "Views", "box_taps", "draw_for_step", "per_view", "view_matrices", "view_tap_tables"]
+__all__ = [
+    "ReadAugment",
+    "Views",
+    "box_taps",
+    "draw_for_step",
+    "per_view",
+    "view_matrices",
+    "view_tap_tables",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +61,9 @@ class ReadAugment:
     shift: float = 0.0  # max offset of a view box's centre per axis, in image pixels (uniform, sub-pixel)
     scale: tuple[float, float] = (1.0, 1.0)  # the box's size relative to the image, uniform in [lo, hi]
     noise: float = 0.0  # std of Gaussian noise on the processor's image, in input_range units
-    blur: float = 0.0  # std (image pixels) of a Gaussian blur before each axis's resample, folded into its taps
+    blur: float = (
+        0.0  # std (image pixels) of a Gaussian blur before each axis's resample, folded into its taps
+    )
     renoise: tuple[float, float] | None = None  # forward-process level t, uniform in [t_min, t_max]
     schedule: str | tuple[float, ...] = "flow"  # "flow" (x_t = (1-t) x0 + t eps) or alphas_cumprod values
     seed: int = 0  # base seed of the draws (with the step and the global sample index)
@@ -84,7 +94,9 @@ class ReadAugment:
             try:
                 ac = tuple(float(v) for v in torch.as_tensor(self.schedule).flatten().tolist())
             except (TypeError, ValueError, RuntimeError):
-                bad(f"schedule must be 'flow' or a sequence of alphas_cumprod, got {type(self.schedule).__name__}")
+                bad(
+                    f"schedule must be 'flow' or a sequence of alphas_cumprod, got {type(self.schedule).__name__}"
+                )
             if not ac or not all(0.0 <= a <= 1.0 for a in ac):
                 bad("schedule (alphas_cumprod) must be non-empty with values in [0, 1]")
             object.__setattr__(self, "schedule", ac)
@@ -107,10 +119,16 @@ class ReadAugment:
     def jitter(self) -> bool:
         """Whether a view differs from the plain read (a box other than the image, noise or re-noising)."""
         return (
-            self.shift > 0 or self.scale != (1.0, 1.0) or self.noise > 0 or self.blur > 0 or self.renoise is not None
+            self.shift > 0
+            or self.scale != (1.0, 1.0)
+            or self.noise > 0
+            or self.blur > 0
+            or self.renoise is not None
         )
 
-    def draw(self, batch_size: int, height: int, width: int, *, step: int = 0, sample_offset: int = 0) -> Views:
+    def draw(
+        self, batch_size: int, height: int, width: int, *, step: int = 0, sample_offset: int = 0
+    ) -> Views:
         """The views of a batch of `batch_size` (height, width) images whose first image has the global index
         `sample_offset`, at `step`: image g's draws depend only on (seed, step, g). Host only (numpy)."""
         for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
@@ -141,7 +159,9 @@ class ReadAugment:
         cy, cx = height / 2 + dy, width / 2 + dx
         hh, hw = s * height / 2, s * width / 2
         boxes = np.stack([cy - hh, cy + hh, cx - hw, cx + hw], axis=1)  # identity: exactly (0, H, 0, W)
-        return Views(K, (height, width), boxes, alpha, s_noise, float(self.noise), keys, self.jitter, float(self.blur))
+        return Views(
+            K, (height, width), boxes, alpha, s_noise, float(self.noise), keys, self.jitter, float(self.blur)
+        )
 
 
 class Views(NamedTuple):

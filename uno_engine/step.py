@@ -12,6 +12,8 @@
 `UNOConfig(view="latent")`: the generator hands over latents (`generator(batch, view="latent")`) and a
 `uno_engine.latent.LatentCritic` reads them in the bridge's and the critic's place: no pixel decode, no vision
 tower; the losses and metrics are the same. `UNOOutput.images` is then None (`decoded_images()` decodes).
+`UNOConfig(read=ReadAugment(views=K, ...))`: the bridge makes K random views of each image (crop boxes, noise,
+re-noising; `uno_engine.read`), the critic reads the B * K views as one batch and every loss averages over them.
 Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
 (`UNOConfig(check_inputs=False)` removes it).
 """

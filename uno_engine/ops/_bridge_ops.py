@@ -226,7 +226,9 @@ def view_tensors(spec: BridgeSpec, H: int, W: int, views, input_range, device, d
         wy, wx = read.view_matrices(spec, H, W, views)
         tabs = [torch.from_numpy(m).to(device=device, dtype=dtype) for m in (wy, wx)]
     if views.noisy:
-        affine = torch.from_numpy(np.ascontiguousarray(views.affine(input_range))).to(device=device, dtype=dtype)
+        affine = torch.from_numpy(np.ascontiguousarray(views.affine(input_range))).to(
+            device=device, dtype=dtype
+        )
         keys = torch.from_numpy(np.ascontiguousarray(views.keys)).to(device)
     else:
         affine = torch.empty((0, 3), device=device, dtype=dtype)

@@ -83,7 +83,9 @@ def views_forward(images, wy, wx, affine, keys, K, consts, region, lo, hi, clip,
     return _epilogue(r, images.dtype, consts, region, qwen)
 
 
-def views_backward(grad_out, images, wy, wx, affine, keys, K, consts, region, lo, hi, clip, qwen, use_masks, vf):
+def views_backward(
+    grad_out, images, wy, wx, affine, keys, K, consts, region, lo, hi, clip, qwen, use_masks, vf
+):
     """grad_images (B, 3, H, W) of `views_forward`: each view's transposed passes, summed over the K views."""
     cdtype = wy.dtype
     B = images.shape[0]
