@@ -13,7 +13,10 @@
 projected by its `RepresentationHead`, and a `uno_engine.representation.RepresentationCritic` reads them (no
 rollout with grad, no decode). `UNOConfig(view="latent")`: the generator hands over latents
 (`generator(batch, view="latent")`) and a `uno_engine.latent.LatentCritic` reads them in the bridge's and the
-critic's place: no pixel decode, no vision tower; the losses and metrics are the same. `UNOOutput.images` is then None (`decoded_images()` decodes).
+critic's place: no pixel decode, no vision tower; the losses and metrics are the same. `UNOOutput.images` is
+then None (`decoded_images()` decodes).
+`UNOConfig(read=ReadAugment(views=K, ...))`: the bridge makes K random views of each image (crop boxes, noise,
+re-noising; `uno_engine.read`), the critic reads the B * K views as one batch and every loss averages over them.
 Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
 (`UNOConfig(check_inputs=False)` removes it).
 """
@@ -28,6 +31,7 @@ from torch import nn
 from uno_engine._profiling import PhaseTimer
 from uno_engine.config import UNOConfig
 from uno_engine.distributed import unwrap
+from uno_engine.read import draw_for_step, per_view
 
 
 @dataclass
@@ -78,6 +82,7 @@ class UNOStep(nn.Module):
 
             self.reader = RepresentationCritic(critic, generator)
         loss.bind(self.reader, generator)
+        self._reads = 0  # forward calls: the step of UNOConfig.read's draws when the batch has no "read_step"
         if self.config.fuse_patch_embed is True and (why := critic.fused_patch_embed_reasons()):
             raise ValueError("UNOConfig(fuse_patch_embed=True) with this critic: " + "; ".join(why))
         if self.config.compile:
@@ -100,12 +105,18 @@ class UNOStep(nn.Module):
             images = self.generator(batch, view=cfg.view) if latent else self.generator(batch)
         if cfg.check_inputs:
             check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
+        K = 1 if cfg.read is None else cfg.read.views  # the critic reads K views of each image (B * K rows)
         with timer.phase("bridge"):
-            inputs = self.reader.prepare(images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, **bridge)
+            views = None if cfg.read is None else draw_for_step(cfg.read, images, batch, self._reads)
+            self._reads += 1
+            inputs = self.reader.prepare(
+                images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, views=views, **bridge
+            )
         with timer.phase("critic"):
-            caps = (inputs, batch["captions"], batch.get("caption_mask"))
+            caps = (inputs, *per_view(K, batch["captions"], batch.get("caption_mask")))
             # hard negatives share the image prefix: one pass
             neg = unwrap(self.uno_loss).negatives_of(batch)
+            neg = None if neg is None else per_view(K, *neg)
             out = self.reader(*caps) if neg is None else self.reader.forward_with_negatives(*caps, *neg)
         with timer.phase("loss"):
             loss, metrics = self.uno_loss(
@@ -115,6 +126,7 @@ class UNOStep(nn.Module):
                 generator=unwrap(self.generator),  # its methods (denoising_loss, predict), not its forward
                 lce_impl=cfg.lce_impl,
                 bridge_kernel=cfg.bridge_kernel,
+                views=K,
                 **bridge,
             )
         timer.on_grad(loss, "grad.loss")
