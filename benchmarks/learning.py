@@ -5,11 +5,11 @@ caption every composition, a pixel-space diffusers UNet pretrained on the seen c
 judge, and UNO post-training (UNOStep) on held-out and seen prompts; judged before and after, over 3 seeds,
 with ablations of the loss terms.
 
-    python benchmarks/learning.py                 # cached critic + base generator, UNO + judge
+    python benchmarks/learning.py                 # cached models; the headline arm and the control, 3 seeds
     python benchmarks/learning.py --from-scratch  # retrain the critic and the generator first (rewrites cache)
     python benchmarks/learning.py --seed 5        # seeds 5, 6, 7 for every draw of post-training and eval
     python benchmarks/learning.py --smoke         # CI version (< 60 s): untrained tiny run of the wiring
-    python benchmarks/learning.py --ablations caption "caption+joint+kl"   # re-run some ablations only
+    python benchmarks/learning.py --ablations caption "caption+joint+kl"   # other arms ('all': every arm)
     python benchmarks/learning.py --probe         # the critic as a reward (AUC) and as a gradient (pixel descent)
 
 Writes benchmarks/results/learning-<tag>.json and learning-<tag>.png (tag: "cpu", or "smoke").
@@ -32,7 +32,13 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 from learning_lib import experiment, judge, models, probe, training, world  # noqa: E402
 
-TARGETS = {"held_out_gain_points": 15.0, "seen_drop_points": 3.0, "denoise_rise_frac": 0.10}
+TARGETS = {
+    "held_out_gain_points": 15.0,
+    "seen_drop_points": 3.0,
+    "denoise_rise_frac": 0.10,
+    "vs_control_points": 10.0,
+}
+CONTROL = "control (generator loss only)"
 NOTES = {
     "premise": "the critic is trained to caption EVERY composition, held-out ones included (understanding "
     "covers more than generation); the generator is pretrained on seen compositions only",
@@ -60,38 +66,84 @@ def commit_info() -> dict:
 
 
 def headline(res: dict, main: str) -> tuple[dict, dict, dict]:
-    """-> (before, after, targets): top-level summaries of the main ablation (held-out "overall" in [0, 1])."""
+    """-> (before, after, targets): top-level summaries of the main ablation (held-out "overall" in [0, 1]),
+    each figure with its standard error ("*_se", learning_lib.stats; the gains are paired differences)."""
 
-    def block(mean: dict) -> dict:
+    def block(mean: dict, acc: dict | None) -> dict:
         h = mean["held_out"]
         out = {"overall": h["overall"], "overall_std": h.get("overall_std")}
+        out["overall_se"] = acc["held_out"]["se"] if acc else None
         out.update({c: h[c] for c in judge.CATEGORIES})
         out["held_out_by_kind"] = mean.get("held_out_by_kind")
         out["seen"] = {"overall": mean["seen"]["overall"], "overall_std": mean["seen"].get("overall_std")}
+        out["seen"]["overall_se"] = acc["seen"]["se"] if acc else None
         out["seen"].update({c: mean["seen"][c] for c in judge.CATEGORIES})
         out["denoising_loss"] = mean["denoising_loss"]
         out["denoising_loss_std"] = mean.get("denoising_loss_std")
         return out
 
-    before = block(res["before_mean"])
+    before = block(res["before_mean"], res.get("before_accuracy"))
     ab = res["ablations"].get(main, {})
     if ab.get("status") != "ran":
         return before, {"status": ab.get("status", "not run")}, {}
-    after = block(ab["mean"])
+    after = block(ab["mean"], ab.get("accuracy"))
     after["ablation"] = main
+    paired = ab.get("paired")
     gain = 100 * (after["overall"] - before["overall"])
     drop = 100 * (before["seen"]["overall"] - after["seen"]["overall"])
     rise = after["denoising_loss"] / before["denoising_loss"] - 1
     targets = {
         "held_out_gain_points": gain,
+        "held_out_gain_se": 100 * paired["held_out"]["se"] if paired else None,
         "held_out_gain_ok": gain >= TARGETS["held_out_gain_points"],
         "seen_drop_points": drop,
+        "seen_drop_se": 100 * paired["seen"]["se"] if paired else None,
         "seen_drop_ok": drop <= TARGETS["seen_drop_points"],
         "denoise_rise_frac": rise,
         "denoise_rise_ok": rise <= TARGETS["denoise_rise_frac"],
         "required": TARGETS,
     }
+    ctrl = res["ablations"].get(CONTROL, {})
+    if ctrl.get("status") == "ran" and main != CONTROL:
+        vs = experiment.power(ab["per_seed"], ctrl["per_seed"])["paired"]["held_out"]
+        targets["vs_control_points"] = 100 * vs["mean"]
+        targets["vs_control_se"] = 100 * vs["se"] if vs["se"] is not None else None
+        targets["vs_control_ok"] = targets["vs_control_points"] >= TARGETS["vs_control_points"]
     return before, after, targets
+
+
+def _pm(x, se, scale=100.0) -> str:
+    if x is None:
+        return "-"
+    return f"{scale * x:6.1f} +- {scale * se:4.1f}" if se is not None else f"{scale * x:6.1f}"
+
+
+def table(res: dict) -> str:
+    """The printed table: judge accuracy (% of prompts, mean of seeds +- SE) before and per ablation, and the
+    paired gains (points +- SE), with the denoising loss."""
+    rows = [
+        "| arm | held-out % | held-out gain (pts) | seen % | seen change (pts) | denoise loss | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    b = res.get("before_accuracy") or {}
+    if b:
+        rows.append(
+            f"| pretrained | {_pm(b['held_out']['mean'], b['held_out']['se'])} | | "
+            f"{_pm(b['seen']['mean'], b['seen']['se'])} | | {res['before_mean']['denoising_loss']:.4f} | "
+            f"{b['held_out']['n_seeds']} |"
+        )
+    for name, ab in res["ablations"].items():
+        if ab.get("status") != "ran" or "accuracy" not in ab:
+            rows.append(f"| {name} | {ab.get('status', 'not run')} | | | | | |")
+            continue
+        a, d = ab["accuracy"], ab["paired"]
+        rows.append(
+            f"| {name} | {_pm(a['held_out']['mean'], a['held_out']['se'])} | "
+            f"{_pm(d['held_out']['mean'], d['held_out']['se'])} | {_pm(a['seen']['mean'], a['seen']['se'])} | "
+            f"{_pm(d['seen']['mean'], d['seen']['se'])} | {ab['mean']['denoising_loss']:.4f} | "
+            f"{a['held_out']['n_seeds']} |"
+        )
+    return "\n".join(rows)
 
 
 def save_grid(grid, captions, path: Path) -> None:
@@ -173,7 +225,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--from-scratch", action="store_true", help="retrain critic and generator, rewrite cache")
     ap.add_argument("--smoke", action="store_true", help="CI version: untrained models, a few steps (< 60 s)")
-    ap.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(experiment.ABLATIONS)}")
+    ap.add_argument(
+        "--ablations",
+        nargs="*",
+        default=None,
+        help=f"arms to run (default {list(experiment.DEFAULT_ABLATIONS)}; 'all'): {list(experiment.ABLATIONS)}",
+    )
     ap.add_argument("--main", default="caption+joint+kl", help="ablation reported as top-level 'after'")
     ap.add_argument("--uno-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -186,6 +243,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--note", default=None, help="free text stored in settings.extra['note'] (e.g. tuning)")
     ap.add_argument("--critic-steps", type=int, default=5000)
+    ap.add_argument(
+        "--aug-critic-steps",
+        type=int,
+        default=1500,
+        help="fine-tune steps of the augmentation-trained critic (cache critic-aug.safetensors; made when missing)",
+    )
     ap.add_argument("--generator-steps", type=int, default=3000, help="length of the lr schedule")
     ap.add_argument("--generator-stop", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("UNO_LEARNING_THREADS", "1")))
@@ -243,6 +306,7 @@ def main(argv=None) -> int:
     if args.smoke:
         s.seeds, s.uno_steps, s.batch_held, s.batch_seen = (args.seed,), 2, 2, 2
         s.sample_steps, s.eval_held, s.eval_seen, s.denoise_images = 3, 6, 6, 8
+        s.eval_samples, s.eval_samples_seen, s.ablations = 2, 2, tuple(experiment.ABLATIONS)
         s.latent_fit_steps, s.latent_fit_images = 3, 16
         critic_model, proc = models.build_critic_model(0)
         unet, text = models.build_unet(0), models.TextEncoder()
@@ -281,11 +345,20 @@ def main(argv=None) -> int:
                     gen_path, args.generator_steps, args.generator_stop, args.threads, log=log, bar=bar
                 )
                 training.write_meta(meta_path, generator=st)
+        aug_path = training.CRITICS["aug"]
+        if args.aug_critic_steps > 0 and (args.from_scratch or not aug_path.exists()):
+            st = training.pretrain_aug_critic_to(
+                aug_path, crit_path, args.aug_critic_steps, args.threads, log=log, bar=bar
+            )
+            training.write_meta(meta_path, critic_aug=st)
         critic_model, proc = training.load_critic(crit_path)
         unet, text = training.load_generator(gen_path)
         pretrain = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if args.ablations is not None:
-        s.ablations = tuple(args.ablations)
+        s.ablations = tuple(experiment.ABLATIONS) if args.ablations == ["all"] else tuple(args.ablations)
+        unknown = [a for a in s.ablations if a not in experiment.ABLATIONS]
+        if unknown:
+            ap.error(f"--ablations: unknown {unknown}; known: {list(experiment.ABLATIONS)} or 'all'")
     if args.uno_steps is not None:
         s.uno_steps = args.uno_steps
     if args.lr is not None:
@@ -349,6 +422,7 @@ def main(argv=None) -> int:
         out["sample_grid_prompts"] = caps
         jpath.write_text(json.dumps(out, indent=2, default=str) + "\n")
     log(f"wrote {jpath}")
+    print(table(res))
     print(
         json.dumps(
             {"before": before.get("overall"), "after": after.get("overall"), "targets": targets}, default=str
@@ -413,6 +487,7 @@ def merge(target: Path, others: list[Path]) -> int:
                 res["ablations"][name] = ab
         res.setdefault("merged_from", []).append({"file": path.name, "wall_s": other.get("wall_s")})
     res["before"], res["after"], res["targets"] = headline(res, res["settings"]["main"])
+    print(table(res))
     res["notes"] = NOTES
     target.write_text(json.dumps(res, indent=2, default=str) + "\n")
     plot(res, target.with_suffix(".png"))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import judge, models, training, world
+from . import judge, models, stats, training, world
 
 ABLATIONS = {
     "caption": {"loss": {"caption": 1.0}},
@@ -31,14 +31,24 @@ ABLATIONS = {
     "caption+joint+kl": {"loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0}},
     "caption+negatives": {"loss": {"caption": 1.0, "negatives": 1.0}, "negatives": 4},
     "caption (latent view)": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
+    # the CONTROL: the same optimizer steps, batches and lr with the generator's own loss only (the seen
+    # stream's real renders; no critic, no rollout), so a gain is known to come from understanding
+    "control (generator loss only)": {"loss": {"caption": 0.0, "generator_loss": 1.0}, "control": True},
+    # the headline's terms read by the augmentation-trained critic (training.augment_finetune_critic)
+    "caption+joint+kl (aug critic)": {
+        "loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0},
+        "critic": "aug",
+    },
 }
+# the default run (`python benchmarks/learning.py`): the headline ablation and the control; the others by flag
+DEFAULT_ABLATIONS = ("caption+joint+kl", "control (generator loss only)")
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 
 
 @dataclass
 class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
-    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    ablations: tuple[str, ...] = DEFAULT_ABLATIONS
     main: str = "caption+joint+kl"  # the ablation whose result is the top-level "after"
     uno_steps: int = 80  # with lr 3e-5: chosen on a tuning seed (100), see the results JSON settings.extra
     batch_held: int = 6
@@ -48,9 +58,12 @@ class Settings:
     guidance: float = 2.0
     k_grad_steps: int = 1
     grad_window: tuple[float, float] = (0.5, 1.0)
-    eval_samples: int = 1  # images per prompt
-    eval_held: int | None = 96  # held-out prompts judged per seed (a seeded sample; None: all 162)
-    eval_seen: int | None = 64  # seen prompts judged per seed (None: all 138)
+    # images per held-out prompt: 4 x all 162 gives a seed's held-out accuracy a cluster-robust SE of about
+    # 1.4 points at the base rate (8%); measured with 8 samples, see docs/teach-results.md
+    eval_samples: int = 4
+    eval_samples_seen: int = 6  # images per seen prompt (base rate 23%: SE 1.4 points for the 138 prompts)
+    eval_held: int | None = None  # held-out prompts judged per seed (None: all 162; n: a seeded sample)
+    eval_seen: int | None = None  # seen prompts judged per seed (None: all 138)
     denoise_images: int = 128
     latent_fit_steps: int = 300  # latent view: LatentAdapter fit on real renders of seen prompts
     latent_fit_images: int = 256
@@ -108,13 +121,20 @@ def generate(unet, text, prompts, *, seed: int, s: Settings, chunk: int = 64) ->
     out = []
     for i in range(0, len(prompts), chunk):
         batch = prompt_batch(prompts[i : i + chunk], text, seed=seed * 100003 + i)
-        out.append(gen(batch).float())
+        # a copy: keeping the sampler's own output tensors alive pinned ~0.5 GB of freed heap per chunk
+        # (judging 2,400 images grew a process to 10 GB); with the copy the process stays at ~1.6 GB
+        out.append(gen(batch).float().clone())
     return torch.cat(out)
 
 
 def evaluate(unet, text, *, seed: int, s: Settings, bar=None) -> dict:
-    """Judge accuracy on held-out and seen prompts (every prompt x eval_samples), per category, and the
-    held-out accuracy per held-out kind."""
+    """Judge accuracy on held-out and seen prompts (each held-out prompt x `s.eval_samples` images, each seen
+    prompt x `s.eval_samples_seen`; the noise
+    drawn from `seed`), per category, and the held-out accuracy per held-out kind. With every prompt judged
+    (eval_held / eval_seen None) the prompts and the noise depend on `seed` only, so two models evaluated
+    with one seed are compared on the same prompts and the same noise (paired). Each split also carries
+    "per_prompt_pass" (P,) (passes of each prompt, in prompt order, out of eval_samples) and "stats": its
+    accuracy with standard errors (learning_lib.stats.accuracy)."""
     seen, held = world.split_prompts()
     r = random.Random(seed)
     if s.eval_held is not None:
@@ -122,11 +142,16 @@ def evaluate(unet, text, *, seed: int, s: Settings, bar=None) -> dict:
     if s.eval_seen is not None:
         seen = r.sample(seen, min(s.eval_seen, len(seen)))
     res = {}
-    for name, prompts in (("held_out", held), ("seen", seen)):
-        prompts = prompts * s.eval_samples
+    for name, unique in (("held_out", held), ("seen", seen)):
+        m = s.eval_samples if name == "held_out" else s.eval_samples_seen
+        prompts = unique * m  # image j judges prompt j % P
         images = generate(unet, text, prompts, seed=seed * 7 + (name == "seen"), s=s)
         checks = [judge.check(p, judge.parse(im)) for p, im in zip(prompts, images, strict=True)]
         res[name] = judge.summarize(checks)
+        P = len(unique)
+        k = [sum(bool(checks[r * P + i]["overall"]) for r in range(m)) for i in range(P)]
+        res[name]["per_prompt_pass"] = k
+        res[name]["stats"] = stats.accuracy(k, m)
         if name == "held_out":
             res["held_out_by_kind"] = {
                 k: judge.summarize(
@@ -169,6 +194,8 @@ def feature_status(name: str) -> str | None:
             import uno_engine.negatives  # noqa: F401
         except ImportError as e:
             return f"not yet run: {e}"
+    if spec.get("critic") and not training.CRITICS[spec["critic"]].exists():
+        return f"not yet run: no cached critic {training.CRITICS[spec['critic']]}"
     try:
         UNOConfig(**spec.get("config", {}))
     except TypeError as e:
@@ -223,6 +250,12 @@ def latent_critic(critic_model, proc, unet, s: Settings, log=None):
     return critic
 
 
+@dataclass
+class _Out:
+    loss: torch.Tensor
+    metrics: dict
+
+
 def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=None, log=None) -> tuple:
     """-> (trained unet, metrics history). Raises on a feature that constructs but cannot run here."""
     from uno_engine import UNOConfig, UNOLoss, UNOStep
@@ -260,14 +293,19 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
         if k:
             batch_h["negative_captions"], batch_h["negative_caption_mask"] = negative_captions(bh, k, seed)
             batch_s["negative_captions"], batch_s["negative_caption_mask"] = negative_captions(bs, k, seed)
-        out_h, out_s = step_held(batch_h), step_seen(batch_s)
-        loss = 0.5 * (out_h.loss + out_s.loss)
+        if spec.get("control"):  # no critic: the seen stream's denoising loss, weighted as in the others
+            out_h = None
+            out_s = _Out(seen_kw["generator_loss"] * gen.denoising_loss(batch_s), {})
+            loss = 0.5 * out_s.loss
+        else:
+            out_h, out_s = step_held(batch_h), step_seen(batch_s)
+            loss = 0.5 * (out_h.loss + out_s.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         rec = {"step": i, "loss": float(loss.detach())}
-        rec.update({f"held_{k}": float(v) for k, v in out_h.metrics.items()})
+        rec.update({f"held_{k}": float(v) for k, v in (out_h.metrics if out_h is not None else {}).items()})
         rec.update({f"seen_{k}": float(v) for k, v in out_s.metrics.items()})
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"UNO {name} seed {seed}: loss is {rec['loss']} at step {i}")
@@ -304,6 +342,29 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
+def power(runs: list[dict], before: list[dict] | None = None) -> dict:
+    """Standard errors of evaluations (one per seed, from `evaluate`): {"accuracy": {split: over_seeds of the
+    per-seed accuracy, with "per_seed" [stats.accuracy]}} and, given the `before` evaluations of the same seeds
+    (same prompts, same noise), {"paired": {split: over_seeds of the paired difference after - before, with
+    "per_seed" [stats.paired]}}. Fractions in [0, 1]; the formulas are in learning_lib.stats."""
+    out: dict = {"accuracy": {}}
+    if before is not None:
+        out["paired"] = {}
+    for split in ("held_out", "seen"):
+        per = [r[split]["stats"] for r in runs]
+        acc = stats.over_seeds([a["mean"] for a in per], [a["se"] for a in per])
+        out["accuracy"][split] = {**acc, "per_seed": per}
+        if before is not None:
+            m = runs[0][split]["stats"]["samples_per_prompt"]
+            pairs = [
+                stats.paired(r[split]["per_prompt_pass"], b[split]["per_prompt_pass"], m)
+                for r, b in zip(runs, before, strict=True)
+            ]
+            d = stats.over_seeds([x["diff"] for x in pairs], [x["se"] for x in pairs])
+            out["paired"][split] = {**d, "per_seed": pairs}
+    return out
+
+
 def _run_unit(models_, unit, s: Settings, bar=None, log=None):
     """One work unit: ("before", seed) or (ablation, seed) -> (unit, eval dict or {"error": ...}, trained unet
     state_dict for the main ablation's first seed, else None)."""
@@ -317,6 +378,8 @@ def _run_unit(models_, unit, s: Settings, bar=None, log=None):
         ev = evaluate(unet, text, seed=seed, s=s)
         ev["denoising_loss"] = denoising_loss(unet, text, seed=seed, n=s.denoise_images)
         return unit, ev, None
+    if ABLATIONS[name].get("critic"):  # another cached critic (loaded once per process)
+        critic_model, proc = named_critic(ABLATIONS[name]["critic"])
     critic = Critic.from_hf(critic_model, proc, checkpoint="none")
     try:
         trained, hist = run_uno(unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
@@ -329,6 +392,16 @@ def _run_unit(models_, unit, s: Settings, bar=None, log=None):
     ev["first_caption_ce_held"] = hist[0].get("held_caption_ce")
     keep = trained.state_dict() if (name == s.main and seed == s.seeds[0]) else None
     return unit, ev, keep
+
+
+_CRITICS: dict = {}
+
+
+def named_critic(name: str):
+    """(hf model, processor) of the cached critic `name` (training.CRITICS), loaded once per process."""
+    if name not in _CRITICS:
+        _CRITICS[name] = training.load_critic(training.CRITICS[name])
+    return _CRITICS[name]
 
 
 _WORKER: dict = {}
@@ -418,6 +491,9 @@ def run_all(
                 "mean": aggregate(runs),
                 "seeds": list(s.seeds),
             }
+    for name in runnable:
+        if ablations[name]["status"] == "ran":
+            ablations[name].update(power(ablations[name]["per_seed"], before))
     trained = None
     if "state" in keep:
         trained = copy.deepcopy(unet)
@@ -426,6 +502,7 @@ def run_all(
     return {
         "before_per_seed": before,
         "before_mean": aggregate(before),
+        "before_accuracy": power(before)["accuracy"],
         "ablations": {n: ablations[n] for n in s.ablations},
         "settings": asdict(s),
         "experiment_s": time.time() - t0,
