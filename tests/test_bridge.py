@@ -634,7 +634,7 @@ def test_opcheck(use_triton, device):
     """The registered ops pass opcheck (schema, fake, autograd registration), and called through the
     dispatcher (torch's custom-op autograd, not the eager fast path) they give the float64 reference's values
     and gradient."""
-    from uno_engine.ops.bridge import _bridge_bwd, _bridge_fwd, _plan
+    from uno_engine.ops._bridge_ops import bridge_bwd as _bridge_bwd, bridge_fwd as _bridge_fwd, plan as _plan
 
     spec = SPECS["janus"]
     x = _rand_images(1, 21, 30).to(device).requires_grad_()

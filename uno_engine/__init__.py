@@ -17,6 +17,7 @@ _LAZY = {
     "UNOConfig": "uno_engine.config",
     "UNOLoss": "uno_engine.loss",
     "BridgeSpec": "uno_engine.bridge_spec",
+    "ReadAugment": "uno_engine.read",
     "Critic": "uno_engine.critics",
     "CriticOutput": "uno_engine.critics",
     "DensityHead": "uno_engine.heads",

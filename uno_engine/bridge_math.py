@@ -42,3 +42,36 @@ def qwen2_vl_unpatchify_sum(
     gh, gw = H // p, W // p
     g = g.reshape(B, gh // m, gw // m, m, m, 3, T, p, p).sum(6)  # (B, gh/m, gw/m, mh, mw, C, ph, pw)
     return g.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(B, 3, H, W)
+
+
+# ------------------------------------------------------------------------------------- view noise
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for int64 h in [0, 2^32), without leaving int64's range."""
+    return ((h & 0xFFFF) * c + ((((h >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer (a bijection with full avalanche) on int64 values in [0, 2^32)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_normal(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Standard-normal-like noise (V, n) float32 from counters 0..n-1 under per-row keys (V, 2) int64 in
+    [0, 2^32): for counter i, six hashes h_j = fmix32(fmix32((6 i + j) ^ key0) ^ key1) give twelve 16-bit
+    uniforms, and eps = sum_j (hi16(h_j) + lo16(h_j) + 1) / 2^16 - 6 (Irwin-Hall: mean 0, variance 1 - 2^-32,
+    bounded by +-6). Every step is integer or exact in float32 (the sum has at most 20 significant bits), so
+    the Triton twin (`kernels.bridge_jit._hash_normal`) gives the same numbers, bit for bit."""
+    ctr = torch.arange(n, device=keys.device, dtype=torch.int64) * 6
+    k0, k1 = keys[:, 0:1], keys[:, 1:2]
+    total = torch.zeros((keys.shape[0], n), dtype=torch.int64, device=keys.device)
+    for j in range(6):
+        h = _fmix32(_fmix32(((ctr + j) & _M32) ^ k0) ^ k1)
+        total += (h >> 16) + (h & 0xFFFF) + 1
+    return total.to(torch.float32) * (1.0 / 65536.0) - 6.0

@@ -57,6 +57,7 @@ def _bilinear(x: np.ndarray) -> np.ndarray:
 
 
 _FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
+RESAMPLE_FILTERS = _FILTERS  # resample name -> (Pillow's filter, its support): public for `uno_engine.read`
 
 
 @lru_cache(maxsize=256)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from uno_engine.read import ReadAugment
+
 
 @dataclass(kw_only=True)
 class UNOConfig:
@@ -30,6 +32,9 @@ class UNOConfig:
         "auto"  # linear cross-entropy: "auto" | "grad_in_forward" | "recompute" (ops.linear_cross_entropy)
     )
     bridge_kernel: str = "auto"  # Triton bridge kernels: "auto" | "two_pass" | "fused" (ops.bridge)
+    # how the critic reads each generated image: None (once, as the processor would) or K random views in the
+    # bridge (crop boxes, noise, re-noising), the losses averaged over them (uno_engine.read, docs/reading.md)
+    read: ReadAugment | None = None
 
     def __post_init__(self):
         if self.backend not in ("auto", "triton", "torch", "reference"):
@@ -52,6 +57,13 @@ class UNOConfig:
             raise ValueError(f"UNOConfig.view must be 'pixel' or 'latent', got {self.view!r}")
         if self.latent_input not in ("x0", "xt"):
             raise ValueError(f"UNOConfig.latent_input must be 'x0' or 'xt', got {self.latent_input!r}")
+        if self.read is not None and not isinstance(self.read, ReadAugment):
+            raise TypeError(f"UNOConfig.read must be a uno_engine.ReadAugment or None, got {type(self.read).__name__}")
+        if self.read is not None and self.view != "pixel":
+            raise ValueError(
+                "UNOConfig.read needs view='pixel' (the views are drawn in the bridge); the latent view has no "
+                "augmented reading yet (docs/reading.md says what it needs)"
+            )
         lo, hi = self.input_range
         if not hi > lo:
             raise ValueError(

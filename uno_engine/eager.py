@@ -23,7 +23,7 @@ def _bridge_clamp(x: torch.Tensor, straight_through: bool) -> torch.Tensor:
     return x + (c - x).detach() if straight_through else c
 
 
-def bridge(images, spec, *, input_range=(-1.0, 1.0), clamp="clamp", patch_embed=None):
+def bridge(images, spec, *, input_range=(-1.0, 1.0), clamp="clamp", patch_embed=None, views=None):
     """Eager bridge: generated images -> the critic input `spec`'s HF image processor would make of them.
 
     images: (B, 3, H, W) float in `input_range`; spec: `uno_engine.BridgeSpec`.
@@ -34,8 +34,13 @@ def bridge(images, spec, *, input_range=(-1.0, 1.0), clamp="clamp", patch_embed=
     the two passes swap when spec.vertical_first(H, W)),
     each clamp being the [0, 255] clip of the processor's uint8 path (clip_each_pass) and the first one the
     input clamp; clamp="straight_through" keeps those clamps in the forward but passes their gradient.
+
+    views: None, or `uno_engine.read.Views` drawn for these images: B * K rows (row b * K + k: view k of
+    image b), each view with its own Wy (Hc, H), Wx (Wc, W) (Pillow's coefficients of its box,
+    `read.view_matrices`) and, with noise, r = clamp(alpha * (Wy @ t) + beta + sigma * eps) in place of the
+    last clamp (eps: `bridge_math.hash_normal` of the view's keys over the (3, Hc, Wc) canvas, row-major).
     """
-    from uno_engine.bridge_math import fill_padding, qwen2_vl_patchify
+    from uno_engine.bridge_math import fill_padding, hash_normal, qwen2_vl_patchify
     from uno_engine.bridge_spec import bridge_tensors
 
     if clamp not in ("clamp", "straight_through"):
@@ -46,11 +51,31 @@ def bridge(images, spec, *, input_range=(-1.0, 1.0), clamp="clamp", patch_embed=
     wy, wx, consts = bridge_tensors(spec, H, W, images.device, cdtype)
     lo, hi = float(input_range[0]), float(input_range[1])
     u = _bridge_clamp((images.to(cdtype) - lo) / (hi - lo), st)
+    rows = B
+    if views is not None:  # per-view matrices (B, K, 1, n, m) against the images (B, 1, 3, H, W)
+        from uno_engine.read import view_matrices
+
+        K, rows = views.per_image, B * views.per_image
+        wy, wx = (
+            torch.from_numpy(m).to(images.device, cdtype).view(B, K, 1, *m.shape[1:])
+            for m in view_matrices(spec, H, W, views)
+        )
+        u = u.unsqueeze(1)
+    wxT = wx.transpose(-1, -2)
     vertical_first = spec.vertical_first(H, W)
-    t = torch.matmul(wy, u) if vertical_first else torch.matmul(u, wx.T)  # first pass
+    t = torch.matmul(wy, u) if vertical_first else torch.matmul(u, wxT)  # first pass
     if spec.clip_each_pass:
         t = _bridge_clamp(t, st)
-    r = torch.matmul(t, wx.T) if vertical_first else torch.matmul(wy, t)  # (B, 3, Hc, Wc)
+    r = torch.matmul(t, wxT) if vertical_first else torch.matmul(wy, t)  # (B[, K], 3, Hc, Wc)
+    r = r.reshape(rows, C, *r.shape[-2:])
+    if views is not None and views.noisy:
+        a, b, s = (
+            torch.from_numpy(v).to(images.device, cdtype).view(rows, 1, 1, 1)
+            for v in views.affine((lo, hi)).T
+        )
+        keys = torch.from_numpy(views.keys).to(images.device)
+        eps = hash_normal(keys, C * r.shape[-2] * r.shape[-1]).view(r.shape).to(cdtype)
+        r = a * r + b + s * eps
     if spec.clip_each_pass:
         r = _bridge_clamp(r, st)
     scale, shift, fill = (consts[:, i].view(1, 3, 1, 1) for i in range(3))

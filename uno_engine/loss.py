@@ -38,6 +38,12 @@ generator); on generated images they run with detached parameters, so their grad
 only. In editing, `batch["edit_mask"]` (B, N) marks edited patches with 1: structure holds only the unedited
 patches (mask = 1 - edit_mask) to the source image.
 
+Views (`UNOConfig(read=ReadAugment(views=K))`, `views=K` here): the critic read K views of each image, so
+`out` has B * K rows (row b * K + k: view k of image b). Every term averages over the views: the caption CE
+divides by the tokens of all B * K rows (a given `num_caption_tokens` counts images, so it is multiplied by
+K), the negatives term is a mean over the B * K rows, the regression terms' targets (B rows) are repeated
+per view, and the per-image factors (`num_images`) count images, not views.
+
 Normalization of the caption CE: "local" divides by this batch's caption tokens; "global" by the token count
 summed over data-parallel ranks (an all_reduce on the device, no host sync) and multiplies by the world size,
 so that DDP's gradient averaging yields the global token mean (under "global", `metrics["caption_ce"]` on one
@@ -59,6 +65,7 @@ import torch.distributed as dist
 from torch import nn
 
 from uno_engine import eager, ops
+from uno_engine.read import per_view
 
 
 class UNOLoss(nn.Module):
@@ -145,15 +152,17 @@ class UNOLoss(nn.Module):
         generator=None,
         lce_impl: str = "auto",
         bridge_kernel: str = "auto",
+        views: int = 1,
     ):
         """Returns (loss: 0-d tensor with grad, metrics: dict of detached 0-d device tensors).
+        `views`: the critic read this many views of each image (`out` has B * views rows; module docstring).
         `fuse_patch_embed` and `bridge_kernel` go to `critic.prepare` of the reference images, `lce_impl` to
         every linear cross-entropy (UNOConfig's fields of the same names; UNOStep passes them).
         `generator` (UNOStep passes it) is needed by the generator_loss and kl terms."""
         metrics: dict[str, torch.Tensor] = {}
         total = out.caption_hidden.new_zeros((), dtype=torch.float32)
         if self.w_caption > 0:
-            ce = self.caption_loss(out, batch, backend, lce_impl)
+            ce = self.caption_loss(out, batch, backend, lce_impl, views)
             metrics["caption_ce"] = ce.detach()
             total = total + self.w_caption * ce
         prep = dict(
@@ -162,17 +171,17 @@ class UNOLoss(nn.Module):
             fuse_patch_embed=fuse_patch_embed,
             bridge_kernel=bridge_kernel,
         )
-        terms, names = self._regression_terms(out, batch, critic, backend, input_range, prep)
+        terms, names = self._regression_terms(out, batch, critic, backend, input_range, prep, views)
         if terms:
             fused = eager.fused_regression if backend == "reference" else ops.fused_regression
             kw = {} if backend == "reference" else {"backend": backend}
             reg_total, per_term = fused(terms, **kw)
             if batch.get("num_images") is not None:  # accumulation: a micro-batch's share of the whole batch
-                reg_total = reg_total * (out.patch_features.shape[0] / batch["num_images"])
+                reg_total = reg_total * (out.patch_features.shape[0] / views / batch["num_images"])
             total = total + reg_total
             for i, name in enumerate(names):
                 metrics[name] = per_term[i]
-        total = total + self._objective_terms(out, batch, backend, generator, metrics, lce_impl)
+        total = total + self._objective_terms(out, batch, backend, generator, metrics, lce_impl, views)
         metrics["loss"] = total.detach()
         return total, metrics
 
@@ -218,12 +227,12 @@ class UNOLoss(nn.Module):
         loss = torch.logsumexp(s, dim=1) - s[:, 0]
         return loss, (s[:, :1] > s[:, 1:]).all(dim=1)
 
-    def _objective_terms(self, out, batch, backend, generator, metrics, lce_impl="auto") -> torch.Tensor:
+    def _objective_terms(self, out, batch, backend, generator, metrics, lce_impl="auto", views=1) -> torch.Tensor:
         """negatives + generator_loss + kl (each a per-image mean, rescaled like the caption term)."""
         total = out.caption_hidden.new_zeros((), dtype=torch.float32)
         if self.w_negatives <= 0 and self.w_generator <= 0 and self.w_kl <= 0:
             return total
-        share = self._image_share(out.caption_hidden.shape[0], batch, out.caption_hidden.device)
+        share = self._image_share(out.caption_hidden.shape[0] // views, batch, out.caption_hidden.device)
         if self.w_negatives > 0 and out.negative_hidden is not None and out.negative_hidden.shape[1] > 0:
             per_image, first = self.negatives_loss(out, backend, lce_impl)
             term = per_image.mean() * share
@@ -283,8 +292,9 @@ class UNOLoss(nn.Module):
             return n * float(dist.get_world_size()) / count
         return 1.0
 
-    def caption_loss(self, out, batch: dict, backend: str, lce_impl: str = "auto") -> torch.Tensor:
-        """Caption CE summed over tokens, divided by the (local, global or given) caption-token count."""
+    def caption_loss(self, out, batch: dict, backend: str, lce_impl: str = "auto", views: int = 1) -> torch.Tensor:
+        """Caption CE summed over tokens, divided by the (local, global or given) caption-token count (a given
+        count is of the images' tokens: times `views`, the rows per image)."""
         kw = dict(
             bias=out.lm_head_bias,
             label_smoothing=self.label_smoothing,
@@ -307,6 +317,8 @@ class UNOLoss(nn.Module):
             )
         count = batch.get("num_caption_tokens")
         scale = 1.0
+        if count is not None and views > 1:
+            count = count * views
         if count is None:
             count = (out.caption_labels != -100).sum().to(torch.float32)
             if self.normalize == "global" and dist.is_available() and dist.is_initialized():
@@ -315,7 +327,7 @@ class UNOLoss(nn.Module):
                 scale = float(dist.get_world_size())
         return ce_sum.float() * scale / count.to(torch.float32).clamp_min(1.0)
 
-    def _regression_terms(self, out, batch, critic, backend, input_range, prep):
+    def _regression_terms(self, out, batch, critic, backend, input_range, prep, views=1):
         terms, names = [], []
         if self.w_density <= 0 and self.w_structure <= 0:
             return terms, names
@@ -329,7 +341,7 @@ class UNOLoss(nn.Module):
         if self.w_density > 0:
             target = self._target(batch, "density_target", ref_images, out.grid, "density", input_range)
             pred = self.density_head(feats, detach_params=True)
-            terms.append(ops.RegressionTerm(pred, target, kind="mse", weight=self.w_density))
+            terms.append(ops.RegressionTerm(pred, per_view(views, target), kind="mse", weight=self.w_density))
             names.append("density")
             if ref_feats is not None and self.w_fit > 0:
                 fit = self.density_head(ref_feats.float())
@@ -338,7 +350,7 @@ class UNOLoss(nn.Module):
         if self.w_structure > 0:
             keep = None
             if batch.get("edit_mask") is not None:
-                keep = 1.0 - batch["edit_mask"].to(feats.dtype)
+                keep = per_view(views, 1.0 - batch["edit_mask"].to(feats.dtype))
             if self.structure_mode == "features":
                 target = batch.get("structure_target", ref_feats)
                 if target is None:
@@ -348,7 +360,7 @@ class UNOLoss(nn.Module):
                     )
                 terms.append(
                     ops.RegressionTerm(
-                        feats, target.float(), kind="cosine", weight=self.w_structure, mask=keep
+                        feats, per_view(views, target.float()), kind="cosine", weight=self.w_structure, mask=keep
                     )
                 )
                 names.append("structure")
@@ -357,7 +369,9 @@ class UNOLoss(nn.Module):
                     batch, "structure_target", ref_images, out.grid, "structure", input_range
                 )
                 pred = self.structure_head(feats, detach_params=True)
-                terms.append(ops.RegressionTerm(pred, target, kind="mse", weight=self.w_structure, mask=keep))
+                terms.append(
+                    ops.RegressionTerm(pred, per_view(views, target), kind="mse", weight=self.w_structure, mask=keep)
+                )
                 names.append("structure")
                 if ref_feats is not None and self.w_fit > 0:
                     fit = self.structure_head(ref_feats.float())

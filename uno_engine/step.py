@@ -26,6 +26,7 @@ from torch import nn
 from uno_engine._profiling import PhaseTimer
 from uno_engine.config import UNOConfig
 from uno_engine.distributed import unwrap
+from uno_engine.read import draw_for_step, per_view
 
 
 @dataclass
@@ -71,6 +72,7 @@ class UNOStep(nn.Module):
                 critic, generator, latent_input=c.latent_input, feature_layer=c.latent_feature_layer
             )
         loss.bind(self.reader, generator)
+        self._reads = 0  # forward calls: the step of UNOConfig.read's draws when the batch has no "read_step"
         if self.config.fuse_patch_embed is True and (why := critic.fused_patch_embed_reasons()):
             raise ValueError("UNOConfig(fuse_patch_embed=True) with this critic: " + "; ".join(why))
         if self.config.compile:
@@ -93,12 +95,18 @@ class UNOStep(nn.Module):
             images = self.generator(batch, view="latent") if latent else self.generator(batch)
         if cfg.check_inputs:
             check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
+        K = 1 if cfg.read is None else cfg.read.views  # the critic reads K views of each image (B * K rows)
         with timer.phase("bridge"):
-            inputs = self.reader.prepare(images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, **bridge)
+            views = None if cfg.read is None else draw_for_step(cfg.read, images, batch, self._reads)
+            self._reads += 1
+            inputs = self.reader.prepare(
+                images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, views=views, **bridge
+            )
         with timer.phase("critic"):
-            caps = (inputs, batch["captions"], batch.get("caption_mask"))
+            caps = (inputs, *per_view(K, batch["captions"], batch.get("caption_mask")))
             # hard negatives share the image prefix: one pass
             neg = unwrap(self.uno_loss).negatives_of(batch)
+            neg = None if neg is None else per_view(K, *neg)
             out = self.reader(*caps) if neg is None else self.reader.forward_with_negatives(*caps, *neg)
         with timer.phase("loss"):
             loss, metrics = self.uno_loss(
@@ -108,6 +116,7 @@ class UNOStep(nn.Module):
                 generator=unwrap(self.generator),  # its methods (denoising_loss, predict), not its forward
                 lce_impl=cfg.lce_impl,
                 bridge_kernel=cfg.bridge_kernel,
+                views=K,
                 **bridge,
             )
         timer.on_grad(loss, "grad.loss")

@@ -362,6 +362,7 @@ class Critic(nn.Module):
         backend: str = "auto",
         fuse_patch_embed: bool | str = False,
         bridge_kernel: str = "auto",
+        views=None,
     ) -> CriticInputs:
         """Generated images (B, 3, H, W) in `input_range` -> CriticInputs, differentiably, with the model's
         own preprocessing. backend "reference" -> uno_engine.eager.bridge, else uno_engine.ops.bridge (with
@@ -375,11 +376,16 @@ class Critic(nn.Module):
             anyway), and images.dtype is the critic's dtype (the conv then runs in the same dtype as unfused:
             the same forward). Either bridge backend saves the same (both apply the conv after the resampling
             through the same no-save autograd function), so "auto" does not depend on it.
+        views: None, or `uno_engine.read.Views` drawn for these images: the inputs of their B * K views
+            (row b * K + k: view k of image b; `UNOConfig(read=ReadAugment(...))`).
         """
         fuse = self._use_fused_patch_embed(fuse_patch_embed, images, backend)
         conv = self._find_patch_site()[0][2] if fuse else None
         kw = dict(
-            input_range=input_range, clamp=clamp, patch_embed=(conv.weight, conv.bias) if fuse else None
+            input_range=input_range,
+            clamp=clamp,
+            patch_embed=(conv.weight, conv.bias) if fuse else None,
+            views=views,
         )
         if backend == "reference":
             from uno_engine import eager
@@ -394,7 +400,8 @@ class Critic(nn.Module):
         grid_thw = grid_host = None
         if getattr(self.spec, "layout", "nchw") == "qwen2_vl":
             H, W = images.shape[-2], images.shape[-1]
-            grid_thw = self.spec.image_grid_thw(images.shape[0], H, W, images.device)
+            rows = images.shape[0] * (1 if views is None else views.per_image)
+            grid_thw = self.spec.image_grid_thw(rows, H, W, images.device)
             grid_host = (1, *self.spec.grid(H, W))
         return CriticInputs(pixel_values=pixel_values, image_grid_thw=grid_thw, grid_thw=grid_host)
 

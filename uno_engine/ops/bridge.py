@@ -1,8 +1,10 @@
 """`ops.bridge`: generated images -> exactly the critic input of the critic's HF image processor, with its
-gradient.
+gradient; optionally K random views of each image (`views=`, `uno_engine.read`).
 
-Registered with `uno_engine.ops._register.custom_op` as `uno_engine::bridge_fwd` / `uno_engine::bridge_bwd`
-(fake + autograd; an eager fast path), so a compiled step has no graph break. Backends:
+The op in three files, as linear cross-entropy: this one (the public function, its argument checks and the
+kernel choice), `_bridge_ops` (the registered ops `uno_engine::bridge_fwd` / `bridge_bwd` and
+`bridge_views_fwd` / `bridge_views_bwd`: custom ops with fake + autograd and an eager fast path, so a compiled
+step has no graph break; the plans they read) and `_bridge_torch` (the torch path). Backends:
 - "triton" (`uno_engine.kernels.bridge`): the separable Pillow resampling as tap kernels, exact fp32,
   deterministic gathers in the backward (no atomics). `kernel=` picks the algorithm: "two_pass" (one launch
   per resampling pass and an fp32 intermediate), "fused" (one launch per direction, no intermediate; not yet
@@ -22,16 +24,13 @@ gradient is zero.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from uno_engine import _env
-from uno_engine.bridge_math import fill_padding, qwen2_vl_patchify, qwen2_vl_unpatchify_sum
-from uno_engine.bridge_spec import BridgeSpec, bridge_tensors
+from uno_engine.bridge_spec import BridgeSpec
+from uno_engine.ops import _bridge_ops
 from uno_engine.ops._dispatch import resolve_backend
-from uno_engine.ops._register import custom_op
 
 KERNELS = ("auto", "two_pass", "fused")
 CLAMPS = ("clamp", "straight_through")
@@ -50,7 +49,7 @@ def explain_kernel_choice(kernel: str = "auto") -> dict:
     passes instead. For `python -m uno_engine.info`."""
     if kernel not in KERNELS:
         raise ValueError(f"bridge: kernel must be one of {KERNELS}, got {kernel!r}")
-    fwd = bwd = "two_pass" if kernel == "auto" else kernel
+    fwd = bwd = _bridge_ops._AUTO_KERNEL if kernel == "auto" else kernel
     why = [_AUTO_WHY if kernel == "auto" else f"kernel={kernel!r}"]
     env_fwd, env_bwd = _env.get("UNO_BRIDGE_FORWARD"), _env.get("UNO_BRIDGE_BACKWARD")
     if env_fwd is not None:
@@ -60,224 +59,6 @@ def explain_kernel_choice(kernel: str = "auto") -> dict:
         bwd = env_bwd
         why.append(f"UNO_BRIDGE_BACKWARD={env_bwd} overrides the backward")
     return {"forward": fwd, "backward": bwd, "why": "; ".join(why)}
-
-
-def _forward_kernel(kernel: str) -> str:
-    env = _env.get("UNO_BRIDGE_FORWARD")
-    return env if env is not None else ("two_pass" if kernel == "auto" else kernel)
-
-
-def _backward_kernel(kernel: str) -> str:
-    env = _env.get("UNO_BRIDGE_BACKWARD")
-    return env if env is not None else ("two_pass" if kernel == "auto" else kernel)
-
-
-def _blocks():
-    return _env.get("UNO_BRIDGE_BLOCKS")
-
-
-# --------------------------------------------------------------------------------------- torch path
-def _torch_forward(images, wy, wx, consts, region, lo, hi, clip, qwen, vf):
-    cdtype = wy.dtype
-    u = ((images.to(cdtype) - lo) / (hi - lo)).clamp(0.0, 1.0)
-    t = torch.matmul(wy, u) if vf else torch.matmul(u, wx.T)
-    if clip:
-        t = t.clamp(0.0, 1.0)
-    r = torch.matmul(t, wx.T) if vf else torch.matmul(wy, t)
-    if clip:
-        r = r.clamp(0.0, 1.0)
-    scale, shift, fill = (consts[:, i].view(1, 3, 1, 1) for i in range(3))
-    out = fill_padding(r, region, fill) * scale + shift
-    if qwen is not None:
-        out = qwen2_vl_patchify(out, *qwen)
-    return out.to(images.dtype)
-
-
-def _torch_backward(grad_out, images, wy, wx, consts, region, lo, hi, clip, qwen, use_masks, vf):
-    cdtype = wy.dtype
-    B = images.shape[0]
-    Hc, Wc = wy.shape[0], wx.shape[0]
-    g = grad_out.to(cdtype)
-    if qwen is not None:
-        g = qwen2_vl_unpatchify_sum(g, B, Hc, Wc, *qwen)
-    g = fill_padding(
-        g * consts[:, 0].view(1, 3, 1, 1), region, torch.zeros((), dtype=cdtype, device=g.device)
-    )
-    if use_masks:
-        u_pre = (images.to(cdtype) - lo) / (hi - lo)
-        u = u_pre.clamp(0.0, 1.0)
-        t_pre = torch.matmul(wy, u) if vf else torch.matmul(u, wx.T)
-        if clip:
-            t = t_pre.clamp(0.0, 1.0)
-            r_pre = torch.matmul(t, wx.T) if vf else torch.matmul(wy, t)
-            g = torch.where((r_pre >= 0) & (r_pre <= 1), g, 0.0)
-    g_t = torch.matmul(g, wx) if vf else torch.matmul(wy.T, g)
-    if use_masks and clip:
-        g_t = torch.where((t_pre >= 0) & (t_pre <= 1), g_t, 0.0)
-    g_u = torch.matmul(wy.T, g_t) if vf else torch.matmul(g_t, wx)
-    if use_masks:  # masks as selects (as the Triton kernels): 0 where a clamp saturated and at NaN
-        g_u = torch.where((u_pre >= 0) & (u_pre <= 1), g_u, 0.0)
-    return (g_u / (hi - lo)).to(images.dtype)
-
-
-# ------------------------------------------------------------------------------------------- plans
-class _Plan(NamedTuple):
-    """The constants of one (spec, input size, device, compute dtype, backend), built once: the dense
-    resampling matrices wy (Hc, H), wx (Wc, W) and per-channel consts (3, 3) [scale, shift, fill] (torch
-    path), the device tap tables with their counts (Triton path), and the geometry."""
-
-    id: int  # the handle the registered ops take (an int: no tensor-list argument to flatten per call)
-    wy: torch.Tensor
-    wx: torch.Tensor
-    consts: torch.Tensor
-    tables: dict | None  # `kernels.bridge.tap_tables` as device tensors + int counts; None on the torch path
-    region: tuple[int, int, int, int]  # canvas rectangle (y0, y1, x0, x1) that shows the image
-    clip: bool  # spec.clip_each_pass
-    qwen: tuple[int, int, int] | None  # (patch, merge, temporal) of layout "qwen2_vl"
-    vertical_first: bool
-
-    @property
-    def canvas(self) -> tuple[int, int]:
-        return self.wy.shape[0], self.wx.shape[0]
-
-
-_PLANS: dict = {}  # key -> _Plan
-_PLAN_BY_ID: list[_Plan] = []  # handle -> _Plan (plans live as long as the process, like compiled kernels)
-
-
-def _plan(spec: BridgeSpec, H: int, W: int, device: torch.device, dtype: torch.dtype, triton: bool) -> _Plan:
-    """The plan of one (spec, input size, device, dtype, backend): built and copied to the device once. A
-    cache hit is a dict lookup (cheap to trace under torch.compile); a miss runs eagerly (numpy) outside any
-    graph."""
-    key = (spec, int(H), int(W), torch.device(device), dtype, bool(triton))
-    hit = _PLANS.get(key)
-    if hit is not None:
-        return hit
-    return _build_plan(key)
-
-
-@torch.compiler.disable
-def _build_plan(key) -> _Plan:
-    spec, H, W, device, dtype, triton = key
-    wy, wx, consts = bridge_tensors(spec, H, W, device, dtype)
-    qwen = (spec.patch_size, spec.merge_size, spec.temporal_patch_size) if spec.layout == "qwen2_vl" else None
-    tables = None
-    if triton:
-        from uno_engine.kernels.bridge import COUNTS, TABLES, tap_tables
-
-        wy_np, wx_np = spec.resize_matrices(H, W)
-        tab = tap_tables(np.asarray(wy_np), np.asarray(wx_np))
-        tables = {k: torch.from_numpy(tab[k]).to(device) for k in TABLES}
-        tables.update({k: int(tab[k]) for k in COUNTS})
-    plan = _Plan(
-        len(_PLAN_BY_ID), wy, wx, consts, tables, spec.region(H, W), bool(spec.clip_each_pass), qwen,
-        bool(spec.vertical_first(H, W)),
-    )  # fmt: skip
-    _PLAN_BY_ID.append(plan)
-    _PLANS[key] = plan
-    return plan
-
-
-# ----------------------------------------------------------------------------------------- the ops
-def _out_shape(images: torch.Tensor, plan: _Plan) -> tuple[int, ...]:
-    B, C = images.shape[:2]
-    Hc, Wc = plan.canvas
-    if plan.qwen is None:
-        return (B, C, Hc, Wc)
-    p, _, T = plan.qwen
-    return (B * (Hc // p) * (Wc // p), C * T * p * p)
-
-
-def _bridge_fwd_fake(images, plan, lo, hi, use_triton, store_mask, kernel):
-    pl = _PLAN_BY_ID[plan]
-    numel = 0
-    if use_triton and store_mask:
-        from uno_engine.kernels.bridge import mask_layout
-
-        B, _, H, W = images.shape
-        numel = mask_layout(B, H, W, *pl.canvas, pl.vertical_first, pl.clip)[0]
-    return images.new_empty(_out_shape(images, pl)), images.new_empty((numel,), dtype=torch.uint8)
-
-
-def _bridge_bwd_fake(grad_out, images, mask, plan, lo, hi, use_triton, use_masks, kernel):
-    return torch.empty_like(images, memory_format=torch.contiguous_format)
-
-
-@custom_op("uno_engine::bridge_bwd", fake=_bridge_bwd_fake)
-def _bridge_bwd(
-    grad_out: torch.Tensor,
-    images: torch.Tensor,
-    mask: torch.Tensor,
-    plan: int,
-    lo: float,
-    hi: float,
-    use_triton: bool,
-    use_masks: bool,
-    kernel: str,
-) -> torch.Tensor:
-    """grad_images (B, 3, H, W) from grad_out in the output layout; mask: the forward's side outputs; plan:
-    the handle of a `_Plan`."""
-    pl = _PLAN_BY_ID[plan]
-    if not use_triton:
-        return _torch_backward(
-            grad_out, images, pl.wy, pl.wx, pl.consts, pl.region, lo, hi, pl.clip, pl.qwen, use_masks,
-            pl.vertical_first,
-        )  # fmt: skip
-    from uno_engine.kernels import bridge as K
-
-    bwd = _backward_kernel(kernel)
-    return K.bridge_backward(
-        grad_out, images, mask if mask.numel() else None, pl.tables, pl.consts, pl.canvas, pl.region, (lo, hi),
-        clip_each_pass=pl.clip, use_masks=use_masks, qwen=pl.qwen, vertical_first=pl.vertical_first,
-        kernel=bwd, blocks=_blocks(), fused_tile=_env.get("UNO_BRIDGE_FUSED_BWD_TILE") if bwd == "fused" else None,
-    )  # fmt: skip
-
-
-@custom_op("uno_engine::bridge_fwd", fake=_bridge_fwd_fake)
-def _bridge_fwd(
-    images: torch.Tensor,
-    plan: int,
-    lo: float,
-    hi: float,
-    use_triton: bool,
-    store_mask: bool,
-    kernel: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(critic input, side outputs for the backward: uint8, empty unless Triton with store_mask); plan: the
-    handle of a `_Plan`."""
-    pl = _PLAN_BY_ID[plan]
-    if not use_triton:
-        out = _torch_forward(
-            images, pl.wy, pl.wx, pl.consts, pl.region, lo, hi, pl.clip, pl.qwen, pl.vertical_first
-        )
-        return out, images.new_empty((0,), dtype=torch.uint8)
-    from uno_engine.kernels import bridge as K
-
-    fwd = _forward_kernel(kernel)
-    out, side = K.bridge_forward(
-        images, pl.tables, pl.consts, pl.canvas, pl.region, (lo, hi), clip_each_pass=pl.clip,
-        store_mask=store_mask, qwen=pl.qwen, out_dtype=images.dtype, vertical_first=pl.vertical_first,
-        kernel=fwd, blocks=_blocks(), fused_tile=_env.get("UNO_BRIDGE_FUSED_TILE") if fwd != "two_pass" else None,
-    )  # fmt: skip
-    return out, side if side is not None else images.new_empty((0,), dtype=torch.uint8)
-
-
-def _setup_context(ctx, inputs, output):
-    images, plan, lo, hi, use_triton, store_mask, kernel = inputs
-    ctx.save_for_backward(images, output[1])
-    ctx.args = (plan, lo, hi, use_triton, store_mask, kernel)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_out, grad_mask):
-    gx = None
-    if ctx.needs_input_grad[0]:
-        images, mask = ctx.saved_tensors
-        gx = _bridge_bwd(grad_out, images, mask, *ctx.args)
-    return gx, None, None, None, None, None, None
-
-
-_bridge_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------- host helpers
@@ -306,7 +87,7 @@ class _PatchEmbedNoSave(torch.autograd.Function):
         return gx, None, None
 
 
-def _check(images, spec, input_range, clamp, patch_embed, kernel) -> None:
+def _check(images, spec, input_range, clamp, patch_embed, kernel, views=None) -> None:
     """Argument checks, the same on every backend (run before the backend is chosen)."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"bridge: images must be a torch.Tensor (B, 3, H, W), got {type(images).__name__}")
@@ -339,6 +120,15 @@ def _check(images, spec, input_range, clamp, patch_embed, kernel) -> None:
         raise ValueError(f"bridge: clamp must be one of {CLAMPS}, got {clamp!r}")
     if kernel not in KERNELS:
         raise ValueError(f"bridge: kernel must be one of {KERNELS}, got {kernel!r}")
+    if views is not None:
+        from uno_engine.read import Views
+
+        if not isinstance(views, Views):
+            raise TypeError(
+                f"bridge: views must be uno_engine.read.Views (ReadAugment.draw(...)) or None, "
+                f"got {type(views).__name__}"
+            )
+        views.check(images.shape[0], images.shape[2], images.shape[3])
     if patch_embed is not None:
         if spec.layout != "nchw":
             raise ValueError(
@@ -363,6 +153,7 @@ def bridge(
     patch_embed: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     backend: str = "auto",
     kernel: str = "auto",
+    views=None,
 ) -> torch.Tensor:
     """Generated images -> the critic input `spec`'s image processor would make of them, differentiably.
 
@@ -388,6 +179,12 @@ def bridge(
         backend: "auto" | "triton" | "torch" (see `uno_engine.ops._dispatch`).
         kernel: the Triton algorithm, "auto" | "two_pass" | "fused" (see the module docstring and
             `explain_kernel_choice`); the torch backend ignores it. The values are the same either way.
+        views: None (the plain read) or `uno_engine.read.Views` drawn for these images
+            (`ReadAugment(...).draw(B, H, W, ...)`): the critic input of B * K views, row b * K + k view k of
+            image b, each its box resampled with Pillow's box coefficients, then the views' noise / re-noising
+            before the last clip. Triton: the two-pass kernels with per-view tap tables read the images once
+            per view (no augmented copy) and the backward sums the K views in one deterministic gather.
+            Views without jitter (identity boxes, no noise) run the plain read for each view.
 
     Non-finite pixels: +-Inf clamps to the bound of input_range; a NaN gives NaN at every output that reads
     it (the torch backend: its whole image plane), never a finite value; its own gradient is zero.
@@ -408,19 +205,31 @@ def bridge(
     References: Pillow `Resample.c` (`precompute_coeffs`, the pass order, the 8-bit clip); transformers'
     image processors (crop / pad / patch order).
     """
-    _check(images, spec, input_range, clamp, patch_embed, kernel)
+    _check(images, spec, input_range, clamp, patch_embed, kernel, views)
     B, _, H, W = images.shape
     reasons = []
     if images.dtype == torch.float64:
         reasons.append("float64 images run on the torch path")
-    if B * 3 > 65535:
-        reasons.append(f"batch {B} x 3 planes exceeds the launch grid limit 65535")
+    rows = B * (views.per_image if views is not None else 1)
+    if rows * 3 > 65535:
+        reasons.append(f"batch {rows} x 3 planes exceeds the launch grid limit 65535")
     use_triton = resolve_backend("bridge", backend, [images], reasons) == "triton"
     cdtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    plan = _plan(spec, H, W, images.device, cdtype, use_triton)
+    plan = _bridge_ops.plan(spec, H, W, images.device, cdtype, use_triton)
     store_mask = clamp == "clamp" and images.requires_grad
     lo, hi = float(input_range[0]), float(input_range[1])
-    out, _ = _bridge_fwd(images, plan.id, lo, hi, use_triton, store_mask, kernel)
+    if views is not None and not views.jitter:  # every view is the plain read
+        images = images.repeat_interleave(views.per_image, dim=0) if views.per_image > 1 else images
+        views = None
+    if views is None:
+        out, _ = _bridge_ops.bridge_fwd(images, plan.id, lo, hi, use_triton, store_mask, kernel)
+    else:
+        tabs, counts, affine, keys = _bridge_ops.view_tensors(
+            spec, H, W, views, (lo, hi), images.device, cdtype, use_triton
+        )
+        out, _ = _bridge_ops.bridge_views_fwd(
+            images, tabs, counts, affine, keys, plan.id, views.per_image, lo, hi, use_triton, store_mask, kernel
+        )
     if patch_embed is None:
         return out
     weight, bias = patch_embed

@@ -1,0 +1,297 @@
+"""`ReadAugment`: how the critic reads each generated image. K random views per image, drawn in the bridge.
+
+A critic without adversarial or noise training rewards textures on its patch grid (a one-pixel shift undoes
+them). Reading every generated image under K random views and averaging the losses over them changes what the
+gradient asks for. Each view is
+
+- a crop box in the generated image: a sub-pixel offset of its centre (`shift`, image pixels, uniform in
+  [-shift, shift] per axis) and a size `s` times the image's (`scale` = (lo, hi), s uniform; s < 1 zooms in).
+  The bridge resamples the box to the processor's size with Pillow's own coefficients for a box
+  (`Resample.c::precompute_coeffs(in0, in1)`: centre of output i at in0 + (i + 0.5) * (in1 - in0) / out,
+  antialiased support, taps clipped to the image and renormalised): the processor reading that crop. The
+  view's canvas (crop or pad, normalisation, layout) is the full image's;
+- Gaussian pixel noise of std `noise` (input_range units), added to the processor's image (after the resize,
+  before its last clip), and / or
+- re-noising as a forward process (`renoise=(t_min, t_max)`, `schedule`): with x0 = 2u - 1 the processor's
+  image on [-1, 1], the critic reads x_t = a(t) x0 + s(t) eps, clipped like the processor's uint8 image:
+  "flow" a = 1 - t, s = t (t in [0, 1]); or a diffusers scheduler's `alphas_cumprod` (t an integer index,
+  a = sqrt(ac[t]), s = sqrt(1 - ac[t])).
+
+So a view's value at a canvas pixel is clip(alpha * r + beta + sigma * eps), r the Pillow-resampled box
+(before its last clip), alpha = a, beta = (1 - a) / 2, sigma = sqrt((a * noise / (hi - lo))^2 + (s / 2)^2),
+eps a standard-normal draw (`bridge_math.hash_normal`: a counter hash, the same numbers on every backend).
+
+Draws. `ReadAugment.draw(B, H, W, step=, sample_offset=)` draws on the host (numpy), from
+(seed, step, global sample index): reproducible, the same on every rank for the same global sample, no device
+work and no host sync. `UNOStep` passes `batch["read_step"]` (an int; default: its own step counter) and
+`batch["sample_offset"]` (the global index of the batch's first image; default rank * B under
+torch.distributed). Views are ordered image-major: row b * K + k of the bridge output is view k of image b.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from uno_engine.bridge_spec import RESAMPLE_FILTERS, BridgeSpec
+
+__all__ = ["ReadAugment", "Views", "box_taps", "draw_for_step", "per_view", "view_matrices", "view_tap_tables"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadAugment:
+    """How the critic reads each generated image: `views` random views, averaged (module docstring)."""
+
+    views: int = 1  # K views per generated image; the critic reads B * K images
+    shift: float = 0.0  # max offset of a view box's centre per axis, in image pixels (uniform, sub-pixel)
+    scale: tuple[float, float] = (1.0, 1.0)  # the box's size relative to the image, uniform in [lo, hi]
+    noise: float = 0.0  # std of Gaussian noise on the processor's image, in input_range units
+    renoise: tuple[float, float] | None = None  # forward-process level t, uniform in [t_min, t_max]
+    schedule: str | tuple[float, ...] = "flow"  # "flow" (x_t = (1-t) x0 + t eps) or alphas_cumprod values
+    seed: int = 0  # base seed of the draws (with the step and the global sample index)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"ReadAugment: {msg}")
+
+        if not isinstance(self.views, int) or isinstance(self.views, bool) or self.views < 1:
+            bad(f"views must be an int >= 1, got {self.views!r}")
+        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift >= 0):
+            bad(f"shift must be a finite number >= 0 (image pixels), got {self.shift!r}")
+        try:
+            lo, hi = (float(v) for v in self.scale)
+        except (TypeError, ValueError):
+            bad(f"scale must be (lo, hi), two numbers, got {self.scale!r}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            bad(f"scale must be (lo, hi) with 0 < lo <= hi, finite, got {self.scale!r}")
+        object.__setattr__(self, "scale", (lo, hi))
+        if not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0):
+            bad(f"noise must be a finite number >= 0, got {self.noise!r}")
+        if isinstance(self.schedule, str):
+            if self.schedule != "flow":
+                bad(f"schedule must be 'flow' or a sequence of alphas_cumprod, got {self.schedule!r}")
+        else:
+            try:
+                ac = tuple(float(v) for v in torch.as_tensor(self.schedule).flatten().tolist())
+            except (TypeError, ValueError, RuntimeError):
+                bad(f"schedule must be 'flow' or a sequence of alphas_cumprod, got {type(self.schedule).__name__}")
+            if not ac or not all(0.0 <= a <= 1.0 for a in ac):
+                bad("schedule (alphas_cumprod) must be non-empty with values in [0, 1]")
+            object.__setattr__(self, "schedule", ac)
+        if self.renoise is not None:
+            try:
+                t0, t1 = (float(v) for v in self.renoise)
+            except (TypeError, ValueError):
+                bad(f"renoise must be (t_min, t_max), two numbers, or None, got {self.renoise!r}")
+            top = 1.0 if self.schedule == "flow" else float(len(self.schedule) - 1)
+            if not (0.0 <= t0 <= t1 <= top):
+                bad(
+                    f"renoise must be (t_min, t_max) with 0 <= t_min <= t_max <= {top:g} "
+                    f"(schedule {'flow' if self.schedule == 'flow' else 'alphas_cumprod'}), got {self.renoise!r}"
+                )
+            object.__setattr__(self, "renoise", (t0, t1))
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad(f"seed must be an int >= 0, got {self.seed!r}")
+
+    @property
+    def jitter(self) -> bool:
+        """Whether a view differs from the plain read (a box other than the image, noise or re-noising)."""
+        return self.shift > 0 or self.scale != (1.0, 1.0) or self.noise > 0 or self.renoise is not None
+
+    def draw(self, batch_size: int, height: int, width: int, *, step: int = 0, sample_offset: int = 0) -> Views:
+        """The views of a batch of `batch_size` (height, width) images whose first image has the global index
+        `sample_offset`, at `step`: image g's draws depend only on (seed, step, g). Host only (numpy)."""
+        for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ReadAugment.draw: {name} must be an int >= 1, got {v!r}")
+        for name, v in (("step", step), ("sample_offset", sample_offset)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"ReadAugment.draw: {name} must be an int >= 0, got {v!r}")
+        K, V = self.views, batch_size * self.views
+        dy, dx, s = np.zeros(V), np.zeros(V), np.ones(V)
+        alpha, s_noise = np.ones(V), np.zeros(V)
+        keys = np.zeros((V, 2), dtype=np.int64)
+        for b in range(batch_size):
+            rng = np.random.default_rng([self.seed, step, sample_offset + b])
+            sl = slice(b * K, (b + 1) * K)
+            keys[sl] = rng.integers(0, 1 << 32, size=(K, 2), dtype=np.int64)
+            if self.shift > 0:
+                dy[sl], dx[sl] = rng.uniform(-self.shift, self.shift, size=(2, K))
+            if self.scale != (1.0, 1.0):
+                s[sl] = rng.uniform(*self.scale, size=K)
+            if self.renoise is not None:
+                t = rng.uniform(*self.renoise, size=K)
+                if self.schedule == "flow":
+                    alpha[sl], s_noise[sl] = 1.0 - t, t
+                else:
+                    ac = np.asarray(self.schedule)[np.rint(t).astype(np.int64)]
+                    alpha[sl], s_noise[sl] = np.sqrt(ac), np.sqrt(1.0 - ac)
+        cy, cx = height / 2 + dy, width / 2 + dx
+        hh, hw = s * height / 2, s * width / 2
+        boxes = np.stack([cy - hh, cy + hh, cx - hw, cx + hw], axis=1)  # identity: exactly (0, H, 0, W)
+        return Views(K, (height, width), boxes, alpha, s_noise, float(self.noise), keys, self.jitter)
+
+
+class Views(NamedTuple):
+    """Drawn views of a batch (host numpy; `ReadAugment.draw`). V = B * K rows, image-major."""
+
+    per_image: int  # K
+    image_size: tuple[int, int]  # (H, W) the boxes were drawn for
+    boxes: np.ndarray  # (V, 4) float64 (y0, y1, x0, x1) in image pixels (continuous: pixel i spans [i, i+1))
+    alpha: np.ndarray  # (V,) forward-process a(t) (1 without renoise)
+    renoise_std: np.ndarray  # (V,) forward-process s(t) on the [-1, 1] scale (0 without renoise)
+    noise: float  # pixel noise std in input_range units
+    keys: np.ndarray  # (V, 2) int64 in [0, 2^32): the noise counters' keys
+    jitter: bool  # False: every view is the plain read (identity box, no noise)
+
+    def affine(self, input_range: tuple[float, float]) -> np.ndarray:
+        """(V, 3) float64 [alpha, beta, sigma] of clip(alpha * r + beta + sigma * eps) on the [0, 1] scale."""
+        lo, hi = input_range
+        a = self.alpha
+        sigma = np.sqrt((a * self.noise / (hi - lo)) ** 2 + (self.renoise_std / 2) ** 2)
+        return np.stack([a, (1.0 - a) / 2, sigma], axis=1)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether any view adds noise or re-noises (the epilogue's affine map is not the identity)."""
+        return bool(self.noise > 0 or (self.renoise_std > 0).any() or (self.alpha != 1).any())
+
+    def check(self, batch: int, H: int, W: int) -> None:
+        """Raise ValueError (naming `views`) unless these views were drawn for `batch` (H, W) images."""
+        if self.boxes.shape[0] != batch * self.per_image or tuple(self.image_size) != (H, W):
+            raise ValueError(
+                f"bridge: views were drawn for {self.boxes.shape[0] // self.per_image} images of "
+                f"{tuple(self.image_size)}, got images {(batch, 3, H, W)}"
+            )
+
+
+# ------------------------------------------------------------------------------------------ the step
+def draw_for_step(read: ReadAugment, images: torch.Tensor, batch: dict, counter: int) -> Views:
+    """The views of a step's generated images (B, 3, H, W): step = batch["read_step"] (an int, e.g. the
+    trainer's global step) or `counter` (UNOStep's own count of forward calls); the global index of the first
+    image = batch["sample_offset"] or rank * B under torch.distributed (0 otherwise). Host only."""
+    import torch.distributed as dist
+
+    B, _, H, W = images.shape
+    step = batch.get("read_step", counter)
+    offset = batch.get("sample_offset")
+    if offset is None:
+        offset = B * dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    for name, v in (("read_step", step), ("sample_offset", offset)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"batch['{name}'] must be a Python int >= 0 (read on the host), got {v!r}")
+    return read.draw(B, H, W, step=step, sample_offset=offset)
+
+
+def per_view(K: int, *tensors):
+    """Each (B, ...) tensor (None passes) as (B * K, ...) rows, row b * K + k = row b: the rows of the K views
+    of image b. `repeat_interleave` (a copy): the critic's sequence assembly and the embedding need contiguous
+    rows; caption ids and masks are small next to the (B * K, L, H) hidden states the critic makes anyway."""
+    out = tuple(None if t is None or K == 1 else t.repeat_interleave(K, dim=0) for t in tensors)
+    out = tuple(t if o is None else o for t, o in zip(tensors, out, strict=True))
+    return out if len(out) > 1 else out[0]
+
+
+# ---------------------------------------------------------------------------------- Pillow box taps
+def box_taps(n_in: int, n_out: int, lo: np.ndarray, hi: np.ndarray, resample: str = "bicubic"):
+    """Pillow's 1-D resampling coefficients of a box [lo, hi) of an n_in-pixel axis to n_out pixels
+    (`Resample.c::precompute_coeffs(inSize, in0, in1, outSize)`), for V boxes at once.
+
+    lo, hi: (V,) float64. Returns (start (V, n_out) int64, weights (V, n_out, K) float64, count (V, n_out)):
+    output o of box v is sum_k weights[v, o, k] * src[start[v, o] + k], k < count[v, o]. A box (0, n_in)
+    gives `bridge_spec.pil_resize_matrix`'s rows (equal in float32; in float64 up to the order of the
+    normalising sum, here sequential over the taps)."""
+    filt, base = RESAMPLE_FILTERS[resample]
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    scale = (hi - lo) / n_out  # (V,)
+    fs = np.maximum(scale, 1.0)
+    support = base * fs
+    center = lo[:, None] + (np.arange(n_out) + 0.5) * scale[:, None]  # (V, n_out)
+    first = np.maximum(np.trunc(center - support[:, None] + 0.5).astype(np.int64), 0)  # C int(): truncation
+    last = np.minimum(np.trunc(center + support[:, None] + 0.5).astype(np.int64), n_in)
+    count = np.maximum(last - first, 0)
+    K = max(int(count.max()), 1)
+    k = np.arange(K)
+    w = filt((first[..., None] + k - center[..., None] + 0.5) / fs[:, None, None])
+    w = np.where(k < count[..., None], w, 0.0)
+    total = np.zeros(center.shape)
+    for i in range(K):  # sequential, as Pillow's loop
+        total = total + w[..., i]
+    w = w / np.where(total != 0.0, total, 1.0)[..., None]
+    return np.minimum(first, n_in - 1), w, count
+
+
+def _canvas_taps(spec: BridgeSpec, H: int, W: int, boxes: np.ndarray):
+    """Per axis (y, x): (start (V, n_canvas), weights (V, n_canvas, K), count) of each view's canvas rows
+    (columns): the box resampled to the resized size, placed on the canvas like the full image (rows outside
+    the image region: no taps)."""
+    h, w = spec.resized_size(H, W)
+    hc, wc = spec.output_size(H, W)
+    oy, ox = spec.placement(H, W)
+    out = []
+    for n_in, n_out, n_canvas, off, (a, b) in (
+        (H, h, hc, oy, (boxes[:, 0], boxes[:, 1])),
+        (W, w, wc, ox, (boxes[:, 2], boxes[:, 3])),
+    ):
+        start, wt, count = box_taps(n_in, n_out, a, b, spec.resample)
+        V, K = wt.shape[0], wt.shape[2]
+        cs = np.zeros((V, n_canvas), dtype=np.int64)
+        cw = np.zeros((V, n_canvas, K))
+        cc = np.zeros((V, n_canvas), dtype=np.int64)
+        lo_, hi_ = max(off, 0), min(off + n_out, n_canvas)
+        cs[:, lo_:hi_], cw[:, lo_:hi_], cc[:, lo_:hi_] = (
+            start[:, lo_ - off : hi_ - off], wt[:, lo_ - off : hi_ - off], count[:, lo_ - off : hi_ - off]
+        )  # fmt: skip
+        out.append((cs, cw, cc))
+    return out
+
+
+def view_matrices(spec: BridgeSpec, H: int, W: int, views: Views) -> tuple[np.ndarray, np.ndarray]:
+    """(Wy (V, Hc, H), Wx (V, Wc, W)) float64 dense canvas matrices of each view (the torch path and the
+    eager reference; for the identity box they are `spec.resize_matrices(H, W)` up to float64 rounding)."""
+    mats = []
+    for (start, wt, count), n_in in zip(_canvas_taps(spec, H, W, views.boxes), (H, W), strict=True):
+        V, n, K = wt.shape
+        dense = np.zeros((V, n, n_in + K))  # room past the last column for the zero-weight padding taps
+        idx = start[..., None] + np.arange(K)
+        np.put_along_axis(dense, idx, np.where(np.arange(K) < count[..., None], wt, 0.0), axis=2)
+        mats.append(dense[:, :, :n_in])
+    return mats[0], mats[1]
+
+
+def view_tap_tables(spec: BridgeSpec, H: int, W: int, views: Views) -> dict:
+    """Each view's tap tables for the Triton kernels, the layout of `kernels.bridge_taps.tap_tables` with a
+    leading view axis: ys (V, Hc) int32, wy (V, Hc, KY) fp32, xs, wx; and the transposed tables (for the
+    backward's gathers: for each image row, the first canvas row of that view that reads it, and the
+    weights) oys (V, H), wyT (V, H, KTY), oxs, wxT; plus the int counts KY, KX, KTY, KTX."""
+    out = {}
+    for name, (start, wt, count), n_in in zip("yx", _canvas_taps(spec, H, W, views.boxes), (H, W), strict=True):
+        V, n, K = wt.shape
+        out[name + "s"] = start.astype(np.int32)
+        out["w" + name] = wt.astype(np.float32)
+        out["K" + name.upper()] = K
+        # transposed: canvas rows o with start[o] <= j < start[o] + count[o] (both monotone in o)
+        end = np.where(count > 0, start + count, 0)
+        end = np.maximum.accumulate(end, axis=1)  # rows without taps (padding) keep the order
+        beg = np.where(count > 0, start, n_in)
+        beg = np.minimum.accumulate(beg[:, ::-1], axis=1)[:, ::-1]
+        j = np.arange(n_in)
+        o_first = np.stack([np.searchsorted(end[v], j, side="right") for v in range(V)])  # (V, n_in)
+        o_last = np.stack([np.searchsorted(beg[v], j, side="right") for v in range(V)]) - 1
+        KT = max(int((o_last - o_first + 1).max()), 1)
+        o = o_first[..., None] + np.arange(KT)  # (V, n_in, KT)
+        ok = o <= o_last[..., None]
+        oc = np.minimum(o, n - 1)
+        s_o = np.take_along_axis(start[:, :, None], oc, axis=1)  # start of canvas row o
+        c_o = np.take_along_axis(count[:, :, None], oc, axis=1)
+        rel = j[None, :, None] - s_o
+        ok &= (rel >= 0) & (rel < c_o)
+        wT = wt[np.arange(V)[:, None, None], oc, np.clip(rel, 0, K - 1)]  # (V, n_in, KT)
+        out["o" + name + "s"] = np.minimum(o_first, n - 1).astype(np.int32)
+        out["w" + name + "T"] = np.where(ok, wT, 0.0).astype(np.float32)
+        out["KT" + name.upper()] = KT
+    return out
