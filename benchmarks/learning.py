@@ -273,16 +273,19 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--probe",
         action="store_true",
-        help="instead of UNO: probe the cached critic as a reward (AUC for the judge's verdict) and as a gradient "
-        "(pixel-space descent of its caption CE); writes learning-probe-<tag>.json/.png",
+        help="instead of UNO: probe the cached critics as a reward (AUC for the judge's verdict) and as a "
+        "gradient (pixel descent of the caption CE through each reading: the CE after, the hack gap, the judge "
+        "before / after); writes learning-probe-<tag>.json/.png",
     )
     ap.add_argument(
         "--probe-critic", type=Path, default=None, help="--probe this critic (safetensors) instead"
     )
+    ap.add_argument("--probe-prompts", type=int, default=None, help="--probe: held-out prompts attacked (all)")
+    ap.add_argument("--probe-steps", type=int, default=100, help="--probe: pixel descent steps")
     ap.add_argument(
         "--probe-robust-steps",
         type=int,
-        default=600,
+        default=0,
         help="--probe also a copy of the critic fine-tuned this many steps against PGD attacks and textures "
         "(training.robust_finetune_critic; 0: skip)",
     )
@@ -432,45 +435,70 @@ def main(argv=None) -> int:
 
 
 def run_probe(args) -> int:
-    """`--probe`: learning_lib.probe on the cached (or --probe-critic) critic and the cached base generator."""
+    """`--probe`: learning_lib.probe for each reading (plain, augmented, noise-aware: uno_engine.ReadAugment)
+    x each critic (the cached "old" and "aug" critics, or --probe-critic; --probe-robust-steps adds a PGD
+    fine-tune of the old one) on the cached base generator."""
     torch.set_num_threads(args.threads)
     t0 = time.time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    crit = args.probe_critic or args.cache / "critic.safetensors"
-    critic_model, proc = training.load_critic(crit)
+    if args.probe_critic is not None:
+        paths = {args.probe_critic.stem: args.probe_critic}
+    else:
+        paths = {k: v for k, v in training.CRITICS.items() if v.exists()}
+    critics = {k: training.load_critic(v) for k, v in paths.items()}
     unet, text = training.load_generator(args.cache / "generator.safetensors")
-    res, fig = probe.run_probes(critic_model, proc, unet, text, seed=args.seed, log=log)
-    res.update(
-        critic=str(crit.relative_to(HERE.parent) if crit.is_relative_to(HERE.parent) else crit),
-        critic_token_accuracy=training.critic_accuracy(critic_model, proc, n=512)["token_accuracy"],
-    )
+    extra = {}
     if args.probe_robust_steps > 0:
-        robust, st = training.robust_finetune_critic(
-            critic_model, proc, steps=args.probe_robust_steps, log=log
-        )
-        rres, rfig = probe.run_probes(robust, proc, unet, text, seed=args.seed, log=log)
-        rres.update(
-            finetune=st, critic_token_accuracy=training.critic_accuracy(robust, proc, n=512)["token_accuracy"]
-        )
-        res["robust_critic"] = rres
-    res.update(machine=harness.env_metadata("cpu"), wall_s=time.time() - t0, **commit_info())
+        robust, st = training.robust_finetune_critic(*critics["old"], steps=args.probe_robust_steps, log=log)
+        critics["robust"] = (robust, critics["old"][1])
+        extra["robust_finetune"] = st
+    res, fig = probe.run_probes(
+        critics,
+        unet,
+        text,
+        seed=args.seed,
+        attack_prompts=args.probe_prompts,
+        attack_steps=args.probe_steps,
+        log=log,
+    )
+    res["critics"] = {
+        k: {
+            "file": str(v.relative_to(HERE.parent) if v.is_relative_to(HERE.parent) else v),
+            "token_accuracy_clean": training.critic_accuracy(*critics[k], n=512)["token_accuracy"],
+            "token_accuracy_augmented": training.critic_accuracy(*critics[k], n=512, augment=True)[
+                "token_accuracy"
+            ],
+        }
+        for k, v in paths.items()
+    }
+    res.update(extra, machine=harness.env_metadata("cpu"), wall_s=time.time() - t0, **commit_info())
     tag = "probe-" + (args.tag or "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"learning-{tag}.json"
     path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     probe.save_figure(fig, res, args.out / f"learning-{tag}.png")
-    if "robust_critic" in res:
-        probe.save_figure(rfig, res["robust_critic"], args.out / f"learning-{tag}-robust.png")
-    for key, r in (("critic", res), ("robust critic", res.get("robust_critic"))):
-        if r is not None:
-            a, b = r["pixel_attack"]["trace"][0], r["pixel_attack"]["trace"][-1]
-            print(
-                f"{key}: reward AUC {r['reward']['auc']:.3f} (pass rate {r['reward']['judge_pass_rate']:.3f}); "
-                f"pixel descent: CE {a['ce_nats_mean']:.3f} -> {b['ce_nats_mean']:.4f} nats, judge "
-                f"{a['judge_overall']:.3f} -> {b['judge_overall']:.3f}, mean |dx| {b['mean_abs_pixel_change']:.3f}"
-            )
+    print(probe_table(res))
     log(f"wrote {path}")
     return 0
+
+
+def probe_table(res: dict) -> str:
+    """The printed probe table: per reading x critic, the CE after descent (through the reading, and plain),
+    the hack gap, and the judge before -> after (%, +- SE) with the paired change."""
+    rows = [
+        "| reading | critic | reward AUC | CE after (read / plain, nats) | hack gap | judge before % | "
+        "judge after % | change (pts) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rname, by_critic in res["descent"].items():
+        for cname, r in by_critic.items():
+            jb, ja, jc = r["judge_before"], r["judge_after"], r["judge_change"]
+            rows.append(
+                f"| {rname} | {cname} | {res['reward'][cname]['auc']:.3f} | {r['ce_after_read']:.3f} / "
+                f"{r['ce_unshifted']:.3f} | {r['hack_gap']:.2f}x | {_pm(jb['mean'], jb['se'])} | "
+                f"{_pm(ja['mean'], ja['se'])} | {_pm(jc['diff'], jc['se'])} |"
+            )
+    return "\n".join(rows)
 
 
 def merge(target: Path, others: list[Path]) -> int:

@@ -351,3 +351,28 @@ def test_augment_finetune_critic_trains_a_copy_on_augmented_renders():
         assert torch.equal(v, before[k]), k
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and not any(p.requires_grad for p in tuned.parameters())
+
+
+def test_probe_shift_and_views_reading():
+    import torch
+    from learning_lib import models, probe, training
+
+    from uno_engine import Critic, ReadAugment
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) / 200 - 0.5
+    r = probe.shifted(x, 0, 1)  # one pixel to the right: column 0 is background
+    assert torch.equal(r[..., 1:], x[..., :-1]) and (r[..., 0] == -1).all()
+    d = probe.shifted(x, -1, 0)  # one pixel up: the last row is background
+    assert torch.equal(d[..., :-1, :], x[..., 1:, :]) and (d[..., -1, :] == -1).all()
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model, proc, checkpoint="none")
+    rng = random.Random(0)
+    images, ids, mask, _ = training.caption_batch(rng.sample(world.all_prompts(), 3), rng)
+    plain = probe.caption_nats(critic, images, ids, mask)
+    # K identical (jitter-free) views average to the plain read, per image
+    same = probe.caption_nats(critic, images, ids, mask, read=ReadAugment(views=3))
+    torch.testing.assert_close(same, plain, rtol=1e-5, atol=1e-5)
+    jit = probe.caption_nats(critic, images, ids, mask, read=ReadAugment(views=2, shift=3.0, noise=0.3))
+    assert jit.shape == (3,) and not torch.allclose(jit, plain)
+    gap = probe.hack_gap(critic, images, ids, mask)
+    assert gap["hack_gap"] == pytest.approx(gap["ce_one_pixel_shift"] / gap["ce_unshifted"])
