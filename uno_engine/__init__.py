@@ -27,6 +27,10 @@ _LAZY = {
     "targets": "uno_engine.targets",
     "generators": "uno_engine.generators",
     "diagnose": "uno_engine.diagnose",
+    "reward": "uno_engine.reward",
+    "CaptionReward": "uno_engine.reward",
+    "RewardObjective": "uno_engine.reward",
+    "ValueStep": "uno_engine.reward",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -219,11 +219,7 @@ class UNOLoss(nn.Module):
     def negatives_loss(self, out, backend: str, lce_impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: logsumexp_j s_j - s_0 over the true caption (j = 0) and its K negatives (module
         docstring). Returns (loss (B,) float32, ranked_first (B,) bool: s_0 > every present s_j)."""
-        hidden = torch.cat([out.caption_hidden[:, None], out.negative_hidden], dim=1)  # (B, K+1, L, H)
-        labels = torch.cat([out.caption_labels[:, None], out.negative_labels], dim=1)  # (B, K+1, L)
-        ce = _lce(hidden, out, labels, backend, lce_impl)  # (B, K+1, L), 0 at padding
-        present = (labels != -100).any(dim=-1)
-        s = (-ce.sum(dim=-1)).masked_fill(~present, float("-inf"))  # sequence log-likelihoods
+        s = sequence_log_likelihoods(out, backend=backend, lce_impl=lce_impl)  # (B, K+1)
         loss = torch.logsumexp(s, dim=1) - s[:, 0]
         return loss, (s[:, :1] > s[:, 1:]).all(dim=1)
 
@@ -395,6 +391,26 @@ class UNOLoss(nn.Module):
         images = (ref_images.float() - lo) * (2.0 / (hi - lo)) - 1.0  # targets take images in [-1, 1]
         fn = targets.density_targets if kind == "density" else targets.structure_targets
         return fn(images, grid).float()
+
+
+def sequence_log_likelihoods(out, *, backend: str = "auto", lce_impl: str = "auto") -> torch.Tensor:
+    """The critic's log-likelihood of each whole caption: s_bj = sum_l log p(c_bjl | image_b, c_bj<l).
+
+    Args:
+        out: a `CriticOutput`; with negatives (`Critic.forward_with_negatives`) j = 0 is the true caption and
+            j = 1..K its negatives, else K = 0.
+        backend, lce_impl: of the fused linear cross-entropy (reduction="none": per token, no [N, V] logits).
+    Returns: (B, K+1) float32; -inf for a caption with no real token (an absent negative). Carries the graph
+    of `out.caption_hidden` / `out.negative_hidden` unless called under torch.no_grad().
+    """
+    if out.negative_hidden is None:
+        hidden, labels = out.caption_hidden[:, None], out.caption_labels[:, None]
+    else:
+        hidden = torch.cat([out.caption_hidden[:, None], out.negative_hidden], dim=1)  # (B, K+1, L, H)
+        labels = torch.cat([out.caption_labels[:, None], out.negative_labels], dim=1)  # (B, K+1, L)
+    ce = _lce(hidden, out, labels, backend, lce_impl)  # (B, K+1, L), 0 at padding
+    present = (labels != -100).any(dim=-1)
+    return (-ce.sum(dim=-1)).masked_fill(~present, float("-inf"))
 
 
 def _lce(hidden, out, labels, backend, impl="auto") -> torch.Tensor:

@@ -39,6 +39,9 @@ ABLATIONS = {
         "loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0},
         "critic": "aug",
     },
+    # the value path (learning_lib/value.py): uno_engine.reward.ValueStep, no caption gradient
+    # (an arm beyond the default run: --ablations "value (group reward)")
+    "value (group reward)": {"loss": {}, "runner": "value", "negatives": 4, "default": False},
 }
 # the default run (`python benchmarks/learning.py`): the headline ablation and the control; the others by flag
 DEFAULT_ABLATIONS = ("caption+joint+kl", "control (generator loss only)")
@@ -260,6 +263,10 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
     """-> (trained unet, metrics history). Raises on a feature that constructs but cannot run here."""
     from uno_engine import UNOConfig, UNOLoss, UNOStep
 
+    if ABLATIONS[name].get("runner") == "value":
+        from .value import run_value
+
+        return run_value(base_unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
     if ABLATIONS[name].get("config", {}).get("view") == "latent":
         critic = latent_critic(critic.hf_model, critic.image_processor, base_unet, s, log)
 

@@ -60,6 +60,18 @@ from .families import DenoiserFamily, family_for
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
+class DenoisingPair(NamedTuple):
+    """One denoising-loss evaluation (`DiffusersGenerator.denoising_pair`): the model's prediction (B, C, h, w)
+    fp32 with grad, its target (B, C, h, w) fp32, the noised input x_t (B, C, h, w), the timesteps t (B,) and the
+    conditioning (for `predict` at the same point, e.g. by a frozen reference model)."""
+
+    prediction: torch.Tensor
+    target: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    cond: dict
+
+
 class GradStep(NamedTuple):
     """One denoiser call of the last forward that ran with grad.
 
@@ -150,6 +162,8 @@ class DiffusersGenerator(Generator):
 
     Hooks for other objectives:
         denoising_loss(batch) -> 0-d fp32 tensor: the model's own training loss on real pairs (see there).
+        denoising_pair(batch) -> DenoisingPair: its prediction and target per element (per-sample weighting,
+            e.g. `uno_engine.reward.RewardObjective` on the generator's own samples as "reference_latents").
         last_grad_steps: after a forward, one `GradStep(x_t, t, index, cond, prediction)` per grad step
             (prediction with grad), e.g. for a KL penalty to a frozen model (DRaFT+).
         predict(x_t, t, cond, denoiser=None): one (guided) denoiser call at scheduler timestep t (float or
@@ -482,13 +496,20 @@ class DiffusersGenerator(Generator):
 
     def denoising_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The model's own training loss on real pairs, 0-d fp32 with grad to the trainable parameters:
-        mean over all elements of (prediction - target)^2 at a random timestep per row.
+        mean over all elements of (prediction - target)^2 at a random timestep per row (`denoising_pair`)."""
+        pair = self.denoising_pair(batch)
+        return (pair.prediction - pair.target).pow(2).mean()
+
+    def denoising_pair(self, batch: Mapping[str, torch.Tensor]) -> DenoisingPair:
+        """The model's prediction and its training target on real (or given) clean latents, per element.
 
         x0 = batch["reference_latents"] (B, C, h, w), or batch["reference_images"] (B, 3, H, W) in [-1, 1]
         VAE-encoded under no_grad; conditioning from the batch, without CFG. DDPM-family: t ~ U{0..T-1},
         x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps / v = alpha eps - sigma x0 / x0 as the
         prediction type says. Flow: sigma ~ U(0, 1), t = sigma T, x_t = (1 - sigma) x0 + sigma eps, target
-        eps - x0. The draws come from the batch's seed + 1 (a stream apart from the sampling's)."""
+        eps - x0. The draws come from the batch's seed + 1 (a stream apart from the sampling's), so two calls
+        on the same batch see the same x_t and t. Returns a `DenoisingPair`: prediction (B, C, h, w) fp32 with
+        grad, target (B, C, h, w) fp32, x_t (B, C, h, w), t (B,) scheduler timesteps, cond (for `predict`)."""
         name = f"{type(self).__name__}.denoising_loss"
         cond = self.conditioning(batch, cfg=False)
         B, device = cond["batch_size"], cond["prompt_embeds"].device
@@ -526,7 +547,7 @@ class DiffusersGenerator(Generator):
             "sample": lambda: x0,
             "flow": lambda: eps - x0,
         }[self.prediction_type]()
-        return (pred - target).pow(2).mean()
+        return DenoisingPair(pred, target, x_t, t, cond)
 
     def latents_for_critic(self, batch: Mapping[str, torch.Tensor]) -> GeneratedLatents:
         """The latent view (`UNOConfig(view="latent")`, uno_engine.latent): `generate_latents` plus the last grad
