@@ -196,6 +196,50 @@ for _pool in (2, 4):
         return _latent_step(preset, _pool, loss)
 
 
+def _representation_step(preset, loss, source: str):
+    from uno_engine import UNOConfig, UNOStep
+    from uno_engine.representation import attach_representation
+
+    gen, batch = preset.generator, preset.make_batch()
+    if not hasattr(gen, "attach_representation"):
+        raise ValueError(f"the representation view needs a diffusion generator, not {type(gen).__name__}")
+    critic = preset.make_critic(preset.engine_checkpoint, cache=False)
+    block = "mid_block" if hasattr(gen.denoiser, "mid_block") else "transformer_blocks.0"
+    # the head is the generator's submodule (one for both providers; the pixel-view steps never call it); its
+    # source "auto": x_t from the batch's reference latents where it has them, else from the generator's sample
+    if gen.representation is None:
+        attach_representation(critic, gen, batch, block=block)
+    step = UNOStep(gen, critic, loss, UNOConfig(backend="auto", view="representation"))
+    if source == "sample":
+        return step
+    h, w = gen.latent_size
+    g = torch.Generator("cpu").manual_seed(0)
+    ref = torch.randn(preset.batch_size, gen.latent_channels, h, w, generator=g).to(preset.device)
+    forward = step.forward
+    step.forward = lambda b: forward({**b, "reference_latents": ref})  # a real image's latents in the batch
+    return step
+
+
+@provider(
+    "representation",
+    default_on=(),
+    doc='UNOConfig(view="representation"), a prompt with a real image: one denoiser call with grad at x_t '
+    "noised from it, its mid-block read by the critic's LM through the generator's RepresentationHead",
+)
+def _representation(preset, loss):
+    return _representation_step(preset, loss, "reference")
+
+
+@provider(
+    "representation-sample",
+    default_on=(),
+    doc="the representation view for a prompt without an image: the generator's own no-grad sample "
+    "(num_inference_steps calls), re-noised, then the one grad call",
+)
+def _representation_sample(preset, loss):
+    return _representation_step(preset, loss, "sample")
+
+
 # ------------------------------------------------------------------------------------------- step callables
 def uno_train_step(step, batch):
     def run():

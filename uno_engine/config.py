@@ -23,7 +23,9 @@ class UNOConfig:
     fuse_patch_embed: bool | str = "auto"
     # what the critic reads: "pixel" (decoded images through the bridge and the vision tower) | "latent" (the
     # generator's latents: Janus tokens through the generation embedding, or a diffusion latent through the
-    # critic's attached LatentAdapter; no decode, no vision tower; see uno_engine.latent)
+    # critic's attached LatentAdapter; no decode, no vision tower; see uno_engine.latent) | "representation" (the
+    # generator's own hidden states for a noised latent through its attached RepresentationHead; no rollout
+    # with grad, no decode; see uno_engine.representation)
     view: str = "pixel"
     latent_input: str = "x0"  # view="latent", diffusion: the adapter reads the grad step's "x0" | "xt"
     latent_feature_layer: int | None = None  # view="latent": LM layer of the patch features (None: L // 2)
@@ -53,8 +55,10 @@ class UNOConfig:
             raise ValueError(
                 f"UNOConfig.bridge_kernel must be auto|two_pass|fused, got {self.bridge_kernel!r}"
             )
-        if self.view not in ("pixel", "latent"):
-            raise ValueError(f"UNOConfig.view must be 'pixel' or 'latent', got {self.view!r}")
+        if self.view not in ("pixel", "latent", "representation"):
+            raise ValueError(
+                f"UNOConfig.view must be 'pixel', 'latent' or 'representation', got {self.view!r}"
+            )
         if self.latent_input not in ("x0", "xt"):
             raise ValueError(f"UNOConfig.latent_input must be 'x0' or 'xt', got {self.latent_input!r}")
         if self.read is not None and not isinstance(self.read, ReadAugment):

@@ -80,7 +80,8 @@ class UNOLoss(nn.Module):
     normalize: "local" or "global" caption-token normalization (see module docstring).
     negatives: weight of the hard-negative caption term (needs batch "negative_captions" (B, K, L)).
     generator_loss: weight of the generator's own training loss on the batch's real pairs (needs
-        "reference_latents", "reference_images" or, for Janus, "reference_image_tokens").
+        "reference_latents", "reference_images" or, for Janus, "reference_image_tokens"). In the
+        representation view it is the loss of the representation pass's own denoiser call (out.generator_loss).
     kl: weight of DRaFT+'s penalty between the trained and the initial model's predictions over the grad steps.
     """
 
@@ -236,7 +237,8 @@ class UNOLoss(nn.Module):
             metrics["negatives_ranked_first"] = first.float().mean().detach()
             total = total + self.w_negatives * term
         if self.w_generator > 0:
-            term = self.generator_term(generator, batch) * share
+            own = getattr(out, "generator_loss", None)  # view="representation": from the same denoiser call
+            term = (own if own is not None else self.generator_term(generator, batch)) * share
             metrics["generator_loss"] = term.detach()
             total = total + self.w_generator * term
         if self.w_kl > 0:

@@ -9,9 +9,11 @@
                                                  #  + negatives + the generator's own loss + KL)
 
 `out.loss.backward()` sends the understanding losses back through the frozen critic into the generator.
-`UNOConfig(view="latent")`: the generator hands over latents (`generator(batch, view="latent")`) and a
-`uno_engine.latent.LatentCritic` reads them in the bridge's and the critic's place: no pixel decode, no vision
-tower; the losses and metrics are the same. `UNOOutput.images` is then None (`decoded_images()` decodes).
+`UNOConfig(view="representation")`: the generator hands over its own hidden states for a noised latent,
+projected by its `RepresentationHead`, and a `uno_engine.representation.RepresentationCritic` reads them (no
+rollout with grad, no decode). `UNOConfig(view="latent")`: the generator hands over latents
+(`generator(batch, view="latent")`) and a `uno_engine.latent.LatentCritic` reads them in the bridge's and the
+critic's place: no pixel decode, no vision tower; the losses and metrics are the same. `UNOOutput.images` is then None (`decoded_images()` decodes).
 Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
 (`UNOConfig(check_inputs=False)` removes it).
 """
@@ -33,9 +35,9 @@ from uno_engine.read import draw_for_step, per_view
 class UNOOutput:
     loss: torch.Tensor  # 0-d, carries the graph: out.loss.backward()
     metrics: dict[str, torch.Tensor]  # detached, on the device until read
-    images: torch.Tensor | None  # (B, 3, H, W) generated images in config.input_range; None for view="latent"
+    images: torch.Tensor | None  # (B, 3, H, W) generated images in config.input_range; None for other views
     timer: PhaseTimer | None = field(default=None, repr=False)
-    latents: object | None = field(default=None, repr=False)  # view="latent": GeneratedLatents
+    latents: object | None = field(default=None, repr=False)  # GeneratedLatents / GeneratedRepresentation
 
     def decoded_images(self) -> torch.Tensor:
         """The generated images: `images`, or (view="latent") the latents decoded now, with grad."""
@@ -71,6 +73,10 @@ class UNOStep(nn.Module):
             self.reader = LatentCritic(
                 critic, generator, latent_input=c.latent_input, feature_layer=c.latent_feature_layer
             )
+        elif self.config.view == "representation":
+            from uno_engine.representation import RepresentationCritic
+
+            self.reader = RepresentationCritic(critic, generator)
         loss.bind(self.reader, generator)
         self._reads = 0  # forward calls: the step of UNOConfig.read's draws when the batch has no "read_step"
         if self.config.fuse_patch_embed is True and (why := critic.fused_patch_embed_reasons()):
@@ -89,10 +95,10 @@ class UNOStep(nn.Module):
         timer = PhaseTimer(cfg.profile, _device_of(self.critic))
         # every bridge call (generated images here, reference images in the loss) runs with these
         bridge = dict(input_range=cfg.input_range, backend=cfg.backend, fuse_patch_embed=cfg.fuse_patch_embed)
-        with timer.phase("generate"):  # view="latent": GeneratedLatents, nothing decoded
-            latent = cfg.view == "latent"
-            # through the (DDP / FSDP2-wrapped) generator's forward: its hooks run in either view
-            images = self.generator(batch, view="latent") if latent else self.generator(batch)
+        with timer.phase("generate"):  # latent / representation views: nothing decoded
+            latent = cfg.view != "pixel"
+            # through the (DDP / FSDP2-wrapped) generator's forward: its hooks run in every view
+            images = self.generator(batch, view=cfg.view) if latent else self.generator(batch)
         if cfg.check_inputs:
             check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
         K = 1 if cfg.read is None else cfg.read.views  # the critic reads K views of each image (B * K rows)
@@ -138,8 +144,12 @@ def check_step_inputs(images: torch.Tensor, batch: dict, vocab_size: int | None 
     non-finite-image, empty-caption and caption-id range checks share ONE device->host read. Caption ids
     are checked against the critic's vocabulary (`vocab_size`) at every position, padding included (the
     critic embeds padded positions too), before any embedding runs."""
-    if getattr(images, "kind", None) in ("tokens", "latents"):  # view="latent": GeneratedLatents
-        images = images.tensor  # (B, N, V_img) token distribution or (B, C, h, w) latent
+    if getattr(images, "kind", None) in (
+        "tokens",
+        "latents",
+        "representation",
+    ):  # latent / representation view
+        images = images.tensor  # (B, N, V_img) token distribution, (B, C, h, w) latent or (B, N, H) tokens
     elif not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"generator output `images` must be (B, 3, H, W), got {shape}")

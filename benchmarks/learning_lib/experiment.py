@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import judge, models, stats, training, world
+from . import arms_repr, judge, models, stats, training, world
 
 ABLATIONS = {
     "caption": {"loss": {"caption": 1.0}},
@@ -43,6 +43,33 @@ ABLATIONS = {
     # (an arm beyond the default run: --ablations "value (group reward)")
     "value (group reward)": {"loss": {}, "runner": "value", "negatives": 4, "default": False},
 }
+
+
+def reading(name: str, views: int = 8):
+    """A reading of the generated images from the library (`uno_engine.ReadAugment`): "plain" (None: the
+    processor's one read), "augmented" (`views` views: centre shift up to 3 px, box scale 0.85-1.15, pixel
+    noise 0.15; issue 26's first measurement) or "noise-aware" (`views` views re-noised by the flow forward
+    process at t ~ U(0, 0.3), as a noise-aware classifier reads x_t)."""
+    from uno_engine import ReadAugment
+
+    if name == "plain":
+        return None
+    if name == "augmented":
+        return ReadAugment(views=views, shift=3.0, scale=(0.85, 1.15), noise=0.15, seed=1)
+    if name == "noise-aware":
+        return ReadAugment(views=views, renoise=(0.0, 0.3), seed=2)
+    raise ValueError(f"reading: `name` must be 'plain', 'augmented' or 'noise-aware', got {name!r}")
+
+
+# the headline's terms read through the library's readings (4 views per image in training), by either critic
+for _read in ("augmented", "noise-aware"):
+    for _critic in ("old", "aug"):
+        ABLATIONS[f"caption+joint+kl, {_read} read" + (" (aug critic)" if _critic == "aug" else "")] = {
+            "loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0},
+            "read": _read,
+            **({"critic": "aug"} if _critic == "aug" else {}),
+        }
+
 # the default run (`python benchmarks/learning.py`): the headline ablation and the control; the others by flag
 DEFAULT_ABLATIONS = ("caption+joint+kl", "control (generator loss only)")
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
@@ -72,6 +99,11 @@ class Settings:
     latent_fit_images: int = 256
     threads: int = 1
     extra: dict = field(default_factory=dict)
+
+
+ABLATIONS.update(
+    arms_repr.ARMS
+)  # "representation", "early window": run with --ablations (not in the default set)
 
 
 # -------------------------------------------------------------------------------------------- batches
@@ -281,8 +313,10 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
         k_grad_steps=s.k_grad_steps,
         grad_window=s.grad_window,
     )
+    if "prepare" in spec:  # arms_repr.py: the generator the arm needs (an attached head, another window)
+        gen = spec["prepare"](gen, critic, text, s, seed)
     held_kw, seen_kw = _losses(name, s)
-    cfg = UNOConfig(**spec.get("config", {}))
+    cfg = UNOConfig(**spec.get("config", {}), read=reading(spec.get("read", "plain"), views=4))
     step_held = UNOStep(gen, critic, UNOLoss(**held_kw), cfg)
     step_seen = UNOStep(gen, critic, UNOLoss(**seen_kw), cfg)
     params = {id(p): p for st in (step_held, step_seen) for p in st.parameters() if p.requires_grad}

@@ -79,17 +79,8 @@ def auc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float | None:
 
 
 def readings() -> dict:
-    """The readings the probe compares, from the library (`uno_engine.ReadAugment`): "plain" (None: the
-    processor's one read), "augmented" (8 views: centre shift up to 3 px, box scale 0.85-1.15, pixel noise
-    0.15; the settings of issue 26's first measurement) and "noise-aware" (8 views re-noised by the flow
-    forward process at t ~ U(0, 0.3), as a noise-aware classifier reads x_t)."""
-    from uno_engine import ReadAugment
-
-    return {
-        "plain": None,
-        "augmented": ReadAugment(views=8, shift=3.0, scale=(0.85, 1.15), noise=0.15, seed=1),
-        "noise-aware": ReadAugment(views=8, renoise=(0.0, 0.3), seed=2),
-    }
+    """The readings the probe compares (experiment.reading, 8 views): plain, augmented, noise-aware."""
+    return {name: experiment.reading(name, views=8) for name in ("plain", "augmented", "noise-aware")}
 
 
 def _judge(prompts, images) -> list[int]:

@@ -8,7 +8,9 @@ documented clamp policy, so the gradient policy at the range edges lives in one 
 The latent view (`UNOConfig(view="latent")`) goes through `forward` too: `forward(batch, view="latent")` returns
 `latents_for_critic(batch)` (a `uno_engine.latent.GeneratedLatents`) in a generator that has one. Through
 `forward`, a wrapper's hooks run: DDP marks its gradient buckets and all-reduces, FSDP2 gathers the shards.
-Calling `latents_for_critic` on the module inside a wrapper would skip them.
+Calling `latents_for_critic` on the module inside a wrapper would skip them. The representation view
+(`UNOConfig(view="representation")`, DiffusersGenerator) goes the same way: `forward(batch, view="representation")`
+returns `representation_for_critic(batch)` (a `uno_engine.representation.GeneratedRepresentation`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-VIEWS = ("pixel", "latent")
+VIEWS = ("pixel", "latent", "representation")
 
 
 class Generator(nn.Module):
@@ -49,10 +51,11 @@ def _unique(params: Iterator[nn.Parameter]) -> Iterator[nn.Parameter]:
             yield p
 
 
-def wants_latents(view: str, owner: str) -> bool:
-    """`forward`'s `view` keyword: True for "latent", False for "pixel", a ValueError naming it otherwise."""
-    if view not in VIEWS:
-        raise ValueError(f"{owner}.forward: view must be one of {VIEWS}, got {view!r}")
+def wants_latents(view: str, owner: str, views: tuple[str, ...] = ("pixel", "latent")) -> bool:
+    """`forward`'s `view` keyword: True for "latent", False for "pixel", a ValueError naming it otherwise
+    (also for a view of VIEWS that this generator, whose views are `views`, does not have)."""
+    if view not in VIEWS or view not in views:
+        raise ValueError(f"{owner}.forward: view must be one of {views}, got {view!r}")
     return view == "latent"
 
 

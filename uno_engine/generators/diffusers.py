@@ -12,7 +12,15 @@ ReFL / DRaFT-K style (ImageReward `ReFL.py`, DRaFT, AlignProp's randomized trunc
    sample), decode it with the VAE with grad (the family's map back to VAE latents, e.g.
    `vae.decode(x0 / scaling_factor + shift_factor)`).
 
-Only the K grad steps and the decode keep activations. The sampler is deterministic: DDIM (eta=0) for
+Only the K grad steps and the decode keep activations.
+
+The early window (`grad_window=(0.0, 0.5), recover="one_step"`): the grad steps lie in the first half of the
+trajectory, where layout, counts and bindings are decided, and the image is the one-step recovery of x0 from
+the last grad step (step 4, as SRPO's Direct-Align and LeapAlign carry an early step to the image) instead of
+the rest of the chain. Memory: the K grad steps' activations (one step's with gradient_checkpointing) and the
+decode, the same wherever the window lies. `recover="chain"` instead runs the remaining steps s+K .. n-1 with
+grad too (DRaFT's full chain from s): its activations grow with n - s (about n / 2 denoiser calls from an
+early window; gradient_checkpointing keeps one call's activations plus every step's input latent). The sampler is deterministic: DDIM (eta=0) for
 schedulers with an `alphas_cumprod` table (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) and Euler for flow
 matching (FlowMatchEulerDiscreteScheduler, or any scheduler configured for `flow_prediction`). The scheduler
 supplies the timestep grid and the noise tables only; its `step()` is not called (it is stateful and not
@@ -43,8 +51,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from uno_engine.latent.types import GeneratedLatents
+from uno_engine.representation.capture import block_output
+from uno_engine.representation.types import GeneratedRepresentation
 
 from .base import (
+    VIEWS,
     Generator,
     check_images,
     check_shape,
@@ -58,6 +69,7 @@ from .base import (
 from .families import DenoiserFamily, family_for
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+RECOVER = ("one_step", "chain")
 
 
 class DenoisingPair(NamedTuple):
@@ -123,6 +135,10 @@ class DiffusersGenerator(Generator):
             the steps in [lo * n, hi * n - K] (clipped to the schedule). (0.75, 1.0) = the last 25%;
             (1.0, 1.0) = always the last K steps (DRaFT-K); (0.0, 1.0) = anywhere (AlignProp "uniform").
         k_grad_steps: K, the number of denoiser calls that run with grad (activations kept) per image.
+        recover: how the last grad step reaches the image: "one_step" (default: its x0 prediction,
+            x0 = (x - sigma eps_hat) / alpha in the model's parameterization; memory: K denoiser calls) |
+            "chain" (the remaining steps of the schedule, run with grad; memory: n - s denoiser calls). With
+            an early grad_window such as (0.0, 0.5), "one_step" is the early window of the module docstring.
         guidance_scale: classifier-free guidance; > 1 needs the batch's negative conditioning
             ("negative_prompt_embeds", and "negative_pooled_prompt_embeds" where the family reads pooled
             embeds) and doubles every denoiser call's batch (the grad steps too).
@@ -183,6 +199,7 @@ class DiffusersGenerator(Generator):
         num_inference_steps: int = 20,
         grad_window: tuple[float, float] = (0.75, 1.0),
         k_grad_steps: int = 1,
+        recover: str = "one_step",
         guidance_scale: float = 1.0,
         distilled_guidance: float | None = None,
         height: int | None = None,
@@ -220,6 +237,8 @@ class DiffusersGenerator(Generator):
             raise ValueError(
                 f"DiffusersGenerator: grad_window must be (lo, hi) with 0 <= lo <= hi <= 1, got {grad_window!r}"
             )
+        if recover not in RECOVER:
+            raise ValueError(f"DiffusersGenerator: recover must be one of {RECOVER}, got {recover!r}")
         if guidance_scale < 1.0:
             raise ValueError(
                 f"DiffusersGenerator: guidance_scale must be >= 1 (1 = no CFG), got {guidance_scale!r}"
@@ -231,6 +250,8 @@ class DiffusersGenerator(Generator):
         self.num_inference_steps = num_inference_steps
         self.k_grad_steps = k_grad_steps
         self.grad_window = (lo, hi)
+        self.recover = recover
+        self.representation: nn.Module | None = None  # view="representation": attach_representation(head)
         self.guidance_scale = float(guidance_scale)
         self.options = {} if distilled_guidance is None else {"distilled_guidance": float(distilled_guidance)}
         self.reference = reference
@@ -374,6 +395,12 @@ class DiffusersGenerator(Generator):
         x0, eps = self._x0_eps(x, out, self._alphas[i], self._sigmas[i])
         return self._alphas[i + 1] * x0 + self._sigmas[i + 1] * eps, x0, out
 
+    def _grad_step(self, x, i: int, cond: dict):
+        """`_step` with grad, gradient-checkpointed when asked for."""
+        if self.gradient_checkpointing:
+            return checkpoint(self._step, x, i, cond, use_reentrant=False)
+        return self._step(x, i, cond)
+
     def conditioning(self, batch: Mapping, cfg: bool | None = None) -> dict:
         """The conditioning of one denoiser call, from the batch: each of `family.cond_keys` checked
         ((B, S, D) / (B, P) / (B, S)), cast to the denoiser's dtype (masks kept), with the negative rows in
@@ -412,18 +439,13 @@ class DiffusersGenerator(Generator):
         return cond
 
     def _reference_latents(self, batch: Mapping, B: int) -> torch.Tensor | None:
-        name = type(self).__name__
-        if self.reference == "off":
+        """Noised-reference mode's x0 per `reference`: "off" none, "latents" reference_latents only, "images"
+        reference_latents or else the VAE-encoded reference_images."""
+        if self.reference == "off" or (
+            self.reference == "latents" and batch.get("reference_latents") is None
+        ):
             return None
-        ref = batch.get("reference_latents")
-        if ref is not None:
-            check_shape(ref, 'batch["reference_latents"]', name, (B, self.latent_channels, *self.latent_size))
-            return ref.detach().float()
-        if self.reference == "images" and batch.get("reference_images") is not None:
-            imgs = batch["reference_images"]
-            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, self.height, self.width))
-            return self.encode_images(imgs)
-        return None
+        return self._reference_source(batch, B, type(self).__name__)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -449,7 +471,8 @@ class DiffusersGenerator(Generator):
 
     def generate_latents(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Sample to the drawn step s without grad, run the K grad steps, and return the last grad step's x0
-        prediction as denoiser latents (B, C, h, w) fp32 with grad (no VAE). Fills `last_grad_steps`."""
+        prediction (recover="one_step"; "chain": the final sample after the remaining steps, with grad) as
+        denoiser latents (B, C, h, w) fp32 with grad (no VAE). Fills `last_grad_steps` (the K window steps)."""
         cond = self.conditioning(batch)
         g = draw_generator(batch, self.default_generator)
         s = randint(self._s_lo, self._s_hi, generator=g)
@@ -464,17 +487,21 @@ class DiffusersGenerator(Generator):
         with torch.enable_grad():
             for i in range(s, s + self.k_grad_steps):
                 x_in = x
-                if self.gradient_checkpointing:
-                    x, x0, out = checkpoint(self._step, x, i, cond, use_reentrant=False)
-                else:
-                    x, x0, out = self._step(x, i, cond)
+                x, x0, out = self._grad_step(x, i, cond)
                 steps.append(GradStep(x_in, self._timesteps[i], i, cond, out))
+            if self.recover == "chain":  # the rest of the schedule with grad: the image is the final sample
+                for i in range(s + self.k_grad_steps, self.num_inference_steps):
+                    x, _, _ = self._grad_step(x, i, cond)
+                x0 = x
         self.last_grad_steps = steps
         return x0
 
     def forward(self, batch: Mapping[str, torch.Tensor], decode: bool = True, *, view: str = "pixel"):
-        """Images (B, 3, H, W); decode=False: the x0 latents (B, C, h, w); view="latent": `latents_for_critic`."""
-        if wants_latents(view, type(self).__name__):
+        """Images (B, 3, H, W); decode=False: the x0 latents (B, C, h, w); view="latent": `latents_for_critic`;
+        view="representation": `representation_for_critic`."""
+        if view == "representation":
+            return self.representation_for_critic(batch)
+        if wants_latents(view, type(self).__name__, VIEWS):
             return self.latents_for_critic(batch)
         x0 = self.generate_latents(batch)
         if not decode:
@@ -513,15 +540,8 @@ class DiffusersGenerator(Generator):
         name = f"{type(self).__name__}.denoising_loss"
         cond = self.conditioning(batch, cfg=False)
         B, device = cond["batch_size"], cond["prompt_embeds"].device
-        x0 = batch.get("reference_latents")
-        if x0 is not None:
-            check_shape(x0, 'batch["reference_latents"]', name, (B, self.latent_channels, *self.latent_size))
-            x0 = x0.detach().float()
-        elif batch.get("reference_images") is not None:
-            imgs = batch["reference_images"]
-            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, self.height, self.width))
-            x0 = self.encode_images(imgs)
-        else:
+        x0 = self._reference_source(batch, B, name)
+        if x0 is None:
             raise KeyError(
                 f'{name}: needs batch["reference_latents"] (B, C, h, w) or batch["reference_images"] (B, 3, H, W) '
                 f"in [-1, 1] (the real images of the pairs); batch has keys {sorted(batch)}"
@@ -570,9 +590,155 @@ class DiffusersGenerator(Generator):
             decode=lambda: self.decode_latents(x0),
         )
 
+    # ---------------------------------------------------------------------------- representation view
+    def noise_at(self, x0: torch.Tensor, u: torch.Tensor, eps: torch.Tensor):
+        """Forward noising on the training schedule, the way `denoising_loss` noises: x0, eps (B, C, h, w) fp32,
+        u (B,) in [0, 1], the noise level as a fraction of the schedule (0 clean, 1 pure noise). Flow:
+        sigma = u, t = u T; DDPM-family: t = round(u (T - 1)), alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t).
+        -> (x_t = alpha x0 + sigma eps, t (B,) the model's scheduler timestep, target of the prediction type)."""
+        name = f"{type(self).__name__}.noise_at"
+        B = x0.shape[0]
+        check_shape(u, "u", name, (B,))
+        check_shape(eps, "eps", name, tuple(x0.shape))
+        u = u.to(device=x0.device, dtype=torch.float32)
+        T = self.num_train_timesteps
+        if self.is_flow:
+            sigma, t = u, u * T
+            alpha = 1.0 - sigma
+        else:
+            ti = (u * (T - 1)).round().long()
+            abar = self._abar.to(x0.device)[ti]
+            t, alpha, sigma = ti.float(), abar.sqrt(), (1.0 - abar).sqrt()
+        a, s = alpha.view(B, 1, 1, 1), sigma.view(B, 1, 1, 1)
+        x_t = a * x0 + s * eps
+        target = {"epsilon": eps, "sample": x0, "flow": eps - x0}.get(self.prediction_type)
+        if target is None:  # v_prediction
+            target = a * eps - s * x0
+        return x_t, t, target
+
+    def attach_representation(self, head: nn.Module) -> DiffusersGenerator:
+        """Attach a `uno_engine.representation.RepresentationHead` (a submodule: saved and trained with the
+        generator's parameters). `uno_engine.representation.attach_representation(critic, generator, batch)`
+        builds one sized to a critic and attaches it."""
+        for attr in ("block", "output_index", "prompt_dropout", "noise_range", "source"):
+            if not hasattr(head, attr):
+                raise TypeError(
+                    f"attach_representation: `head` must be a RepresentationHead (it has no {attr!r})"
+                )
+        self.representation = head
+        return self
+
+    @torch.no_grad()
+    def representation_probe(self, batch: Mapping, block: str, output_index: int = 0):
+        """-> (channels / width of the denoiser block `block`'s output, (H, W) of the images): one no-grad
+        denoiser call at a zero latent with the batch's conditioning, what `attach_representation` sizes a
+        head with."""
+        cond = self.conditioning(batch, cfg=False)
+        h, w = self.latent_size
+        x = torch.zeros(cond["batch_size"], self.latent_channels, h, w, device=cond["prompt_embeds"].device)
+        with block_output(self.denoiser, block, output_index) as box:
+            self._call_denoiser(x, self.num_train_timesteps // 2, cond)
+        if "hidden" not in box:
+            raise ValueError(f"representation_probe: block {block!r} did not run in the denoiser's forward")
+        hid = box["hidden"]
+        return int(hid.shape[1] if hid.dim() == 4 else hid.shape[-1]), (self.height, self.width)
+
+    def _masked_prompt_batch(self, batch: Mapping, drop: torch.Tensor) -> dict:
+        """The batch with each conditioning key's rows where `drop` (B,) bool replaced by its negative."""
+        out = dict(batch)
+        name = f"{type(self).__name__}.representation_for_critic"
+        for ck in self.family.cond_keys:
+            pos = batch.get(ck.key)
+            if pos is None:
+                continue
+            neg = batch.get(ck.negative)
+            if neg is None:
+                if not ck.mask:
+                    raise KeyError(
+                        f"{name}: RepresentationHead(prompt_dropout > 0) masks prompts with batch[{ck.negative!r}] "
+                        f"(the unconditional counterpart of {ck.key!r}), which is missing"
+                    )
+                neg = torch.ones_like(pos)
+            check_shape(neg, f"batch[{ck.negative!r}]", name, tuple(pos.shape))
+            d = drop.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
+            out[ck.key] = torch.where(d, neg.to(pos.device), pos)
+        return out
+
+    def representation_for_critic(self, batch: Mapping[str, torch.Tensor]) -> GeneratedRepresentation:
+        """The representation view (`UNOConfig(view="representation")`, uno_engine.representation): ONE denoiser
+        call with grad at a noised latent x_t, whose hidden states at the attached head's block are projected
+        to the critic's image tokens; the generator's own loss comes from the same call.
+
+        x0: the batch's real image (batch["reference_latents"], or batch["reference_images"] VAE-encoded under
+        no_grad) where it has one and the head's source allows; else the generator's own sample
+        (`sample_latents`, no grad). u ~ U(head.noise_range) per row, or batch["representation_noise_level"]
+        (a float or (B,) tensor: e.g. 1.0 for pure noise, the copy-leak measure); eps from the batch's seed + 2;
+        x_t, t, target = `noise_at(x0, u, eps)`. Rows are drawn with probability head.prompt_dropout to read
+        the negative conditioning (masked prompts). No CFG in this call. `last_grad_steps` holds this call.
+        Returns `GeneratedRepresentation` (generator_loss: mean (prediction - target)^2, only from a real image)."""
+        head = self.representation
+        name = f"{type(self).__name__}.representation_for_critic"
+        if head is None:
+            raise ValueError(
+                f"{name}: no RepresentationHead is attached; build one with uno_engine.representation."
+                "attach_representation(critic, generator, batch, block=...)"
+            )
+        cond = self.conditioning(batch, cfg=False)
+        B, device = cond["batch_size"], cond["prompt_embeds"].device
+        g = draw_generator(batch, self.default_generator, salt=2)
+        x0 = None
+        if head.source != "sample":
+            x0 = self._reference_source(batch, B, name)
+            if x0 is None and head.source == "reference":
+                raise KeyError(
+                    f'{name}: RepresentationHead(source="reference") needs batch["reference_latents"] or '
+                    f'batch["reference_images"]; batch has keys {sorted(batch)}'
+                )
+        from_reference = x0 is not None
+        if x0 is None:
+            x0 = self.sample_latents(batch)
+        lo, hi = head.noise_range
+        u = batch.get("representation_noise_level")
+        if u is None:
+            u = lo + (hi - lo) * rand((B,), generator=g, device=device)
+        elif not isinstance(u, torch.Tensor):
+            if not 0.0 <= float(u) <= 1.0:
+                raise ValueError(f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u!r}')
+            u = torch.full((B,), float(u), device=device)
+        eps = randn(x0.shape, generator=g, device=device, dtype=torch.float32)
+        x_t, t, target = self.noise_at(x0.to(device), u, eps)
+        kept = torch.ones(B, dtype=torch.bool, device=device)
+        if head.prompt_dropout > 0:
+            kept = rand((B,), generator=g, device=device) >= head.prompt_dropout
+            cond = self.conditioning(self._masked_prompt_batch(batch, ~kept), cfg=False)
+        with torch.enable_grad(), block_output(self.denoiser, head.block, head.output_index) as box:
+            pred = self._call_denoiser(x_t, t, cond)
+            tokens = head(box["hidden"], self.latent_size)
+        self.last_grad_steps = [GradStep(x_t, t, -1, cond, pred)]
+        own = (pred - target).pow(2).mean() if from_reference else None
+        return GeneratedRepresentation(
+            tokens=tokens,
+            grid=tuple(head.grid),
+            noise_level=u,
+            prompt_kept=kept,
+            from_reference=from_reference,
+            generator_loss=own,
+        )
+
+    def _reference_source(self, batch: Mapping, B: int, name: str) -> torch.Tensor | None:
+        ref = batch.get("reference_latents")
+        if ref is not None:
+            check_shape(ref, 'batch["reference_latents"]', name, (B, self.latent_channels, *self.latent_size))
+            return ref.detach().float()
+        if batch.get("reference_images") is not None:
+            imgs = batch["reference_images"]
+            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, self.height, self.width))
+            return self.encode_images(imgs)
+        return None
+
     def extra_repr(self) -> str:
         return (
             f"family={self.kind}, prediction_type={self.prediction_type}, steps={self.num_inference_steps}, "
-            f"k_grad_steps={self.k_grad_steps}, grad_window={self.grad_window}, "
+            f"k_grad_steps={self.k_grad_steps}, grad_window={self.grad_window}, recover={self.recover}, "
             f"guidance_scale={self.guidance_scale}, size={self.height}x{self.width}"
         )

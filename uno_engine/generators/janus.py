@@ -55,8 +55,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from uno_engine.latent.types import GeneratedLatents
+from uno_engine.representation.capture import block_output
 
-from .base import Generator, check_images, check_shape, draw_generator, rand, require_key, wants_latents
+from .base import (
+    VIEWS,
+    Generator,
+    check_images,
+    check_shape,
+    draw_generator,
+    rand,
+    require_key,
+    wants_latents,
+)
 
 _TRAIN_MODES = ("gen_head", "gen_modules", "all")
 
@@ -138,6 +148,7 @@ class JanusGenerator(Generator):
                 pad_token_id = getattr(model.config.text_config, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
         self.default_generator = generator
+        self.representation: nn.Module | None = None  # view="representation": attach_representation(head)
         lm_params = inspect.signature(inner.language_model.forward).parameters
         self._cache_kw = "cache" if "cache" in lm_params else "past_key_values"
 
@@ -214,26 +225,147 @@ class JanusGenerator(Generator):
         check_shape(mask, 'batch["gen_attention_mask"]', name, (B, S))
         mask = mask.to(ids.device).long()
         if self.cfg_scale > 1.0:
-            unc = batch.get("gen_uncond_input_ids")
-            if unc is None:
-                # Janus's recipe: keep the first and the last real token (BOS, image start), pad the rest.
-                real = mask.bool()
-                pos = torch.arange(S, device=ids.device)[None, :]
-                first = torch.where(real, pos, S).amin(1, keepdim=True)
-                keep = (pos == first) | (pos == S - 1) | ~real
-                unc = torch.where(keep, ids, torch.full_like(ids, self.pad_token_id))
-            check_shape(unc, 'batch["gen_uncond_input_ids"]', name, (B, S))
+            unc = self._uncond_ids(batch, ids, mask)
             ids = torch.cat([ids, unc.to(ids.device)])
             mask = torch.cat([mask, mask])
         return ids, mask, B
 
+    def _uncond_ids(self, batch: Mapping, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """batch["gen_uncond_input_ids"], or Janus's recipe: keep the first and the last real token (BOS, image
+        start) of each prompt, pad the rest."""
+        B, S = ids.shape
+        unc = batch.get("gen_uncond_input_ids")
+        if unc is None:
+            real = mask.bool()
+            pos = torch.arange(S, device=ids.device)[None, :]
+            first = torch.where(real, pos, S).amin(1, keepdim=True)
+            keep = (pos == first) | (pos == S - 1) | ~real
+            unc = torch.where(keep, ids, torch.full_like(ids, self.pad_token_id))
+        check_shape(unc, 'batch["gen_uncond_input_ids"]', type(self).__name__, (B, S))
+        return unc.to(ids.device)
+
     def forward(self, batch: Mapping[str, torch.Tensor], *, view: str = "pixel"):
         """Images (B, 3, H, W) (steps 1-4); view="latent": `latents_for_critic(batch)` (steps 1-3)."""
-        if wants_latents(view, type(self).__name__):
+        if view == "representation":
+            return self.representation_for_critic(batch)
+        if wants_latents(view, type(self).__name__, VIEWS):
             return self.latents_for_critic(batch)
         logits, gumbel, tokens = self._train_logits(batch)
         y = self._straight_through(logits, gumbel, tokens)
         return check_images(self._decode_probs(y), type(self).__name__)
+
+    # ---------------------------------------------------------------------------- representation view
+    def attach_representation(self, head: nn.Module) -> JanusGenerator:
+        """Attach a `uno_engine.representation.RepresentationHead` (a submodule: saved and trained with the
+        generator); `uno_engine.representation.attach_representation` builds one sized to a critic."""
+        self.representation = head
+        return self
+
+    @torch.no_grad()
+    def representation_probe(self, batch: Mapping, block: str, output_index: int = 0):
+        """-> (width of the LM block `block`'s output, (H, W) of this generator's images): one no-grad LM pass
+        over the batch's prompts, what `attach_representation` sizes a head with."""
+        ids, mask, _ = self._prompts({**batch, "gen_uncond_input_ids": batch["gen_input_ids"]})
+        with block_output(self._inner.language_model, block, output_index) as box:
+            self._lm(self._inner.language_model.get_input_embeddings()(ids), mask, None)
+        vq = self._inner.vqmodel
+        side = self.grid[0] * 2 ** (len(vq.config.channel_multiplier) - 1)
+        return int(box["hidden"].shape[-1]), (side, side)
+
+    def _reference_tokens(self, batch: Mapping, B: int, name: str) -> torch.Tensor | None:
+        tokens = batch.get("reference_image_tokens")
+        if tokens is None and batch.get("reference_images") is not None:
+            imgs = batch["reference_images"]
+            check_shape(imgs, 'batch["reference_images"]', name, (B, 3, None, None))
+            with torch.no_grad():
+                vq = self._inner.vqmodel
+                tokens = vq.encode(imgs.to(vq.quant_conv.weight.dtype)).image_tokens.reshape(B, -1)
+        if tokens is not None:
+            check_shape(tokens, 'batch["reference_image_tokens"]', name, (B, self.num_image_tokens))
+            tokens = tokens.long()
+        return tokens
+
+    def representation_for_critic(self, batch: Mapping[str, torch.Tensor]):
+        """The representation view for Janus: ONE teacher-forced LM pass with grad over [prompt, noised image
+        tokens], whose hidden states at the image positions (the output of the head's `block`, a module path
+        inside the LM such as "layers.1") are projected to the critic's image tokens; Janus's own loss (the
+        generation head's CE against the clean tokens) comes from the same pass.
+
+        Clean tokens: batch["reference_image_tokens"] / VQ-encoded batch["reference_images"] (no grad), else the
+        generator's own no-grad sample. Noise: each token is replaced by a uniform random code with probability
+        u (per row, u ~ U(head.noise_range) or batch["representation_noise_level"]; u = 1: pure noise). Masked
+        prompts (head.prompt_dropout): the row reads the unconditional prompt. No CFG in this pass."""
+        from uno_engine.representation.types import GeneratedRepresentation
+
+        name = f"{type(self).__name__}.representation_for_critic"
+        head = getattr(self, "representation", None)
+        if head is None:
+            raise ValueError(
+                f"{name}: no RepresentationHead is attached; build one with uno_engine.representation."
+                "attach_representation(critic, generator, batch, block=...)"
+            )
+        inner = self._inner
+        ids = require_key(batch, "gen_input_ids", name)
+        B, S, N, device = ids.shape[0], ids.shape[1], self.num_image_tokens, ids.device
+        mask = batch.get("gen_attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(device).long()
+        g = draw_generator(batch, self.default_generator, salt=2)
+        clean = None if head.source == "sample" else self._reference_tokens(batch, B, name)
+        if clean is None and head.source == "reference":
+            raise KeyError(
+                f'{name}: RepresentationHead(source="reference") needs batch["reference_image_tokens"] '
+                'or batch["reference_images"]'
+            )
+        from_reference = clean is not None
+        clean = (self._own_tokens(batch) if clean is None else clean).to(device)
+        lo, hi = head.noise_range
+        u = batch.get("representation_noise_level")
+        if u is None:
+            u = lo + (hi - lo) * rand((B,), generator=g, device=device)
+        elif not isinstance(u, torch.Tensor):
+            if not 0.0 <= float(u) <= 1.0:
+                raise ValueError(f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u!r}')
+            u = torch.full((B,), float(u), device=device)
+        V = inner.generation_head.vision_head.out_features
+        swap = rand((B, N), generator=g, device=device) < u.to(device)[:, None]
+        codes = (rand((B, N), generator=g, device=device) * V).long().clamp_(max=V - 1)
+        noised = torch.where(swap, codes, clean)
+        kept = torch.ones(B, dtype=torch.bool, device=device)
+        if head.prompt_dropout > 0:
+            kept = rand((B,), generator=g, device=device) >= head.prompt_dropout
+            ids = torch.where(kept[:, None], ids, self._uncond_ids(batch, ids, mask))
+        pos = torch.cat(
+            [(mask.cumsum(1) - 1).clamp(min=0), mask.sum(1, keepdim=True) + torch.arange(N, device=device)], 1
+        )
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, N)], dim=1)
+        with torch.enable_grad(), block_output(inner.language_model, head.block, head.output_index) as box:
+            prompt = inner.language_model.get_input_embeddings()(ids)
+            img = self.model.prepare_embeddings_for_image_generation(noised)
+            hidden, _ = self._lm(torch.cat([prompt, img.to(prompt.dtype)], dim=1), full_mask, pos)
+            tokens = head(box["hidden"][:, S : S + N], self.grid)
+        own = None
+        if from_reference:
+            logits = inner.generation_head(hidden[:, S - 1 : S - 1 + N]).float()
+            own = F.cross_entropy(logits.reshape(B * N, -1), clean.reshape(-1))
+        return GeneratedRepresentation(
+            tokens=tokens,
+            grid=tuple(head.grid),
+            noise_level=u,
+            prompt_kept=kept,
+            from_reference=from_reference,
+            generator_loss=own,
+        )
+
+    @torch.no_grad()
+    def _own_tokens(self, batch: Mapping) -> torch.Tensor:
+        """The generator's own sample's tokens (B, N) (step 1, no grad)."""
+        ids, mask, B = self._prompts(batch)
+        V = self._inner.generation_head.vision_head.out_features
+        g = draw_generator(batch, self.default_generator)
+        u = rand((B, self.num_image_tokens, V), generator=g, device=ids.device).clamp_(1e-20, 1.0 - 1e-7)
+        emb = self._inner.language_model.get_input_embeddings()(ids)
+        tokens, _ = self._sample(emb, mask, mask.sum(1, keepdim=True), -torch.log(-torch.log(u)), B, False)
+        return tokens
 
     def latents_for_critic(self, batch: Mapping[str, torch.Tensor]) -> GeneratedLatents:
         """The latent view (`UNOConfig(view="latent")`): steps 1-3 only, no VQ decode. Returns

@@ -1,0 +1,58 @@
+"""How much of the caption the representation view could copy from the prompt (the guard against copying).
+
+The generator's hidden states see the prompt, so the projected tokens can carry the caption without any image
+content. `copy_leak` measures it at pure noise (noise level 1: the hidden states hold nothing of an image):
+- ce_pure_noise: the caption CE with the prompt kept: what the head passes on from the prompt alone;
+- ce_prompt_free: the same head and noise with the prompt masked (the negative conditioning): the best the
+  critic can do knowing nothing of the scene through this head (the caption prior it has learned to emit);
+- ce_blank: the critic reading its own tokens of a blank gray image (no head involved; off its training
+  distribution, so usually far above both).
+leak = ce_prompt_free - ce_pure_noise: > 0 means the caption is copied from the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from uno_engine.representation.view import critic_image_tokens, read_tokens
+
+__all__ = ["caption_ce", "copy_leak"]
+
+
+def caption_ce(critic, tokens: torch.Tensor, captions: torch.Tensor, caption_mask=None) -> torch.Tensor:
+    """Mean caption CE per real token (0-d fp32) of the critic's LM reading `tokens` (B, N, H) then captions."""
+    device = critic.lm_head_weight.device
+    captions = captions.to(device=device, dtype=torch.long)
+    hidden, P = read_tokens(critic, tokens, captions, caption_mask)
+    L = captions.shape[1]
+    logits = hidden[:, P - 1 : P - 1 + L].float() @ critic.lm_head_weight.float().T
+    if critic.lm_head_bias is not None:
+        logits = logits + critic.lm_head_bias.float()
+    labels = captions if caption_mask is None else captions.masked_fill(caption_mask.to(device) == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def copy_leak(critic, generator, batch: dict) -> dict[str, float]:
+    """-> {"ce_pure_noise", "ce_prompt_free", "ce_blank", "leak"} (module docstring) for the attached head.
+    batch: the step's batch (prompt conditioning with its negative, captions, caption_mask)."""
+    head = getattr(generator, "representation", None)
+    if head is None:
+        raise ValueError("copy_leak: `generator` has no attached RepresentationHead")
+    caps, mask = batch["captions"], batch.get("caption_mask")
+    ce = {}
+    saved = head.prompt_dropout
+    try:
+        for name, p in (("ce_pure_noise", 0.0), ("ce_prompt_free", 1.0)):
+            head.prompt_dropout = p
+            rep = generator({**batch, "representation_noise_level": 1.0}, view="representation")
+            ce[name] = float(caption_ce(critic, rep.tokens, caps, mask))
+    finally:
+        head.prompt_dropout = saved
+    _, image_hw = generator.representation_probe(batch, head.block, head.output_index)
+    gray = torch.zeros(caps.shape[0], 3, *image_hw, device=critic.lm_head_weight.device)
+    blank, _ = critic_image_tokens(critic, gray)
+    ce["ce_blank"] = float(caption_ce(critic, blank, caps, mask))
+    ce["leak"] = ce["ce_prompt_free"] - ce["ce_pure_noise"]
+    return ce
