@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -282,6 +283,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--probe-prompts", type=int, default=None, help="--probe: held-out prompts attacked (all)")
     ap.add_argument("--probe-steps", type=int, default=100, help="--probe: pixel descent steps")
+    ap.add_argument("--probe-views", type=int, default=8, help="--probe: views per image of the readings")
+    ap.add_argument(
+        "--reuse-before",
+        type=Path,
+        default=None,
+        help="take the pretrained generator's evaluations from this learning-*.json (same settings but the "
+        "arms) instead of re-judging them: for arms run apart and folded in with --merge",
+    )
     ap.add_argument(
         "--probe-robust-steps",
         type=int,
@@ -382,7 +391,17 @@ def main(argv=None) -> int:
     )
 
     cache = None if args.smoke else (args.cache / "critic.safetensors", args.cache / "generator.safetensors")
-    res = experiment.run_all(critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache)
+    before = None
+    if args.reuse_before is not None:
+        other = json.loads(args.reuse_before.read_text())
+        mine = {k: v for k, v in asdict(s).items() if k != "ablations"}
+        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
+        if json.loads(json.dumps(mine)) != theirs:
+            ap.error(f"--reuse-before: {args.reuse_before} was run with other settings: {theirs} != {mine}")
+        before = other["before_per_seed"]
+    res = experiment.run_all(
+        critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache, before=before
+    )
     trained = res.pop("_trained_main_seed0")
     before, after, targets = headline(res, s.main)
     out = {
@@ -459,6 +478,7 @@ def run_probe(args) -> int:
         seed=args.seed,
         attack_prompts=args.probe_prompts,
         attack_steps=args.probe_steps,
+        reads=probe.readings(args.probe_views),
         log=log,
     )
     res["critics"] = {

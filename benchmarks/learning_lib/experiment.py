@@ -461,7 +461,17 @@ def _worker_unit(unit, s: Settings):
 
 
 def run_all(
-    critic_model, proc, unet, text, s: Settings, *, bar=None, log=print, jobs: int = 1, cache=None
+    critic_model,
+    proc,
+    unet,
+    text,
+    s: Settings,
+    *,
+    bar=None,
+    log=print,
+    jobs: int = 1,
+    cache=None,
+    before: list[dict] | None = None,
 ) -> dict:
     """Before (pretrained) and after (each ablation) x seeds. -> results dict (without env metadata).
 
@@ -479,8 +489,13 @@ def run_all(
         else:
             status[name] = why
             log(f"{name}: {why}")
-    units = [("before", seed) for seed in s.seeds] + [(n, seed) for n in runnable for seed in s.seeds]
     results, keep = {}, {}
+    if before is not None:  # the pretrained generator's evaluations of these seeds, judged by an earlier run
+        if len(before) != len(s.seeds):
+            raise ValueError(f"run_all: `before` has {len(before)} evaluations for {len(s.seeds)} seeds")
+        results.update({("before", seed): ev for seed, ev in zip(s.seeds, before, strict=True)})
+    units = [("before", seed) for seed in s.seeds if before is None]
+    units += [(n, seed) for n in runnable for seed in s.seeds]
 
     def record(unit, ev, state):
         results[unit] = ev

@@ -78,9 +78,9 @@ def auc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float | None:
     return float(lt + 0.5 * eq)
 
 
-def readings() -> dict:
-    """The readings the probe compares (experiment.reading, 8 views): plain, augmented, noise-aware."""
-    return {name: experiment.reading(name, views=8) for name in ("plain", "augmented", "noise-aware")}
+def readings(views: int = 8) -> dict:
+    """The readings the probe compares (experiment.reading): plain, augmented, noise-aware."""
+    return {name: experiment.reading(name, views=views) for name in ("plain", "augmented", "noise-aware")}
 
 
 def _judge(prompts, images) -> list[int]:
@@ -168,7 +168,7 @@ def run_probes(
     n = len(held) if attack_prompts is None else min(attack_prompts, len(held))
     pick = sorted(random.Random(seed).sample(range(len(held)), n))
     ap = [prompts[i] for i in pick]
-    x0, aids, amask = images[pick].clone(), ids[pick], mask[pick]
+    x0, aids, amask = images[pick].clamp(-1, 1), ids[pick], mask[pick]
     res = {"reward": {}, "descent": {}, "seed": seed}
     res["readings"] = {k: (None if v is None else repr(v)) for k, v in reads.items()}
     res["attack"] = {"prompts": n, "steps": attack_steps, "lr": attack_lr}
