@@ -522,14 +522,15 @@ def probe_table(res: dict) -> str:
 
 
 def merge(target: Path, others: list[Path]) -> int:
-    """Fold other runs' ablations into `target` (same seeds and settings required), recompute the headline."""
+    """Fold other runs' ablations into `target` (the same settings required; their seeds may be a subset of
+    the target's: such an arm keeps its own "seeds"), recompute the headline."""
     res = json.loads(target.read_text())
     for path in others:
         other = json.loads(path.read_text())
-        mine = {k: v for k, v in res["settings"].items() if k != "ablations"}
-        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
-        if mine != theirs:
-            raise SystemExit(f"--merge: {path} was run with other settings: {theirs} != {mine}")
+        mine = {k: v for k, v in res["settings"].items() if k not in ("ablations", "seeds")}
+        theirs = {k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")}
+        if mine != theirs or not set(other["settings"]["seeds"]) <= set(res["settings"]["seeds"]):
+            raise SystemExit(f"--merge: {path} was run with other settings: {other['settings']} != {res['settings']}")
         for name, ab in other["ablations"].items():
             if ab.get("status") == "ran" or name not in res["ablations"]:
                 res["ablations"][name] = ab
