@@ -376,3 +376,24 @@ def test_probe_shift_and_views_reading():
     assert jit.shape == (3,) and not torch.allclose(jit, plain)
     gap = probe.hack_gap(critic, images, ids, mask)
     assert gap["hack_gap"] == pytest.approx(gap["ce_one_pixel_shift"] / gap["ce_unshifted"])
+
+
+def test_control_arm_trains_on_the_generator_loss_without_reading_the_critic():
+    import torch
+    from learning_lib import experiment, models
+
+    from uno_engine import Critic
+
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model, proc, checkpoint="none")
+
+    def refuse(*a, **k):
+        raise AssertionError("the control arm read the critic")
+
+    critic.prepare = refuse  # any rollout read by the critic would go through the bridge
+    unet, text = models.build_unet(0).eval().requires_grad_(False), models.TextEncoder().eval()
+    s = experiment.Settings(uno_steps=2, batch_held=2, batch_seen=2, sample_steps=2, lr=1e-3)
+    trained, hist = experiment.run_uno(unet, text, critic, "control (generator loss only)", seed=0, s=s)
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in hist)
+    assert not all(torch.equal(a, b) for a, b in zip(trained.parameters(), unet.parameters(), strict=True))
+    assert not any(k.startswith("held_") for k in hist[0])  # no held-out stream: it has no real images
