@@ -164,37 +164,46 @@ def save_grid(grid, captions, path: Path) -> None:
 
 
 def plot(res: dict, path: Path, samples=None) -> None:
+    """Left: judge accuracy (% of prompts) before and per arm, held-out and seen, +- SE (learning_lib.stats).
+    Right: the paired gains over the pretrained generator (points, +- SE), with the number of seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ncols = 3 if samples is not None else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5))
-    names = ["pretrained"] + [n for n, a in res["ablations"].items() if a.get("status") == "ran"]
-    means = [res["before_mean"]] + [res["ablations"][n]["mean"] for n in names[1:]]
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 5.5))
+    ran = [n for n, a in res["ablations"].items() if a.get("status") == "ran" and "accuracy" in a]
+    accs = [res.get("before_accuracy")] + [res["ablations"][n]["accuracy"] for n in ran]
+    names = ["pretrained"] + [f"{n} ({len(res['ablations'][n]['seeds'])}s)" for n in ran]
     x = range(len(names))
     for off, split, color in ((-0.2, "held_out", "tab:red"), (0.2, "seen", "tab:blue")):
-        m = [100 * (r[split]["overall"] or 0) for r in means]
-        e = [100 * (r[split].get("overall_std") or 0) for r in means]
-        axes[0].bar(
-            [i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-")
-        )
-    axes[0].set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
-    axes[0].set_ylabel("judge accuracy, % of prompts (mean +- std, seeds)")
-    axes[0].set_title("before / after UNO, by ablation")
+        m = [100 * a[split]["mean"] if a else 0 for a in accs]
+        e = [100 * (a[split]["se"] or 0) if a else 0 for a in accs]
+        axes[0].bar([i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-"))
+    axes[0].set_xticks(list(x), names, rotation=35, ha="right", fontsize=7)
+    axes[0].set_ylabel("judge accuracy, % of prompts (mean of seeds +- SE)")
+    axes[0].set_title("before / after, by arm")
     axes[0].legend()
-    cats = list(judge.CATEGORIES)
-    width = 0.8 / len(names)
-    for j, (n, r) in enumerate(zip(names, means, strict=True)):
-        vals = [100 * (r["held_out"].get(c) or 0) for c in cats]
-        axes[1].bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))], vals, width, label=n)
-    axes[1].set_xticks(range(len(cats)), cats)
-    axes[1].set_title("held-out prompts, per category")
-    axes[1].legend(fontsize=7)
+    for off, split, color in ((-0.2, "held_out", "tab:red"), (0.2, "seen", "tab:blue")):
+        d = [res["ablations"][n]["paired"][split] for n in ran]
+        axes[1].bar(
+            [i + off for i in range(len(ran))],
+            [100 * v["mean"] for v in d],
+            0.4,
+            yerr=[100 * (v["se"] or 0) for v in d],
+            capsize=3,
+            color=color,
+            label=split.replace("_", "-"),
+        )
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_xticks(range(len(ran)), names[1:], rotation=35, ha="right", fontsize=7)
+    axes[1].set_ylabel("paired change over the pretrained generator, points (+- SE)")
+    axes[1].set_title("gain by arm (same prompts, same noise)")
+    axes[1].legend()
     missing = [n for n, a in res["ablations"].items() if a.get("status") != "ran"]
     if missing:
-        axes[1].text(0.01, -0.16, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=7)
+        axes[1].text(0.01, 0.98, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=6, va="top")
     if samples is not None:
         axes[2].imshow(samples)
         axes[2].set_title("held-out prompts: pretrained (top) / after UNO (bottom)", fontsize=9)
