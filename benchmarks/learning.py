@@ -543,7 +543,20 @@ def merge(target: Path, others: list[Path]) -> int:
         for name, ab in other["ablations"].items():
             if ab.get("status") == "ran" or name not in res["ablations"]:
                 res["ablations"][name] = ab
-        res.setdefault("merged_from", []).append({"file": path.name, "wall_s": other.get("wall_s")})
+        res.setdefault("merged_from", []).append(
+            {
+                "file": path.name,
+                "arms": [n for n, a in other["ablations"].items() if a.get("status") == "ran"],
+                "seeds": other["settings"]["seeds"],
+                "commit": other.get("commit"),
+                "dirty": other.get("dirty"),
+                "wall_s": other.get("wall_s"),
+                "cpu_s": other.get("cpu_s"),
+            }
+        )
+        for name, ab in other["ablations"].items():
+            if ab.get("status") == "ran":
+                ab["commit"] = other.get("commit")
     res["before"], res["after"], res["targets"] = headline(res, res["settings"]["main"])
     print(table(res))
     res["notes"] = NOTES
