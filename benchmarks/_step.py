@@ -156,6 +156,24 @@ def _engine_compile(preset, loss):
     return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", compile=True))
 
 
+READ_AUGMENT = dict(shift=3.0, scale=(0.9, 1.1), noise=0.1)  # the views of the engine+readK providers
+
+for _k in (1, 2, 4, 8):
+
+    @provider(
+        f"engine+read{_k}",
+        default_on=(),
+        doc=f"the engine with UNOConfig(read=ReadAugment(views={_k}, shift=3, scale=(0.9, 1.1), noise=0.1)): "
+        f"the critic reads {_k} random view(s) of each image in one batch",
+    )
+    def _engine_read(preset, loss, _k=_k):
+        from uno_engine import ReadAugment, UNOConfig, UNOStep
+
+        read = ReadAugment(views=_k, **READ_AUGMENT)
+        critic = preset.make_critic(preset.engine_checkpoint)
+        return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", read=read))
+
+
 def _latent_step(preset, pool: int, loss):
     from uno_engine import UNOConfig, UNOStep
 

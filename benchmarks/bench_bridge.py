@@ -12,7 +12,13 @@ read by the op); --kernel picks the Triton kernels (`ops.bridge(kernel=)`: auto 
 CUDA defaults: 8x3x1024x1024 -> Janus 384 and 32x3x512x512 -> SigLIP 224. CPU: small shapes, torch providers
 only.
 
+--views 1,2,4,8 times augmented reading instead (`ops.bridge(views=)`, `uno_engine.read`): forward + backward
+of one call reading K random views of each image ("views") against K calls of one view each ("K x 1 view")
+and the plain read, all on the op's default backend (triton on CUDA, torch on the CPU), the host's draw and
+tables included (a step pays them). Views: shift 3 px, scale 0.9-1.1, noise 0.1.
+
     python benchmarks/bench_bridge.py [--cases janus,siglip] [--rep 20]
+    python benchmarks/bench_bridge.py --views 1,2,4,8
 """
 
 from __future__ import annotations
@@ -72,7 +78,10 @@ def main():
     ap.add_argument(
         "--kernel", default="auto", choices=("auto", "two_pass", "fused"), help="ops.bridge(kernel=)"
     )
+    ap.add_argument("--views", default="", help="time augmented reading with these K, e.g. 1,2,4,8")
     args = ap.parse_args()
+    if args.views:
+        return bench_views(args, [int(k) for k in args.views.split(",")])
     cuda = torch.cuda.is_available()
     # do_bench replays backward on one graph (retain_graph=True); compiled graphs with donated buffers refuse that
     torch._functorch.config.donated_buffer = False
@@ -196,6 +205,57 @@ def main():
     meta = env_metadata(device)
     meta.update(ceil)
     paths = write_results("bench_bridge", rows, meta, tag=None if args.kernel == "auto" else args.kernel)
+    print("results:", *paths)
+
+
+def bench_views(args, ks):
+    """Augmented reading: K views in one call vs K one-view calls vs the plain read (module docstring)."""
+    from uno_engine import ReadAugment
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = {"janus": (8, 1024, 1024), "siglip": (32, 512, 512)} if device == "cuda" else None
+    shapes = shapes or {"janus": (2, 128, 96), "siglip": (2, 128, 96)}
+    specs = {"janus": JANUS, "siglip": SIGLIP}
+    aug = dict(shift=3.0, scale=(0.9, 1.1), noise=0.1)
+    rows = []
+    for name in args.cases.split(","):
+        spec = specs[name]
+        B, H, W = shapes[name]
+        x = (torch.rand(B, 3, H, W, device=device) * 2 - 1).requires_grad_()
+        one = ReadAugment(views=1, **aug)
+
+        def fwd_bwd(views):
+            out = ops.bridge(x, spec, views=views)
+            torch.autograd.grad(out, x, torch.ones_like(out))
+
+        plain = time_fn(lambda: fwd_bwd(None), device=device, rep=args.rep)["median_ms"]
+        step = [0]
+
+        def k_single(K):
+            for _ in range(K):
+                step[0] += 1
+                fwd_bwd(one.draw(B, H, W, step=step[0]))
+
+        for K in ks:
+            read = ReadAugment(views=K, **aug)
+            many = time_fn(lambda read=read: fwd_bwd(read.draw(B, H, W, step=1)), device=device, rep=args.rep)
+            single = time_fn(lambda K=K: k_single(K), device=device, rep=args.rep)
+            rows.append(
+                dict(
+                    case=name,
+                    shape=f"{B}x3x{H}x{W}->{'x'.join(map(str, spec.output_size(H, W)))}",
+                    views=K,
+                    plain_ms=plain,
+                    views_ms=many["median_ms"],
+                    k_single_ms=single["median_ms"],
+                    views_over_k_single=many["median_ms"] / single["median_ms"],
+                    views_over_k_plain=many["median_ms"] / (K * plain),
+                )
+            )
+    cols = ["case", "shape", "views", "plain_ms", "views_ms", "k_single_ms", "views_over_k_single", "views_over_k_plain"]
+    print_table(rows, cols, title="bridge with K views: forward + backward, one call vs K one-view calls")
+    meta = env_metadata(device)
+    paths = write_results("bench_bridge", rows, meta, tag="views")
     print("results:", *paths)
 
 

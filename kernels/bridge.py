@@ -36,6 +36,8 @@ processors (crop/pad/patch order).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import bridge_fused, bridge_two_pass
@@ -49,6 +51,7 @@ __all__ = [
     "FORWARD_KERNELS",
     "SPAN_TILES",
     "TABLES",
+    "ViewTables",
     "bridge_backward",
     "bridge_forward",
     "check_blocks",
@@ -61,6 +64,17 @@ __all__ = [
 
 FORWARD_KERNELS = ("two_pass", "fused", "fused_loads")  # fused_loads: fused, first pass by gathered loads
 BACKWARD_KERNELS = ("two_pass", "fused")
+
+
+class ViewTables(NamedTuple):
+    """K views per image (`uno_engine.read`): each view's tap tables (the keys of `TABLES` with a leading view
+    axis, V = B * K image-major, plus the int counts KY, KX, KTY, KTX), and its noise: affine (V, 3) fp32
+    [alpha, beta, sigma] and keys (V, 2) int64, or None for none."""
+
+    per_image: int
+    tables: dict
+    affine: torch.Tensor | None
+    keys: torch.Tensor | None
 
 
 def mask_layout(
@@ -101,6 +115,7 @@ def bridge_forward(
     kernel: str = "two_pass",
     blocks=None,
     fused_tile=None,
+    views: ViewTables | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the forward. images: (B, 3, H, W) any strides; tables: `tap_tables` as int32 / fp32 device tensors
     plus the int counts; consts: (3, 3) fp32 per channel [scale, shift, fill]; canvas: (Hc, Wc); region: the
@@ -109,11 +124,18 @@ def bridge_forward(
     fit falls back to the two passes); blocks: two-pass tiles (`bridge_two_pass.check_blocks`) or None;
     fused_tile: (KH, KW, num_warps) or None.
 
-    Returns (out, side): out (B, 3, Hc, Wc) or (B*gh*gw, 3*T*p*p) in out_dtype; side: the uint8 buffer of
-    `mask_layout` the backward reads (store_mask), or None."""
+    views: K views per image (`ViewTables`; `tables` is then ignored): the two-pass kernels read each image
+    once per view with that view's tables and write B * K rows, the noise drawn in the second pass.
+
+    Returns (out, side): out (B, 3, Hc, Wc) or (B*gh*gw, 3*T*p*p) in out_dtype (B * K rows with views);
+    side: the uint8 buffer of `mask_layout` the backward reads (store_mask), or None."""
     if kernel not in FORWARD_KERNELS:
         raise ValueError(f"bridge_forward: kernel must be one of {FORWARD_KERNELS}, got {kernel!r}")
+    if views is not None and kernel != "two_pass":
+        raise ValueError(f"bridge_forward: views run the two-pass kernels, got kernel={kernel!r}")
     B, C, H, W = images.shape
+    if views is not None:
+        tables, B = views.tables, B * views.per_image  # B: output rows from here
     Hc, Wc = canvas
     dev = images.device
     gw, patch, merge, temporal = _geometry(qwen, Wc)
@@ -142,7 +164,9 @@ def bridge_forward(
     if plan is not None:
         bridge_fused.forward(plan, *args, **flags_kw, gather=kernel == "fused")
     else:
-        bridge_two_pass.forward(*args, **flags_kw, blocks=None if blocks is None else check_blocks(blocks))
+        vw = None if views is None else (views.per_image, views.affine, views.keys)
+        blocks = None if blocks is None else check_blocks(blocks)
+        bridge_two_pass.forward(*args, **flags_kw, blocks=blocks, views=vw)
     return out, side
 
 
@@ -163,13 +187,20 @@ def bridge_backward(
     kernel: str = "two_pass",
     blocks=None,
     fused_tile=None,
+    views: ViewTables | None = None,
 ) -> torch.Tensor:
     """Run the backward: grad of the images (B, 3, H, W) in images.dtype, each element written once.
     use_masks=False is the straight-through policy (no masks; the images are not read). kernel: one of
-    BACKWARD_KERNELS; blocks / fused_tile as in `bridge_forward` (fused_tile: the canvas band of grad_out)."""
+    BACKWARD_KERNELS; blocks / fused_tile as in `bridge_forward` (fused_tile: the canvas band of grad_out).
+    views: as in `bridge_forward` (grad_out has B * K rows); each image's gradient sums its K views."""
     if kernel not in BACKWARD_KERNELS:
         raise ValueError(f"bridge_backward: kernel must be one of {BACKWARD_KERNELS}, got {kernel!r}")
+    if views is not None and kernel != "two_pass":
+        raise ValueError(f"bridge_backward: views run the two-pass kernels, got kernel={kernel!r}")
     B, C, H, W = images.shape
+    K = 1 if views is None else views.per_image
+    if views is not None:
+        tables = views.tables
     Hc, Wc = canvas
     grad_out = grad_out.contiguous()
     gx = torch.empty((B, C, H, W), device=images.device, dtype=images.dtype)
@@ -178,8 +209,10 @@ def bridge_backward(
     if use_masks:
         if side is None:
             raise ValueError("bridge_backward: use_masks needs the forward's side outputs (store_mask=True)")
-        _, m1_at, m1_end, flags_at = mask_layout(B, H, W, Hc, Wc, vertical_first, clip_each_pass)
+        _, m1_at, m1_end, flags_at = mask_layout(B * K, H, W, Hc, Wc, vertical_first, clip_each_pass)
         m2, m1, flags = side[:m1_at], side[m1_at:m1_end], side[flags_at:].view(torch.int32)
+        if K > 1:  # an image plane is read where any of its views saw a clamped pixel
+            flags = flags.view(B, K, C).amax(1).reshape(-1)
     lo, hi = float(input_range[0]), float(input_range[1])
     inv = 1.0 / (hi - lo)
     plan = None
@@ -193,5 +226,7 @@ def bridge_backward(
     if plan is not None:
         bridge_fused.backward(plan, *args, **flags_kw)
     else:
-        bridge_two_pass.backward(*args, **flags_kw, blocks=None if blocks is None else check_blocks(blocks))
+        vw = None if views is None else (K, views.affine, views.keys)
+        blocks = None if blocks is None else check_blocks(blocks)
+        bridge_two_pass.backward(*args, **flags_kw, blocks=blocks, views=vw)
     return gx

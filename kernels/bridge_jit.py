@@ -123,3 +123,26 @@ def _read_u(ptr, ok, lo, inv_range, bad, STORE_MASK: tl.constexpr):
     if STORE_MASK:
         bad = tl.maximum(bad, _outside01(u, ok))
     return _clamp01(u), bad
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer on uint32 (wrapping multiplies), as `bridge_math._fmix32`."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _hash_normal(n, k0, k1):
+    """The views' noise at counters n (any int shape) under the view's keys k0, k1 (uint32): Irwin-Hall of
+    twelve 16-bit uniforms from six counter hashes, exact in fp32, so equal bit for bit to
+    `uno_engine.bridge_math.hash_normal` (which documents the construction)."""
+    ctr = n.to(tl.uint32) * 6
+    total = tl.zeros(n.shape, dtype=tl.uint32)
+    for j in tl.static_range(6):
+        h = _fmix32(_fmix32((ctr + j) ^ k0) ^ k1)
+        total += (h >> 16) + (h & 0xFFFF) + 1
+    return total.to(tl.float32) * (1.0 / 65536.0) - 6.0

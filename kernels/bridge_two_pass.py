@@ -33,6 +33,7 @@ import triton.language as tl
 from .bridge_jit import (
     _clamp01,
     _grad_images_epilogue,
+    _hash_normal,
     _load_grad_out,
     _outside01,
     _store_critic_input,
@@ -70,6 +71,11 @@ def _resample_fwd_kernel(
     gw,
     patch,
     merge,  # qwen2_vl layout: grid width, patch size, merge size (FINAL and QWEN)
+    VIEWS,  # views per image: output plane (v * 3 + c) reads image v // VIEWS (FIRST); 1 for the plain read
+    tab_s,
+    tab_w,  # elements between two views' start / weight tables (0: one table for every plane)
+    aff_ptr,  # (V, 3) fp32 per view [alpha, beta, sigma] (FINAL and NOISE)
+    key_ptr,  # (V, 2) int64 per view noise keys in [0, 2^32) (FINAL and NOISE)
     AXIS: tl.constexpr,  # 0: resample rows (vertical pass), 1: resample columns (horizontal pass)
     FIRST: tl.constexpr,
     FINAL: tl.constexpr,
@@ -77,19 +83,25 @@ def _resample_fwd_kernel(
     STORE_MASK: tl.constexpr,
     QWEN: tl.constexpr,
     TEMPORAL: tl.constexpr,
+    NOISE: tl.constexpr,  # clip(alpha * r + beta + sigma * eps) in place of the last clip (FINAL)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
-    plane = tl.program_id(2).to(tl.int64)  # b * 3 + c
+    plane = tl.program_id(2).to(tl.int64)  # v * 3 + c: the output plane (v: the image, or the view)
     b = plane // 3
     c = plane % 3
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_ok = rows < R_out
     c_ok = cols < C_out
-    base = in_ptr + b * stride_ib + c * stride_ic
+    if FIRST:  # the image the view reads, once
+        base = in_ptr + (b // VIEWS) * stride_ib + c * stride_ic
+    else:
+        base = in_ptr + b * stride_ib + c * stride_ic
+    start_ptr += b * tab_s
+    w_ptr += b * tab_w
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     bad = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
     if AXIS == 1:
@@ -129,6 +141,12 @@ def _resample_fwd_kernel(
 
     ok2 = r_ok[:, None] & c_ok[None, :]
     off = plane * R_out * C_out + rows.to(tl.int64)[:, None] * C_out + cols[None, :]
+    if FINAL:
+        if NOISE:  # the view's noise / re-noising, drawn here from its counters (no noise tensor)
+            k0 = tl.load(key_ptr + b * 2).to(tl.uint32)
+            k1 = tl.load(key_ptr + b * 2 + 1).to(tl.uint32)
+            eps = _hash_normal((c * R_out + rows[:, None]) * C_out + cols[None, :], k0, k1)
+            acc = tl.load(aff_ptr + b * 3) * acc + tl.load(aff_ptr + b * 3 + 1) + tl.load(aff_ptr + b * 3 + 2) * eps
     if CLIP:
         if STORE_MASK:
             tl.store(m_ptr + off, ((acc >= 0.0) & (acc <= 1.0)).to(tl.uint8), mask=ok2)
@@ -171,6 +189,10 @@ def _resample_bwd_kernel(
     gw,
     patch,
     merge,
+    VIEWS,  # views per image: the LAST pass of image plane (b, c) sums its views b * VIEWS + k; 1: plain
+    tab_s,
+    tab_w,  # elements between two views' start / weight tables (0: one table for every plane)
+    aff_ptr,  # (V, 3) fp32 per view [alpha, beta, sigma]: FIRST multiplies by alpha (NOISE)
     AXIS: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
@@ -178,12 +200,13 @@ def _resample_bwd_kernel(
     CLIP: tl.constexpr,
     QWEN: tl.constexpr,
     TEMPORAL: tl.constexpr,
+    NOISE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
-    plane = tl.program_id(2).to(tl.int64)
+    plane = tl.program_id(2).to(tl.int64)  # LAST: the image plane; else the view's (or image's) plane
     b = plane // 3
     c = plane % 3
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -192,37 +215,49 @@ def _resample_bwd_kernel(
     c_ok = cols < C_out
     zero = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    if AXIS == 1:
-        start = tl.load(start_ptr + cols, mask=c_ok, other=0)
+    if LAST:
+        n_views = VIEWS
     else:
-        start = tl.load(start_ptr + rows, mask=r_ok, other=0)
-    for k in range(K):
+        n_views = 1
+    for kv in range(n_views):  # LAST: the views of the image, summed in order (a deterministic gather)
+        if LAST:
+            v = b * VIEWS + kv
+        else:
+            v = b
+        src_plane = v * 3 + c
         if AXIS == 1:
-            w = tl.load(w_ptr + cols * K + k, mask=c_ok, other=0.0)[None, :]
-            src = start + k
-            sy = rows[:, None] + zero
-            sx = src[None, :] + zero
-            ok = r_ok[:, None] & (c_ok & (src < C_in))[None, :]
+            start = tl.load(start_ptr + v * tab_s + cols, mask=c_ok, other=0)
         else:
-            w = tl.load(w_ptr + rows * K + k, mask=r_ok, other=0.0)[:, None]
-            src = start + k
-            sy = src[:, None] + zero
-            sx = cols[None, :] + zero
-            ok = (r_ok & (src < R_in))[:, None] & c_ok[None, :]
-        if FIRST:
-            ok = ok & (sy >= reg_y0) & (sy < reg_y1) & (sx >= reg_x0) & (sx < reg_x1)  # padding has no grad
-            g = _load_grad_out(
-                in_ptr, m_in_ptr, sy, sx, ok, b, c, plane, R_in, C_in, gw, patch, merge,
-                QWEN, TEMPORAL, USE_MASKS, CLIP,
-            )  # fmt: skip
-        else:
-            g = tl.load(in_ptr + plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0.0)
-        acc += w * g
+            start = tl.load(start_ptr + v * tab_s + rows, mask=r_ok, other=0)
+        for k in range(K):
+            if AXIS == 1:
+                w = tl.load(w_ptr + v * tab_w + cols * K + k, mask=c_ok, other=0.0)[None, :]
+                src = start + k
+                sy = rows[:, None] + zero
+                sx = src[None, :] + zero
+                ok = r_ok[:, None] & (c_ok & (src < C_in))[None, :]
+            else:
+                w = tl.load(w_ptr + v * tab_w + rows * K + k, mask=r_ok, other=0.0)[:, None]
+                src = start + k
+                sy = src[:, None] + zero
+                sx = cols[None, :] + zero
+                ok = (r_ok & (src < R_in))[:, None] & c_ok[None, :]
+            if FIRST:
+                ok = ok & (sy >= reg_y0) & (sy < reg_y1) & (sx >= reg_x0) & (sx < reg_x1)  # padding: no grad
+                g = _load_grad_out(
+                    in_ptr, m_in_ptr, sy, sx, ok, b, c, plane, R_in, C_in, gw, patch, merge,
+                    QWEN, TEMPORAL, USE_MASKS, CLIP,
+                )  # fmt: skip
+            else:
+                g = tl.load(in_ptr + src_plane * R_in * C_in + sy.to(tl.int64) * C_in + sx, mask=ok, other=0.0)
+            acc += w * g
 
     ok2 = r_ok[:, None] & c_ok[None, :]
     off = plane * R_out * C_out + rows.to(tl.int64)[:, None] * C_out + cols[None, :]
     if FIRST:
         acc = acc * tl.load(consts_ptr + c * 3)
+        if NOISE:
+            acc = acc * tl.load(aff_ptr + b * 3)
     if LAST:
         acc = _grad_images_epilogue(
             acc, x_ptr, flag_ptr, plane, b, c, rows, cols, ok2,
@@ -269,84 +304,87 @@ def _grid(R: int, C: int, P: int, br: int, bc: int) -> tuple[int, int, int]:
     return (triton.cdiv(C, bc), triton.cdiv(R, br), P)
 
 
+def _view_args(views, tables, first: str, second: str):
+    """(K, strides of the first pass's tables, of the second's, affine, keys, noise) kernel arguments: the
+    plain read has one table for every plane (strides 0)."""
+    if views is None:
+        return 1, (0, 0), (0, 0), None, None, False
+    K, affine, keys = views
+    st = [(tables[s].stride(0), tables[w].stride(0)) for s, w in (first, second)]
+    return K, st[0], st[1], affine, keys, affine is not None
+
+
 def forward(
     out, m1, m2, flags, images, tables, consts, canvas, region, lo, inv, gw, patch, merge, temporal,
-    *, clip, store_mask, qwen, vertical_first, blocks,
+    *, clip, store_mask, qwen, vertical_first, blocks, views=None,
 ):  # fmt: skip
     """Both forward passes into the preallocated `out` (and the side outputs m1, m2, flags when store_mask;
-    None otherwise). tables: `bridge_taps.tap_tables` as device tensors plus the int counts."""
+    None otherwise). tables: `bridge_taps.tap_tables` as device tensors plus the int counts, or with `views`
+    = (K, affine (V, 3) | None, keys (V, 2) | None) each view's tables (a leading view axis,
+    `uno_engine.read.view_tap_tables`): the first pass reads image v // K for view v, once per view, and the
+    second writes the view's critic input with its noise."""
     B, C, H, W = images.shape
     Hc, Wc = canvas
-    P = B * C
     dev = images.device
     if vertical_first:  # t = Wy u: (Hc, W)
         ax1, ax2, (R, Cc) = 0, 1, (Hc, W)
-        s1, w1, k1, s2, w2, k2 = (
-            tables["ys"],
-            tables["wy"],
-            tables["KY"],
-            tables["xs"],
-            tables["wx"],
-            tables["KX"],
-        )
+        n1, n2 = ("ys", "wy", "KY"), ("xs", "wx", "KX")
     else:  # t = u Wx^T: (H, Wc)
         ax1, ax2, (R, Cc) = 1, 0, (H, Wc)
-        s1, w1, k1, s2, w2, k2 = (
-            tables["xs"],
-            tables["wx"],
-            tables["KX"],
-            tables["ys"],
-            tables["wy"],
-            tables["KY"],
-        )
+        n1, n2 = ("xs", "wx", "KX"), ("ys", "wy", "KY")
+    K, st1, st2, affine, keys, noise = _view_args(views, tables, n1[:2], n2[:2])
+    P = B * K * C  # output planes
     t = torch.empty((P, R, Cc), device=dev, dtype=torch.float32)
     d = out  # placeholder pointer for arguments a specialization does not read
     br, bc, nw = block_settings(ax1, dev, blocks)
     _resample_fwd_kernel[_grid(R, Cc, P, br, bc)](
-        t, d if m1 is None else m1, d if flags is None else flags, images, s1, w1, consts,
-        *images.stride(), H, W, R, Cc, int(k1), *region, lo, inv, gw, patch, merge,
+        t, d if m1 is None else m1, d if flags is None else flags, images, tables[n1[0]], tables[n1[1]], consts,
+        *images.stride(), H, W, R, Cc, int(tables[n1[2]]), *region, lo, inv, gw, patch, merge, K, *st1, d, d,
         AXIS=ax1, FIRST=True, FINAL=False, CLIP=clip, STORE_MASK=store_mask, QWEN=qwen, TEMPORAL=temporal,
-        BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
+        NOISE=False, BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
     br, bc, nw = block_settings(ax2, dev, blocks)
     _resample_fwd_kernel[_grid(Hc, Wc, P, br, bc)](
-        out, d if m2 is None else m2, d, t, s2, w2, consts,
-        3 * R * Cc, R * Cc, Cc, 1, R, Cc, Hc, Wc, int(k2), *region, lo, inv, gw, patch, merge,
+        out, d if m2 is None else m2, d, t, tables[n2[0]], tables[n2[1]], consts,
+        3 * R * Cc, R * Cc, Cc, 1, R, Cc, Hc, Wc, int(tables[n2[2]]), *region, lo, inv, gw, patch, merge,
+        1, *st2, d if affine is None else affine, d if keys is None else keys,
         AXIS=ax2, FIRST=False, FINAL=True, CLIP=clip, STORE_MASK=store_mask, QWEN=qwen, TEMPORAL=temporal,
-        BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
+        NOISE=noise, BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
 
 
 def backward(
     gx, grad_out, m1, m2, flags, images, tables, consts, canvas, region, lo, inv, gw, patch, merge, temporal,
-    *, clip, use_masks, qwen, vertical_first, blocks,
+    *, clip, use_masks, qwen, vertical_first, blocks, views=None,
 ):  # fmt: skip
-    """Both transposed passes into the preallocated gx (B, 3, H, W) contiguous; grad_out contiguous."""
+    """Both transposed passes into the preallocated gx (B, 3, H, W) contiguous; grad_out contiguous. With
+    `views` (as in `forward`; flags then per image plane, reduced over its views by the caller): pass 2^T
+    per view plane, pass 1^T per image plane summing its K views in order (gathers, no atomics)."""
     B, C, H, W = images.shape
     Hc, Wc = canvas
-    P = B * C
     dev = images.device
     if vertical_first:  # undo pass 2 (along x) into g_t (Hc, W), then pass 1 (along y)
         ax2, ax1, (R, Cc) = 1, 0, (Hc, W)
-        s2, w2, k2 = tables["oxs"], tables["wxT"], tables["KTX"]
-        s1, w1, k1 = tables["oys"], tables["wyT"], tables["KTY"]
+        n2, n1 = ("oxs", "wxT", "KTX"), ("oys", "wyT", "KTY")
     else:
         ax2, ax1, (R, Cc) = 0, 1, (H, Wc)
-        s2, w2, k2 = tables["oys"], tables["wyT"], tables["KTY"]
-        s1, w1, k1 = tables["oxs"], tables["wxT"], tables["KTX"]
-    g_t = torch.empty((P, R, Cc), device=dev, dtype=torch.float32)
+        n2, n1 = ("oys", "wyT", "KTY"), ("oxs", "wxT", "KTX")
+    K, st2, st1, affine, _, noise = _view_args(views, tables, n2[:2], n1[:2])
+    g_t = torch.empty((B * K * C, R, Cc), device=dev, dtype=torch.float32)
     d = grad_out  # placeholder pointer for arguments a specialization does not read
     br, bc, nw = block_settings(ax2, dev, blocks)
-    _resample_bwd_kernel[_grid(R, Cc, P, br, bc)](
-        g_t, grad_out, d if m2 is None else m2, d if m1 is None else m1, d, d, s2, w2, consts,
-        0, 0, 0, 0, Hc, Wc, R, Cc, int(k2), *region, lo, inv, gw, patch, merge,
+    _resample_bwd_kernel[_grid(R, Cc, B * K * C, br, bc)](
+        g_t, grad_out, d if m2 is None else m2, d if m1 is None else m1, d, d, tables[n2[0]], tables[n2[1]], consts,
+        0, 0, 0, 0, Hc, Wc, R, Cc, int(tables[n2[2]]), *region, lo, inv, gw, patch, merge,
+        1, *st2, d if affine is None else affine,
         AXIS=ax2, FIRST=True, LAST=False, USE_MASKS=use_masks, CLIP=clip, QWEN=qwen, TEMPORAL=temporal,
-        BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
+        NOISE=noise, BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip
     br, bc, nw = block_settings(ax1, dev, blocks)
-    _resample_bwd_kernel[_grid(H, W, P, br, bc)](
-        gx, g_t, d, d, d if flags is None else flags, images, s1, w1, consts,
-        *images.stride(), R, Cc, H, W, int(k1), *region, lo, inv, gw, patch, merge,
+    _resample_bwd_kernel[_grid(H, W, B * C, br, bc)](
+        gx, g_t, d, d, d if flags is None else flags, images, tables[n1[0]], tables[n1[1]], consts,
+        *images.stride(), R, Cc, H, W, int(tables[n1[2]]), *region, lo, inv, gw, patch, merge,
+        K, *st1, d,
         AXIS=ax1, FIRST=False, LAST=True, USE_MASKS=use_masks, CLIP=clip, QWEN=qwen, TEMPORAL=temporal,
-        BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
+        NOISE=False, BLOCK_R=br, BLOCK_C=bc, num_warps=nw,
     )  # fmt: skip

@@ -18,8 +18,15 @@ from uno_engine.bridge_math import hash_normal
 from uno_engine.read import Views, box_taps, view_matrices, view_tap_tables
 
 AUG = ReadAugment(views=3, shift=3.0, scale=(0.85, 1.15), seed=1)
-NOISY = ReadAugment(views=2, shift=1.5, scale=(0.9, 1.1), noise=0.15, renoise=(0.05, 0.4), seed=2)
+NOISY = ReadAugment(views=2, shift=1.5, scale=(0.9, 1.1), noise=0.15, blur=0.7, renoise=(0.05, 0.4), seed=2)
 VIEW_SPECS = ["exact", "janus", "shortest-crop", "qwen2_vl", "no-clip", "vertical-first"]
+
+
+def _one_view(v: Views, k: int) -> Views:
+    """View k of every image of `v`, as one-view Views."""
+    K = v.per_image
+    rows = dict(boxes=v.boxes[k::K], alpha=v.alpha[k::K], renoise_std=v.renoise_std[k::K], keys=v.keys[k::K])
+    return v._replace(per_image=1, **rows)
 
 
 def _dense(start, w, count, n_in):
@@ -80,6 +87,24 @@ def test_tap_tables_equal_the_dense_matrices(spec_name):
         np.testing.assert_array_equal(bwd, m.transpose(0, 2, 1).astype(np.float32).astype(np.float64))
 
 
+def test_blur_is_the_resample_of_the_blurred_image():
+    """blur folds a Gaussian (edges replicated) into each pass: the view's matrix is box @ G, G dense here."""
+    spec = SPECS["exact"]
+    H, W, sigma = 37, 50, 1.3
+    v = ReadAugment(views=2, shift=2.0, scale=(0.9, 1.1), blur=sigma).draw(2, H, W, step=1)
+    wy, wx = view_matrices(spec, H, W, v)
+    by, bx = view_matrices(spec, H, W, v._replace(blur=0.0))
+    for m, b, n in ((wy, by, H), (wx, bx, W)):
+        R = int(np.ceil(3 * sigma))
+        g = np.exp(-0.5 * (np.arange(-R, R + 1) / sigma) ** 2)
+        G = np.zeros((n, n))
+        for i in range(n):
+            for k in range(2 * R + 1):
+                G[i, min(max(i + k - R, 0), n - 1)] += g[k] / g.sum()
+        np.testing.assert_allclose(m, b @ G, atol=1e-12)
+        assert not np.allclose(m, b, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------- the draws
 def test_draws_reproducible_and_per_global_sample():
     """Same (seed, step, global index) -> same view; a rank holding images 2..3 draws what a rank holding
@@ -129,6 +154,7 @@ def test_hash_normal_statistics_and_determinism():
         (dict(scale=(1.2, 0.9)), "scale must be"),
         (dict(scale=(0.0, 1.0)), "scale must be"),
         (dict(noise=float("nan")), "noise must be"),
+        (dict(blur=-0.5), "blur must be"),
         (dict(renoise=(0.5, 1.5)), "renoise must be"),
         (dict(renoise=(0.1, 0.2), schedule="ddpm"), "schedule must be"),
         (dict(schedule=[0.5, 1.5]), "schedule"),
@@ -211,7 +237,7 @@ def test_views_average_of_single_views(backend, device):
     (gx,) = torch.autograd.grad(out, x, g)
     total = torch.zeros_like(x)
     for k in range(K):
-        vk = Views(1, v.image_size, v.boxes[k::K], v.alpha[k::K], v.renoise_std[k::K], v.noise, v.keys[k::K], True)
+        vk = _one_view(v, k)
         ok = ops.bridge(x, spec, backend=backend, views=vk)
         assert_close_verbose(ok, out.view(2, K, *out.shape[1:])[:, k], atol=1e-6, rtol=0, what=f"view {k}")
         total += torch.autograd.grad(ok, x, g.view(2, K, *g.shape[1:])[:, k])[0]
@@ -288,7 +314,7 @@ def test_step_views_average_the_losses(monkeypatch):
     lk, gk, mk = _run(critic, g, gen, batch, read, loss_kw=kw)
     losses, grads = [], []
     for k in range(K):
-        vk = Views(1, v.image_size, v.boxes[k::K], v.alpha[k::K], v.renoise_std[k::K], v.noise, v.keys[k::K], True)
+        vk = _one_view(v, k)
         monkeypatch.setattr(step_mod, "draw_for_step", lambda *a, vk=vk: vk)
         lo, go, _ = _run(critic, g, gen, batch, dataclasses.replace(read, views=1), loss_kw=kw)
         losses.append(lo)
@@ -307,3 +333,25 @@ def test_step_engine_equals_reference_with_views():
     torch.testing.assert_close(g_e, g_r, rtol=1e-4, atol=1e-5 * g_r.abs().max().item())
     l_2, _, _ = _run(critic, g, gen, {**batch, "read_step": 12}, NOISY)
     assert not torch.equal(l_e, l_2)  # another step, other views
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_views_opcheck(use_triton, device):
+    """The registered views ops pass opcheck (schema, fake, autograd registration)."""
+    from uno_engine.ops import _bridge_ops as O
+
+    spec = SPECS["janus"]
+    x = _rand_images(2, 21, 30).to(device).requires_grad_()
+    v = NOISY.draw(2, 21, 30)
+    plan = O.plan(spec, 21, 30, x.device, torch.float32, use_triton).id
+    tabs, affine, keys = O.view_tensors(spec, 21, 30, v, (-1.0, 1.0), x.device, torch.float32, use_triton)
+    args = (x, tabs, affine, keys, plan, v.per_image, -1.0, 1.0, use_triton, True, "auto")
+    torch.library.opcheck(O.bridge_views_fwd.overload, args)
+    out, mask = O.bridge_views_fwd.overload(*args)
+    g = torch.randn_like(out)
+    bargs = (g, x.detach(), mask, tabs, affine, keys, plan, v.per_image, -1.0, 1.0, use_triton, True, "auto")
+    torch.library.opcheck(O.bridge_views_bwd.overload, bargs)
+    (gx,) = torch.autograd.grad(out, x, g)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(reference.bridge(x64, spec, views=v), x64, g.double())
+    assert_close_verbose(gx, g64, atol=1e-5 * g64.abs().max().item(), rtol=0, what="dispatcher grad")

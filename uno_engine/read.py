@@ -10,6 +10,9 @@ gradient asks for. Each view is
   (`Resample.c::precompute_coeffs(in0, in1)`: centre of output i at in0 + (i + 0.5) * (in1 - in0) / out,
   antialiased support, taps clipped to the image and renormalised): the processor reading that crop. The
   view's canvas (crop or pad, normalisation, layout) is the full image's;
+- optionally a Gaussian blur of std `blur` image pixels (edges replicated), folded into each resampling pass's
+  taps (the pass reads the image blurred along its axis; equal to blurring first except where Pillow's clip
+  of the first pass bites);
 - Gaussian pixel noise of std `noise` (input_range units), added to the processor's image (after the resize,
   before its last clip), and / or
 - re-noising as a forward process (`renoise=(t_min, t_max)`, `schedule`): with x0 = 2u - 1 the processor's
@@ -50,6 +53,7 @@ class ReadAugment:
     shift: float = 0.0  # max offset of a view box's centre per axis, in image pixels (uniform, sub-pixel)
     scale: tuple[float, float] = (1.0, 1.0)  # the box's size relative to the image, uniform in [lo, hi]
     noise: float = 0.0  # std of Gaussian noise on the processor's image, in input_range units
+    blur: float = 0.0  # std (image pixels) of a Gaussian blur before each axis's resample, folded into its taps
     renoise: tuple[float, float] | None = None  # forward-process level t, uniform in [t_min, t_max]
     schedule: str | tuple[float, ...] = "flow"  # "flow" (x_t = (1-t) x0 + t eps) or alphas_cumprod values
     seed: int = 0  # base seed of the draws (with the step and the global sample index)
@@ -69,8 +73,10 @@ class ReadAugment:
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
             bad(f"scale must be (lo, hi) with 0 < lo <= hi, finite, got {self.scale!r}")
         object.__setattr__(self, "scale", (lo, hi))
-        if not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0):
-            bad(f"noise must be a finite number >= 0, got {self.noise!r}")
+        for name in ("noise", "blur"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(f"{name} must be a finite number >= 0, got {v!r}")
         if isinstance(self.schedule, str):
             if self.schedule != "flow":
                 bad(f"schedule must be 'flow' or a sequence of alphas_cumprod, got {self.schedule!r}")
@@ -100,7 +106,9 @@ class ReadAugment:
     @property
     def jitter(self) -> bool:
         """Whether a view differs from the plain read (a box other than the image, noise or re-noising)."""
-        return self.shift > 0 or self.scale != (1.0, 1.0) or self.noise > 0 or self.renoise is not None
+        return (
+            self.shift > 0 or self.scale != (1.0, 1.0) or self.noise > 0 or self.blur > 0 or self.renoise is not None
+        )
 
     def draw(self, batch_size: int, height: int, width: int, *, step: int = 0, sample_offset: int = 0) -> Views:
         """The views of a batch of `batch_size` (height, width) images whose first image has the global index
@@ -133,7 +141,7 @@ class ReadAugment:
         cy, cx = height / 2 + dy, width / 2 + dx
         hh, hw = s * height / 2, s * width / 2
         boxes = np.stack([cy - hh, cy + hh, cx - hw, cx + hw], axis=1)  # identity: exactly (0, H, 0, W)
-        return Views(K, (height, width), boxes, alpha, s_noise, float(self.noise), keys, self.jitter)
+        return Views(K, (height, width), boxes, alpha, s_noise, float(self.noise), keys, self.jitter, float(self.blur))
 
 
 class Views(NamedTuple):
@@ -147,6 +155,7 @@ class Views(NamedTuple):
     noise: float  # pixel noise std in input_range units
     keys: np.ndarray  # (V, 2) int64 in [0, 2^32): the noise counters' keys
     jitter: bool  # False: every view is the plain read (identity box, no noise)
+    blur: float = 0.0  # Gaussian blur std in image pixels (0: none), folded into the taps
 
     def affine(self, input_range: tuple[float, float]) -> np.ndarray:
         """(V, 3) float64 [alpha, beta, sigma] of clip(alpha * r + beta + sigma * eps) on the [0, 1] scale."""
@@ -225,7 +234,28 @@ def box_taps(n_in: int, n_out: int, lo: np.ndarray, hi: np.ndarray, resample: st
     return np.minimum(first, n_in - 1), w, count
 
 
-def _canvas_taps(spec: BridgeSpec, H: int, W: int, boxes: np.ndarray):
+def _blur_taps(start, wt, count, n_in: int, sigma: float):
+    """The taps of (resample o blur): each row's taps convolved with a normalised Gaussian of std `sigma`
+    (radius ceil(3 sigma)), edges replicated (taps past an edge add to the edge pixel)."""
+    R = max(int(math.ceil(3 * sigma)), 1)
+    g = np.exp(-0.5 * (np.arange(-R, R + 1) / sigma) ** 2)
+    g /= g.sum()
+    V, n, K = wt.shape
+    new_start = np.maximum(start - R, 0)
+    KB = K + 2 * R
+    out = np.zeros((V, n, KB))
+    vi, oi = np.meshgrid(np.arange(V), np.arange(n), indexing="ij")
+    for k in range(K):  # tap k of the resample reads pixel start + k, which the blur spreads over +-R
+        wk = np.where(k < count, wt[..., k], 0.0)
+        for m in range(2 * R + 1):
+            src = np.clip(start + k + m - R, 0, n_in - 1)
+            np.add.at(out, (vi, oi, src - new_start), wk * g[m])
+    last = np.minimum(start + count + R, n_in)  # exclusive end of the blurred band
+    new_count = np.where(count > 0, last - new_start, 0)
+    return np.minimum(new_start, n_in - 1), out[..., : max(int(new_count.max()), 1)], new_count
+
+
+def _canvas_taps(spec: BridgeSpec, H: int, W: int, views: Views):
     """Per axis (y, x): (start (V, n_canvas), weights (V, n_canvas, K), count) of each view's canvas rows
     (columns): the box resampled to the resized size, placed on the canvas like the full image (rows outside
     the image region: no taps)."""
@@ -234,10 +264,12 @@ def _canvas_taps(spec: BridgeSpec, H: int, W: int, boxes: np.ndarray):
     oy, ox = spec.placement(H, W)
     out = []
     for n_in, n_out, n_canvas, off, (a, b) in (
-        (H, h, hc, oy, (boxes[:, 0], boxes[:, 1])),
-        (W, w, wc, ox, (boxes[:, 2], boxes[:, 3])),
+        (H, h, hc, oy, (views.boxes[:, 0], views.boxes[:, 1])),
+        (W, w, wc, ox, (views.boxes[:, 2], views.boxes[:, 3])),
     ):
         start, wt, count = box_taps(n_in, n_out, a, b, spec.resample)
+        if views.blur > 0:
+            start, wt, count = _blur_taps(start, wt, count, n_in, views.blur)
         V, K = wt.shape[0], wt.shape[2]
         cs = np.zeros((V, n_canvas), dtype=np.int64)
         cw = np.zeros((V, n_canvas, K))
@@ -254,7 +286,7 @@ def view_matrices(spec: BridgeSpec, H: int, W: int, views: Views) -> tuple[np.nd
     """(Wy (V, Hc, H), Wx (V, Wc, W)) float64 dense canvas matrices of each view (the torch path and the
     eager reference; for the identity box they are `spec.resize_matrices(H, W)` up to float64 rounding)."""
     mats = []
-    for (start, wt, count), n_in in zip(_canvas_taps(spec, H, W, views.boxes), (H, W), strict=True):
+    for (start, wt, count), n_in in zip(_canvas_taps(spec, H, W, views), (H, W), strict=True):
         V, n, K = wt.shape
         dense = np.zeros((V, n, n_in + K))  # room past the last column for the zero-weight padding taps
         idx = start[..., None] + np.arange(K)
@@ -269,7 +301,7 @@ def view_tap_tables(spec: BridgeSpec, H: int, W: int, views: Views) -> dict:
     backward's gathers: for each image row, the first canvas row of that view that reads it, and the
     weights) oys (V, H), wyT (V, H, KTY), oxs, wxT; plus the int counts KY, KX, KTY, KTX."""
     out = {}
-    for name, (start, wt, count), n_in in zip("yx", _canvas_taps(spec, H, W, views.boxes), (H, W), strict=True):
+    for name, (start, wt, count), n_in in zip("yx", _canvas_taps(spec, H, W, views), (H, W), strict=True):
         V, n, K = wt.shape
         out[name + "s"] = start.astype(np.int32)
         out["w" + name] = wt.astype(np.float32)

@@ -6,8 +6,8 @@ Triton launchers (`uno_engine.kernels.bridge`) or the torch path (`_bridge_torch
   device, dtype, backend) live in a `_Plan`, built once, passed as an int handle.
 - `uno_engine::bridge_views_fwd` / `uno_engine::bridge_views_bwd`: K views per image (`uno_engine.read`):
   the plan's geometry plus each view's tables, built per call on the host from the drawn boxes and passed as
-  a tensor list (torch path: dense wy (V, Hc, H), wx (V, Wc, W); Triton: the per-view tap tables and their
-  int counts), with the views' affine map (V, 3) and noise keys (V, 2) (both empty without noise).
+  a tensor list (torch path: dense wy (V, Hc, H), wx (V, Wc, W); Triton: the per-view tap tables, the tap
+  counts their last dimension), with the views' affine map (V, 3) and noise keys (V, 2) (empty: no noise).
 
 Arguments the public function resolves (the kernel choice) are op arguments; the kernels' env overrides are
 read here, at call time, as before the split.
@@ -209,50 +209,47 @@ bridge_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------------------------- the views
 VIEW_TABLES = ("ys", "wy", "xs", "wx", "oys", "wyT", "oxs", "wxT")  # Triton: the per-view tables' order
-VIEW_COUNTS = ("KY", "KX", "KTY", "KTX")
 
 
 @torch.compiler.disable
 def view_tensors(spec: BridgeSpec, H: int, W: int, views, input_range, device, dtype, use_triton: bool):
-    """(tabs, counts, affine, keys): the per-view tables on `device` (torch path: [wy (V, Hc, H), wx (V, Wc, W)]
-    in `dtype`; Triton: `read.view_tap_tables` in VIEW_TABLES order) with their int counts, the views' affine
-    map (V, 3) [alpha, beta, sigma] in `dtype` and noise keys (V, 2) int64, both empty without noise. Built
-    on the host from the drawn boxes (numpy) and copied once; no device-to-host read."""
+    """(tabs, affine, keys): the per-view tables on `device` (torch path: [wy (V, Hc, H), wx (V, Wc, W)] in
+    `dtype`; Triton: `read.view_tap_tables` in VIEW_TABLES order, the tap counts their last dimension), the
+    views' affine map (V, 3) [alpha, beta, sigma] in `dtype` and noise keys (V, 2) int64, both empty without
+    noise. Built on the host from the drawn boxes (numpy) and copied once; no device-to-host read."""
     from uno_engine import read
 
     if use_triton:
         t = read.view_tap_tables(spec, H, W, views)
         tabs = [torch.from_numpy(t[k]).to(device, non_blocking=True) for k in VIEW_TABLES]
-        counts = [int(t[k]) for k in VIEW_COUNTS]
     else:
         wy, wx = read.view_matrices(spec, H, W, views)
         tabs = [torch.from_numpy(m).to(device=device, dtype=dtype) for m in (wy, wx)]
-        counts = []
     if views.noisy:
-        affine = torch.from_numpy(views.affine(input_range)).to(device=device, dtype=dtype)
-        keys = torch.from_numpy(views.keys).to(device)
+        affine = torch.from_numpy(np.ascontiguousarray(views.affine(input_range))).to(device=device, dtype=dtype)
+        keys = torch.from_numpy(np.ascontiguousarray(views.keys)).to(device)
     else:
         affine = torch.empty((0, 3), device=device, dtype=dtype)
         keys = torch.empty((0, 2), device=device, dtype=torch.int64)
-    return tabs, counts, affine, keys
+    return tabs, affine, keys
 
 
-def _views_fwd_fake(images, tabs, counts, affine, keys, plan, views, lo, hi, use_triton, store_mask, kernel):
+def _views_fwd_fake(images, tabs, affine, keys, plan, views, lo, hi, use_triton, store_mask, kernel):
     pl = _PLAN_BY_ID[plan]
     B, C, H, W = images.shape
     numel = _mask_numel(B * views, H, W, pl, use_triton, store_mask)
     return images.new_empty(_out_shape(B * views, C, pl)), images.new_empty((numel,), dtype=torch.uint8)
 
 
-def _views_bwd_fake(grad_out, images, mask, tabs, counts, affine, keys, plan, views, lo, hi, use_triton, use_masks, kernel):  # fmt: skip
+def _views_bwd_fake(grad_out, images, mask, tabs, affine, keys, plan, views, lo, hi, use_triton, use_masks, kernel):  # fmt: skip
     return torch.empty_like(images, memory_format=torch.contiguous_format)
 
 
-def _triton_views(tabs, counts, affine, keys, views):
+def _triton_views(tabs, affine, keys, views):
     from uno_engine.kernels.bridge import ViewTables
 
     tables = dict(zip(VIEW_TABLES, tabs, strict=True))
-    tables.update(zip(VIEW_COUNTS, counts, strict=True))
+    tables.update(KY=tabs[1].shape[-1], KX=tabs[3].shape[-1], KTY=tabs[5].shape[-1], KTX=tabs[7].shape[-1])
     return ViewTables(views, tables, affine if affine.numel() else None, keys if keys.numel() else None)
 
 
@@ -262,7 +259,6 @@ def bridge_views_bwd(
     images: torch.Tensor,
     mask: torch.Tensor,
     tabs: list[torch.Tensor],
-    counts: list[int],
     affine: torch.Tensor,
     keys: torch.Tensor,
     plan: int,
@@ -286,7 +282,7 @@ def bridge_views_bwd(
     return K.bridge_backward(
         grad_out, images, mask if mask.numel() else None, None, pl.consts, pl.canvas, pl.region, (lo, hi),
         clip_each_pass=pl.clip, use_masks=use_masks, qwen=pl.qwen, vertical_first=pl.vertical_first,
-        kernel="two_pass", blocks=_blocks(), views=_triton_views(tabs, counts, affine, keys, views),
+        kernel="two_pass", blocks=_blocks(), views=_triton_views(tabs, affine, keys, views),
     )  # fmt: skip
 
 
@@ -294,7 +290,6 @@ def bridge_views_bwd(
 def bridge_views_fwd(
     images: torch.Tensor,
     tabs: list[torch.Tensor],
-    counts: list[int],
     affine: torch.Tensor,
     keys: torch.Tensor,
     plan: int,
@@ -319,25 +314,25 @@ def bridge_views_fwd(
     out, side = K.bridge_forward(
         images, None, pl.consts, pl.canvas, pl.region, (lo, hi), clip_each_pass=pl.clip,
         store_mask=store_mask, qwen=pl.qwen, out_dtype=images.dtype, vertical_first=pl.vertical_first,
-        kernel="two_pass", blocks=_blocks(), views=_triton_views(tabs, counts, affine, keys, views),
+        kernel="two_pass", blocks=_blocks(), views=_triton_views(tabs, affine, keys, views),
     )  # fmt: skip
     return out, side if side is not None else images.new_empty((0,), dtype=torch.uint8)
 
 
 def _views_setup_context(ctx, inputs, output):
-    images, tabs, counts, affine, keys, plan, views, lo, hi, use_triton, store_mask, kernel = inputs
+    images, tabs, affine, keys, plan, views, lo, hi, use_triton, store_mask, kernel = inputs
     ctx.save_for_backward(images, output[1], affine, keys, *tabs)
-    ctx.args = (counts, plan, views, lo, hi, use_triton, store_mask, kernel)
+    ctx.args = (plan, views, lo, hi, use_triton, store_mask, kernel)
     ctx.mark_non_differentiable(output[1])
 
 
 def _views_backward(ctx, grad_out, grad_mask):
     gx = None
+    images, mask, affine, keys, *tabs = ctx.saved_tensors
     if ctx.needs_input_grad[0]:
-        images, mask, affine, keys, *tabs = ctx.saved_tensors
-        counts, *rest = ctx.args
-        gx = bridge_views_bwd(grad_out, images, mask, tabs, counts, affine, keys, *rest)
-    return gx, None, None, None, None, None, None, None, None, None, None, None
+        gx = bridge_views_bwd(grad_out, images, mask, tabs, affine, keys, *ctx.args)
+    # one entry per input, the tensor list as a list (the custom op's autograd checks the structure)
+    return gx, [None] * len(tabs), None, None, None, None, None, None, None, None, None
 
 
 bridge_views_fwd.register_autograd(_views_backward, setup_context=_views_setup_context)

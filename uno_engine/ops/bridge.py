@@ -224,11 +224,11 @@ def bridge(
     if views is None:
         out, _ = _bridge_ops.bridge_fwd(images, plan.id, lo, hi, use_triton, store_mask, kernel)
     else:
-        tabs, counts, affine, keys = _bridge_ops.view_tensors(
+        tabs, affine, keys = _bridge_ops.view_tensors(
             spec, H, W, views, (lo, hi), images.device, cdtype, use_triton
         )
         out, _ = _bridge_ops.bridge_views_fwd(
-            images, tabs, counts, affine, keys, plan.id, views.per_image, lo, hi, use_triton, store_mask, kernel
+            images, tabs, affine, keys, plan.id, views.per_image, lo, hi, use_triton, store_mask, kernel
         )
     if patch_embed is None:
         return out
