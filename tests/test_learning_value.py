@@ -36,10 +36,8 @@ def test_value_arm_runs_through_the_registry():
     critic = Critic.from_hf(critic_model, proc, checkpoint="none")
     unet, text = models.build_unet(0).eval(), models.TextEncoder().eval()
     s = experiment.Settings(
-        batch_held=2,
-        batch_seen=2,
         sample_steps=2,
-        extra={"value_steps": 2, "value": {"group_size": 2}, "value_lr": 1e-3},
+        extra={"value_steps": 2, "value_batch": 2, "value": {"group_size": 2}, "value_lr": 1e-3},
     )
     trained, hist = experiment.run_uno(unet, text, critic, "value (group reward)", seed=0, s=s)
     assert len(hist) == 2
@@ -51,3 +49,26 @@ def test_value_arm_runs_through_the_registry():
     moved = max((a - b).abs().max() for a, b in zip(trained.parameters(), unet.parameters(), strict=True))
     assert moved > 0 and all(not p.requires_grad for p in trained.parameters())
     assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+@pytest.mark.slow  # a few seconds: untrained tiny models, three short runs
+def test_value_arm_resumes_exactly(tmp_path):
+    """A run cut after 1 step and resumed from its progress file ends where an uncut 2-step run ends (the
+    control arm: its shuffling generators are restored too)."""
+    from uno_engine import Critic
+
+    critic_model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(critic_model, proc, checkpoint="none")
+    unet, text = models.build_unet(0).eval(), models.TextEncoder().eval()
+
+    def run(steps, resume):
+        extra = {"value_steps": steps, "value_batch": 2, "value": {"group_size": 2}, "value_lr": 1e-3}
+        s = experiment.Settings(sample_steps=2, extra={**extra, "value_control": "shuffled"})
+        return value.run_value(unet, text, critic, "value (group reward)", seed=0, s=s, resume=resume)
+
+    whole, hist = run(2, None)
+    run(1, tmp_path / "p.pt")
+    resumed, hist2 = run(2, tmp_path / "p.pt")
+    assert [h["loss"] for h in hist2] == [h["loss"] for h in hist]
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -11,7 +11,7 @@ No gradient goes through the critic, the sampler or the decoder; no real image o
 `quick_check(...)` (the command line below) runs one arm on one seed and judges the same prompts with the same
 noise before and after (paired), with the standard error of the paired difference:
 
-    cd benchmarks && python -m learning_lib.value --seed 100 --steps 40   # the tuning seed only
+    cd benchmarks && python -m learning_lib.value --seed 100 --samples 2 --work /tmp/value   # the tuning seed only
 """
 
 from __future__ import annotations
@@ -29,10 +29,17 @@ from . import experiment, judge, world
 
 # the arm's default settings (RewardObjective's arguments), overridable per ablation ("value" in its spec)
 DEFAULTS = {"kind": "nft", "group_size": 4, "beta": 1.0, "clip": 2.0, "reward": "log", "generator_loss": 1.0}
+# the arm's run, chosen on the tuning seed 100 (docs/reward.md): prompts per stream, steps, Adam's lr; Settings.extra
+# "value_batch", "value_steps", "value_lr" override them
+RUN = {"batch": 4, "steps": 60, "lr": 3e-5}
 
 
-def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log=None) -> tuple:
-    """-> (trained unet, metrics history): experiment.run_uno's contract, for a spec with "runner": "value"."""
+def run_value(
+    base_unet, text, critic, name: str, *, seed: int, s, bar=None, log=None, resume: Path | None = None
+) -> tuple:
+    """-> (trained unet, metrics history): experiment.run_uno's contract, for a spec with "runner": "value".
+    `resume`: a file the run saves itself to every 5 steps (weights, optimizer, random states, history) and
+    continues from when it exists, so a run can be spread over several processes on a loaded machine."""
     from uno_engine import UNOConfig
     from uno_engine.reward import RewardObjective, ValueStep
 
@@ -47,17 +54,31 @@ def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log
     cfg = UNOConfig(**spec.get("config", {}))
     step_held = ValueStep(gen, critic, RewardObjective(**{**opts, "generator_loss": 0.0}), cfg)
     step_seen = ValueStep(gen, critic, RewardObjective(**opts), cfg)
+    if s.extra.get("value_control") == "shuffled":  # the control: each sample gets another sample's reward
+        step_held.reward = ShuffledReward(step_held.reward, seed)
+        step_seen.reward = ShuffledReward(step_seen.reward, seed + 1)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=s.extra.get("value_lr", s.lr))
+    opt = torch.optim.Adam(params, lr=s.extra.get("value_lr", RUN["lr"]))
     k = spec.get("negatives", 4)
     rng = random.Random(seed)
     seen, held = world.split_prompts()
-    steps = s.extra.get("value_steps", s.uno_steps)
-    history = []
-    it = range(steps) if bar is None else bar(range(steps), f"value {name} seed {seed}")
+    steps = s.extra.get("value_steps", RUN["steps"])
+    batch = s.extra.get("value_batch", RUN["batch"])
+    history, start = [], 0
+    shuffles = [st.reward for st in (step_held, step_seen) if isinstance(st.reward, ShuffledReward)]
+    if resume is not None and Path(resume).exists():
+        ck = torch.load(resume, weights_only=False)
+        unet.load_state_dict(ck["unet"])
+        opt.load_state_dict(ck["opt"])
+        rng.setstate(ck["rng"])
+        torch.set_rng_state(ck["torch"])
+        for sh, st in zip(shuffles, ck["shuffles"], strict=True):
+            sh.g.set_state(st)
+        history, start = ck["history"], ck["step"]
+    it = range(start, steps) if bar is None else bar(range(start, steps), f"value {name} seed {seed}")
     for i in it:
-        bh = [rng.choice(held) for _ in range(s.batch_held)]
-        bs = [rng.choice(seen) for _ in range(s.batch_seen)]
+        bh = [rng.choice(held) for _ in range(batch)]
+        bs = [rng.choice(seen) for _ in range(batch)]
         batch_h = experiment.prompt_batch(bh, text, seed=rng.randrange(2**31))
         batch_s = experiment.prompt_batch(bs, text, seed=rng.randrange(2**31), rng=rng, references=True)
         batch_h["negative_captions"], batch_h["negative_caption_mask"] = experiment.negative_captions(
@@ -78,6 +99,10 @@ def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"value {name} seed {seed}: loss is {rec['loss']} at step {i}")
         history.append(rec)
+        if resume is not None and ((i + 1) % 5 == 0 or i + 1 == steps):
+            state = {"unet": unet.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate()}
+            state.update(torch=torch.get_rng_state(), shuffles=[sh.g.get_state() for sh in shuffles])
+            torch.save({**state, "history": history, "step": i + 1}, resume)
         if log is not None and (i % 10 == 0 or i == steps - 1):
             log(
                 f"value {name} seed {seed} step {i} loss {rec['loss']:.4f} held reward {rec['held_reward']:.3f} "
@@ -85,6 +110,21 @@ def run_value(base_unet, text, critic, name: str, *, seed: int, s, bar=None, log
             )
     unet.eval().requires_grad_(False)
     return unet, history
+
+
+class ShuffledReward:
+    """The control arm's reward: the critic's rewards of the batch, randomly permuted across all its samples, so
+    the advantages carry no information about the sample they weight (the metrics' means are unchanged)."""
+
+    def __init__(self, inner, seed: int):
+        self.inner, self.g = inner, torch.Generator().manual_seed(seed)
+
+    def __call__(self, generation, batch):
+        from uno_engine.reward import Reward
+
+        r = self.inner(generation, batch)
+        perm = torch.randperm(r.log_prob.shape[0], generator=self.g).to(r.log_prob.device)
+        return Reward(r.log_prob[perm], r.prob[perm], r.scores[perm], r.ranked_first[perm])
 
 
 # ------------------------------------------------------------------------------------- the quick check
@@ -114,7 +154,7 @@ def quick_check(
     steps: int,
     samples: int,
     name: str,
-    batch: int = 6,
+    batch: int = RUN["batch"],
     seen_samples: int = 1,
     *,
     work: Path | None = None,
@@ -132,7 +172,7 @@ def quick_check(
     critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
     unet, text = training.load_generator(training.CACHE / "generator.safetensors")
     s = experiment.Settings(
-        seeds=(seed,), batch_held=batch, batch_seen=batch, extra={"value_steps": steps, **extra}
+        seeds=(seed,), extra={"value_steps": steps, "value_batch": batch, "value_lr": RUN["lr"], **extra}
     )
     reps = {"held_out": samples, "seen": seen_samples}
     seen, held = world.split_prompts()
@@ -152,8 +192,9 @@ def quick_check(
     log(f"before judged ({time.time() - t0:.0f}s)")
     if stop_after == "before":
         return None
+    resume = None if work is None else Path(work) / f"progress-{key}.pt"
     state = cached.get(
-        f"trained-{key}.pt", lambda: _train(unet, text, critic_model, proc, name, seed, s, log)
+        f"trained-{key}.pt", lambda: _train(unet, text, critic_model, proc, name, seed, s, log, resume)
     )
     if stop_after == "train":
         return None
@@ -172,18 +213,18 @@ def quick_check(
         res[k] = {"first": sum(h[k] for h in first) / len(first), "last": sum(h[k] for h in last) / len(last)}
     res["train_seconds"] = state["seconds"]
     res["settings"] = {
-        "seed": seed, "steps": steps, "samples": reps, "batch": batch, "name": name, "lr": s.extra.get("value_lr", s.lr),
+        "seed": seed, "steps": steps, "samples": reps, "batch": batch, "name": name, "lr": s.extra["value_lr"],
         **extra,
     }  # fmt: skip
     return res
 
 
-def _train(unet, text, critic_model, proc, name, seed, s, log) -> dict:
+def _train(unet, text, critic_model, proc, name, seed, s, log, resume=None) -> dict:
     from uno_engine import Critic
 
     t0 = time.time()
     critic = Critic.from_hf(critic_model, proc, checkpoint="none")
-    trained, hist = run_value(unet, text, critic, name, seed=seed, s=s, log=log)
+    trained, hist = run_value(unet, text, critic, name, seed=seed, s=s, log=log, resume=resume)
     return {"unet": trained.state_dict(), "history": hist, "seconds": time.time() - t0}
 
 
@@ -198,7 +239,7 @@ class _Cache:
             return make()
         path = Path(self.folder) / name
         if path.exists():
-            return json.loads(path.read_text()) if name.endswith(".json") else torch.load(path)
+            return json.loads(path.read_text()) if name.endswith(".json") else torch.load(path, weights_only=False)
         value = make()
         path.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".json"):
@@ -213,26 +254,31 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=100, help="the tuning seed (never 0-2 here)")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=RUN["steps"])
     ap.add_argument(
         "--samples", type=int, default=1, help="samples per held-out prompt in the judged evaluation"
     )
     ap.add_argument(
         "--seen-samples", type=int, default=1, help="samples per seen prompt in the judged evaluation"
     )
-    ap.add_argument("--batch", type=int, default=6, help="prompts per stream per step (each sampled G times)")
+    ap.add_argument(
+        "--batch", type=int, default=RUN["batch"], help="prompts per stream per step (each sampled G times)"
+    )
     ap.add_argument("--name", default="value (group reward)")
     ap.add_argument(
-        "--lr", type=float, default=None, help="the value arm's learning rate (default Settings.lr)"
+        "--lr", type=float, default=None, help="the value arm's learning rate (default RUN['lr'])"
     )
     ap.add_argument("--out", default=None, help="write the result JSON here")
     ap.add_argument("--work", type=Path, default=None, help="keep each phase's result here (resumable)")
     ap.add_argument("--stop-after", choices=("before", "train"), default=None)
+    ap.add_argument("--control", choices=("shuffled",), default=None, help="rewards permuted across samples")
     ap.add_argument("--kind", choices=("nft", "advantage"), default=None, help="RewardObjective kind")
     ap.add_argument("--kl", type=float, default=None, help="RewardObjective kl")
     ap.add_argument("--beta", type=float, default=None, help="RewardObjective beta")
     a = ap.parse_args()
     extra = {} if a.lr is None else {"value_lr": a.lr}
+    if a.control:
+        extra["value_control"] = a.control
     objective = {k: v for k, v in (("kind", a.kind), ("kl", a.kl), ("beta", a.beta)) if v is not None}
     if objective:
         extra["value"] = objective
