@@ -11,12 +11,18 @@ naming the argument.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from uno_engine.testing.presets.generators import build_generator
 
 N_STEPS = 6
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # learning_lib, for its arms
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,3 +135,25 @@ def test_chain_runs_the_rest_with_grad_and_one_step_does_not():
 def test_bad_values_name_the_argument(kw, arg):
     with pytest.raises(ValueError, match=arg):
         _early(**kw)
+
+
+@pytest.mark.slow  # the cached learning models, 2 UNO steps
+def test_learning_arm_uses_the_early_window():
+    """The learning benchmark's "early window" arm trains through a generator with this option (2 steps on the
+    cached models)."""
+    from learning_lib import arms_repr, experiment, training
+
+    critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
+    unet, text = training.load_generator(training.CACHE / "generator.safetensors")
+    from uno_engine import Critic
+
+    s = experiment.Settings(uno_steps=2, batch_held=2, batch_seen=2)
+    trained, hist = experiment.run_uno(
+        unet, text, Critic.from_hf(critic_model, proc), "early window", seed=100, s=s
+    )
+    gen = arms_repr.LAST["generator"]
+    assert (gen.grad_window, gen.recover) == ((0.0, 0.5), "one_step")
+    assert gen.last_grad_steps[0].index < s.sample_steps // 2
+    assert len(hist) == 2 and any(
+        not torch.equal(a, b) for a, b in zip(trained.parameters(), unet.parameters(), strict=True)
+    )

@@ -12,6 +12,9 @@ pass on the same image tokens; copy_leak; errors name the argument.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,8 @@ from uno_engine.representation import (
 from uno_engine.representation.capture import block_output
 from uno_engine.testing.presets import build_preset
 from uno_engine.testing.presets.generators import build_generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # learning_lib, for its arms
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -173,6 +178,38 @@ def test_read_tokens_is_the_critics_own_pass(critic):
     torch.testing.assert_close(hidden[:, P - 1 : P + 4], own.caption_hidden, rtol=1e-5, atol=1e-5)
 
 
+def test_caption_ce_per_caption_is_the_masked_mean(critic):
+    from uno_engine.representation import caption_ce
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 30, 30, generator=g) * 2 - 1
+    caps = torch.randint(1, critic.vocab_size, (3, 6), generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0]])
+    out = critic(critic.prepare(images, fuse_patch_embed=False), caps, mask)
+    nll = F.cross_entropy(out.logits().double().transpose(1, 2), out.caption_labels, reduction="none")
+    want = nll.sum(1) / mask.sum(1)
+    tokens, _ = critic_image_tokens(critic, images)
+    got = caption_ce(critic, tokens, caps, mask, per_caption=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caption_ce(critic, tokens, caps, mask).double(), nll.sum() / mask.sum())
+
+
+@pytest.mark.parametrize(
+    "name, block, index", [("tiny-sana", "transformer_blocks.1", 0), ("tiny-sd3", "transformer_blocks.0", 1)]
+)
+def test_dit_blocks_are_read_as_image_tokens(critic, name, block, index):
+    """DiTs: a block's (B, M, C) image tokens are laid on the latent grid; SD3's joint blocks return
+    (text, image): output_index=1."""
+    gen, make_batch = build_generator(name, num_inference_steps=2)
+    batch = make_batch(2, 6, critic.vocab_size, generator=torch.Generator().manual_seed(0))
+    head = attach_representation(critic, gen, batch, block=block, output_index=index, source="sample")
+    rep = gen(batch, view="representation")
+    assert rep.tokens.shape == (2, head.num_tokens, critic.hidden_size) and not rep.from_reference
+    rep.tokens.square().mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in gen.denoiser.parameters() if p.grad is not None) > 0
+
+
 def test_head_is_saved_with_the_generator(critic):
     gen, _ = _pair(critic)
     keys = [k for k in gen.state_dict() if k.startswith("representation.")]
@@ -183,7 +220,8 @@ def test_head_is_saved_with_the_generator(critic):
 def test_copy_leak_and_fit_head(critic):
     gen, batch = _pair(critic, prompt_dropout=0.5)
     leak = copy_leak(critic, gen, batch)
-    assert set(leak) == {"ce_pure_noise", "ce_prompt_free", "ce_blank", "leak"}
+    assert set(leak) == {"ce_pure_noise", "ce_prompt_free", "ce_blank", "leak", "leak_se", "n"}
+    assert leak["leak"] == pytest.approx(leak["ce_prompt_free"] - leak["ce_pure_noise"], abs=1e-5)
     assert all(torch.isfinite(torch.tensor(v)) for v in leak.values())
     assert gen.representation.prompt_dropout == 0.5  # restored
     step = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(view="representation"))
@@ -269,3 +307,28 @@ def test_janus_reads_the_lm_hidden_states_at_the_image_positions(janus):
     finally:
         gen.representation = None
         gen.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow  # the cached learning models, 2 UNO steps
+def test_learning_arm_trains_the_head_with_the_generator():
+    """The learning benchmark's "representation" arm: a head on the UNet's mid block, warm-started, then
+    trained with the UNet (2 steps on the cached models)."""
+    from learning_lib import arms_repr, experiment, training
+
+    from uno_engine import Critic
+
+    critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
+    unet, text = training.load_generator(training.CACHE / "generator.safetensors")
+    s = experiment.Settings(
+        uno_steps=2, batch_held=2, batch_seen=2, extra={"representation": {"fit_steps": 3}}
+    )
+    assert experiment.feature_status("representation") is None
+    arms_repr.LAST.clear()
+    trained, hist = experiment.run_uno(
+        unet, text, Critic.from_hf(critic_model, proc), "representation", seed=100, s=s
+    )
+    gen = arms_repr.LAST["generator"]
+    assert gen.representation.block == "mid_block" and gen.denoiser is trained
+    assert {"held_caption_ce", "seen_caption_ce", "seen_generator_loss", "seen_structure"} <= set(hist[-1])
+    assert "held_generator_loss" not in hist[-1]  # no real image on the held-out stream
+    assert set(arms_repr.LAST["copy_leak_after_head_fit"]) >= {"ce_pure_noise", "ce_prompt_free", "leak"}

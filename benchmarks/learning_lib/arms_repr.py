@@ -138,6 +138,7 @@ def quick_check(
     n_seen: int = 48,
     log=print,
     extra: dict | None = None,
+    lr: float | None = None,
 ) -> dict:
     """One arm on the tuning seed: train `steps` UNO steps, judge held-out / seen prompts x `samples` before and
     after on the same noise (paired), and (representation) the copy leak before and after training."""
@@ -149,6 +150,8 @@ def quick_check(
     critic_model, proc = training.load_critic(training.CACHE / "critic.safetensors")
     unet, text = training.load_generator(training.CACHE / "generator.safetensors")
     s = experiment.Settings(seeds=(seed,), uno_steps=steps, extra=dict(extra or {}))
+    if lr is not None:
+        s.lr = lr
     seen, held = world.split_prompts()
     r = random.Random(seed)
     held_p = r.sample(held, min(n_held, len(held))) * samples
@@ -211,13 +214,19 @@ def main(argv=None) -> int:
     ap.add_argument("--held", type=int, default=96, help="held-out prompts")
     ap.add_argument("--seen", type=int, default=32, help="seen prompts")
     ap.add_argument("--prompt-dropout", type=float, default=None, help="representation: masked-prompt rate")
+    ap.add_argument("--lr", type=float, default=None, help="UNO learning rate (default: Settings.lr)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
-    t0 = time.time()
+    root = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    t0 = time.time()  # the commit is read at the start: the code that ran
     extra = {} if args.prompt_dropout is None else {"representation": {"prompt_dropout": args.prompt_dropout}}
-    res = quick_check(
+    from . import arms_repr  # this module as the package imports it: the prepare hooks fill ITS `LAST`
+
+    res = arms_repr.quick_check(
         args.arm,
         extra=extra,
+        lr=args.lr,
         seed=args.seed,
         steps=args.steps,
         samples=args.samples,
@@ -225,8 +234,6 @@ def main(argv=None) -> int:
         n_seen=args.seen,
     )
     res["wall_s"] = time.time() - t0
-    root = Path(__file__).resolve().parents[2]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     res["env"] = {
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -123,6 +123,20 @@ def rand(shape, *, generator: torch.Generator | None, device, dtype=torch.float3
     return x.to(device=device, dtype=dtype)
 
 
+def noise_levels(batch: Mapping, noise_range, B: int, generator, device, owner: str) -> torch.Tensor:
+    """The representation view's noise level per row (B,) fp32 in [0, 1]: batch["representation_noise_level"]
+    (a float or (B,) tensor, e.g. 1.0 for the copy-leak measure; checked, one host read: a measurement, not
+    the training path), else u ~ U(noise_range) from `generator`."""
+    u = batch.get("representation_noise_level")
+    if u is None:
+        lo, hi = noise_range
+        return lo + (hi - lo) * rand((B,), generator=generator, device=device)
+    u = torch.as_tensor(u, dtype=torch.float32, device=device).expand(B)
+    if not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError(f'{owner}: batch["representation_noise_level"] must be in [0, 1], got {u.tolist()}')
+    return u
+
+
 def randint(low: int, high: int, *, generator: torch.Generator | None) -> int:
     """A Python int in [low, high] inclusive, drawn on the CPU (never a device sync): from `generator` when it
     is a CPU generator, else from torch's global CPU RNG (a CUDA generator cannot give a host int without a

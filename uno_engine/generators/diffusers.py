@@ -20,7 +20,9 @@ the last grad step (step 4, as SRPO's Direct-Align and LeapAlign carry an early 
 the rest of the chain. Memory: the K grad steps' activations (one step's with gradient_checkpointing) and the
 decode, the same wherever the window lies. `recover="chain"` instead runs the remaining steps s+K .. n-1 with
 grad too (DRaFT's full chain from s): its activations grow with n - s (about n / 2 denoiser calls from an
-early window; gradient_checkpointing keeps one call's activations plus every step's input latent). The sampler is deterministic: DDIM (eta=0) for
+early window; gradient_checkpointing keeps one call's activations plus every step's input latent).
+
+The sampler is deterministic: DDIM (eta=0) for
 schedulers with an `alphas_cumprod` table (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) and Euler for flow
 matching (FlowMatchEulerDiscreteScheduler, or any scheduler configured for `flow_prediction`). The scheduler
 supplies the timestep grid and the noise tables only; its `step()` is not called (it is stateful and not
@@ -60,6 +62,7 @@ from .base import (
     check_images,
     check_shape,
     draw_generator,
+    noise_levels,
     rand,
     randint,
     randn,
@@ -674,7 +677,8 @@ class DiffusersGenerator(Generator):
         (`sample_latents`, no grad). u ~ U(head.noise_range) per row, or batch["representation_noise_level"]
         (a float or (B,) tensor: e.g. 1.0 for pure noise, the copy-leak measure); eps from the batch's seed + 2;
         x_t, t, target = `noise_at(x0, u, eps)`. Rows are drawn with probability head.prompt_dropout to read
-        the negative conditioning (masked prompts). No CFG in this call. `last_grad_steps` holds this call.
+        the negative conditioning (masked prompts). No CFG in this call. `last_grad_steps` holds this call
+        (a GradStep with t the (B,) timesteps and index -1: it is not a step of the sampling schedule).
         Returns `GeneratedRepresentation` (generator_loss: mean (prediction - target)^2, only from a real image)."""
         head = self.representation
         name = f"{type(self).__name__}.representation_for_critic"
@@ -697,14 +701,7 @@ class DiffusersGenerator(Generator):
         from_reference = x0 is not None
         if x0 is None:
             x0 = self.sample_latents(batch)
-        lo, hi = head.noise_range
-        u = batch.get("representation_noise_level")
-        if u is None:
-            u = lo + (hi - lo) * rand((B,), generator=g, device=device)
-        elif not isinstance(u, torch.Tensor):
-            if not 0.0 <= float(u) <= 1.0:
-                raise ValueError(f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u!r}')
-            u = torch.full((B,), float(u), device=device)
+        u = noise_levels(batch, head.noise_range, B, g, device, name)
         eps = randn(x0.shape, generator=g, device=device, dtype=torch.float32)
         x_t, t, target = self.noise_at(x0.to(device), u, eps)
         kept = torch.ones(B, dtype=torch.bool, device=device)

@@ -63,6 +63,7 @@ from .base import (
     check_images,
     check_shape,
     draw_generator,
+    noise_levels,
     rand,
     require_key,
     wants_latents,
@@ -318,14 +319,7 @@ class JanusGenerator(Generator):
             )
         from_reference = clean is not None
         clean = (self._own_tokens(batch) if clean is None else clean).to(device)
-        lo, hi = head.noise_range
-        u = batch.get("representation_noise_level")
-        if u is None:
-            u = lo + (hi - lo) * rand((B,), generator=g, device=device)
-        elif not isinstance(u, torch.Tensor):
-            if not 0.0 <= float(u) <= 1.0:
-                raise ValueError(f'{name}: batch["representation_noise_level"] must be in [0, 1], got {u!r}')
-            u = torch.full((B,), float(u), device=device)
+        u = noise_levels(batch, head.noise_range, B, g, device, name)
         V = inner.generation_head.vision_head.out_features
         swap = rand((B, N), generator=g, device=device) < u.to(device)[:, None]
         codes = (rand((B, N), generator=g, device=device) * V).long().clamp_(max=V - 1)

@@ -87,9 +87,15 @@ def critic_image_tokens(
     """The critic's own image tokens (B, N, H) of real images (B, 3, H, W) (vision tower + multimodal
     projector: what its LM reads at the image slots) and their grid, without grad."""
     with torch.no_grad():
-        inputs = critic.prepare(images, input_range=input_range, fuse_patch_embed=False)
-        with critic._running():
-            emb, _, grid = critic._encode(inputs)
+        return encode_image_tokens(
+            critic, critic.prepare(images, input_range=input_range, fuse_patch_embed=False)
+        )
+
+
+def encode_image_tokens(critic, inputs: CriticInputs) -> tuple[torch.Tensor, tuple]:
+    """THE reading of real images on the critic side: CriticInputs -> (image tokens (B, N, H), grid)."""
+    with critic._running():
+        emb, _, grid = critic._encode(inputs)
     return emb, tuple(grid)
 
 
@@ -135,9 +141,9 @@ def attach_representation(
 ) -> RepresentationHead:
     """Build a `RepresentationHead` sized to this pair and attach it to the generator (saved and trained with
     it). One no-grad pass of the generator on `batch` (`generator.representation_probe`: the denoiser with the
-    batch's prompt_embeds, or Janus's LM over its gen_input_ids) reads the block's width; one critic pass on a gray image gives its image-token count, grid and the RMS of its
-    tokens (the head's initial output scale). `options` go to RepresentationHead (prompt_dropout,
-    noise_range, source, width). Errors name the argument."""
+    batch's prompt_embeds, or Janus's LM over its gen_input_ids) reads the block's width; one critic pass on a
+    gray image gives its image-token count, grid and the RMS of its tokens (the head's initial output scale).
+    `options` go to RepresentationHead (prompt_dropout, noise_range, source, width). Errors name the argument."""
     gen = unwrap(generator)
     if not callable(getattr(gen, "representation_probe", None)):
         raise TypeError(f"attach_representation: `generator` {type(gen).__name__} has no representation view")
@@ -207,9 +213,8 @@ class RepresentationCritic:
         """Reference images' CriticInputs -> the critic's own image tokens (B, N, H) (the metaquery target)."""
         if not isinstance(inputs, CriticInputs):
             raise TypeError(f"inputs must be CriticInputs of reference images, got {type(inputs).__name__}")
-        with self.critic._running():
-            emb, _, grid = self.critic._encode(inputs)
-        return emb, _token_grid(emb.shape[1], tuple(grid))
+        emb, grid = encode_image_tokens(self.critic, inputs)
+        return emb, _token_grid(emb.shape[1], grid)
 
     def __call__(self, inputs: RepresentationInputs, captions: torch.Tensor, caption_mask=None):
         """-> RepresentationOutput: caption hidden states (B, L, H), patch_features = the projected tokens."""
