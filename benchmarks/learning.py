@@ -327,7 +327,9 @@ def main(argv=None) -> int:
     if args.smoke:
         s.seeds, s.uno_steps, s.batch_held, s.batch_seen = (args.seed,), 2, 2, 2
         s.sample_steps, s.eval_held, s.eval_seen, s.denoise_images = 3, 6, 6, 8
-        s.eval_samples, s.eval_samples_seen, s.ablations = 2, 2, tuple(experiment.ABLATIONS)
+        # the wiring of the committed ablations, the control and a reading arm with the augmentation-trained
+        # critic (the value, representation and early-window arms have their own tests): < 60 s of CPU
+        s.eval_samples, s.eval_samples_seen, s.ablations = 2, 2, experiment.SMOKE_ABLATIONS
         s.latent_fit_steps, s.latent_fit_images = 3, 16
         critic_model, proc = models.build_critic_model(0)
         unet, text = models.build_unet(0), models.TextEncoder()

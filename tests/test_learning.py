@@ -200,6 +200,7 @@ def test_smoke_run(tmp_path):
     ab = res["ablations"]
     assert ab["caption"]["status"] == "ran" and ab["caption+regression"]["status"] == "ran"
     assert ab["control (generator loss only)"]["status"] == "ran"
+    assert ab["caption+joint+kl, augmented read (aug critic)"]["status"] == "ran"
     # powered evaluation: per-prompt counts, standard errors beside the figures, paired gains
     before = res["before_per_seed"][0]["held_out"]
     assert len(before["per_prompt_pass"]) == 6 and before["stats"]["samples_per_prompt"] == 2

@@ -72,6 +72,15 @@ for _read in ("augmented", "noise-aware"):
 
 # the default run (`python benchmarks/learning.py`): the headline ablation and the control; the others by flag
 DEFAULT_ABLATIONS = ("caption+joint+kl", "control (generator loss only)")
+SMOKE_ABLATIONS = (
+    "caption",
+    "caption+regression",
+    "caption+joint+kl",
+    "caption+negatives",
+    "caption (latent view)",
+    "control (generator loss only)",
+    "caption+joint+kl, augmented read (aug critic)",
+)
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 
 
