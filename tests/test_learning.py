@@ -398,3 +398,27 @@ def test_control_arm_trains_on_the_generator_loss_without_reading_the_critic():
     assert len(hist) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in hist)
     assert not all(torch.equal(a, b) for a, b in zip(trained.parameters(), unet.parameters(), strict=True))
     assert not any(k.startswith("held_") for k in hist[0])  # no held-out stream: it has no real images
+
+
+def test_probe_descent_through_a_reading_lowers_its_ce_and_pairs_the_judge():
+    import torch
+    from learning_lib import experiment, models, probe, training
+
+    from uno_engine import Critic
+
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model, proc, checkpoint="none")
+    rng = random.Random(2)
+    prompts = rng.sample(world.all_prompts(), 3)
+    images, ids, mask, _ = training.caption_batch(prompts, rng)
+    read = experiment.reading("augmented", views=2)
+    xs, rec = probe.descend(critic, images, ids, mask, prompts, read=read, steps=4, lr=0.05)
+    assert xs.shape == images.shape and xs.min() >= -1 and xs.max() <= 1
+    tr = rec["trace"]
+    assert tr[0]["step"] == 0 and tr[-1]["step"] == 4 and tr[-1]["ce_nats_read"] < tr[0]["ce_nats_read"]
+    assert rec["per_prompt_pass_before"] == [1, 1, 1]  # true renders: the judge passes them
+    assert rec["judge_change"]["diff"] == pytest.approx(
+        rec["judge_after"]["mean"] - rec["judge_before"]["mean"]
+    )
+    with pytest.raises(ValueError, match="`name`"):
+        experiment.reading("blurred")
