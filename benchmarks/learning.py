@@ -5,11 +5,11 @@ caption every composition, a pixel-space diffusers UNet pretrained on the seen c
 judge, and UNO post-training (UNOStep) on held-out and seen prompts; judged before and after, over 3 seeds,
 with ablations of the loss terms.
 
-    python benchmarks/learning.py                 # cached critic + base generator, UNO + judge
+    python benchmarks/learning.py                 # cached models; the headline arm and the control, 3 seeds
     python benchmarks/learning.py --from-scratch  # retrain the critic and the generator first (rewrites cache)
     python benchmarks/learning.py --seed 5        # seeds 5, 6, 7 for every draw of post-training and eval
     python benchmarks/learning.py --smoke         # CI version (< 60 s): untrained tiny run of the wiring
-    python benchmarks/learning.py --ablations caption "caption+joint+kl"   # re-run some ablations only
+    python benchmarks/learning.py --ablations caption "caption+joint+kl"   # other arms ('all': every arm)
     python benchmarks/learning.py --probe         # the critic as a reward (AUC) and as a gradient (pixel descent)
 
 Writes learning-<tag>.json and learning-<tag>.png (tag: "cpu", or "smoke") to benchmarks/runs/ (ignored by git),
@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,7 +34,13 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 from learning_lib import experiment, judge, models, probe, training, world  # noqa: E402
 
-TARGETS = {"held_out_gain_points": 15.0, "seen_drop_points": 3.0, "denoise_rise_frac": 0.10}
+TARGETS = {
+    "held_out_gain_points": 15.0,
+    "seen_drop_points": 3.0,
+    "denoise_rise_frac": 0.10,
+    "vs_control_points": 10.0,
+}
+CONTROL = "control (generator loss only)"
 NOTES = {
     "premise": "the critic is trained to caption EVERY composition, held-out ones included (understanding "
     "covers more than generation); the generator is pretrained on seen compositions only",
@@ -61,38 +68,84 @@ def commit_info() -> dict:
 
 
 def headline(res: dict, main: str) -> tuple[dict, dict, dict]:
-    """-> (before, after, targets): top-level summaries of the main ablation (held-out "overall" in [0, 1])."""
+    """-> (before, after, targets): top-level summaries of the main ablation (held-out "overall" in [0, 1]),
+    each figure with its standard error ("*_se", learning_lib.stats; the gains are paired differences)."""
 
-    def block(mean: dict) -> dict:
+    def block(mean: dict, acc: dict | None) -> dict:
         h = mean["held_out"]
         out = {"overall": h["overall"], "overall_std": h.get("overall_std")}
+        out["overall_se"] = acc["held_out"]["se"] if acc else None
         out.update({c: h[c] for c in judge.CATEGORIES})
         out["held_out_by_kind"] = mean.get("held_out_by_kind")
         out["seen"] = {"overall": mean["seen"]["overall"], "overall_std": mean["seen"].get("overall_std")}
+        out["seen"]["overall_se"] = acc["seen"]["se"] if acc else None
         out["seen"].update({c: mean["seen"][c] for c in judge.CATEGORIES})
         out["denoising_loss"] = mean["denoising_loss"]
         out["denoising_loss_std"] = mean.get("denoising_loss_std")
         return out
 
-    before = block(res["before_mean"])
+    before = block(res["before_mean"], res.get("before_accuracy"))
     ab = res["ablations"].get(main, {})
     if ab.get("status") != "ran":
         return before, {"status": ab.get("status", "not run")}, {}
-    after = block(ab["mean"])
+    after = block(ab["mean"], ab.get("accuracy"))
     after["ablation"] = main
+    paired = ab.get("paired")
     gain = 100 * (after["overall"] - before["overall"])
     drop = 100 * (before["seen"]["overall"] - after["seen"]["overall"])
     rise = after["denoising_loss"] / before["denoising_loss"] - 1
     targets = {
         "held_out_gain_points": gain,
+        "held_out_gain_se": 100 * paired["held_out"]["se"] if paired else None,
         "held_out_gain_ok": gain >= TARGETS["held_out_gain_points"],
         "seen_drop_points": drop,
+        "seen_drop_se": 100 * paired["seen"]["se"] if paired else None,
         "seen_drop_ok": drop <= TARGETS["seen_drop_points"],
         "denoise_rise_frac": rise,
         "denoise_rise_ok": rise <= TARGETS["denoise_rise_frac"],
         "required": TARGETS,
     }
+    ctrl = res["ablations"].get(CONTROL, {})
+    if ctrl.get("status") == "ran" and main != CONTROL:
+        vs = experiment.power(ab["per_seed"], ctrl["per_seed"])["paired"]["held_out"]
+        targets["vs_control_points"] = 100 * vs["mean"]
+        targets["vs_control_se"] = 100 * vs["se"] if vs["se"] is not None else None
+        targets["vs_control_ok"] = targets["vs_control_points"] >= TARGETS["vs_control_points"]
     return before, after, targets
+
+
+def _pm(x, se, scale=100.0) -> str:
+    if x is None:
+        return "-"
+    return f"{scale * x:6.1f} +- {scale * se:4.1f}" if se is not None else f"{scale * x:6.1f}"
+
+
+def table(res: dict) -> str:
+    """The printed table: judge accuracy (% of prompts, mean of seeds +- SE) before and per ablation, and the
+    paired gains (points +- SE), with the denoising loss."""
+    rows = [
+        "| arm | held-out % | held-out gain (pts) | seen % | seen change (pts) | denoise loss | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    b = res.get("before_accuracy") or {}
+    if b:
+        rows.append(
+            f"| pretrained | {_pm(b['held_out']['mean'], b['held_out']['se'])} | | "
+            f"{_pm(b['seen']['mean'], b['seen']['se'])} | | {res['before_mean']['denoising_loss']:.4f} | "
+            f"{b['held_out']['n_seeds']} |"
+        )
+    for name, ab in res["ablations"].items():
+        if ab.get("status") != "ran" or "accuracy" not in ab:
+            rows.append(f"| {name} | {ab.get('status', 'not run')} | | | | | |")
+            continue
+        a, d = ab["accuracy"], ab["paired"]
+        rows.append(
+            f"| {name} | {_pm(a['held_out']['mean'], a['held_out']['se'])} | "
+            f"{_pm(d['held_out']['mean'], d['held_out']['se'])} | {_pm(a['seen']['mean'], a['seen']['se'])} | "
+            f"{_pm(d['seen']['mean'], d['seen']['se'])} | {ab['mean']['denoising_loss']:.4f} | "
+            f"{a['held_out']['n_seeds']} |"
+        )
+    return "\n".join(rows)
 
 
 def save_grid(grid, captions, path: Path) -> None:
@@ -112,37 +165,46 @@ def save_grid(grid, captions, path: Path) -> None:
 
 
 def plot(res: dict, path: Path, samples=None) -> None:
+    """Left: judge accuracy (% of prompts) before and per arm, held-out and seen, +- SE (learning_lib.stats).
+    Right: the paired gains over the pretrained generator (points, +- SE), with the number of seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ncols = 3 if samples is not None else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5))
-    names = ["pretrained"] + [n for n, a in res["ablations"].items() if a.get("status") == "ran"]
-    means = [res["before_mean"]] + [res["ablations"][n]["mean"] for n in names[1:]]
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 5.5))
+    ran = [n for n, a in res["ablations"].items() if a.get("status") == "ran" and "accuracy" in a]
+    accs = [res.get("before_accuracy")] + [res["ablations"][n]["accuracy"] for n in ran]
+    names = ["pretrained"] + [f"{n} ({len(res['ablations'][n]['seeds'])}s)" for n in ran]
     x = range(len(names))
     for off, split, color in ((-0.2, "held_out", "tab:red"), (0.2, "seen", "tab:blue")):
-        m = [100 * (r[split]["overall"] or 0) for r in means]
-        e = [100 * (r[split].get("overall_std") or 0) for r in means]
-        axes[0].bar(
-            [i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-")
-        )
-    axes[0].set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
-    axes[0].set_ylabel("judge accuracy, % of prompts (mean +- std, seeds)")
-    axes[0].set_title("before / after UNO, by ablation")
+        m = [100 * a[split]["mean"] if a else 0 for a in accs]
+        e = [100 * (a[split]["se"] or 0) if a else 0 for a in accs]
+        axes[0].bar([i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-"))
+    axes[0].set_xticks(list(x), names, rotation=35, ha="right", fontsize=7)
+    axes[0].set_ylabel("judge accuracy, % of prompts (mean of seeds +- SE)")
+    axes[0].set_title("before / after, by arm")
     axes[0].legend()
-    cats = list(judge.CATEGORIES)
-    width = 0.8 / len(names)
-    for j, (n, r) in enumerate(zip(names, means, strict=True)):
-        vals = [100 * (r["held_out"].get(c) or 0) for c in cats]
-        axes[1].bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))], vals, width, label=n)
-    axes[1].set_xticks(range(len(cats)), cats)
-    axes[1].set_title("held-out prompts, per category")
-    axes[1].legend(fontsize=7)
+    for off, split, color in ((-0.2, "held_out", "tab:red"), (0.2, "seen", "tab:blue")):
+        d = [res["ablations"][n]["paired"][split] for n in ran]
+        axes[1].bar(
+            [i + off for i in range(len(ran))],
+            [100 * v["mean"] for v in d],
+            0.4,
+            yerr=[100 * (v["se"] or 0) for v in d],
+            capsize=3,
+            color=color,
+            label=split.replace("_", "-"),
+        )
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_xticks(range(len(ran)), names[1:], rotation=35, ha="right", fontsize=7)
+    axes[1].set_ylabel("paired change over the pretrained generator, points (+- SE)")
+    axes[1].set_title("gain by arm (same prompts, same noise)")
+    axes[1].legend()
     missing = [n for n, a in res["ablations"].items() if a.get("status") != "ran"]
     if missing:
-        axes[1].text(0.01, -0.16, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=7)
+        axes[1].text(0.01, 0.98, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=6, va="top")
     if samples is not None:
         axes[2].imshow(samples)
         axes[2].set_title("held-out prompts: pretrained (top) / after UNO (bottom)", fontsize=9)
@@ -174,7 +236,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--from-scratch", action="store_true", help="retrain critic and generator, rewrite cache")
     ap.add_argument("--smoke", action="store_true", help="CI version: untrained models, a few steps (< 60 s)")
-    ap.add_argument("--ablations", nargs="*", default=None, help=f"subset of {list(experiment.ABLATIONS)}")
+    ap.add_argument(
+        "--ablations",
+        nargs="*",
+        default=None,
+        help=f"arms to run (default {list(experiment.DEFAULT_ABLATIONS)}; 'all'): {list(experiment.ABLATIONS)}",
+    )
     ap.add_argument("--main", default="caption+joint+kl", help="ablation reported as top-level 'after'")
     ap.add_argument("--uno-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -187,6 +254,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--note", default=None, help="free text stored in settings.extra['note'] (e.g. tuning)")
     ap.add_argument("--critic-steps", type=int, default=5000)
+    ap.add_argument(
+        "--aug-critic-steps",
+        type=int,
+        default=1500,
+        help="fine-tune steps of the augmentation-trained critic (cache critic-aug.safetensors; made when missing)",
+    )
     ap.add_argument("--generator-steps", type=int, default=3000, help="length of the lr schedule")
     ap.add_argument("--generator-stop", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("UNO_LEARNING_THREADS", "1")))
@@ -211,16 +284,27 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--probe",
         action="store_true",
-        help="instead of UNO: probe the cached critic as a reward (AUC for the judge's verdict) and as a gradient "
-        "(pixel-space descent of its caption CE); writes learning-probe-<tag>.json/.png",
+        help="instead of UNO: probe the cached critics as a reward (AUC for the judge's verdict) and as a "
+        "gradient (pixel descent of the caption CE through each reading: the CE after, the hack gap, the judge "
+        "before / after); writes learning-probe-<tag>.json/.png",
     )
     ap.add_argument(
         "--probe-critic", type=Path, default=None, help="--probe this critic (safetensors) instead"
     )
+    ap.add_argument("--probe-prompts", type=int, default=None, help="--probe: held-out prompts attacked (all)")
+    ap.add_argument("--probe-steps", type=int, default=100, help="--probe: pixel descent steps")
+    ap.add_argument("--probe-views", type=int, default=8, help="--probe: views per image of the readings")
+    ap.add_argument(
+        "--reuse-before",
+        type=Path,
+        default=None,
+        help="take the pretrained generator's evaluations from this learning-*.json (same settings but the "
+        "arms) instead of re-judging them: for arms run apart and folded in with --merge",
+    )
     ap.add_argument(
         "--probe-robust-steps",
         type=int,
-        default=600,
+        default=0,
         help="--probe also a copy of the critic fine-tuned this many steps against PGD attacks and textures "
         "(training.robust_finetune_critic; 0: skip)",
     )
@@ -245,6 +329,9 @@ def main(argv=None) -> int:
     if args.smoke:
         s.seeds, s.uno_steps, s.batch_held, s.batch_seen = (args.seed,), 2, 2, 2
         s.sample_steps, s.eval_held, s.eval_seen, s.denoise_images = 3, 6, 6, 8
+        # the wiring of the committed ablations, the control and a reading arm with the augmentation-trained
+        # critic (the value, representation and early-window arms have their own tests): < 60 s of CPU
+        s.eval_samples, s.eval_samples_seen, s.ablations = 2, 2, experiment.SMOKE_ABLATIONS
         s.latent_fit_steps, s.latent_fit_images = 3, 16
         critic_model, proc = models.build_critic_model(0)
         unet, text = models.build_unet(0), models.TextEncoder()
@@ -283,11 +370,20 @@ def main(argv=None) -> int:
                     gen_path, args.generator_steps, args.generator_stop, args.threads, log=log, bar=bar
                 )
                 training.write_meta(meta_path, generator=st)
+        aug_path = training.CRITICS["aug"]
+        if args.aug_critic_steps > 0 and (args.from_scratch or not aug_path.exists()):
+            st = training.pretrain_aug_critic_to(
+                aug_path, crit_path, args.aug_critic_steps, args.threads, log=log, bar=bar
+            )
+            training.write_meta(meta_path, critic_aug=st)
         critic_model, proc = training.load_critic(crit_path)
         unet, text = training.load_generator(gen_path)
         pretrain = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if args.ablations is not None:
-        s.ablations = tuple(args.ablations)
+        s.ablations = tuple(experiment.ABLATIONS) if args.ablations == ["all"] else tuple(args.ablations)
+        unknown = [a for a in s.ablations if a not in experiment.ABLATIONS]
+        if unknown:
+            ap.error(f"--ablations: unknown {unknown}; known: {list(experiment.ABLATIONS)} or 'all'")
     if args.uno_steps is not None:
         s.uno_steps = args.uno_steps
     if args.lr is not None:
@@ -308,7 +404,17 @@ def main(argv=None) -> int:
     )
 
     cache = None if args.smoke else (args.cache / "critic.safetensors", args.cache / "generator.safetensors")
-    res = experiment.run_all(critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache)
+    before = None
+    if args.reuse_before is not None:
+        other = json.loads(args.reuse_before.read_text())
+        mine = {k: v for k, v in asdict(s).items() if k != "ablations"}
+        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
+        if json.loads(json.dumps(mine)) != theirs:
+            ap.error(f"--reuse-before: {args.reuse_before} was run with other settings: {theirs} != {mine}")
+        before = other["before_per_seed"]
+    res = experiment.run_all(
+        critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache, before=before
+    )
     trained = res.pop("_trained_main_seed0")
     before, after, targets = headline(res, s.main)
     out = {
@@ -351,6 +457,7 @@ def main(argv=None) -> int:
         out["sample_grid_prompts"] = caps
         jpath.write_text(json.dumps(out, indent=2, default=str) + "\n")
     log(f"wrote {jpath}")
+    print(table(res))
     print(
         json.dumps(
             {"before": before.get("overall"), "after": after.get("overall"), "targets": targets}, default=str
@@ -360,61 +467,102 @@ def main(argv=None) -> int:
 
 
 def run_probe(args) -> int:
-    """`--probe`: learning_lib.probe on the cached (or --probe-critic) critic and the cached base generator."""
+    """`--probe`: learning_lib.probe for each reading (plain, augmented, noise-aware: uno_engine.ReadAugment)
+    x each critic (the cached "old" and "aug" critics, or --probe-critic; --probe-robust-steps adds a PGD
+    fine-tune of the old one) on the cached base generator."""
     torch.set_num_threads(args.threads)
     t0 = time.time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    crit = args.probe_critic or args.cache / "critic.safetensors"
-    critic_model, proc = training.load_critic(crit)
+    if args.probe_critic is not None:
+        paths = {args.probe_critic.stem: args.probe_critic}
+    else:
+        paths = {k: v for k, v in training.CRITICS.items() if v.exists()}
+    critics = {k: training.load_critic(v) for k, v in paths.items()}
     unet, text = training.load_generator(args.cache / "generator.safetensors")
-    res, fig = probe.run_probes(critic_model, proc, unet, text, seed=args.seed, log=log)
-    res.update(
-        critic=str(crit.relative_to(HERE.parent) if crit.is_relative_to(HERE.parent) else crit),
-        critic_token_accuracy=training.critic_accuracy(critic_model, proc, n=512)["token_accuracy"],
-    )
+    extra = {}
     if args.probe_robust_steps > 0:
-        robust, st = training.robust_finetune_critic(
-            critic_model, proc, steps=args.probe_robust_steps, log=log
-        )
-        rres, rfig = probe.run_probes(robust, proc, unet, text, seed=args.seed, log=log)
-        rres.update(
-            finetune=st, critic_token_accuracy=training.critic_accuracy(robust, proc, n=512)["token_accuracy"]
-        )
-        res["robust_critic"] = rres
-    res.update(machine=harness.env_metadata("cpu"), wall_s=time.time() - t0, **commit_info())
+        robust, st = training.robust_finetune_critic(*critics["old"], steps=args.probe_robust_steps, log=log)
+        critics["robust"] = (robust, critics["old"][1])
+        extra["robust_finetune"] = st
+    res, fig = probe.run_probes(
+        critics,
+        unet,
+        text,
+        seed=args.seed,
+        attack_prompts=args.probe_prompts,
+        attack_steps=args.probe_steps,
+        reads=probe.readings(args.probe_views),
+        log=log,
+    )
+    res["critics"] = {
+        k: {
+            "file": str(v.relative_to(HERE.parent) if v.is_relative_to(HERE.parent) else v),
+            "token_accuracy_clean": training.critic_accuracy(*critics[k], n=512)["token_accuracy"],
+            "token_accuracy_augmented": training.critic_accuracy(*critics[k], n=512, augment=True)[
+                "token_accuracy"
+            ],
+        }
+        for k, v in paths.items()
+    }
+    res.update(extra, machine=harness.env_metadata("cpu"), wall_s=time.time() - t0, **commit_info())
     tag = "probe-" + (args.tag or "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"learning-{tag}.json"
     path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     probe.save_figure(fig, res, args.out / f"learning-{tag}.png")
-    if "robust_critic" in res:
-        probe.save_figure(rfig, res["robust_critic"], args.out / f"learning-{tag}-robust.png")
-    for key, r in (("critic", res), ("robust critic", res.get("robust_critic"))):
-        if r is not None:
-            a, b = r["pixel_attack"]["trace"][0], r["pixel_attack"]["trace"][-1]
-            print(
-                f"{key}: reward AUC {r['reward']['auc']:.3f} (pass rate {r['reward']['judge_pass_rate']:.3f}); "
-                f"pixel descent: CE {a['ce_nats_mean']:.3f} -> {b['ce_nats_mean']:.4f} nats, judge "
-                f"{a['judge_overall']:.3f} -> {b['judge_overall']:.3f}, mean |dx| {b['mean_abs_pixel_change']:.3f}"
-            )
+    print(probe_table(res))
     log(f"wrote {path}")
     return 0
 
 
+def probe_table(res: dict) -> str:
+    """The printed probe table: per reading x critic, the CE after descent (through the reading, and plain),
+    the hack gap, and the judge before -> after (%, +- SE) with the paired change."""
+    rows = [
+        "| reading | critic | reward AUC | CE after (read / plain, nats) | hack gap | judge before % | "
+        "judge after % | change (pts) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rname, by_critic in res["descent"].items():
+        for cname, r in by_critic.items():
+            jb, ja, jc = r["judge_before"], r["judge_after"], r["judge_change"]
+            rows.append(
+                f"| {rname} | {cname} | {res['reward'][cname]['auc']:.3f} | {r['ce_after_read']:.3f} / "
+                f"{r['ce_unshifted']:.3f} | {r['hack_gap']:.2f}x | {_pm(jb['mean'], jb['se'])} | "
+                f"{_pm(ja['mean'], ja['se'])} | {_pm(jc['diff'], jc['se'])} |"
+            )
+    return "\n".join(rows)
+
+
 def merge(target: Path, others: list[Path]) -> int:
-    """Fold other runs' ablations into `target` (same seeds and settings required), recompute the headline."""
+    """Fold other runs' ablations into `target` (the same settings required; their seeds may be a subset of
+    the target's: such an arm keeps its own "seeds"), recompute the headline."""
     res = json.loads(target.read_text())
     for path in others:
         other = json.loads(path.read_text())
-        mine = {k: v for k, v in res["settings"].items() if k != "ablations"}
-        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
-        if mine != theirs:
-            raise SystemExit(f"--merge: {path} was run with other settings: {theirs} != {mine}")
+        mine = {k: v for k, v in res["settings"].items() if k not in ("ablations", "seeds")}
+        theirs = {k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")}
+        if mine != theirs or not set(other["settings"]["seeds"]) <= set(res["settings"]["seeds"]):
+            raise SystemExit(f"--merge: {path} was run with other settings: {other['settings']} != {res['settings']}")
         for name, ab in other["ablations"].items():
             if ab.get("status") == "ran" or name not in res["ablations"]:
                 res["ablations"][name] = ab
-        res.setdefault("merged_from", []).append({"file": path.name, "wall_s": other.get("wall_s")})
+        res.setdefault("merged_from", []).append(
+            {
+                "file": path.name,
+                "arms": [n for n, a in other["ablations"].items() if a.get("status") == "ran"],
+                "seeds": other["settings"]["seeds"],
+                "commit": other.get("commit"),
+                "dirty": other.get("dirty"),
+                "wall_s": other.get("wall_s"),
+                "cpu_s": other.get("cpu_s"),
+            }
+        )
+        for name, ab in other["ablations"].items():
+            if ab.get("status") == "ran":
+                ab["commit"] = other.get("commit")
     res["before"], res["after"], res["targets"] = headline(res, res["settings"]["main"])
+    print(table(res))
     res["notes"] = NOTES
     target.write_text(json.dumps(res, indent=2, default=str) + "\n")
     plot(res, target.with_suffix(".png"))

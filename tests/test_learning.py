@@ -199,6 +199,14 @@ def test_smoke_run(tmp_path):
     assert res["settings"]["uno_steps"] == 2 and res["machine"]["device"]
     ab = res["ablations"]
     assert ab["caption"]["status"] == "ran" and ab["caption+regression"]["status"] == "ran"
+    assert ab["control (generator loss only)"]["status"] == "ran"
+    assert ab["caption+joint+kl, augmented read (aug critic)"]["status"] == "ran"
+    # powered evaluation: per-prompt counts, standard errors beside the figures, paired gains
+    before = res["before_per_seed"][0]["held_out"]
+    assert len(before["per_prompt_pass"]) == 6 and before["stats"]["samples_per_prompt"] == 2
+    assert res["before"]["overall_se"] is not None and res["targets"]["held_out_gain_se"] is not None
+    assert "vs_control_points" in res["targets"]
+    assert "| pretrained |" in proc.stdout and "| control (generator loss only) |" in proc.stdout
     for name, a in ab.items():  # every ablation either ran or says why not
         assert a["status"] == "ran" or a["status"].startswith(("not yet run", "failed")), name
 
@@ -244,3 +252,173 @@ def test_jobs_below_one_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         learning.main(["--jobs", "0", "--smoke"])
     assert e.value.code == 2 and "--jobs must be >= 1, got 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- powered evaluation
+def test_stats_accuracy_against_brute_force():
+    from learning_lib import stats
+
+    k, m = [0, 1, 4, 2, 0, 3, 0], 4
+    y = np.array(k) / m
+    P = len(k)
+    r = stats.accuracy(k, m)
+    assert r["mean"] == pytest.approx(y.mean(), abs=1e-12)
+    assert r["se"] == pytest.approx(y.std(ddof=1) / math.sqrt(P), abs=1e-12)  # prompts are the clusters
+    assert r["se_binomial"] == pytest.approx(math.sqrt(y.mean() * (1 - y.mean()) / (m * P)), abs=1e-12)
+    assert r["se_fixed_prompts"] == pytest.approx(
+        math.sqrt((y * (1 - y) * m / (m - 1)).sum() / m) / P, abs=1e-12
+    )
+    # all prompts alike: the cluster SE is 0 while the binomial one is not
+    assert stats.accuracy([2, 2, 2], 4)["se"] == 0.0 and stats.accuracy([2, 2, 2], 4)["se_binomial"] > 0
+
+
+def test_stats_paired_and_over_seeds():
+    from learning_lib import stats
+
+    before, after = [0, 1, 2, 0, 4], [1, 1, 3, 0, 4]
+    d = (np.array(after) - np.array(before)) / 4
+    r = stats.paired(after, before, 4)
+    assert r["diff"] == pytest.approx(d.mean()) and r["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(5))
+    # the same shift on every prompt: a paired difference with no error (an unpaired one would have some)
+    assert stats.paired([1, 2, 3], [0, 1, 2], 4)["se"] == 0.0
+    o = stats.over_seeds([0.1, 0.2, 0.3], [0.01, 0.02, 0.02])
+    assert o["mean"] == pytest.approx(0.2) and o["se"] == pytest.approx(0.03 / 3)
+    assert o["seed_sd"] == pytest.approx(0.1)
+
+
+def test_stats_bad_input_names_the_argument():
+    from learning_lib import stats
+
+    with pytest.raises(ValueError, match="`k`"):
+        stats.accuracy([0, 5], 4)
+    with pytest.raises(ValueError, match="`k`"):
+        stats.accuracy([], 4)
+    with pytest.raises(ValueError, match="`m`"):
+        stats.accuracy([0], 0)
+    with pytest.raises(ValueError, match="`k_before`"):
+        stats.paired([0, 1], [0], 4)
+
+
+def test_power_pairs_each_seed_with_its_own_before():
+    from learning_lib import experiment
+
+    def ev(kh, ks, m=2):
+        from learning_lib import stats
+
+        return {
+            "held_out": {"per_prompt_pass": kh, "stats": stats.accuracy(kh, m)},
+            "seen": {"per_prompt_pass": ks, "stats": stats.accuracy(ks, m)},
+        }
+
+    before = [ev([0, 0, 1], [1, 1, 1]), ev([1, 1, 1], [0, 0, 0])]
+    after = [ev([1, 1, 1], [1, 1, 1]), ev([1, 1, 1], [0, 0, 1])]
+    p = experiment.power(after, before)
+    assert [x["diff"] for x in p["paired"]["held_out"]["per_seed"]] == pytest.approx([2 / 6, 0.0])
+    assert p["paired"]["seen"]["mean"] == pytest.approx((0 + 1 / 6) / 2)
+    assert p["accuracy"]["held_out"]["mean"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------- the augmentation-trained critic
+def test_augment_renders_identity_shift_and_noise():
+    import torch
+    from learning_lib import training
+
+    rng = random.Random(1)
+    images, _, _, _ = training.caption_batch(rng.sample(world.all_prompts(), 4), rng)
+    g = torch.Generator().manual_seed(0)
+    off = training.augment_renders(images, g, {"p_aug": 0.0})
+    torch.testing.assert_close(off, images, atol=1e-5, rtol=0)  # no augmentation: the render itself
+    # always on but scale 1, no shift, no noise: the resampling is exact
+    pure = {"p_aug": 1.0, "scale": (1.0, 1.0), "p_noise": 0.0, "shift_px": 0.0}
+    g = torch.Generator().manual_seed(0)
+    same = training.augment_renders(images, g, pure)
+    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+    aug = training.augment_renders(images, torch.Generator().manual_seed(3), {"p_aug": 1.0})
+    assert aug.shape == images.shape and aug.min() >= -1 and aug.max() <= 1
+    assert (aug - images).abs().mean() > 0.01  # it does change the renders
+    with pytest.raises(ValueError, match="`images`"):
+        training.augment_renders(images[0], g)
+
+
+def test_augment_finetune_critic_trains_a_copy_on_augmented_renders():
+    import torch
+    from learning_lib import models, training
+
+    model, proc = models.build_critic_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, st = training.augment_finetune_critic(model, proc, steps=2, batch=4)
+    assert st["steps"] == 2 and st["augmentation"] == training.AUG
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k]), k
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not any(p.requires_grad for p in tuned.parameters())
+
+
+def test_probe_shift_and_views_reading():
+    import torch
+    from learning_lib import models, probe, training
+
+    from uno_engine import Critic, ReadAugment
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) / 200 - 0.5
+    r = probe.shifted(x, 0, 1)  # one pixel to the right: column 0 is background
+    assert torch.equal(r[..., 1:], x[..., :-1]) and (r[..., 0] == -1).all()
+    d = probe.shifted(x, -1, 0)  # one pixel up: the last row is background
+    assert torch.equal(d[..., :-1, :], x[..., 1:, :]) and (d[..., -1, :] == -1).all()
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model, proc, checkpoint="none")
+    rng = random.Random(0)
+    images, ids, mask, _ = training.caption_batch(rng.sample(world.all_prompts(), 3), rng)
+    plain = probe.caption_nats(critic, images, ids, mask)
+    # K identical (jitter-free) views average to the plain read, per image
+    same = probe.caption_nats(critic, images, ids, mask, read=ReadAugment(views=3))
+    torch.testing.assert_close(same, plain, rtol=1e-5, atol=1e-5)
+    jit = probe.caption_nats(critic, images, ids, mask, read=ReadAugment(views=2, shift=3.0, noise=0.3))
+    assert jit.shape == (3,) and not torch.allclose(jit, plain)
+    gap = probe.hack_gap(critic, images, ids, mask)
+    assert gap["hack_gap"] == pytest.approx(gap["ce_one_pixel_shift"] / gap["ce_unshifted"])
+
+
+def test_control_arm_trains_on_the_generator_loss_without_reading_the_critic():
+    import torch
+    from learning_lib import experiment, models
+
+    from uno_engine import Critic
+
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model, proc, checkpoint="none")
+
+    def refuse(*a, **k):
+        raise AssertionError("the control arm read the critic")
+
+    critic.prepare = refuse  # any rollout read by the critic would go through the bridge
+    unet, text = models.build_unet(0).eval().requires_grad_(False), models.TextEncoder().eval()
+    s = experiment.Settings(uno_steps=2, batch_held=2, batch_seen=2, sample_steps=2, lr=1e-3)
+    trained, hist = experiment.run_uno(unet, text, critic, "control (generator loss only)", seed=0, s=s)
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in hist)
+    assert not all(torch.equal(a, b) for a, b in zip(trained.parameters(), unet.parameters(), strict=True))
+    assert not any(k.startswith("held_") for k in hist[0])  # no held-out stream: it has no real images
+
+
+def test_probe_descent_through_a_reading_lowers_its_ce_and_pairs_the_judge():
+    import torch
+    from learning_lib import experiment, models, probe, training
+
+    from uno_engine import Critic
+
+    model, proc = models.build_critic_model(0)
+    critic = Critic.from_hf(model, proc, checkpoint="none")
+    rng = random.Random(2)
+    prompts = rng.sample(world.all_prompts(), 3)
+    images, ids, mask, _ = training.caption_batch(prompts, rng)
+    read = experiment.reading("augmented", views=2)
+    xs, rec = probe.descend(critic, images, ids, mask, prompts, read=read, steps=4, lr=0.05)
+    assert xs.shape == images.shape and xs.min() >= -1 and xs.max() <= 1
+    tr = rec["trace"]
+    assert tr[0]["step"] == 0 and tr[-1]["step"] == 4 and tr[-1]["ce_nats_read"] < tr[0]["ce_nats_read"]
+    assert rec["per_prompt_pass_before"] == [1, 1, 1]  # true renders: the judge passes them
+    assert rec["judge_change"]["diff"] == pytest.approx(
+        rec["judge_after"]["mean"] - rec["judge_before"]["mean"]
+    )
+    with pytest.raises(ValueError, match="`name`"):
+        experiment.reading("blurred")

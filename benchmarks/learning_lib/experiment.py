@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import arms_repr, judge, models, training, world
+from . import arms_repr, judge, models, stats, training, world
 
 ABLATIONS = {
     "caption": {"loss": {"caption": 1.0}},
@@ -31,17 +31,63 @@ ABLATIONS = {
     "caption+joint+kl": {"loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0}},
     "caption+negatives": {"loss": {"caption": 1.0, "negatives": 1.0}, "negatives": 4},
     "caption (latent view)": {"loss": {"caption": 1.0}, "config": {"view": "latent"}},
+    # the CONTROL: the same optimizer steps, batches and lr with the generator's own loss only (the seen
+    # stream's real renders; no critic, no rollout), so a gain is known to come from understanding
+    "control (generator loss only)": {"loss": {"caption": 0.0, "generator_loss": 1.0}, "control": True},
+    # the headline's terms read by the augmentation-trained critic (training.augment_finetune_critic)
+    "caption+joint+kl (aug critic)": {
+        "loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0},
+        "critic": "aug",
+    },
     # the value path (learning_lib/value.py): uno_engine.reward.ValueStep, no caption gradient
     # (an arm beyond the default run: --ablations "value (group reward)")
     "value (group reward)": {"loss": {}, "runner": "value", "negatives": 4, "default": False},
 }
+
+
+def reading(name: str, views: int = 8):
+    """A reading of the generated images from the library (`uno_engine.ReadAugment`): "plain" (None: the
+    processor's one read), "augmented" (`views` views: centre shift up to 3 px, box scale 0.85-1.15, pixel
+    noise 0.15; issue 26's first measurement) or "noise-aware" (`views` views re-noised by the flow forward
+    process at t ~ U(0, 0.3), as a noise-aware classifier reads x_t)."""
+    from uno_engine import ReadAugment
+
+    if name == "plain":
+        return None
+    if name == "augmented":
+        return ReadAugment(views=views, shift=3.0, scale=(0.85, 1.15), noise=0.15, seed=1)
+    if name == "noise-aware":
+        return ReadAugment(views=views, renoise=(0.0, 0.3), seed=2)
+    raise ValueError(f"reading: `name` must be 'plain', 'augmented' or 'noise-aware', got {name!r}")
+
+
+# the headline's terms read through the library's readings (4 views per image in training), by either critic
+for _read in ("augmented", "noise-aware"):
+    for _critic in ("old", "aug"):
+        ABLATIONS[f"caption+joint+kl, {_read} read" + (" (aug critic)" if _critic == "aug" else "")] = {
+            "loss": {"caption": 1.0, "generator_loss": 1.0, "kl": 1.0},
+            "read": _read,
+            **({"critic": "aug"} if _critic == "aug" else {}),
+        }
+
+# the default run (`python benchmarks/learning.py`): the headline ablation and the control; the others by flag
+DEFAULT_ABLATIONS = ("caption+joint+kl", "control (generator loss only)")
+SMOKE_ABLATIONS = (
+    "caption",
+    "caption+regression",
+    "caption+joint+kl",
+    "caption+negatives",
+    "caption (latent view)",
+    "control (generator loss only)",
+    "caption+joint+kl, augmented read (aug critic)",
+)
 REAL_IMAGE_TERMS = ("density", "structure", "generator_loss")
 
 
 @dataclass
 class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
-    ablations: tuple[str, ...] = tuple(n for n, a in ABLATIONS.items() if a.get("default", True))
+    ablations: tuple[str, ...] = DEFAULT_ABLATIONS
     main: str = "caption+joint+kl"  # the ablation whose result is the top-level "after"
     uno_steps: int = 80  # with lr 3e-5: chosen on a tuning seed (100), see the results JSON settings.extra
     batch_held: int = 6
@@ -51,9 +97,12 @@ class Settings:
     guidance: float = 2.0
     k_grad_steps: int = 1
     grad_window: tuple[float, float] = (0.5, 1.0)
-    eval_samples: int = 1  # images per prompt
-    eval_held: int | None = 96  # held-out prompts judged per seed (a seeded sample; None: all 162)
-    eval_seen: int | None = 64  # seen prompts judged per seed (None: all 138)
+    # images per held-out prompt: 4 x all 162 gives a seed's held-out accuracy a cluster-robust SE of about
+    # 1.4 points at the base rate (8%); measured with 8 samples, see docs/teach-results.md
+    eval_samples: int = 4
+    eval_samples_seen: int = 6  # images per seen prompt (base rate 23%: SE 1.4 points for the 138 prompts)
+    eval_held: int | None = None  # held-out prompts judged per seed (None: all 162; n: a seeded sample)
+    eval_seen: int | None = None  # seen prompts judged per seed (None: all 138)
     denoise_images: int = 128
     latent_fit_steps: int = 300  # latent view: LatentAdapter fit on real renders of seen prompts
     latent_fit_images: int = 256
@@ -116,13 +165,20 @@ def generate(unet, text, prompts, *, seed: int, s: Settings, chunk: int = 64) ->
     out = []
     for i in range(0, len(prompts), chunk):
         batch = prompt_batch(prompts[i : i + chunk], text, seed=seed * 100003 + i)
-        out.append(gen(batch).float())
+        # a copy: keeping the sampler's own output tensors alive pinned ~0.5 GB of freed heap per chunk
+        # (judging 2,400 images grew a process to 10 GB); with the copy the process stays at ~1.6 GB
+        out.append(gen(batch).float().clone())
     return torch.cat(out)
 
 
 def evaluate(unet, text, *, seed: int, s: Settings, bar=None) -> dict:
-    """Judge accuracy on held-out and seen prompts (every prompt x eval_samples), per category, and the
-    held-out accuracy per held-out kind."""
+    """Judge accuracy on held-out and seen prompts (each held-out prompt x `s.eval_samples` images, each seen
+    prompt x `s.eval_samples_seen`; the noise
+    drawn from `seed`), per category, and the held-out accuracy per held-out kind. With every prompt judged
+    (eval_held / eval_seen None) the prompts and the noise depend on `seed` only, so two models evaluated
+    with one seed are compared on the same prompts and the same noise (paired). Each split also carries
+    "per_prompt_pass" (P,) (passes of each prompt, in prompt order, out of eval_samples) and "stats": its
+    accuracy with standard errors (learning_lib.stats.accuracy)."""
     seen, held = world.split_prompts()
     r = random.Random(seed)
     if s.eval_held is not None:
@@ -130,11 +186,16 @@ def evaluate(unet, text, *, seed: int, s: Settings, bar=None) -> dict:
     if s.eval_seen is not None:
         seen = r.sample(seen, min(s.eval_seen, len(seen)))
     res = {}
-    for name, prompts in (("held_out", held), ("seen", seen)):
-        prompts = prompts * s.eval_samples
+    for name, unique in (("held_out", held), ("seen", seen)):
+        m = s.eval_samples if name == "held_out" else s.eval_samples_seen
+        prompts = unique * m  # image j judges prompt j % P
         images = generate(unet, text, prompts, seed=seed * 7 + (name == "seen"), s=s)
         checks = [judge.check(p, judge.parse(im)) for p, im in zip(prompts, images, strict=True)]
         res[name] = judge.summarize(checks)
+        P = len(unique)
+        k = [sum(bool(checks[r * P + i]["overall"]) for r in range(m)) for i in range(P)]
+        res[name]["per_prompt_pass"] = k
+        res[name]["stats"] = stats.accuracy(k, m)
         if name == "held_out":
             res["held_out_by_kind"] = {
                 k: judge.summarize(
@@ -177,6 +238,8 @@ def feature_status(name: str) -> str | None:
             import uno_engine.negatives  # noqa: F401
         except ImportError as e:
             return f"not yet run: {e}"
+    if spec.get("critic") and not training.CRITICS[spec["critic"]].exists():
+        return f"not yet run: no cached critic {training.CRITICS[spec['critic']]}"
     try:
         UNOConfig(**spec.get("config", {}))
     except TypeError as e:
@@ -231,6 +294,12 @@ def latent_critic(critic_model, proc, unet, s: Settings, log=None):
     return critic
 
 
+@dataclass
+class _Out:
+    loss: torch.Tensor
+    metrics: dict
+
+
 def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=None, log=None) -> tuple:
     """-> (trained unet, metrics history). Raises on a feature that constructs but cannot run here."""
     from uno_engine import UNOConfig, UNOLoss, UNOStep
@@ -256,7 +325,7 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
     if "prepare" in spec:  # arms_repr.py: the generator the arm needs (an attached head, another window)
         gen = spec["prepare"](gen, critic, text, s, seed)
     held_kw, seen_kw = _losses(name, s)
-    cfg = UNOConfig(**spec.get("config", {}))
+    cfg = UNOConfig(**spec.get("config", {}), read=reading(spec.get("read", "plain"), views=4))
     step_held = UNOStep(gen, critic, UNOLoss(**held_kw), cfg)
     step_seen = UNOStep(gen, critic, UNOLoss(**seen_kw), cfg)
     params = {id(p): p for st in (step_held, step_seen) for p in st.parameters() if p.requires_grad}
@@ -274,14 +343,19 @@ def run_uno(base_unet, text, critic, name: str, *, seed: int, s: Settings, bar=N
         if k:
             batch_h["negative_captions"], batch_h["negative_caption_mask"] = negative_captions(bh, k, seed)
             batch_s["negative_captions"], batch_s["negative_caption_mask"] = negative_captions(bs, k, seed)
-        out_h, out_s = step_held(batch_h), step_seen(batch_s)
-        loss = 0.5 * (out_h.loss + out_s.loss)
+        if spec.get("control"):  # no critic: the seen stream's denoising loss, weighted as in the others
+            out_h = None
+            out_s = _Out(seen_kw["generator_loss"] * gen.denoising_loss(batch_s), {})
+            loss = 0.5 * out_s.loss
+        else:
+            out_h, out_s = step_held(batch_h), step_seen(batch_s)
+            loss = 0.5 * (out_h.loss + out_s.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         rec = {"step": i, "loss": float(loss.detach())}
-        rec.update({f"held_{k}": float(v) for k, v in out_h.metrics.items()})
+        rec.update({f"held_{k}": float(v) for k, v in (out_h.metrics if out_h is not None else {}).items()})
         rec.update({f"seen_{k}": float(v) for k, v in out_s.metrics.items()})
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"UNO {name} seed {seed}: loss is {rec['loss']} at step {i}")
@@ -318,6 +392,29 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
+def power(runs: list[dict], before: list[dict] | None = None) -> dict:
+    """Standard errors of evaluations (one per seed, from `evaluate`): {"accuracy": {split: over_seeds of the
+    per-seed accuracy, with "per_seed" [stats.accuracy]}} and, given the `before` evaluations of the same seeds
+    (same prompts, same noise), {"paired": {split: over_seeds of the paired difference after - before, with
+    "per_seed" [stats.paired]}}. Fractions in [0, 1]; the formulas are in learning_lib.stats."""
+    out: dict = {"accuracy": {}}
+    if before is not None:
+        out["paired"] = {}
+    for split in ("held_out", "seen"):
+        per = [r[split]["stats"] for r in runs]
+        acc = stats.over_seeds([a["mean"] for a in per], [a["se"] for a in per])
+        out["accuracy"][split] = {**acc, "per_seed": per}
+        if before is not None:
+            m = runs[0][split]["stats"]["samples_per_prompt"]
+            pairs = [
+                stats.paired(r[split]["per_prompt_pass"], b[split]["per_prompt_pass"], m)
+                for r, b in zip(runs, before, strict=True)
+            ]
+            d = stats.over_seeds([x["diff"] for x in pairs], [x["se"] for x in pairs])
+            out["paired"][split] = {**d, "per_seed": pairs}
+    return out
+
+
 def _run_unit(models_, unit, s: Settings, bar=None, log=None):
     """One work unit: ("before", seed) or (ablation, seed) -> (unit, eval dict or {"error": ...}, trained unet
     state_dict for the main ablation's first seed, else None)."""
@@ -331,6 +428,8 @@ def _run_unit(models_, unit, s: Settings, bar=None, log=None):
         ev = evaluate(unet, text, seed=seed, s=s)
         ev["denoising_loss"] = denoising_loss(unet, text, seed=seed, n=s.denoise_images)
         return unit, ev, None
+    if ABLATIONS[name].get("critic"):  # another cached critic (loaded once per process)
+        critic_model, proc = named_critic(ABLATIONS[name]["critic"])
     critic = Critic.from_hf(critic_model, proc, checkpoint="none")
     try:
         trained, hist = run_uno(unet, text, critic, name, seed=seed, s=s, bar=bar, log=log)
@@ -343,6 +442,16 @@ def _run_unit(models_, unit, s: Settings, bar=None, log=None):
     ev["first_caption_ce_held"] = hist[0].get("held_caption_ce")
     keep = trained.state_dict() if (name == s.main and seed == s.seeds[0]) else None
     return unit, ev, keep
+
+
+_CRITICS: dict = {}
+
+
+def named_critic(name: str):
+    """(hf model, processor) of the cached critic `name` (training.CRITICS), loaded once per process."""
+    if name not in _CRITICS:
+        _CRITICS[name] = training.load_critic(training.CRITICS[name])
+    return _CRITICS[name]
 
 
 _WORKER: dict = {}
@@ -361,7 +470,17 @@ def _worker_unit(unit, s: Settings):
 
 
 def run_all(
-    critic_model, proc, unet, text, s: Settings, *, bar=None, log=print, jobs: int = 1, cache=None
+    critic_model,
+    proc,
+    unet,
+    text,
+    s: Settings,
+    *,
+    bar=None,
+    log=print,
+    jobs: int = 1,
+    cache=None,
+    before: list[dict] | None = None,
 ) -> dict:
     """Before (pretrained) and after (each ablation) x seeds. -> results dict (without env metadata).
 
@@ -379,8 +498,13 @@ def run_all(
         else:
             status[name] = why
             log(f"{name}: {why}")
-    units = [("before", seed) for seed in s.seeds] + [(n, seed) for n in runnable for seed in s.seeds]
     results, keep = {}, {}
+    if before is not None:  # the pretrained generator's evaluations of these seeds, judged by an earlier run
+        if len(before) != len(s.seeds):
+            raise ValueError(f"run_all: `before` has {len(before)} evaluations for {len(s.seeds)} seeds")
+        results.update({("before", seed): ev for seed, ev in zip(s.seeds, before, strict=True)})
+    units = [("before", seed) for seed in s.seeds if before is None]
+    units += [(n, seed) for n in runnable for seed in s.seeds]
 
     def record(unit, ev, state):
         results[unit] = ev
@@ -432,6 +556,9 @@ def run_all(
                 "mean": aggregate(runs),
                 "seeds": list(s.seeds),
             }
+    for name in runnable:
+        if ablations[name]["status"] == "ran":
+            ablations[name].update(power(ablations[name]["per_seed"], before))
     trained = None
     if "state" in keep:
         trained = copy.deepcopy(unet)
@@ -440,6 +567,7 @@ def run_all(
     return {
         "before_per_seed": before,
         "before_mean": aggregate(before),
+        "before_accuracy": power(before)["accuracy"],
         "ablations": {n: ablations[n] for n in s.ablations},
         "settings": asdict(s),
         "experiment_s": time.time() - t0,

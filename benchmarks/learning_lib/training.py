@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from . import models, world
 
 CACHE = Path(__file__).resolve().parent.parent / "results" / "learning_cache"
+# the cached critics by name: "old" (trained on clean renders; the committed figures before 2026-12-06 used
+# it) and "aug" (fine-tuned from it on augmented renders: augment_finetune_critic)
+CRITICS = {"old": CACHE / "critic.safetensors", "aug": CACHE / "critic-aug.safetensors"}
 
 
 def _log(msg: str, log) -> None:
@@ -55,13 +58,20 @@ def train_critic(
     bar=None,
     on_checkpoint=None,
     every: int = 500,
+    *,
+    init=None,
+    augment: dict | None = None,
+    warmup: int = 100,
 ):
     """-> (hf_model, processor, stats). Trained on renders of ALL prompts (held-out compositions included).
-    `on_checkpoint(model, step)` is called every `every` steps (a cache that exists early)."""
+    `on_checkpoint(model, step)` is called every `every` steps (a cache that exists early). `init`: a
+    (model, processor) to continue from (trained in place) instead of a fresh one; `augment`: the renders go
+    through augment_renders with these settings (a generator seeded with `seed`)."""
     from uno_engine import Critic
 
-    model, proc = models.build_critic_model(seed)
+    model, proc = init if init is not None else models.build_critic_model(seed)
     critic = Critic.from_hf(model, proc)
+    g = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -71,9 +81,11 @@ def train_critic(
     t0, c0 = time.time(), time.process_time()
     it = range(steps) if bar is None else bar(range(steps), "critic")
     for step in it:
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
+        for gr in opt.param_groups:
+            gr["lr"] = _lr(step, steps, lr, warmup)
         images, ids, mask, _ = caption_batch([rng.choice(prompts) for _ in range(batch)], rng)
+        if augment is not None:
+            images = augment_renders(images, g, augment)
         loss, _ = critic_loss(critic, images, ids, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -92,9 +104,12 @@ def train_critic(
 
 
 @torch.no_grad()
-def critic_accuracy(model, proc, n: int = 1024, seed: int = 12345, held_out_only: bool = False) -> dict:
+def critic_accuracy(
+    model, proc, n: int = 1024, seed: int = 12345, held_out_only: bool = False, augment: bool = False
+) -> dict:
     """Teacher-forced caption token accuracy (argmax of each next-token prediction, <eos> included) and
-    whole-caption accuracy on fresh renders of every prompt (or only held-out ones)."""
+    whole-caption accuracy on fresh renders of every prompt (or only held-out ones); `augment`: on renders
+    passed through augment_renders (every one augmented: p_aug 1)."""
     from uno_engine import Critic
 
     critic = Critic.from_hf(model, proc)
@@ -105,6 +120,8 @@ def critic_accuracy(model, proc, n: int = 1024, seed: int = 12345, held_out_only
     by_cls = torch.zeros(len(WORD_CLASSES), 2)
     for i in range(0, n, 128):
         images, ids, mask, _ = caption_batch([rng.choice(prompts) for _ in range(min(128, n - i))], rng)
+        if augment:
+            images = augment_renders(images, torch.Generator().manual_seed(seed + i), {"p_aug": 1.0})
         _, logits = critic_loss(critic, images, ids, mask)
         hit = (logits.argmax(-1) == ids) & (mask == 1)
         ok = hit | (mask == 0)
@@ -346,3 +363,61 @@ def robust_finetune_critic(
     model.requires_grad_(False)
     stats = {"steps": steps, "eps": eps, "pgd": pgd, "lr": lr, "seed": seed, "train_s": time.time() - t0}
     return model.eval(), stats
+
+
+# ------------------------------------------------------------------- the augmentation-trained critic
+AUG = {"scale": (0.85, 1.15), "shift_px": 3.0, "noise": 0.15, "p_noise": 0.5, "p_aug": 0.8}
+
+
+def augment_renders(images: torch.Tensor, g: torch.Generator, aug: dict | None = None) -> torch.Tensor:
+    """The critic's TRAINING augmentation (what a real VLM sees in pretraining, in miniature), not a reading.
+
+    images (B, 3, H, W) in [-1, 1] -> same shape: each row, with probability aug["p_aug"], is zoomed by a
+    random scale in aug["scale"] (a random resized crop for > 1, a zoom-out on the black background for < 1),
+    translated by a continuous (sub-patch, sub-pixel) shift of at most aug["shift_px"] pixels per axis
+    (bilinear resampling; what leaves the frame is background), and with probability aug["p_noise"] given
+    Gaussian pixel noise of a std drawn in U(0, aug["noise"]). The scale range keeps every object in frame in
+    all but rare layouts, so the caption stays true."""
+    import torch.nn.functional as F
+
+    aug = {**AUG, **(aug or {})}
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"augment_renders: `images` must be (B, 3, H, W), got {tuple(images.shape)}")
+    B, _, H, W = images.shape
+    on = (torch.rand(B, generator=g) < aug["p_aug"]).float()
+    lo, hi = aug["scale"]
+    scale = 1 + on * (lo + (hi - lo) * torch.rand(B, generator=g) - 1)
+    shift = on[:, None] * (torch.rand(B, 2, generator=g) * 2 - 1) * aug["shift_px"]
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale  # output pixel -> input: a zoom by `scale`
+    theta[:, 0, 2] = -shift[:, 0] * 2 / W
+    theta[:, 1, 2] = -shift[:, 1] * 2 / H
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # background is -1: resample (x + 1) with zero padding, then shift back
+    out = F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    noisy = on * (torch.rand(B, generator=g) < aug["p_noise"]).float()
+    sigma = (noisy * torch.rand(B, generator=g) * aug["noise"]).view(B, 1, 1, 1)
+    return (out + sigma * torch.randn(out.shape, generator=g)).clamp(-1, 1)
+
+
+def augment_finetune_critic(
+    model, proc, *, steps: int = 1500, lr: float = 5e-4, batch: int = 64, seed: int = 11, log=None, bar=None
+):
+    """A copy of the critic fine-tuned on augmented renders of every prompt (`augment_renders`, the AUG
+    settings): the critic "trained the way real ones are". -> (model, stats)."""
+    import copy
+
+    model, _, st = train_critic(
+        steps, batch, seed, lr, log, bar, init=(copy.deepcopy(model), proc), augment=AUG, warmup=50
+    )
+    return model, {"finetuned_from": "critic.safetensors", "augmentation": AUG, **st}
+
+
+def pretrain_aug_critic_to(path: Path, base: Path, steps: int, threads: int = 1, log=print, bar=None) -> dict:
+    """Fine-tune the cached critic `base` on augmented renders and save it at `path` (a new cache file; the
+    old critic stays)."""
+    torch.set_num_threads(threads)
+    model, proc = load_critic(base)
+    m, st = augment_finetune_critic(model, proc, steps=steps, log=log, bar=bar)
+    save_critic(m, path)
+    return st
