@@ -53,6 +53,7 @@ except ImportError:  # torch 2.4 / 2.5
 __all__ = [
     "DistEnv",
     "init_distributed",
+    "launched_world_size",
     "fail_fast",
     "shard_batch",
     "caption_token_count",
@@ -82,6 +83,11 @@ class DistEnv:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun / accelerate launch set it (1 for a plain `python script.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(
     backend: str | None = None, *, timeout_s: float = 300.0, device: str | None = None
 ) -> DistEnv:
@@ -94,7 +100,7 @@ def init_distributed(
         timeout_s: the longest any collective may wait for a peer before raising (bounds a hang).
         device: "cuda" | "cpu"; default cuda when available.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)

@@ -8,7 +8,6 @@ ONE line naming the thing, without a traceback.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 from .args import UsageError, parse_args
@@ -18,9 +17,9 @@ def main(argv=None) -> int:
     """Run `uno-train` with `argv` (default: sys.argv[1:]); returns the exit status. Under a multi-process
     launcher, an unexpected error ends its process at once (`uno_engine.distributed.fail_fast`), so the
     launcher stops the other processes instead of leaving them waiting in a collective."""
-    from uno_engine.distributed import fail_fast
+    from uno_engine.distributed import fail_fast, launched_world_size
 
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = launched_world_size() > 1
     with fail_fast() if several else contextlib.nullcontext():
         return _main(argv)
 
