@@ -108,11 +108,15 @@ def default_providers(device_type: str) -> list[str]:
     return [p.name for p in PROVIDERS.values() if device_type in p.default_on]
 
 
-@provider("eager", doc='UNOConfig(backend="reference"), Critic(checkpoint="none"): what users write by hand')
+@provider(
+    "eager",
+    doc='UNOConfig(backend="reference"), Critic(checkpoint="none", trim=False): what users write by hand',
+)
 def _eager(preset, loss):
     from uno_engine import UNOConfig, UNOStep
 
-    return UNOStep(preset.generator, preset.make_critic("none"), loss, UNOConfig(backend="reference"))
+    critic = preset.make_critic("none", trim=False)
+    return UNOStep(preset.generator, critic, loss, UNOConfig(backend="reference"))
 
 
 @provider(

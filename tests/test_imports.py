@@ -248,9 +248,9 @@ class _ProbeCritic(Critic):
     hf_class_names = ("ProbeForConditionalGeneration",)
     family = "Probe"
 
-    def __init__(self, model, processor, *, instruction=None, checkpoint, attn_backend):
+    def __init__(self, model, processor, *, instruction=None, checkpoint, attn_backend, trim=True):
         torch.nn.Module.__init__(self)
-        self.args = (model, processor, instruction, checkpoint, attn_backend)
+        self.args = (model, processor, instruction, checkpoint, attn_backend, trim)
 
 
 class _SecondLlavaCritic(Critic):
@@ -272,8 +272,8 @@ def test_registering_a_family_is_all_from_hf_needs():
     model, proc = ProbeForConditionalGeneration(), object()
     try:
         assert registry.register_critic(_ProbeCritic) is _ProbeCritic
-        critic = Critic.from_hf(model, proc, instruction="say", checkpoint="layer", attn_backend="sdpa")
-        assert type(critic) is _ProbeCritic and critic.args == (model, proc, "say", "layer", "sdpa")
+        critic = Critic.from_hf(model, proc, instruction="say", checkpoint="layer", attn_backend="sdpa", trim=False)
+        assert type(critic) is _ProbeCritic and critic.args == (model, proc, "say", "layer", "sdpa", False)
         assert registry.registered_families()["Probe"] == ("ProbeForConditionalGeneration",)
     finally:
         registry._BY_CLASS_NAME.pop("ProbeForConditionalGeneration", None)

@@ -44,6 +44,7 @@ from uno_engine.critics.common import find_layers
 from uno_engine.critics.patch_embed import find_patch_embedding, precomputed_patch_embedding
 from uno_engine.critics.reader import ChatPrompt, SequenceReader, check_captions
 from uno_engine.critics.registry import lookup, supported_classes
+from uno_engine.critics.trim import trim_rows, trimmed_modules
 from uno_engine.critics.types import CriticInputs, CriticOutput
 
 __all__ = ["Critic", "CriticInputs", "CriticOutput"]
@@ -64,6 +65,7 @@ class Critic(nn.Module):
         instruction: str | None = None,
         checkpoint: str = "auto",
         attn_backend: str = "auto",
+        trim: bool = True,
     ) -> Critic:
         """Wrap a transformers model as a frozen critic.
 
@@ -84,6 +86,9 @@ class Critic(nn.Module):
                 activation bytes per image estimated from the model's shapes (`activation_estimate`); the
                 choice and why: `critic.checkpoint_policy`, `critic.checkpoint_reason`.
             attn_backend: "auto" | "sdpa" | "flash_attn" | "xformers" | "eager".
+            trim: compute only what the losses read (uno_engine.critics.trim): the vision tower stops at its
+                deepest feature layer, and the last LM layer's output projection and MLP run only on the rows
+                the losses read. Exact; False runs the model's full forward (what a hand-written loop does).
         """
         check_policy(checkpoint, allow_auto=True)
         check_attn_backend(attn_backend)
@@ -93,10 +98,19 @@ class Critic(nn.Module):
                 f"Critic.from_hf: model of class {type(model).__name__} is not supported; supported classes: "
                 + ", ".join(supported_classes())
             )
-        return cls(model, processor, instruction=instruction, checkpoint=checkpoint, attn_backend=attn_backend)
+        return cls(
+            model, processor, instruction=instruction, checkpoint=checkpoint, attn_backend=attn_backend, trim=trim
+        )
 
     def __init__(
-        self, model: nn.Module, processor, *, instruction: str | None = None, checkpoint: str, attn_backend: str
+        self,
+        model: nn.Module,
+        processor,
+        *,
+        instruction: str | None = None,
+        checkpoint: str,
+        attn_backend: str,
+        trim: bool = True,
     ):
         super().__init__()
         self.__dict__["hf_model"] = model  # not registered: a unified model's generation side is not ours
@@ -105,6 +119,9 @@ class Critic(nn.Module):
         self.image_processor = processor.image_processor if full else processor
         check_policy(checkpoint, allow_auto=True)
         self.attn_backend = check_attn_backend(attn_backend)
+        if not isinstance(trim, bool):
+            raise ValueError(f"trim must be True or False, got {trim!r}")
+        self.trim = trim
         self._spec = None
         self._compiled = False
         self._patch_site = None  # (site | None, reasons) of the fused patch embedding, found on first use
@@ -125,6 +142,10 @@ class Critic(nn.Module):
         )
         if checkpoint in ("layer", "selective"):
             wrap_layers(self._checkpoint_layers(), self._recomputed_projections())
+        # the LM layer whose row-wise modules run only on the rows the losses read (uno_engine.critics.trim)
+        self.trimmed_layer = find_layers(self.language_model)[-1] if trim else None
+        for module in trimmed_modules(self.trimmed_layer) if trim else ():
+            trim_rows(module)
         if instruction is not None and processor is not None and not full:
             raise ValueError(
                 f"instruction={instruction!r} needs the model's full processor (tokenizer + chat template); got "

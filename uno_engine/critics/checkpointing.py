@@ -55,6 +55,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from uno_engine.critics.trim import bind
+
 CHECKPOINT_POLICIES = ("none", "layer", "selective", "offload")
 CHECKPOINT_CHOICES = (*CHECKPOINT_POLICIES, "auto")  # what Critic.from_hf(checkpoint=...) takes
 SAVED_PER_TOKEN = 16  # hidden-sized tensors a frozen layer keeps per token under "none" (see the docstring)
@@ -268,12 +270,15 @@ def wrap_layers(layers: Iterable[nn.Module], recomputed: Iterable[nn.Module] = (
             st = _ACTIVE[-1] if _ACTIVE else None
             if st is None or not torch.is_grad_enabled() or st.policy not in ("layer", "selective"):
                 return inner(*args, **kwargs)
+            # eager: the recomputation must see the state of this run (the reading rows of `trim`; the
+            # selective policy's projection counter); a compiled layer is one higher-order op whose policy is
+            # applied to the traced graph (no Python replay; trimming is off under compile)
+            compiling = torch.compiler.is_compiling()
+            fn = inner if compiling else bind(inner)
             if st.policy == "selective":
-                # eager: scope the layer so the recomputation sees the same state; a compiled layer is
-                # one higher-order op whose policy is applied to the traced graph (no Python replay)
-                fn = inner if torch.compiler.is_compiling() else _scoped(st, inner)
+                fn = fn if compiling else _scoped(st, fn)
                 return checkpoint(fn, *args, use_reentrant=False, context_fn=st.context_fn, **kwargs)
-            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward
         n += 1

@@ -12,6 +12,7 @@ import torch
 from uno_engine.critics.base import Critic, CriticInputs
 from uno_engine.critics.common import find_layers
 from uno_engine.critics.registry import register_critic
+from uno_engine.critics.trim import vision_hidden_states
 
 
 @register_critic
@@ -48,11 +49,16 @@ class LlavaCritic(Critic):
 
     def _encode(self, inputs: CriticInputs):
         dtype = self.projector.linear_1.weight.dtype
-        with self._vision_pixels(inputs, dtype) as (pv, (gh, gw)):  # pixel_values, or the fused patch tokens
-            out = self.vision_tower(pv, output_hidden_states=True, return_dict=True)
+        n = len(find_layers(self.vision_tower))
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        selected = [out.hidden_states[i] for i in layers]
-        del out
+        layers = [i % (n + 1) for i in layers]  # hidden_states holds the embeddings then each of the n layers
+        with self._vision_pixels(inputs, dtype) as (pv, (gh, gw)):  # pixel_values, or the fused patch tokens
+            if self.trim:  # the layers after the deepest one read never run
+                selected = vision_hidden_states(self.vision_tower, pv, layers)
+            else:
+                out = self.vision_tower(pv, output_hidden_states=True, return_dict=True)
+                selected = [out.hidden_states[i] for i in layers]
+                del out
         if self.select_strategy == "default":
             lm_feats = [h[:, 1:] for h in selected]
         else:

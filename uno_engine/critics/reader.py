@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from uno_engine.critics.trim import reading_rows
 from uno_engine.critics.types import CriticOutput
 
 __all__ = [
@@ -407,13 +408,17 @@ class SequenceReader:
                 attention_mask = torch.cat([ones, caption_mask.to(device).long()], dim=1)
             else:
                 attention_mask = None
-            hidden = critic.language_model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=pos,
-                use_cache=False,
-                return_dict=True,
-            ).last_hidden_state
+            # the losses read rows P - 1.. (critic.trim: the last layer's row-wise work runs on those only)
+            last = critic.trimmed_layer
+            first = P - 1 if last is not None and capture is not last else None
+            with reading_rows(first):
+                hidden = critic.language_model(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=pos,
+                    use_cache=False,
+                    return_dict=True,
+                ).last_hidden_state
         if capture is not None:
             i0 = prefix.index(None)
             patch_features = box["h"][:, i0 : i0 + N]

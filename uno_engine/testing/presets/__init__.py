@@ -159,13 +159,15 @@ class Preset:
         *,
         cache: bool = True,
         instruction: str | None = None,
+        trim: bool = True,
     ):
         """A `uno_engine.Critic` over the preset's HF model (`Critic.from_hf`), one per (checkpoint,
-        attention, instruction) unless `cache=False`. `instruction`: read in the family's chat template, with
-        the preset's full processor (`presets.processors.chat_processor`)."""
+        attention, instruction, trim) unless `cache=False`. `instruction`: read in the family's chat template,
+        with the preset's full processor (`presets.processors.chat_processor`). `trim=False`: the model's full
+        forward (the eager baseline's)."""
         from uno_engine.critics import Critic
 
-        key = (checkpoint, attn_backend, instruction)
+        key = (checkpoint, attn_backend, instruction, trim)
         if cache and key in self._critics:
             return self._critics[key]
         processor = self.image_processor
@@ -174,7 +176,12 @@ class Preset:
 
             processor = chat_processor(self.spec.critic, self.hf_model, self.image_processor)
         critic = Critic.from_hf(
-            self.hf_model, processor, instruction=instruction, checkpoint=checkpoint, attn_backend=attn_backend
+            self.hf_model,
+            processor,
+            instruction=instruction,
+            checkpoint=checkpoint,
+            attn_backend=attn_backend,
+            trim=trim,
         )
         if cache:
             self._critics[key] = critic
