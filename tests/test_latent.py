@@ -592,3 +592,13 @@ def test_janus_latent_view_refuses_renoise():
     read = ReadAugment(views=2, renoise=(0.0, 0.3))
     with pytest.raises(ValueError, match="ReadAugment.renoise"):
         UNOStep(preset.generator, critic, preset.make_loss(), UNOConfig(view="latent", read=read))
+
+
+def test_reading_doc_latent_snippet_runs():
+    """docs/reading.md's latent-view snippet is a config the step takes (flow family: a flow adapter)."""
+    from doc_snippets import python_block
+
+    scope = {}
+    exec(python_block("docs/reading.md", "## The latent view: noise-aware reading"), scope)
+    read = scope["config"].read
+    assert scope["config"].view == "latent" and read.renoise == (0.0, 0.3) and read.schedule == "flow"
