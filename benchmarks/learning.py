@@ -295,6 +295,16 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-steps", type=int, default=100, help="--probe: pixel descent steps")
     ap.add_argument("--probe-views", type=int, default=8, help="--probe: views per image of the readings")
     ap.add_argument(
+        "--probe-readings",
+        default=None,
+        help="--probe only these readings, comma-separated (plain, augmented, noise-aware; default all)",
+    )
+    ap.add_argument(
+        "--probe-critics",
+        default=None,
+        help="--probe only these cached critics, comma-separated (old, aug; default all that exist)",
+    )
+    ap.add_argument(
         "--reuse-before",
         type=Path,
         default=None,
@@ -310,6 +320,16 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     args.out = harness.output_dir(args)
+    if args.probe_views < 1:
+        ap.error(f"--probe-views must be >= 1, got {args.probe_views}")
+    for flag, value, known in (
+        ("--probe-readings", args.probe_readings, probe.READINGS),
+        ("--probe-critics", args.probe_critics, tuple(training.CRITICS)),
+    ):
+        names = None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+        if names is not None and (not names or not set(names) <= set(known)):
+            ap.error(f"{flag} must be a comma-separated subset of {', '.join(known)}, got {value!r}")
+        setattr(args, flag[2:].replace("-", "_"), names)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.probe:
@@ -477,6 +497,11 @@ def run_probe(args) -> int:
         paths = {args.probe_critic.stem: args.probe_critic}
     else:
         paths = {k: v for k, v in training.CRITICS.items() if v.exists()}
+        if args.probe_critics is not None:
+            missing = [k for k in args.probe_critics if k not in paths]
+            if missing:
+                raise SystemExit(f"--probe-critics: no cached critic {missing} (train them first)")
+            paths = {k: paths[k] for k in args.probe_critics}
     critics = {k: training.load_critic(v) for k, v in paths.items()}
     unet, text = training.load_generator(args.cache / "generator.safetensors")
     extra = {}
@@ -491,7 +516,7 @@ def run_probe(args) -> int:
         seed=args.seed,
         attack_prompts=args.probe_prompts,
         attack_steps=args.probe_steps,
-        reads=probe.readings(args.probe_views),
+        reads=probe.readings(args.probe_views, names=args.probe_readings),
         log=log,
     )
     res["critics"] = {

@@ -1,19 +1,24 @@
 """LatentAdapter (diffusion latents -> the critic's vision tokens) and the latent view with a separate critic."""
 
+import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from uno_engine import UNOConfig, UNOLoss, UNOStep
+from uno_engine import ReadAugment, UNOConfig, UNOLoss, UNOStep
+from uno_engine.bridge_math import hash_normal
 from uno_engine.latent import (
+    GeneratedLatents,
     LatentAdapter,
     LatentAdapterMismatch,
     LatentCritic,
     fit_latent_adapter,
     noise_latents,
 )
+from uno_engine.read import renoise_latents
 from uno_engine.testing.presets import build_preset
 from uno_engine.testing.presets.generators import build_generator
 
@@ -147,6 +152,27 @@ def _hand_caption_ce(critic, adapter, x0, captions, mask):
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / (labels != -100).sum()
 
 
+def _assert_step_is_hand(out, engine, want, params):
+    """The step's loss equals the hand loss `want` (to 2e-6), and its gradients `engine` the hand gradients."""
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=2e-6, atol=0)
+    num = max(float((a - p.grad).abs().max()) for a, p in zip(engine, params, strict=True))
+    den = max(float(p.grad.abs().max()) for p in params)
+    assert den > 0 and num / den < 1e-4
+
+
+def _run_step(step, batch, params):
+    """(the step's output, the gradients of `params` after its backward); the gradients are cleared again."""
+    for p in params:
+        p.grad = None
+    out = step(batch)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out, grads
+
+
 def test_step_latent_view_equals_hand_and_skips_decode_and_tower(tiny, fitted):
     preset, critic = tiny
     gen = preset.generator
@@ -174,11 +200,7 @@ def test_step_latent_view_equals_hand_and_skips_decode_and_tower(tiny, fitted):
         p.grad = None
     x0 = gen.generate_latents(batch)  # the same seed: the same draw and grad step
     want = _hand_caption_ce(critic, fitted, x0, batch["captions"], batch["caption_mask"])
-    want.backward()
-    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=2e-6, atol=0)
-    num = max(float((a - p.grad).abs().max()) for a, p in zip(engine, params, strict=True))
-    den = max(float(p.grad.abs().max()) for p in params)
-    assert den > 0 and num / den < 1e-4
+    _assert_step_is_hand(out, engine, want, params)
 
 
 def test_hard_negatives_equal_separate_passes_with_an_adapter(tiny, fitted):
@@ -201,13 +223,7 @@ def test_hard_negatives_equal_separate_passes_with_an_adapter(tiny, fitted):
     batch["negative_caption_mask"] = torch.ones(B, K, L, dtype=torch.long)
     batch["negative_caption_mask"][0, 2, L // 2 :] = 0
     params = [p for p in gen.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = None
-    out = step(batch)
-    out.loss.backward()
-    engine = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
+    out, engine = _run_step(step, batch, params)
     view = LatentCritic(critic, gen)
     inputs = view.prepare(gen(batch, view="latent"))  # the same seed: the same draw and grad step
     caps = torch.cat([batch["captions"][:, None], batch["negative_captions"]], 1)
@@ -412,3 +428,177 @@ def test_default_patch_size_matches_a_critic_token():
     for (h, w), want in (((8, 6), 1), ((32, 24), 4), ((16, 12), 2)):
         gen = SimpleNamespace(latent_size=(h, w), height=64, width=48)
         assert default_patch_size(critic, gen) == want, (h, w)
+
+
+# ----------------------------------------------------------------------------- noise-aware reading (ReadAugment)
+def _renoise_read(gen, views=3, window=(50.0, 600.0), seed=4):
+    """A noise-aware reading in the tiny SD generator's own forward process (DDPM: its alphas_cumprod)."""
+    return ReadAugment(views=views, renoise=window, schedule=gen.scheduler.alphas_cumprod, seed=seed)
+
+
+def _latents(x0):
+    return GeneratedLatents(kind="latents", grid=tuple(x0.shape[2:]), x0=x0, xt=x0.detach(), sigma_t=0.0)
+
+
+def test_renoised_latent_view_matches_float64_reference(tiny, fitted):
+    """The adapter tokens of K re-noised views and their gradient to the latent, against a float64 statement of
+    the forward process (x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) eps, eps the draw's counter hash) read by a
+    float64 copy of the adapter conditioned on each view's sigma. Forward: within 2x the fp32 hand
+    computation's error + 1e-5; gradient: within 1e-5 of its largest entry."""
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    read = _renoise_read(gen)
+    view = LatentCritic(critic, gen, read=read)
+    B, (h, w), K = 2, gen.latent_size, read.views
+    views = read.draw(B, h, w, step=3, sample_offset=5)
+    x0 = torch.randn(B, 4, h, w, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = view.prepare(_latents(x0), views=views).image_embeds
+    assert out.shape == (B * K, *fitted(x0[:1], 0.0).shape[1:])
+    # the forward process, in float64, from the schedule itself
+    ac = gen.scheduler.alphas_cumprod.double()
+    g = np.random.default_rng([read.seed, 3, 5])  # image 0's draws: keys first, then the levels
+    g.integers(0, 1 << 32, size=(K, 2), dtype=np.int64)
+    t0 = torch.from_numpy(np.rint(g.uniform(*read.renoise, size=K)).astype(np.int64))
+    a64 = torch.from_numpy(views.alpha).double()
+    s64 = torch.from_numpy(views.renoise_std).double()
+    torch.testing.assert_close(a64[:K], ac[t0].sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s64[:K], (1 - ac[t0]).sqrt(), rtol=1e-12, atol=0)
+    assert 0.05 < float(s64.min()) and float(s64.max()) < 0.95  # a real range of levels
+    eps = hash_normal(torch.from_numpy(views.keys), 4 * h * w).double().view(B * K, 4, h, w)
+    x64 = x0.detach().double().requires_grad_(True)
+    xt64 = a64.view(-1, 1, 1, 1) * x64.repeat_interleave(K, 0) + s64.view(-1, 1, 1, 1) * eps
+    ad64 = copy.deepcopy(fitted).double()
+    ref = ad64(xt64, s64)
+    with torch.no_grad():  # the same computation by hand in fp32: the rounding the 2x rule allows
+        xt32 = a64.float().view(-1, 1, 1, 1) * x0.repeat_interleave(K, 0) + s64.float().view(-1, 1, 1, 1) * eps.float()
+        hand = fitted(xt32, s64.float())
+    err, hand_err = (out.double() - ref).abs().max(), (hand.double() - ref).abs().max()
+    assert err <= 2 * hand_err + 1e-5, (float(err), float(hand_err))
+    wgt = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out.double() * wgt).sum().backward()
+    (ref * wgt).sum().backward()
+    gerr = (x0.grad.double() - x64.grad).abs().max()
+    assert x64.grad.abs().max() > 0 and gerr <= 1e-5 * x64.grad.abs().max(), float(gerr)
+    # the views differ: each is read at its own level (not K copies of one read)
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_renoised_views_reproducible_and_per_global_sample(tiny, fitted):
+    """Two calls with the same (seed, step, global index) give the same tokens bit for bit; a rank holding
+    image 1 alone (sample_offset=1) draws that image's views exactly; another step draws other views."""
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    read = _renoise_read(gen, views=2)
+    view = LatentCritic(critic, gen, read=read)
+    (h, w), K = gen.latent_size, read.views
+    x0 = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = view.prepare(_latents(x0), views=read.draw(2, h, w, step=9)).image_embeds
+        b = view.prepare(_latents(x0.clone()), views=read.draw(2, h, w, step=9)).image_embeds
+        one = view.prepare(_latents(x0[1:]), views=read.draw(1, h, w, step=9, sample_offset=1)).image_embeds
+        other = view.prepare(_latents(x0), views=read.draw(2, h, w, step=10)).image_embeds
+    assert torch.equal(a, b) and torch.equal(a[K:], one)
+    assert (a - other).abs().max() > 1e-3
+
+
+def test_latent_view_one_plain_view_is_bit_identical(tiny, fitted):
+    """UNOConfig(view="latent", read=ReadAugment(views=1)) (renoise=None) is today's latent step, bit for bit."""
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    params = [p for p in gen.parameters() if p.requires_grad]
+    res = []
+    for read in (None, ReadAugment(views=1)):
+        step = UNOStep(gen, critic, UNOLoss(), UNOConfig(view="latent", read=read))
+        out, grads = _run_step(step, preset.make_batch(seed=6), params)
+        res.append((out.loss.detach(), grads))
+    assert torch.equal(res[0][0], res[1][0])
+    assert all(torch.equal(x, y) for x, y in zip(res[0][1], res[1][1], strict=True))
+
+
+def test_renoised_latent_step_averages_over_the_views(tiny, fitted):
+    """The step with K re-noised views: its caption loss is the CE over all B * K rows of the adapter tokens of
+    `renoise_latents(x0, read.draw(B, h, w, step=batch["read_step"]))`, computed by hand, and the denoiser's
+    gradient agrees."""
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    read = _renoise_read(gen, views=2)
+    step = UNOStep(gen, critic, UNOLoss(), UNOConfig(view="latent", read=read, backend="torch"))
+    batch = preset.make_batch(seed=5)
+    batch["read_step"] = 7
+    params = [p for p in gen.parameters() if p.requires_grad]
+    out, engine = _run_step(step, batch, params)
+    x0 = gen.generate_latents(batch)
+    B, (h, w) = x0.shape[0], gen.latent_size
+    xt, sigma = renoise_latents(x0, read.draw(B, h, w, step=7))
+
+    class _Renoised(torch.nn.Module):  # the adapter at each view's level, as _hand_caption_ce reads it
+        def forward(self, x, _sigma):
+            return fitted(x, sigma)
+
+    caps, mask = (t.repeat_interleave(2, 0) for t in (batch["captions"], batch["caption_mask"]))
+    want = _hand_caption_ce(critic, _Renoised(), xt, caps, mask)
+    _assert_step_is_hand(out, engine, want, params)
+
+
+def test_latent_read_bad_input_names_the_field(tiny, fitted):
+    preset, critic = tiny
+    gen = preset.generator
+    critic.attach_latent_adapter(fitted)
+    for kw, field in (
+        (dict(shift=1.0), "ReadAugment.shift"),
+        (dict(scale=(0.9, 1.1)), "ReadAugment.scale"),
+        (dict(blur=0.5), "ReadAugment.blur"),
+        (dict(noise=0.1), "ReadAugment.noise"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            UNOConfig(view="latent", read=ReadAugment(views=2, renoise=(0.0, 0.3), **kw))
+    with pytest.raises(ValueError, match="representation view"):
+        UNOConfig(view="representation", read=ReadAugment(views=2))
+    flow = ReadAugment(views=2, renoise=(0.0, 0.3))  # tiny SD is DDPM: the adapter is conditioned on ddpm
+    with pytest.raises(ValueError, match="ReadAugment.schedule"):
+        UNOStep(gen, critic, UNOLoss(), UNOConfig(view="latent", read=flow))
+    with pytest.raises(ValueError, match="latent_input"):
+        UNOStep(gen, critic, UNOLoss(), UNOConfig(view="latent", latent_input="xt", read=_renoise_read(gen)))
+    read = _renoise_read(gen, views=2)
+    view = LatentCritic(critic, gen, read=read)
+    (h, w) = gen.latent_size
+    x0 = torch.randn(2, 4, h, w)
+    with pytest.raises(ValueError, match="views were drawn for 3 latents"):
+        view.prepare(_latents(x0), views=read.draw(3, h, w))
+    with pytest.raises(ValueError, match="views were drawn for 2 latents of \\(5, 5\\)"):
+        view.prepare(_latents(x0), views=read.draw(2, 5, 5))
+    with pytest.raises(TypeError, match="views must be uno_engine.read.Views"):
+        view.prepare(_latents(x0), views=read)
+    boxed = ReadAugment(views=2, shift=1.0).draw(2, h, w)
+    with pytest.raises(ValueError, match="views: the latent view reads no crop box"):
+        view.prepare(_latents(x0), views=boxed)
+    with pytest.raises(ValueError, match="views: reference images"):
+        view.prepare(torch.zeros(2, 3, gen.height, gen.width), views=read.draw(2, h, w))
+    with pytest.raises(ValueError, match="x0 must be a float"):
+        renoise_latents(x0[0], read.draw(2, h, w))
+    with pytest.raises(ValueError, match="x0 must be a float"):
+        renoise_latents(x0.long(), read.draw(2, h, w))
+    with pytest.raises(TypeError, match="views must be"):
+        renoise_latents(x0, None)
+
+
+def test_janus_latent_view_refuses_renoise():
+    preset = build_preset("tiny-janus")
+    critic = preset.make_critic("none")
+    read = ReadAugment(views=2, renoise=(0.0, 0.3))
+    with pytest.raises(ValueError, match="ReadAugment.renoise"):
+        UNOStep(preset.generator, critic, preset.make_loss(), UNOConfig(view="latent", read=read))
+
+
+def test_reading_doc_latent_snippet_runs():
+    """docs/reading.md's latent-view snippet is a config the step takes (flow family: a flow adapter)."""
+    from doc_snippets import python_block
+
+    scope = {}
+    exec(python_block("docs/reading.md", "## The latent view: noise-aware reading"), scope)
+    read = scope["config"].read
+    assert scope["config"].view == "latent" and read.renoise == (0.0, 0.3) and read.schedule == "flow"

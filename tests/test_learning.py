@@ -254,6 +254,29 @@ def test_jobs_below_one_is_refused(capsys):
     assert e.value.code == 2 and "--jobs must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--probe-readings", "augmented,blurry"], "--probe-readings must be a comma-separated subset of plain"),
+        (["--probe-readings", ","], "--probe-readings must be"),
+        (["--probe-critics", "old,robust"], "--probe-critics must be a comma-separated subset of old, aug"),
+        (["--probe-views", "0"], "--probe-views must be >= 1, got 0"),
+    ],
+)
+def test_probe_selection_flags_are_checked(argv, message, capsys):
+    """--probe-readings / --probe-critics / --probe-views: a bad value is refused naming the flag, before
+    anything loads; probe.readings(names=) keeps only the named readings, in the order given."""
+    import learning
+    from learning_lib import probe
+
+    with pytest.raises(SystemExit) as e:
+        learning.main(["--probe", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    reads = probe.readings(2, names=["augmented", "plain"])
+    assert list(reads) == ["augmented", "plain"] and reads["plain"] is None and reads["augmented"].views == 2
+    assert list(probe.readings(3)) == list(probe.READINGS)
+
+
 # --------------------------------------------------------------------------------- powered evaluation
 def test_stats_accuracy_against_brute_force():
     from learning_lib import stats

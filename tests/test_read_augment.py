@@ -188,7 +188,7 @@ def test_bad_views_argument():
         from uno_engine.read import draw_for_step
 
         draw_for_step(AUG, x, {"read_step": torch.tensor(3)}, 0)
-    with pytest.raises(ValueError, match="UNOConfig.read needs view='pixel'"):
+    with pytest.raises(ValueError, match="ReadAugment.shift, ReadAugment.scale"):
         UNOConfig(read=AUG, view="latent")
     with pytest.raises(TypeError, match="UNOConfig.read must be"):
         UNOConfig(read=3)

@@ -64,10 +64,13 @@ class UNOConfig:
             raise TypeError(
                 f"UNOConfig.read must be a uno_engine.ReadAugment or None, got {type(self.read).__name__}"
             )
-        if self.read is not None and self.view != "pixel":
+        if self.read is not None and self.view == "representation":
+            raise ValueError("UNOConfig.read needs view='pixel' or 'latent'; the representation view has none")
+        if self.read is not None and self.view == "latent" and self.read.pixel_only:
             raise ValueError(
-                "UNOConfig.read needs view='pixel' (the views are drawn in the bridge); the latent view has no "
-                "augmented reading yet (docs/reading.md says what it needs)"
+                f"UNOConfig(view='latent') cannot apply ReadAugment.{', ReadAugment.'.join(self.read.pixel_only)}"
+                " (crop boxes, blur and pixel noise act on pixels in the bridge); the latent view reads with "
+                "views=K and renoise=(t_min, t_max) only (docs/reading.md)"
             )
         lo, hi = self.input_range
         if not hi > lo:

@@ -29,6 +29,11 @@ Draws. `ReadAugment.draw(B, H, W, step=, sample_offset=)` draws on the host (num
 work and no host sync. `UNOStep` passes `batch["read_step"]` (an int; default: its own step counter) and
 `batch["sample_offset"]` (the global index of the batch's first image; default rank * B under
 torch.distributed). Views are ordered image-major: row b * K + k of the bridge output is view k of image b.
+
+The latent view (`UNOConfig(view="latent")`, a diffusion generator read through a `LatentAdapter`) takes
+`views` and `renoise` only: `renoise_latents` re-noises each generated latent by the forward process at each
+view's drawn level, and the adapter is conditioned on that level (`uno_engine.latent.view`, "Reading"). Crop
+boxes, blur and pixel noise act on pixels (`ReadAugment.pixel_only`) and are refused there.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
     "box_taps",
     "draw_for_step",
     "per_view",
+    "renoise_latents",
     "view_matrices",
     "view_tap_tables",
 ]
@@ -126,6 +132,13 @@ class ReadAugment:
             or self.renoise is not None
         )
 
+    @property
+    def pixel_only(self) -> list[str]:
+        """The fields set here that only a pixel read can apply (a latent view refuses them): the crop box
+        (`shift`, `scale`), `blur` and pixel `noise`."""
+        on = (("shift", self.shift > 0), ("scale", self.scale != (1.0, 1.0)), ("blur", self.blur > 0))
+        return [name for name, set_ in (*on, ("noise", self.noise > 0)) if set_]
+
     def draw(
         self, batch_size: int, height: int, width: int, *, step: int = 0, sample_offset: int = 0
     ) -> Views:
@@ -200,12 +213,16 @@ class Views(NamedTuple):
 
 # ------------------------------------------------------------------------------------------ the step
 def draw_for_step(read: ReadAugment, images: torch.Tensor, batch: dict, counter: int) -> Views:
-    """The views of a step's generated images (B, 3, H, W): step = batch["read_step"] (an int, e.g. the
+    """The views of a step's generated images (B, 3, H, W), or of its `GeneratedLatents` (B latents of
+    their grid (h, w)): step = batch["read_step"] (an int, e.g. the
     trainer's global step) or `counter` (UNOStep's own count of forward calls); the global index of the first
     image = batch["sample_offset"] or rank * B under torch.distributed (0 otherwise). Host only."""
     import torch.distributed as dist
 
-    B, _, H, W = images.shape
+    if getattr(images, "kind", None) in ("latents", "tokens"):  # the latent view (GeneratedLatents): its grid
+        B, (H, W) = images.batch_size, images.grid
+    else:
+        B, _, H, W = images.shape
     step = batch.get("read_step", counter)
     offset = batch.get("sample_offset")
     if offset is None:
@@ -214,6 +231,34 @@ def draw_for_step(read: ReadAugment, images: torch.Tensor, batch: dict, counter:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"batch['{name}'] must be a Python int >= 0 (read on the host), got {v!r}")
     return read.draw(B, H, W, step=step, sample_offset=offset)
+
+
+def renoise_latents(x0: torch.Tensor, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent view's noise-aware reading: x0 (B, C, h, w) -> (x_t (B * K, C, h, w) in x0's dtype, sigma
+    (B * K,) float32). Row v = b * K + k reads view k of latent b re-noised by the forward process,
+    x_t = alpha_v x0[b] + sigma_v eps_v, with (alpha_v, sigma_v) = (views.alpha, views.renoise_std) (flow:
+    1 - t, t; alphas_cumprod: sqrt(ac[t]), sqrt(1 - ac[t])) and eps_v = `hash_normal(views.keys[v], C h w)`
+    over the latent's elements in (C, h, w) order: the draw of (seed, step, global sample index), the same on
+    every rank and backend. The gradient to x0 sums alpha_v g_v over the K views (autograd)."""
+    if not isinstance(views, Views):
+        raise TypeError(f"renoise_latents: views must be uno_engine.read.Views, got {type(views).__name__}")
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 4 or not x0.is_floating_point():
+        got = f"{tuple(x0.shape)} {x0.dtype}" if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise ValueError(f"renoise_latents: x0 must be a float (B, C, h, w) tensor, got {got}")
+    B, C, h, w = x0.shape
+    if views.boxes.shape[0] != B * views.per_image or tuple(views.image_size) != (h, w):
+        raise ValueError(
+            f"renoise_latents: views were drawn for {views.boxes.shape[0] // views.per_image} latents of "
+            f"{tuple(views.image_size)}, got x0 {tuple(x0.shape)}"
+        )
+    from uno_engine.bridge_math import hash_normal
+
+    dev = x0.device
+    alpha = torch.from_numpy(views.alpha).to(device=dev, dtype=x0.dtype).view(-1, 1, 1, 1)
+    sigma = torch.from_numpy(views.renoise_std).to(device=dev, dtype=torch.float32)
+    eps = hash_normal(torch.from_numpy(views.keys).to(dev), C * h * w).view(-1, C, h, w).to(x0.dtype)
+    x_t = alpha * per_view(views.per_image, x0) + sigma.to(x0.dtype).view(-1, 1, 1, 1) * eps
+    return x_t, sigma
 
 
 def per_view(K: int, *tensors):

@@ -78,9 +78,12 @@ def auc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float | None:
     return float(lt + 0.5 * eq)
 
 
-def readings(views: int = 8) -> dict:
-    """The readings the probe compares (experiment.reading): plain, augmented, noise-aware."""
-    return {name: experiment.reading(name, views=views) for name in ("plain", "augmented", "noise-aware")}
+READINGS = ("plain", "augmented", "noise-aware")
+
+
+def readings(views: int = 8, names=None) -> dict:
+    """The readings the probe compares (experiment.reading): `names` of READINGS (None: all of them)."""
+    return {name: experiment.reading(name, views=views) for name in (READINGS if names is None else names)}
 
 
 def _judge(prompts, images) -> list[int]:

@@ -36,6 +36,15 @@ With an instruction (`Critic.from_hf(..., instruction=)`) both read the critic's
 tokens where the image goes. The sequence itself is built by `Critic.reader` (uno_engine.critics.reader), as
 for the pixel view.
 
+Reading (`UNOConfig(view="latent", read=ReadAugment(views=K, renoise=(t_min, t_max), schedule=...))`): the
+adapter reads each generated x0 K times, view k re-noised by the forward process at its drawn level t,
+x_t = a(t) x0 + s(t) eps (`uno_engine.read.renoise_latents`; the draw of `ReadAugment.draw`, from (seed, step,
+global sample index), eps a counter hash), and is conditioned on that view's noise level sigma = s(t): the
+noise-aware reading of classifier guidance, with the adapter that `fit_latent_adapter` already fits over
+sigma. The schedule must be the adapter's family ("flow", or the generator scheduler's alphas_cumprod for
+"ddpm"). Crop boxes, blur and pixel noise act on pixels and are refused; Janus token distributions and
+latent_input="xt" cannot be re-noised (errors name the field).
+
 The step reads the generator through its forward, `generator(batch, view="latent")` (which returns
 `latents_for_critic(batch)`), so that a DDP / FSDP2 wrapper's hooks run. Not in this view: Qwen2-VL critics
 with an adapter (M-RoPE positions over a size-dependent grid) and generators whose forward takes no `view`
@@ -47,12 +56,14 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from uno_engine.critics.common import find_layers
 from uno_engine.critics.types import CriticOutput
 from uno_engine.distributed import unwrap
 from uno_engine.latent.types import GeneratedLatents
+from uno_engine.read import Views, per_view, renoise_latents
 
 __all__ = ["LatentCritic", "LatentInputs", "latent_view_reasons"]
 
@@ -70,6 +81,24 @@ class LatentInputs:
     def bridge_output(self) -> torch.Tensor:
         """What stands in the pixel view's bridge output (the step's profiler hooks it): image_embeds."""
         return self.image_embeds
+
+
+def _check_views(views, gen: GeneratedLatents) -> int:
+    """K, after refusing (naming `views`) views that are not `Views` for these latents, or that carry a crop
+    box, blur or pixel noise (pixel reads only)."""
+    if not isinstance(views, Views):
+        raise TypeError(f"views must be uno_engine.read.Views (ReadAugment.draw), got {type(views).__name__}")
+    B, K = gen.batch_size, views.per_image
+    if views.boxes.shape[0] != B * K or tuple(views.image_size) != tuple(gen.grid):
+        raise ValueError(
+            f"views were drawn for {views.boxes.shape[0] // K} latents of {tuple(views.image_size)}, got "
+            f"{B} of {tuple(gen.grid)}"
+        )
+    h, w = gen.grid
+    box = (views.boxes != np.array([0.0, h, 0.0, w])).any()
+    if box or views.blur > 0 or views.noise > 0:
+        raise ValueError("views: the latent view reads no crop box, blur or pixel noise (renoise only)")
+    return K
 
 
 def _is(obj, class_name: str) -> bool:
@@ -136,7 +165,15 @@ class LatentCritic:
     Raises ValueError listing every reason when the pair cannot do the latent view (`latent_view_reasons`).
     """
 
-    def __init__(self, critic, generator, *, latent_input: str = "x0", feature_layer: int | None = None):
+    def __init__(
+        self,
+        critic,
+        generator,
+        *,
+        latent_input: str = "x0",
+        feature_layer: int | None = None,
+        read=None,
+    ):
         reasons = latent_view_reasons(critic, generator)
         if reasons:
             raise ValueError(
@@ -153,6 +190,32 @@ class LatentCritic:
             raise ValueError(f"feature_layer must be an int in [1, {n_layers}], got {feature_layer!r}")
         self.feature_layer = feature_layer
         self._layer = find_layers(critic.language_model)[feature_layer - 1]
+        if read is not None:
+            self._check_read(read)
+
+    def _check_read(self, read) -> None:
+        """Refuse, naming the field, a re-noising `ReadAugment` this view cannot apply (module docstring,
+        "Reading"; UNOConfig refuses the pixel-only fields, `prepare` any views that carry them)."""
+        if read.renoise is None:
+            return
+        if self.tokens:
+            raise ValueError(
+                "ReadAugment.renoise: a Janus latent view reads token distributions, which have no forward "
+                "process to re-noise (renoise=None; or view='pixel')"
+            )
+        if self.latent_input != "x0":
+            raise ValueError(
+                "ReadAugment.renoise re-noises the clean latent: it needs latent_input='x0', got "
+                f"latent_input={self.latent_input!r}"
+            )
+        family = "flow" if read.schedule == "flow" else "ddpm"
+        fitted = self.critic.latent_adapter.identity.noise
+        if family != fitted:
+            raise ValueError(
+                f"ReadAugment.schedule: the attached LatentAdapter is conditioned on the {fitted!r} forward "
+                f"process, but the schedule is {'flow' if family == 'flow' else 'alphas_cumprod (ddpm)'} "
+                "(flow: schedule='flow'; ddpm: the generator scheduler's alphas_cumprod)"
+            )
 
     # ---------------------------------------------------------------------------------------- the loss's API
     @property
@@ -170,11 +233,16 @@ class LatentCritic:
     def eval(self):
         return self.train(False)
 
-    def prepare(self, x, *, input_range=(-1.0, 1.0), **_ignored) -> LatentInputs:
+    def prepare(self, x, *, input_range=(-1.0, 1.0), views=None, **_ignored) -> LatentInputs:
         """GeneratedLatents (with grad) or reference images (B, 3, H, W) in input_range (no grad) -> LatentInputs.
-        Bridge options of the pixel view (clamp, backend, fuse_patch_embed) do not apply and are ignored."""
+        `views`: None, or `uno_engine.read.Views` drawn for the latents (`draw_for_step`): B * K rows, row
+        b * K + k reads latent b re-noised as view k (`read.renoise_latents`), the adapter conditioned on that
+        view's noise level; views without re-noising are K plain reads. Bridge options of the pixel view
+        (clamp, backend, fuse_patch_embed) do not apply and are ignored."""
         if isinstance(x, GeneratedLatents):
-            return self._from_latents(x)
+            return self._from_latents(x, views)
+        if views is not None:
+            raise ValueError("views: reference images are read once, without views (the loss repeats them)")
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
                 f"reference images must be (B, 3, H, W), got {getattr(x, 'shape', type(x).__name__)}"
@@ -191,19 +259,29 @@ class LatentCritic:
             lat = self.generator.encode_images(images.to(self.generator.vae.dtype))
             return LatentInputs(adapter(lat, 0.0), tuple(adapter.grid))
 
-    def _from_latents(self, gen: GeneratedLatents) -> LatentInputs:
+    def _from_latents(self, gen: GeneratedLatents, views=None) -> LatentInputs:
+        K = 1 if views is None else _check_views(views, gen)
         if self.tokens:
             if gen.kind != "tokens":
                 raise ValueError(
                     f"a Janus latent view needs GeneratedLatents(kind='tokens'), got {gen.kind!r}"
                 )
-            return LatentInputs(self.critic.embed_token_probs(gen.token_probs), tuple(gen.grid))
+            if views is not None and views.noisy:
+                raise ValueError("views: a Janus latent view cannot re-noise token distributions")
+            probs = per_view(K, gen.token_probs)
+            return LatentInputs(self.critic.embed_token_probs(probs), tuple(gen.grid))
         if gen.kind != "latents":
             raise ValueError(
                 f"an adapter latent view needs GeneratedLatents(kind='latents'), got {gen.kind!r}"
             )
         adapter = self.critic.latent_adapter
         x, sigma = (gen.x0, 0.0) if self.latent_input == "x0" else (gen.xt, gen.sigma_t)
+        if views is not None and views.noisy:
+            if self.latent_input != "x0":
+                raise ValueError("views: re-noising reads the clean latent, latent_input='x0'")
+            x, sigma = renoise_latents(x, views)  # B * K latents, each at its view's noise level
+        else:
+            x = per_view(K, x)  # K == 1: the tensor itself (today's read)
         return LatentInputs(adapter(x, sigma), tuple(adapter.grid))
 
     def _read(self, inputs: LatentInputs, captions, caption_mask=None, negatives=None, negative_mask=None):
