@@ -110,7 +110,8 @@ def default_providers(device_type: str) -> list[str]:
 
 @provider(
     "eager",
-    doc='UNOConfig(backend="reference"), Critic(checkpoint="none", trim=False): what users write by hand',
+    doc='UNOConfig(backend="reference"), Critic(checkpoint="none", trim=False): what users write by hand; '
+    "the default reading (one jittered view, ReadAugment.default()), as engine, so the two stay comparable",
 )
 def _eager(preset, loss):
     from uno_engine import UNOConfig, UNOStep
@@ -136,7 +137,11 @@ def _eager_compile(preset, loss):
     return UNOStep(preset.generator, critic, loss, UNOConfig(backend="reference"))
 
 
-@provider("engine", doc='UNOConfig(backend="auto"), Critic(checkpoint=<the preset\'s choice, e.g. "auto">)')
+@provider(
+    "engine",
+    doc='UNOConfig(backend="auto"), Critic(checkpoint=<the preset\'s choice, e.g. "auto">); the default '
+    "reading (one jittered view, ReadAugment.default()), as eager",
+)
 def _engine(preset, loss):
     from uno_engine import UNOConfig, UNOStep
 
@@ -179,6 +184,19 @@ TEMPLATE_INSTRUCTION = "describe this image ."
 
 
 READ_AUGMENT = dict(shift=3.0, scale=(0.9, 1.1), noise=0.1)  # the views of the engine+readK providers
+
+
+@provider(
+    "engine+plain",
+    default_on=(),
+    doc="the engine with UNOConfig(read=None): the processor's exact read, no views (what the default "
+    "reading costs over it)",
+)
+def _engine_plain(preset, loss):
+    from uno_engine import UNOConfig, UNOStep
+
+    critic = preset.make_critic(preset.engine_checkpoint)
+    return UNOStep(preset.generator, critic, loss, UNOConfig(backend="auto", read=None))
 
 for _k in (1, 2, 4, 8):
 

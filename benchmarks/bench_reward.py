@@ -56,7 +56,8 @@ def main(argv=None):
         preset.device
     )
     batch["negative_caption_mask"] = batch["caption_mask"][:, None].expand(B, args.k, L).contiguous()
-    uno = UNOStep(preset.generator, critic, preset.make_loss(), UNOConfig())
+    # read=None: the reward reads each image once, plainly; the UNO step read the same way, as recorded
+    uno = UNOStep(preset.generator, critic, preset.make_loss(), UNOConfig(read=None))
     value = ValueStep(preset.generator, critic, RewardObjective("nft", group_size=args.group), UNOConfig())
     reward = CaptionReward(critic, UNOConfig())
     with torch.no_grad():

@@ -64,7 +64,8 @@ def run(args, joint: bool) -> list[dict]:
     preset = build_preset(args.preset)
     gen = preset.generator
     loss = preset.make_loss(caption=1.0, generator_loss=args.w if joint else 0.0)
-    step = UNOStep(gen, preset.make_critic(preset.engine_checkpoint), loss, UNOConfig())
+    # the plain read (read=None), as the recorded results were measured (before the jittered default reading)
+    step = UNOStep(gen, preset.make_critic(preset.engine_checkpoint), loss, UNOConfig(read=None))
     opt = torch.optim.Adam(preset.generator_parameters(), lr=args.lr)
     size = (gen.height, gen.width)
     eval_batch = preset.make_batch(seed=12345)

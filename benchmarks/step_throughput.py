@@ -13,6 +13,8 @@ For each preset (uno_engine.testing.presets.build_preset) and provider (_step.PR
   eager+compile    the same, with the critic, its image preprocessing and the loss under torch.compile
   engine           UNOConfig(backend="auto"), Critic(checkpoint=<the preset's choice: "auto" on the CPU presets>)
   engine+compile   the engine with UNOConfig(compile=True) (the critic compiled block by block)
+  (eager and engine read with the default reading, one jittered view per image; engine+plain reads with
+  read=None, the processor's exact read; engine+readK reads K views)
 it measures, side by side on one fixed batch, the median step time and images/s, the peak memory of a step,
 the understanding overhead over a generation-only step (in total and per phase), the critic's FLOP floor, and
 optionally (GPU, --max-batch-search N) the largest batch before out-of-memory.

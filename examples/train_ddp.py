@@ -39,6 +39,12 @@ def parse_args(argv=None):
         "--density", type=float, default=0.5, help="density-regression weight (0: caption CE only)"
     )
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--read",
+        default="default",
+        choices=("default", "off"),
+        help="default: one jittered view per image (UNOConfig's default); off: the processor's exact read",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dump", default=None, help="save the first step's loss and generator grads here (rank 0)"
@@ -86,13 +92,17 @@ def build(args, device):
         generator, make_batch = build_generator(args.generator)
     torch.manual_seed(args.seed + 2)  # the loss heads
     loss = UNOLoss(caption=1.0, density=args.density, normalize="global")  # global caption-token mean
-    step = UNOStep(generator.to(device), critic, loss, UNOConfig())
+    config = UNOConfig(read="auto" if args.read == "default" else None)
+    step = UNOStep(generator.to(device), critic, loss, config)
     return step, make_batch
 
 
 def global_batch(args, make_batch, critic, i, device):
     g = torch.Generator().manual_seed(args.seed * 1000 + i)
     batch = make_batch(args.global_batch, args.caption_len, critic.vocab_size, generator=g)
+    # the reading's draws (UNOConfig.read, one jittered view by default) from the step and the global sample
+    # index: D.shard_batch moves sample_offset to each slice, so any world size and accumulation read alike
+    batch["read_step"], batch["sample_offset"] = i, 0
     if args.density > 0:  # real images the density head learns from, and its targets
         batch["reference_images"] = torch.rand(args.global_batch, 3, 64, 48, generator=g) * 2 - 1
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

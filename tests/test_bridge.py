@@ -874,7 +874,7 @@ def test_config_bridge_kernel_reaches_the_op(monkeypatch):
         CallableGenerator(lambda batch: pixels, module=None),
         critic,
         UNOLoss(caption=1.0),
-        UNOConfig(bridge_kernel="two_pass", check_inputs=False),
+        UNOConfig(bridge_kernel="two_pass", check_inputs=False, read=None),
     )
     step({"captions": torch.randint(3, critic.vocab_size - 1, (1, 4))})
     assert seen[1:] == ["two_pass"]

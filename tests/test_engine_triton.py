@@ -43,7 +43,8 @@ def test_triton_step_equals_reference(critic_name, structure_mode, device):
         gen.pixels.grad = None
         torch.manual_seed(1)  # identical head init
         loss = UNOLoss(caption=1.0, density=0.5, structure=0.5, structure_mode=structure_mode)
-        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, UNOConfig(backend=backend))
+        cfg = UNOConfig(backend=backend, read=None)
+        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, cfg)
         out = step(batch)
         out.loss.backward()
         results[backend] = (out.loss.detach(), gen.pixels.grad.clone(), dict(out.metrics))

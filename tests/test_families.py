@@ -73,7 +73,7 @@ def test_uno_step_engine_equals_reference(family, critic):
     runs = []
     for backend in ("reference", "auto"):
         gen.zero_grad(set_to_none=True)
-        out = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(backend=backend))(batch)
+        out = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(backend=backend, read=None))(batch)
         out.loss.backward()
         runs.append((out.loss.detach(), [p.grad.clone() if p.grad is not None else None for p in trainable]))
     (l_ref, g_ref), (l_eng, g_eng) = runs

@@ -59,6 +59,7 @@ def test_adapter_gradients_are_the_merged_weight_gradient_projected(critic):
     (no adapter). A gets no gradient while B = 0 (dL/dA = s B^T dL/dW). Nothing else gets a gradient: not
     the denoiser's base weights, not the VAE, not the critic."""
     gen, batch = _generator_and_batch(critic)
+    batch["read_step"] = 0  # both calls below read the same views (the default reading draws per step)
     den = gen.denoiser
     linears = {n: m for n, m in den.named_modules() if n.endswith(tuple(TARGETS))}
     assert len(linears) == 32

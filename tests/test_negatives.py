@@ -9,6 +9,8 @@ from uno_engine.generators import CallableGenerator
 from uno_engine.negatives import CATEGORIES, make_negatives, to_tensor
 from uno_engine.testing.presets.critics import build_critic_model
 
+PLAIN = UNOConfig(read=None)  # the processor's exact read: these tests compare against it
+
 # ---------------------------------------------------------------------------------------------- text
 
 
@@ -137,7 +139,7 @@ def test_shared_prefix_equals_separate_passes_float64(name, checkpoint):
     critic = _critic(name, checkpoint)
     gen = PixelGenerator()
     batch = _batch(critic)
-    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, negatives=0.7))
+    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, negatives=0.7), PLAIN)
     out = step(batch)
     out.loss.backward()
     g_eng = gen.pixels.grad.clone()
@@ -155,7 +157,7 @@ def test_absent_negative_leaves_the_softmax():
     critic = _critic("tiny-llava-clip")
     gen = PixelGenerator()
     batch = _batch(critic, k=3)
-    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=0.0, negatives=1.0))
+    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=0.0, negatives=1.0), PLAIN)
     batch_absent = {**batch, "negative_caption_mask": batch["negative_caption_mask"].clone()}
     batch_absent["negative_caption_mask"][:, 2] = 0  # the third negative of every image is absent
     batch_two = {
@@ -171,7 +173,7 @@ def test_absent_negative_leaves_the_softmax():
 def test_negatives_bad_input_and_k0():
     critic = _critic("tiny-llava-clip")
     gen = PixelGenerator()
-    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, negatives=1.0))
+    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0, negatives=1.0), PLAIN)
     batch = _batch(critic)
     with pytest.raises(ValueError, match="negative_captions"):
         step({**batch, "negative_captions": batch["negative_captions"][:1]})  # B differs
@@ -184,7 +186,7 @@ def test_negatives_bad_input_and_k0():
     # K = 0 turns the term off: the caption-only step
     k0 = {**batch, "negative_captions": batch["negative_captions"][:, :0], "negative_caption_mask": None}
     out = step(k0)
-    plain = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0))(batch)
+    plain = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0), PLAIN)(batch)
     assert "negatives" not in out.metrics
     torch.testing.assert_close(out.loss, plain.loss, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="negative_captions"):
@@ -196,14 +198,14 @@ def test_negatives_scale_under_accumulation():
     gen = PixelGenerator(batch=2)
     batch = _batch(critic, b=2)
     loss = UNOLoss(caption=0.0, negatives=1.0)
-    full = UNOStep(CallableGenerator(gen, module=gen), critic, loss)(batch).metrics["negatives"]
+    full = UNOStep(CallableGenerator(gen, module=gen), critic, loss, PLAIN)(batch).metrics["negatives"]
     parts = []
     for i in range(2):
         gi = PixelGenerator(batch=1)
         gi.pixels.data.copy_(gen.pixels.data[i : i + 1])
         sub = {k: v[i : i + 1] for k, v in batch.items()}
         sub["num_images"] = torch.tensor(2.0)
-        parts.append(UNOStep(CallableGenerator(gi, module=gi), critic, loss)(sub).metrics["negatives"])
+        parts.append(UNOStep(CallableGenerator(gi, module=gi), critic, loss, PLAIN)(sub).metrics["negatives"])
     torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-5, atol=1e-6)
 
 
@@ -219,7 +221,7 @@ def test_step_config_unchanged_for_negatives():
             CallableGenerator(gen, module=gen),
             critic,
             UNOLoss(negatives=1.0),
-            UNOConfig(fuse_patch_embed=fuse),
+            UNOConfig(fuse_patch_embed=fuse, read=None),
         )
         o = step(batch)
         o.loss.backward()
@@ -233,9 +235,12 @@ def test_reference_backend_gives_the_same_negatives_term():
     gen = PixelGenerator()
     batch = _batch(critic)
     vals = [
-        UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(negatives=1.0), UNOConfig(backend=b))(
-            batch
-        ).metrics["negatives"]
+        UNOStep(
+            CallableGenerator(gen, module=gen),
+            critic,
+            UNOLoss(negatives=1.0),
+            UNOConfig(backend=b, read=None),
+        )(batch).metrics["negatives"]
         for b in ("reference", "auto")
     ]
     torch.testing.assert_close(vals[0], vals[1], rtol=1e-5, atol=1e-6)

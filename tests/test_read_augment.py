@@ -15,7 +15,7 @@ from test_step import PixelGenerator
 
 from uno_engine import Critic, ReadAugment, UNOConfig, UNOLoss, UNOStep, ops, reference
 from uno_engine.bridge_math import hash_normal
-from uno_engine.read import Views, box_taps, view_matrices, view_tap_tables
+from uno_engine.read import Views, box_taps, draw_for_step, patch_in_image, view_matrices, view_tap_tables
 
 AUG = ReadAugment(views=3, shift=3.0, scale=(0.85, 1.15), seed=1)
 NOISY = ReadAugment(views=2, shift=1.5, scale=(0.9, 1.1), noise=0.15, blur=0.7, renoise=(0.05, 0.4), seed=2)
@@ -170,6 +170,8 @@ def test_hash_normal_statistics_and_determinism():
         (dict(renoise=(0.1, 0.2), schedule="ddpm"), "schedule must be"),
         (dict(schedule=[0.5, 1.5]), "schedule"),
         (dict(seed=-1), "seed must be"),
+        (dict(shift_unit="px"), "shift_unit must be 'pixel' or 'patch'"),
+        (dict(shift=float("inf"), shift_unit="patch"), "shift must be"),
     ],
 )
 def test_bad_read_config(kw, match):
@@ -368,3 +370,84 @@ def test_views_opcheck(use_triton, device):
     x64 = x.detach().double().requires_grad_()
     (g64,) = torch.autograd.grad(reference.bridge(x64, spec, views=v), x64, g.double())
     assert_close_verbose(gx, g64, atol=1e-5 * g64.abs().max().item(), rtol=0, what="dispatcher grad")
+
+
+# --------------------------------------------------------------------------------------- the default
+def test_default_reading_is_one_jittered_view_in_patches():
+    """UNOConfig() reads through ReadAugment.default() (one view, 0.75 patch, scale 0.85-1.15, noise 0.15)
+    for the pixel view; None for the latent and representation views; read=None stays None."""
+    d = ReadAugment.default()
+    assert (d.views, d.shift, d.shift_unit, d.scale, d.noise) == (1, 0.75, "patch", (0.85, 1.15), 0.15)
+    assert d.jitter and ReadAugment.default(views=4).views == 4
+    assert UNOConfig().read == d and UNOConfig(view="pixel", read="auto").read == d
+    assert UNOConfig(view="latent").read is None and UNOConfig(view="representation").read is None
+    assert UNOConfig(read=None).read is None
+    with pytest.raises(ValueError, match="UNOConfig.read needs view='pixel'"):
+        UNOConfig(read=ReadAugment.default(), view="latent")  # an explicit reading still needs pixels
+
+
+@pytest.mark.parametrize(
+    "critic_name,patch", [("tiny-llava-clip", (8.0, 8.0)), ("tiny-qwen2-vl", (4 * 40 / 24, 7.0))]
+)
+def test_patch_units_resolve_to_the_critics_patch_in_image_pixels(critic_name, patch):
+    """One patch in image pixels = patch_size x image side / resized side, per axis, for 40 x 56 images:
+    LLaVA-CLIP (patch 6, shortest edge 30 -> 30 x 42): 8 x 8; Qwen2-VL (the tower's patch 4, not 4 x merge
+    2; smart resize -> 24 x 32): 6.67 x 7. The drawn centre offsets are a pixel-unit draw's, scaled per
+    axis."""
+    critic, *_ = _setup(critic_name)
+    assert patch_in_image(critic.spec, critic.patch_size, 40, 56) == pytest.approx(patch, rel=1e-12)
+    x = _rand_images(3, 40, 56)
+    read = ReadAugment(views=2, shift=0.75, shift_unit="patch", scale=(0.9, 1.1), seed=5)
+    v = draw_for_step(read, x, {"read_step": 4}, 0, critic)
+    unit = dataclasses.replace(read, shift=1.0, shift_unit="pixel").draw(3, 40, 56, step=4)
+    off = np.stack([v.boxes[:, :2].mean(1) - 20, v.boxes[:, 2:].mean(1) - 28], axis=1)
+    off_unit = np.stack([unit.boxes[:, :2].mean(1) - 20, unit.boxes[:, 2:].mean(1) - 28], axis=1)
+    np.testing.assert_allclose(off, off_unit * 0.75 * np.array(patch), rtol=1e-9, atol=1e-9)
+    assert np.abs(off_unit).max() > 0.3  # not vacuous: the draws moved the boxes
+    np.testing.assert_allclose(v.boxes[:, 1] - v.boxes[:, 0], unit.boxes[:, 1] - unit.boxes[:, 0], rtol=1e-12)
+
+
+def test_default_step_reads_a_reproducible_jittered_view(monkeypatch):
+    """The default step draws one view per image off the identity box, from (seed, step, sample): the same
+    step of a fresh UNOStep draws the same views, the next step others; the loss is not the plain read's."""
+    import uno_engine.step as step_mod
+
+    critic, g, gen, batch = _setup()
+    drawn = []
+    def spy(*a):
+        drawn.append(draw_for_step(*a))
+        return drawn[-1]
+
+    monkeypatch.setattr(step_mod, "draw_for_step", spy)
+    l0, _, _ = _run(critic, g, gen, batch, "auto")
+    l0_again, _, _ = _run(critic, g, gen, batch, "auto")
+    l_plain, _, _ = _run(critic, g, gen, batch, None)
+    assert len(drawn) == 2  # read=None draws nothing
+    v = drawn[0]
+    assert v.per_image == 1 and v.boxes.shape == (2, 4) and v.noise == 0.15
+    identity = np.array([0.0, 40.0, 0.0, 56.0])
+    assert (np.abs(v.boxes - identity).max(axis=1) > 1e-3).all()  # every image's box is jittered
+    np.testing.assert_array_equal(v.boxes, drawn[1].boxes)
+    np.testing.assert_array_equal(v.keys, drawn[1].keys)
+    want = ReadAugment.default().draw(2, 40, 56, step=0, patch=(8.0, 8.0))  # tiny-llava-clip: 8-px patch
+    np.testing.assert_array_equal(v.boxes, want.boxes)
+    assert torch.equal(l0, l0_again) and not torch.equal(l0, l_plain)
+    step = UNOStep(gen, critic, UNOLoss(caption=1.0))
+    step(batch), step(batch)
+    assert not np.array_equal(drawn[-1].boxes, drawn[-2].boxes)  # the next step draws other views
+
+
+def test_bad_default_and_patch_arguments():
+    x = _rand_images(2, 40, 56)
+    read = ReadAugment.default()
+    with pytest.raises(ValueError, match="UNOConfig.read must be 'auto', None or a ReadAugment"):
+        UNOConfig(read="on")
+    with pytest.raises(ValueError, match="needs `patch`"):
+        read.draw(2, 40, 56)
+    for bad in [(0.0, 8.0), (8.0,), (float("nan"), 1.0)]:
+        with pytest.raises(ValueError, match="`patch` must be"):
+            read.draw(2, 40, 56, patch=bad)
+    with pytest.raises(ValueError, match="patch_size"):
+        draw_for_step(read, x, {}, 0, torch.nn.Linear(2, 2))  # a reader without a patch size
+    with pytest.raises(ValueError, match="patch_size must be an int >= 1"):
+        patch_in_image(SPECS["exact"], 0, 40, 56)

@@ -60,7 +60,7 @@ def test_caption_reward_equals_float64_reference(backend):
     critic = _critic()
     batch = _captions(critic)
     images = (torch.randn(3, 3, 40, 56) * 0.6).requires_grad_()
-    reward = CaptionReward(critic, UNOConfig(backend=backend))(images, batch)
+    reward = CaptionReward(critic, UNOConfig(backend=backend, read=None))(images, batch)
     r_ref, s_ref = _reference_reward(critic, images.detach(), batch)
     torch.testing.assert_close(reward.scores.double(), s_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(reward.log_prob.double(), r_ref, rtol=1e-4, atol=1e-5)
@@ -78,7 +78,7 @@ def test_caption_reward_reads_with_the_steps_options():
     batch = _captions(critic, seed=1)
     images = torch.rand(3, 3, 40, 56) * 2 - 1
     gen = CallableGenerator(lambda b: images)
-    step = UNOStep(gen, critic, UNOLoss(), UNOConfig(input_range=(0.0, 1.0)))
+    step = UNOStep(gen, critic, UNOLoss(), UNOConfig(input_range=(0.0, 1.0), read=None))
     r01 = CaptionReward.from_step(step)(images * 0.5 + 0.5, batch)
     r11 = CaptionReward(critic)(images, batch)
     r_ref, _ = _reference_reward(critic, images, batch)

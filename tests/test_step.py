@@ -14,6 +14,7 @@ from uno_engine.testing.presets.critics import build_critic_model
 from uno_engine.testing.presets.generators import build_generator
 
 CRITICS = ["tiny-llava-clip", "tiny-llava-siglip", "tiny-janus", "tiny-qwen2-vl"]
+PLAIN = UNOConfig(read=None)  # the processor's exact read: these tests compare against it
 
 
 class PixelGenerator(nn.Module):
@@ -74,7 +75,8 @@ def test_engine_equals_reference(critic_name):
         gen.pixels.grad = None
         loss = UNOLoss(caption=1.0, density=0.5, structure=0.5)
         torch.manual_seed(1)  # identical head init
-        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, UNOConfig(backend=backend))
+        cfg = UNOConfig(backend=backend, read=None)
+        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, cfg)
         out = step(batch)
         out.loss.backward()
         results.append((out.loss.detach(), gen.pixels.grad.clone(), {k: v for k, v in out.metrics.items()}))
@@ -92,9 +94,9 @@ def test_engine_equals_reference(critic_name):
 def test_sgd_lowers_caption_ce(critic_name):
     critic = _critic(critic_name)
     gen = PixelGenerator()
-    step = UNOStep(
-        CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0), UNOConfig(check_inputs=False)
-    )
+    # the plain read: a fixed objective (the threshold below was measured on it; jittered views draw anew)
+    cfg = UNOConfig(check_inputs=False, read=None)
+    step = UNOStep(CallableGenerator(gen, module=gen), critic, UNOLoss(caption=1.0), cfg)
     batch = _batch(critic)
     opt = torch.optim.SGD(gen.parameters(), lr=2.0, momentum=0.9)
     first = last = None
@@ -134,7 +136,7 @@ def test_engine_equals_reference_with_diffusers_generator(critic_name):
     runs = []
     for backend in ("reference", "auto"):
         gen.zero_grad(set_to_none=True)
-        out = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(backend=backend))(batch)
+        out = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(backend=backend, read=None))(batch)
         out.loss.backward()
         runs.append((out.loss.detach(), [p.grad.clone() for p in gen.parameters() if p.requires_grad]))
     (l_ref, g_ref), (l_eng, g_eng) = runs
@@ -182,7 +184,8 @@ def test_fused_patch_embed_gives_the_same_step(critic_name):
         gen.pixels.grad = None
         torch.manual_seed(1)  # identical head init
         loss = UNOLoss(caption=1.0, density=0.5, structure=0.5, structure_mode="features")
-        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, UNOConfig(fuse_patch_embed=fuse))
+        cfg = UNOConfig(fuse_patch_embed=fuse, read=None)
+        step = UNOStep(CallableGenerator(gen, module=gen), critic, loss, cfg)
         out = step(batch)
         out.loss.backward()
         runs.append((out.metrics, gen.pixels.grad.clone()))
@@ -257,10 +260,11 @@ def test_out_of_range_is_clamped_not_rejected(small_step):
     step, critic, gen = small_step
     batch = _batch(critic)
     x = (torch.tanh(gen.pixels.detach()) * 3.0).requires_grad_(True)
-    out = UNOStep(CallableGenerator(lambda b: x, module=gen), critic, UNOLoss(caption=1.0))(batch)
+    out = UNOStep(CallableGenerator(lambda b: x, module=gen), critic, UNOLoss(caption=1.0), PLAIN)(batch)
     out.loss.backward()
     clamped = x.detach().clamp(-1.0, 1.0)
-    ref = UNOStep(CallableGenerator(lambda b: clamped, module=gen), critic, UNOLoss(caption=1.0))(batch)
+    ref = UNOStep(CallableGenerator(lambda b: clamped, module=gen), critic, UNOLoss(caption=1.0), PLAIN)
+    ref = ref(batch)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
     outside = x.detach().abs() > 1.0
     assert outside.any() and (~outside).any()
@@ -328,7 +332,7 @@ def test_config_algorithm_choices_reach_every_op_call(monkeypatch, field, op, ar
         return real(*a, **kw)
 
     results = []
-    for cfg in (UNOConfig(), UNOConfig(**{field: choice})):
+    for cfg in (UNOConfig(read=None), UNOConfig(read=None, **{field: choice})):
         torch.manual_seed(1)
         gen.pixels.grad = None
         step = UNOStep(

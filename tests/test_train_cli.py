@@ -253,6 +253,12 @@ BAD = {
         lambda t, tiny: ["--report_to", "wandb"],
         r"--report_to wandb needs `wandb`: pip install wandb",
     ),
+    "read views 0": (lambda t, tiny: ["--read_views", "0"], r"--read_views must be >= 1, got 0"),
+    "read noise nan": (lambda t, tiny: ["--read_noise", "nan"], r"--read_noise must be a finite number >= 0"),
+    "read flags with read off": (
+        lambda t, tiny: ["--read", "off", "--read_shift", "0.5"],
+        r"--read_shift needs --read default",
+    ),
     "missing resume checkpoint": (
         lambda t, tiny: ["--resume_from_checkpoint", str(t / "checkpoint-7")],
         r"--resume_from_checkpoint .*checkpoint-7: no such checkpoint folder",
@@ -320,6 +326,28 @@ def test_bad_input_exits_without_traceback(tiny, tmp_path):
         proc.stderr.strip().splitlines()[-1]
         == f"uno-train: error: --train_data {tmp_path / 'none.jsonl'}: file does not exist"
     )
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def test_read_flags_build_the_steps_reading(tiny, tmp_path):
+    """--read default (the default): ReadAugment.default(); --read off: read=None (the processor's exact
+    read); --read_* refine the default; --read_scale checks its order; the trainer's step reads that way."""
+    from uno_engine import ReadAugment
+    from uno_engine.train.args import UsageError, parse_args, read_config
+    from uno_engine.train.loop import Trainer
+
+    base = _argv(tiny, tmp_path / "o", "tiny-sd", "tiny-llava", "--max_train_steps", "1")
+    assert read_config(parse_args(base)) == "auto"
+    assert read_config(parse_args([*base, "--read", "off"])) is None
+    more = ["--read_views", "2", "--read_shift", "0.5", "--read_scale", "0.9", "1.1", "--read_noise", "0"]
+    want = ReadAugment(views=2, shift=0.5, shift_unit="patch", scale=(0.9, 1.1), noise=0.0)
+    assert read_config(parse_args([*base, *more])) == want
+    with pytest.raises(UsageError, match="--read_scale must be LO HI with 0 < LO <= HI"):
+        parse_args([*base, "--read_scale", "1.2", "0.9"])
+    with pytest.raises(UsageError, match="--read_views needs --view pixel"):
+        parse_args([*base, "--view", "latent", "--read_views", "2"])
+    assert Trainer.build(parse_args(base)).step.config.read == ReadAugment.default()
+    assert Trainer.build(parse_args([*base, "--read", "off"])).step.config.read is None
 
 
 # ------------------------------------------------------------------------------------------- distributed

@@ -35,9 +35,11 @@ class UNOConfig:
         "auto"  # linear cross-entropy: "auto" | "grad_in_forward" | "recompute" (ops.linear_cross_entropy)
     )
     bridge_kernel: str = "auto"  # Triton bridge kernels: "auto" | "two_pass" | "fused" (ops.bridge)
-    # how the critic reads each generated image: None (once, as the processor would) or K random views in the
-    # bridge (crop boxes, noise, re-noising), the losses averaged over them (uno_engine.read, docs/reading.md)
-    read: ReadAugment | None = None
+    # how the critic reads each generated image: "auto" (ReadAugment.default(), one jittered view, for the
+    # pixel view; None for the latent and representation views; resolved here: `config.read` is never "auto"),
+    # None (once, exactly as the processor would) or a ReadAugment: K random views in the bridge (crop boxes,
+    # noise, re-noising), the losses averaged over them (uno_engine.read, docs/reading.md)
+    read: ReadAugment | None | str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("auto", "triton", "torch", "reference"):
@@ -60,9 +62,14 @@ class UNOConfig:
             )
         if self.latent_input not in ("x0", "xt"):
             raise ValueError(f"UNOConfig.latent_input must be 'x0' or 'xt', got {self.latent_input!r}")
+        if isinstance(self.read, str):
+            if self.read != "auto":
+                raise ValueError(f"UNOConfig.read must be 'auto', None or a ReadAugment, got {self.read!r}")
+            self.read = ReadAugment.default() if self.view == "pixel" else None
         if self.read is not None and not isinstance(self.read, ReadAugment):
             raise TypeError(
-                f"UNOConfig.read must be a uno_engine.ReadAugment or None, got {type(self.read).__name__}"
+                f"UNOConfig.read must be 'auto', None or a uno_engine.ReadAugment, "
+                f"got {type(self.read).__name__}"
             )
         if self.read is not None and self.view == "representation":
             raise ValueError("UNOConfig.read needs view='pixel' or 'latent'; the representation view has none")

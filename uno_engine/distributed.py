@@ -144,8 +144,10 @@ def _die(code: int) -> None:
 
 # -------------------------------------------------------------------------------------------------- batches
 def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
-    """This rank's contiguous slice (dim 0) of a global batch; non-tensor values are kept as they are.
-    The global batch size must be divisible by `world_size`."""
+    """This rank's contiguous slice (dim 0) of a global batch; non-tensor values are kept as they are, except
+    an int batch["sample_offset"] (the global index of the first sample, which the reading's draws use:
+    uno_engine.read), which moves to the slice's first sample. The global batch size must be divisible by
+    `world_size`."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -157,6 +159,8 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
             n = value.shape[0] // world_size
             value = value[rank * n : (rank + 1) * n]
         out[key] = value
+    if isinstance(batch.get("sample_offset"), int) and isinstance(batch.get("captions"), torch.Tensor):
+        out["sample_offset"] = batch["sample_offset"] + rank * (batch["captions"].shape[0] // world_size)
     return out
 
 

@@ -4,8 +4,9 @@ A critic without adversarial or noise training rewards textures on its patch gri
 them). Reading every generated image under K random views and averaging the losses over them changes what the
 gradient asks for. Each view is
 
-- a crop box in the generated image: a sub-pixel offset of its centre (`shift`, image pixels, uniform in
-  [-shift, shift] per axis) and a size `s` times the image's (`scale` = (lo, hi), s uniform; s < 1 zooms in).
+- a crop box in the generated image: a sub-pixel offset of its centre (`shift`, uniform in [-shift, shift]
+  per axis, in image pixels or, with `shift_unit="patch"`, in the critic's vision patches) and a size `s`
+  times the image's (`scale` = (lo, hi), s uniform; s < 1 zooms in).
   The bridge resamples the box to the processor's size with Pillow's own coefficients for a box
   (`Resample.c::precompute_coeffs(in0, in1)`: centre of output i at in0 + (i + 0.5) * (in1 - in0) / out,
   antialiased support, taps clipped to the image and renormalised): the processor reading that crop. The
@@ -23,6 +24,19 @@ gradient asks for. Each view is
 So a view's value at a canvas pixel is clip(alpha * r + beta + sigma * eps), r the Pillow-resampled box
 (before its last clip), alpha = a, beta = (1 - a) / 2, sigma = sqrt((a * noise / (hi - lo))^2 + (s / 2)^2),
 eps a standard-normal draw (`bridge_math.hash_normal`: a counter hash, the same numbers on every backend).
+
+The default. `UNOConfig()` reads every generated image once, jittered: `ReadAugment.default()` = one view,
+shift 0.75 of the critic's patch, scale 0.85-1.15, noise 0.15 (the learning world's probed reading: 3 px of
+its 4-px patch). One view is one read, as the plain read is; `UNOConfig(read=None)` is the processor's exact
+read.
+
+Patch units. With `shift_unit="patch"` the shift is resolved per step where `UNOStep` draws
+(`draw_for_step`): one patch in image pixels = the critic's `patch_size` (processor pixels) x (image side /
+resized side), per axis, the resized side from the critic's `BridgeSpec.resized_size` (crop and pad do not
+change the scale). `patch_size` is the vision tower's conv stride for every family (CLIP / SigLIP for LLaVA,
+LLaVA-OneVision and Janus; the tower's own patch for Qwen2-VL and Qwen3-VL, not patch x merge): the grid a
+hack locks onto is the patch embedding's, and +-0.75 of it covers every phase of that grid. Qwen's 2x2 merge
+comes after the tower.
 
 Draws. `ReadAugment.draw(B, H, W, step=, sample_offset=)` draws on the host (numpy), from
 (seed, step, global sample index): reproducible, the same on every rank for the same global sample, no device
@@ -51,7 +65,9 @@ __all__ = [
     "ReadAugment",
     "Views",
     "box_taps",
+    "DEFAULT_READ",
     "draw_for_step",
+    "patch_in_image",
     "per_view",
     "renoise_latents",
     "view_matrices",
@@ -64,7 +80,8 @@ class ReadAugment:
     """How the critic reads each generated image: `views` random views, averaged (module docstring)."""
 
     views: int = 1  # K views per generated image; the critic reads B * K images
-    shift: float = 0.0  # max offset of a view box's centre per axis, in image pixels (uniform, sub-pixel)
+    shift: float = 0.0  # max offset of a view box's centre per axis, in `shift_unit`s (uniform, sub-pixel)
+    shift_unit: str = "pixel"  # "pixel" (image pixels) | "patch" (the critic's patches, resolved per step)
     scale: tuple[float, float] = (1.0, 1.0)  # the box's size relative to the image, uniform in [lo, hi]
     noise: float = 0.0  # std of Gaussian noise on the processor's image, in input_range units
     blur: float = (
@@ -81,7 +98,9 @@ class ReadAugment:
         if not isinstance(self.views, int) or isinstance(self.views, bool) or self.views < 1:
             bad(f"views must be an int >= 1, got {self.views!r}")
         if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift >= 0):
-            bad(f"shift must be a finite number >= 0 (image pixels), got {self.shift!r}")
+            bad(f"shift must be a finite number >= 0 (in shift_unit), got {self.shift!r}")
+        if self.shift_unit not in SHIFT_UNITS:
+            bad(f"shift_unit must be 'pixel' or 'patch', got {self.shift_unit!r}")
         try:
             lo, hi = (float(v) for v in self.scale)
         except (TypeError, ValueError):
@@ -121,6 +140,13 @@ class ReadAugment:
         if not isinstance(self.seed, int) or self.seed < 0:
             bad(f"seed must be an int >= 0, got {self.seed!r}")
 
+    @classmethod
+    def default(cls, **overrides) -> ReadAugment:
+        """The default reading (`UNOConfig(read="auto")`, pixel view): one view, centre shift up to 0.75
+        of the critic's patch, box scale 0.85-1.15, pixel noise 0.15 (docs/reading.md, "The default").
+        `overrides` replace fields, e.g. `ReadAugment.default(views=4)`."""
+        return cls(**{**DEFAULT_READ, **overrides})
+
     @property
     def jitter(self) -> bool:
         """Whether a view differs from the plain read (a box other than the image, noise or re-noising)."""
@@ -140,13 +166,31 @@ class ReadAugment:
         return [name for name, set_ in (*on, ("noise", self.noise > 0)) if set_]
 
     def draw(
-        self, batch_size: int, height: int, width: int, *, step: int = 0, sample_offset: int = 0
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        *,
+        step: int = 0,
+        sample_offset: int = 0,
+        patch: tuple[float, float] | None = None,
     ) -> Views:
         """The views of a batch of `batch_size` (height, width) images whose first image has the global index
-        `sample_offset`, at `step`: image g's draws depend only on (seed, step, g). Host only (numpy)."""
+        `sample_offset`, at `step`: image g's draws depend only on (seed, step, g). Host only (numpy).
+        `patch`: (py, px) the critic's patch in image pixels (`patch_in_image`), for shift_unit="patch"."""
         for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReadAugment.draw: {name} must be an int >= 1, got {v!r}")
+        shift = np.full((2, 1), float(self.shift))  # (y, x) in image pixels
+        if self.shift_unit == "patch":
+            if patch is None:
+                raise ValueError(
+                    "ReadAugment.draw: shift_unit='patch' needs `patch`, the critic's patch in image pixels"
+                )
+            p = np.asarray(patch, dtype=np.float64).reshape(-1)
+            if p.shape != (2,) or not (np.isfinite(p).all() and (p > 0).all()):
+                raise ValueError(f"ReadAugment.draw: `patch` must be (py, px), both > 0, got {patch!r}")
+            shift = shift * p[:, None]
         for name, v in (("step", step), ("sample_offset", sample_offset)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"ReadAugment.draw: {name} must be an int >= 0, got {v!r}")
@@ -159,7 +203,7 @@ class ReadAugment:
             sl = slice(b * K, (b + 1) * K)
             keys[sl] = rng.integers(0, 1 << 32, size=(K, 2), dtype=np.int64)
             if self.shift > 0:
-                dy[sl], dx[sl] = rng.uniform(-self.shift, self.shift, size=(2, K))
+                dy[sl], dx[sl] = rng.uniform(-shift, shift, size=(2, K))
             if self.scale != (1.0, 1.0):
                 s[sl] = rng.uniform(*self.scale, size=K)
             if self.renoise is not None:
@@ -211,18 +255,38 @@ class Views(NamedTuple):
             )
 
 
+SHIFT_UNITS = ("pixel", "patch")
+# the default reading (ReadAugment.default(), UNOConfig(read="auto")): docs/reading.md "The default"
+DEFAULT_READ = dict(views=1, shift=0.75, shift_unit="patch", scale=(0.85, 1.15), noise=0.15)
+
+
 # ------------------------------------------------------------------------------------------ the step
-def draw_for_step(read: ReadAugment, images: torch.Tensor, batch: dict, counter: int) -> Views:
+def patch_in_image(spec: BridgeSpec, patch_size: int, height: int, width: int) -> tuple[float, float]:
+    """(py, px): a critic patch of `patch_size` processor pixels in the pixels of a (height, width) image the
+    processor resizes to `spec.resized_size(height, width)` (per axis: patch_size * side / resized side)."""
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"patch_in_image: patch_size must be an int >= 1, got {patch_size!r}")
+    h, w = spec.resized_size(height, width)
+    return patch_size * height / h, patch_size * width / w
+
+
+def draw_for_step(
+    read: ReadAugment, images: torch.Tensor, batch: dict, counter: int, critic=None
+) -> Views | None:
     """The views of a step's generated images (B, 3, H, W), or of its `GeneratedLatents` (B latents of
     their grid (h, w)): step = batch["read_step"] (an int, e.g. the
     trainer's global step) or `counter` (UNOStep's own count of forward calls); the global index of the first
-    image = batch["sample_offset"] or rank * B under torch.distributed (0 otherwise). Host only."""
+    image = batch["sample_offset"] or rank * B under torch.distributed (0 otherwise). With
+    shift_unit="patch", the shift is in the `critic`'s patches (its `patch_size` and `spec`; patch_in_image).
+    Host only. None for empty images (the bridge then refuses them)."""
     import torch.distributed as dist
 
     if getattr(images, "kind", None) in ("latents", "tokens"):  # the latent view (GeneratedLatents): its grid
         B, (H, W) = images.batch_size, images.grid
     else:
         B, _, H, W = images.shape
+    if B * H * W == 0:
+        return None  # nothing to draw: the bridge refuses empty images, naming them
     step = batch.get("read_step", counter)
     offset = batch.get("sample_offset")
     if offset is None:
@@ -230,7 +294,16 @@ def draw_for_step(read: ReadAugment, images: torch.Tensor, batch: dict, counter:
     for name, v in (("read_step", step), ("sample_offset", offset)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"batch['{name}'] must be a Python int >= 0 (read on the host), got {v!r}")
-    return read.draw(B, H, W, step=step, sample_offset=offset)
+    patch = None
+    if read.shift_unit == "patch":
+        size = getattr(critic, "patch_size", None)
+        if size is None:
+            raise ValueError(
+                f"ReadAugment(shift_unit='patch'): the critic ({type(critic).__name__}) has no `patch_size`; "
+                "give the shift in image pixels (shift_unit='pixel') or read=None"
+            )
+        patch = patch_in_image(critic.spec, int(size), H, W)
+    return read.draw(B, H, W, step=step, sample_offset=offset, patch=patch)
 
 
 def renoise_latents(x0: torch.Tensor, views: Views) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,8 @@ critic's place: no pixel decode, no vision tower; the losses and metrics are the
 then None (`decoded_images()` decodes).
 `UNOConfig(read=ReadAugment(views=K, ...))`: the bridge makes K random views of each image (crop boxes, noise,
 re-noising; `uno_engine.read`), the critic reads the B * K views as one batch and every loss averages over them.
+The default (read="auto") is one jittered view (`ReadAugment.default()`); read=None, the processor's exact
+read.
 Metrics are detached device tensors: nothing in the step syncs with the host except the one input check
 (`UNOConfig(check_inputs=False)` removes it).
 """
@@ -107,7 +109,8 @@ class UNOStep(nn.Module):
             check_step_inputs(images, batch, vocab_size=self.critic.vocab_size)
         K = 1 if cfg.read is None else cfg.read.views  # the critic reads K views of each image (B * K rows)
         with timer.phase("bridge"):
-            views = None if cfg.read is None else draw_for_step(cfg.read, images, batch, self._reads)
+            read, n = cfg.read, self._reads
+            views = None if read is None else draw_for_step(read, images, batch, n, self.critic)
             self._reads += 1
             inputs = self.reader.prepare(
                 images, clamp=cfg.clamp, bridge_kernel=cfg.bridge_kernel, views=views, **bridge

@@ -589,7 +589,7 @@ def diagnose_base(critic_model, proc, unet, text, *, seed: int = 0, n: int = 32,
     s = s or Settings()
     critic = Critic.from_hf(critic_model, proc, checkpoint="none")
     gen = models.make_generator(unet, steps=s.sample_steps, guidance=s.guidance, grad_window=(1.0, 1.0))
-    step = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig())
+    step = UNOStep(gen, critic, UNOLoss(caption=1.0), UNOConfig(read=None))  # the plain read, as recorded
     rng = random.Random(seed)
     seen, held = world.split_prompts()
     out = {}

@@ -8,6 +8,7 @@ train_dreambooth_lora_flux.py), and the one error type every module of the comma
 from __future__ import annotations
 
 import argparse
+import math
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -93,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--view latent: a LatentAdapter file fitted for this critic and VAE (uno_engine.latent)",
     )
+    r = p.add_argument_group("reading (how the critic reads each generated image; docs/reading.md)")
+    r.add_argument(
+        "--read",
+        default="default",
+        choices=("default", "off"),
+        help="default: one jittered view per image (ReadAugment.default(); --view pixel); off: the "
+        "processor's exact read (read=None)",
+    )
+    r.add_argument("--read_views", type=int, default=None, help="views per image (default 1)")
+    r.add_argument(
+        "--read_shift", type=float, default=None, help="max view centre shift, critic patches (default 0.75)"
+    )
+    r.add_argument(
+        "--read_scale",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="view box size relative to the image (default 0.85 1.15)",
+    )
+    r.add_argument("--read_noise", type=float, default=None, help="pixel noise std (default 0.15)")
     mem = p.add_argument_group("memory")
     mem.add_argument("--critic_checkpoint", default="auto", help="auto | none | layer | selective | offload")
     mem.add_argument(
@@ -167,6 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.resolution is not None and args.resolution < 8:
         raise UsageError(f"--resolution must be >= 8 pixels, got {args.resolution}")
+    _check_read(args)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     if args.lora_target_modules is not None:
@@ -174,3 +197,44 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not args.lora_target_modules:
             raise UsageError("--lora_target_modules is empty")
     return args
+
+
+READ_FLAGS = ("read_views", "read_shift", "read_scale", "read_noise")
+
+
+def _check_read(args) -> None:
+    """--read_* refine the default reading: they need --read default and --view pixel, and valid values."""
+    given = [name for name in READ_FLAGS if getattr(args, name) is not None]
+    if given and args.read == "off":
+        raise UsageError(f"--{given[0]} needs --read default (--read off is the processor's exact read)")
+    if given and args.view != "pixel":
+        raise UsageError(f"--{given[0]} needs --view pixel (the views are drawn in the pixel bridge)")
+    if args.read_views is not None and args.read_views < 1:
+        raise UsageError(f"--read_views must be >= 1, got {args.read_views}")
+    for name in ("read_shift", "read_noise"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} must be a finite number >= 0, got {value}")
+    if args.read_scale is not None:
+        lo, hi = args.read_scale
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise UsageError(f"--read_scale must be LO HI with 0 < LO <= HI, got {lo} {hi}")
+
+
+def read_config(args):
+    """UNOConfig.read for these arguments: None (--read off), "auto" (the default reading for the pixel view,
+    None for the latent view) or ReadAugment.default() with the --read_* values."""
+    if args.read == "off":
+        return None
+    over = dict(
+        views=args.read_views,
+        shift=args.read_shift,
+        scale=None if args.read_scale is None else tuple(args.read_scale),
+        noise=args.read_noise,
+    )
+    over = {k: v for k, v in over.items() if v is not None}
+    if not over:
+        return "auto"
+    from uno_engine import ReadAugment
+
+    return ReadAugment.default(**over)

@@ -136,6 +136,9 @@ class Trainer:
             noise = data.sample_noise([picks[r][0] for r in rows], a.seed, self.latent_shape)
             batch["initial_noise"] = noise.to(self.device)
             batch["seed"] = seed
+            # the reading's draws (uno_engine.read): from the global step and the sample's index in the global
+            # batch, so a resumed run and any number of processes draw the same views
+            batch["read_step"], batch["sample_offset"] = self.global_step, rows[0]
             if self.with_images:
                 size = (self.gen.height, self.gen.width)
                 imgs = torch.stack([data.load_image(records[r].image, size) for r in rows])

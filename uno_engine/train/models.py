@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .args import UsageError, one_line
+from .args import UsageError, one_line, read_config
 
 # LoRA targets per denoiser family (diffusers' LoRA scripts' choices): the attention projections; the DiTs'
 # joint attention also has the text stream's projections.
@@ -192,7 +192,7 @@ def build_step(args, pipe, critic, device):
             raise UsageError(f"--latent_adapter {args.latent_adapter}: {one_line(e)}") from None
         critic.attach_latent_adapter(adapter)
     try:
-        step = UNOStep(gen, critic, loss, UNOConfig(view=args.view))
+        step = UNOStep(gen, critic, loss, UNOConfig(view=args.view, read=read_config(args)))
     except ValueError as e:
         raise UsageError(f"--view {args.view}: {one_line(e)}") from None
     return step, gen
