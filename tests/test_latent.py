@@ -471,7 +471,10 @@ def test_renoised_latent_view_matches_float64_reference(tiny, fitted):
     ad64 = copy.deepcopy(fitted).double()
     ref = ad64(xt64, s64)
     with torch.no_grad():  # the same computation by hand in fp32: the rounding the 2x rule allows
-        xt32 = a64.float().view(-1, 1, 1, 1) * x0.repeat_interleave(K, 0) + s64.float().view(-1, 1, 1, 1) * eps.float()
+        xt32 = (
+            a64.float().view(-1, 1, 1, 1) * x0.repeat_interleave(K, 0)
+            + s64.float().view(-1, 1, 1, 1) * eps.float()
+        )
         hand = fitted(xt32, s64.float())
     err, hand_err = (out.double() - ref).abs().max(), (hand.double() - ref).abs().max()
     assert err <= 2 * hand_err + 1e-5, (float(err), float(hand_err))

@@ -257,7 +257,10 @@ def test_jobs_below_one_is_refused(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--probe-readings", "augmented,blurry"], "--probe-readings must be a comma-separated subset of plain"),
+        (
+            ["--probe-readings", "augmented,blurry"],
+            "--probe-readings must be a comma-separated subset of plain",
+        ),
         (["--probe-readings", ","], "--probe-readings must be"),
         (["--probe-critics", "old,robust"], "--probe-critics must be a comma-separated subset of old, aug"),
         (["--probe-views", "0"], "--probe-views must be >= 1, got 0"),

@@ -382,8 +382,12 @@ def test_default_reading_is_one_jittered_view_in_patches():
     assert UNOConfig().read == d and UNOConfig(view="pixel", read="auto").read == d
     assert UNOConfig(view="latent").read is None and UNOConfig(view="representation").read is None
     assert UNOConfig(read=None).read is None
-    with pytest.raises(ValueError, match="UNOConfig.read needs view='pixel'"):
-        UNOConfig(read=ReadAugment.default(), view="latent")  # an explicit reading still needs pixels
+    # an explicit pixel reading needs pixels: the latent view names the pixel-only fields, the representation
+    # view takes no reading
+    with pytest.raises(ValueError, match="cannot apply ReadAugment.shift, ReadAugment.scale, ReadAugment.noise"):
+        UNOConfig(read=ReadAugment.default(), view="latent")
+    with pytest.raises(ValueError, match="UNOConfig.read needs view='pixel' or 'latent'"):
+        UNOConfig(read=ReadAugment.default(), view="representation")
 
 
 @pytest.mark.parametrize(

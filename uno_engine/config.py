@@ -72,7 +72,9 @@ class UNOConfig:
                 f"got {type(self.read).__name__}"
             )
         if self.read is not None and self.view == "representation":
-            raise ValueError("UNOConfig.read needs view='pixel' or 'latent'; the representation view has none")
+            raise ValueError(
+                "UNOConfig.read needs view='pixel' or 'latent'; the representation view has none"
+            )
         if self.read is not None and self.view == "latent" and self.read.pixel_only:
             raise ValueError(
                 f"UNOConfig(view='latent') cannot apply ReadAugment.{', ReadAugment.'.join(self.read.pixel_only)}"

@@ -77,7 +77,11 @@ class UNOStep(nn.Module):
 
             c = self.config
             self.reader = LatentCritic(
-                critic, generator, latent_input=c.latent_input, feature_layer=c.latent_feature_layer, read=c.read
+                critic,
+                generator,
+                latent_input=c.latent_input,
+                feature_layer=c.latent_feature_layer,
+                read=c.read,
             )
         elif self.config.view == "representation":
             from uno_engine.representation import RepresentationCritic
