@@ -236,10 +236,16 @@ def view_tensors(spec: BridgeSpec, H: int, W: int, views, input_range, device, d
     return tabs, affine, keys
 
 
+def _views_mask_numel(rows, H, W, pl, affine, use_triton, store_mask) -> int:
+    if use_triton:
+        return _mask_numel(rows, H, W, pl, use_triton, store_mask)
+    return _bridge_torch.views_mask_numel(rows, pl.canvas, affine.numel() > 0, pl.clip, store_mask)
+
+
 def _views_fwd_fake(images, tabs, affine, keys, plan, views, lo, hi, use_triton, store_mask, kernel):
     pl = _PLAN_BY_ID[plan]
     B, C, H, W = images.shape
-    numel = _mask_numel(B * views, H, W, pl, use_triton, store_mask)
+    numel = _views_mask_numel(B * views, H, W, pl, affine, use_triton, store_mask)
     return images.new_empty(_out_shape(B * views, C, pl)), images.new_empty((numel,), dtype=torch.uint8)
 
 
@@ -277,7 +283,7 @@ def bridge_views_bwd(
         noisy = affine.numel() > 0
         return _bridge_torch.views_backward(
             grad_out, images, tabs[0], tabs[1], affine if noisy else None, keys, views, pl.consts, pl.region,
-            lo, hi, pl.clip, pl.qwen, use_masks, pl.vertical_first,
+            lo, hi, pl.clip, pl.qwen, use_masks, pl.vertical_first, mask if mask.numel() else None,
         )  # fmt: skip
     from uno_engine.kernels import bridge as K
 
@@ -306,11 +312,11 @@ def bridge_views_fwd(
     pl = _PLAN_BY_ID[plan]
     if not use_triton:
         noisy = affine.numel() > 0
-        out = _bridge_torch.views_forward(
+        out, mask = _bridge_torch.views_forward(
             images, tabs[0], tabs[1], affine if noisy else None, keys, views, pl.consts, pl.region, lo, hi,
-            pl.clip, pl.qwen, pl.vertical_first,
+            pl.clip, pl.qwen, pl.vertical_first, store_mask,
         )  # fmt: skip
-        return out, images.new_empty((0,), dtype=torch.uint8)
+        return out, mask if mask is not None else images.new_empty((0,), dtype=torch.uint8)
     from uno_engine.kernels import bridge as K
 
     out, side = K.bridge_forward(

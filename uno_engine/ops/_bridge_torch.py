@@ -59,42 +59,59 @@ def view_noise(affine, keys, Hc, Wc):
     return a, b, s * eps
 
 
-def _view_passes(u, wy, wx, K, clip, vf):
-    """u (B, 3, H, W) clamped -> (t_pre (B, K, 3, ...), r (B*K, 3, Hc, Wc) before its clip)."""
+def _view_passes(u, wy, wx, K, clip, vf, first_only=False):
+    """u (B, 3, H, W) clamped -> (t_pre (B, K, 3, ...), r (B*K, 3, Hc, Wc) before its clip; None when
+    `first_only`)."""
     B = u.shape[0]
     wy5, wx5 = wy.view(B, K, 1, *wy.shape[1:]), wx.view(B, K, 1, *wx.shape[1:])
     u5 = u.unsqueeze(1)
     t_pre = torch.matmul(wy5, u5) if vf else torch.matmul(u5, wx5.transpose(-1, -2))
+    if first_only:
+        return t_pre, None
     t = t_pre.clamp(0.0, 1.0) if clip else t_pre
     r = torch.matmul(t, wx5.transpose(-1, -2)) if vf else torch.matmul(wy5, t)
     return t_pre, r.flatten(0, 1)
 
 
-def views_forward(images, wy, wx, affine, keys, K, consts, region, lo, hi, clip, qwen, vf):
-    """images (B, 3, H, W) -> the critic input of its B * K views (row b * K + k: view k of image b).
-    wy (V, Hc, H), wx (V, Wc, W); affine (V, 3) [alpha, beta, sigma] and keys (V, 2), or None (no noise)."""
+def views_forward(images, wy, wx, affine, keys, K, consts, region, lo, hi, clip, qwen, vf, store_mask=False):
+    """images (B, 3, H, W) -> (the critic input of its B * K views (row b * K + k: view k of image b), mask).
+    wy (V, Hc, H), wx (V, Wc, W); affine (V, 3) [alpha, beta, sigma] and keys (V, 2), or None (no noise).
+    mask: with noise, a clip and `store_mask`, (V * 3 * Hc * Wc,) uint8, 1 where the last clip passed (what the
+    backward would otherwise recompute, the noise draw included), else None."""
     u = ((images.to(wy.dtype) - lo) / (hi - lo)).clamp(0.0, 1.0)
     _, r = _view_passes(u, wy, wx, K, clip, vf)
+    mask = None
     if affine is not None:
         a, b, n = view_noise(affine, keys, *r.shape[-2:])
         r = a * r + b + n
+        if clip and store_mask:
+            mask = ((r >= 0) & (r <= 1)).to(torch.uint8).flatten()
     if clip:
         r = r.clamp(0.0, 1.0)
-    return _epilogue(r, images.dtype, consts, region, qwen)
+    return _epilogue(r, images.dtype, consts, region, qwen), mask
+
+
+def views_mask_numel(V: int, canvas: tuple[int, int], noisy: bool, clip: bool, store_mask: bool) -> int:
+    """Elements of `views_forward`'s mask (0: none)."""
+    return V * 3 * canvas[0] * canvas[1] if noisy and clip and store_mask else 0
 
 
 def views_backward(
-    grad_out, images, wy, wx, affine, keys, K, consts, region, lo, hi, clip, qwen, use_masks, vf
+    grad_out, images, wy, wx, affine, keys, K, consts, region, lo, hi, clip, qwen, use_masks, vf, mask=None
 ):
-    """grad_images (B, 3, H, W) of `views_forward`: each view's transposed passes, summed over the K views."""
+    """grad_images (B, 3, H, W) of `views_forward`: each view's transposed passes, summed over the K views.
+    mask: the forward's last-clip mask, or None (recomputed here, the noise draw included)."""
     cdtype = wy.dtype
     B = images.shape[0]
     V, Hc, Wc = wy.shape[0], wy.shape[1], wx.shape[1]
     g = _grad_canvas(grad_out, V, Hc, Wc, cdtype, consts, region, qwen)
     if use_masks:
         u_pre = (images.to(cdtype) - lo) / (hi - lo)
-        t_pre, r_pre = _view_passes(u_pre.clamp(0.0, 1.0), wy, wx, K, clip, vf)
-        if clip:
+        saved = mask is not None and clip
+        t_pre, r_pre = _view_passes(u_pre.clamp(0.0, 1.0), wy, wx, K, clip, vf, first_only=saved)
+        if saved:
+            g = torch.where(mask.view(V, 3, Hc, Wc).bool(), g, 0.0)
+        elif clip:
             if affine is not None:
                 a, b, n = view_noise(affine, keys, Hc, Wc)
                 r_pre = a * r_pre + b + n
