@@ -11,16 +11,20 @@ checkpointing gives no gradients when no input of a region requires grad, and HF
   the recomputation as soon as the tensors the backward needs exist again, so a layer's last projection is
   not redone).
 - "selective": the same regions under `create_selective_checkpoint_contexts`: the outputs of the attention
-  kernels and of the MLP's wide matmuls (up / gate / fc1) are saved; pointwise ops and norms are
-  recomputed, and so are the attention projections (q / k / v / o). Why not save every matmul output: with
+  kernels, of the MLP's wide matmuls (up / gate / fc1) and of the LM's attention output projection (o_proj)
+  are saved; pointwise ops and norms are recomputed, and so are the attention input projections (q / k / v)
+  and the vision towers' output projections (out_proj / proj / dense). Why not save every matmul output: with
   frozen weights "none" already keeps only what the backward reads (a frozen linear's backward reads no
   activation), so saving every matmul output keeps about 80% of what "none" keeps. Each attention
-  projection costs about 8% of a layer's FLOPs and frees one (tokens x hidden) tensor per layer;
-  recomputing the four brings the critic to about 55% of "none" at about 1.15x its FLOPs, while the MLP's
-  wide matmuls (the most FLOPs) run once. Each layer's last projection (MLP down / fc2) is not saved
+  projection costs about 8% of a layer's FLOPs and frees one (tokens x hidden) tensor per layer; recomputing
+  q / k / v everywhere and the towers' output projections brings the critic to about 58% of "none" at about
+  1.12x its FLOPs, while the MLP's wide matmuls (the most FLOPs) run once. Saving the LM's o_proj as well
+  (one tensor per LM layer; 0.552x -> 0.585x of "none" on the test critic, under the 0.6 bar) buys back a
+  quarter of the LM's recomputed projections: on the CPU mid preset that is what keeps the whole step within
+  1.1x of eager. Each layer's last projection (MLP down / fc2) is not saved
   either: no backward in the layer reads its output, and non-reentrant early stop never recomputes it.
   Under torch.compile (`Critic.compile_blocks`) the policy is applied to the traced graph, where the
-  projection hooks that mark q / k / v / o do not run: there it saves every matmul output (about 80% of
+  projection hooks that mark q / k / v do not run: there it saves every matmul output (about 80% of
   "none"), and recomputes pointwise ops and norms.
 - "offload": `torch.autograd.graph.save_on_cpu(pin_memory=True)` around the critic's forward on CUDA; on the
   CPU the activations already live in host memory, so it is the same as "none".
@@ -32,7 +36,7 @@ checkpointing gives no gradients when no input of a region requires grad, and HF
   vision encoder; its image tokens plus `NOMINAL_CAPTION_TOKENS` (64) caption tokens in the LM. Then
   "none" below `AUTO_SELECTIVE_BYTES` (64 MiB per image: a batch of 8 keeps < 0.5 GiB; recomputing would
   only add FLOPs and host time, which is all a small critic's step is made of), "selective" up to
-  `AUTO_LAYER_BYTES` (1 GiB per image: about 55% of "none" for about 1.15x the critic's FLOPs), "layer"
+  `AUTO_LAYER_BYTES` (1 GiB per image: about 58% of "none" for about 1.12x the critic's FLOPs), "layer"
   above it (only layer inputs kept: a 7B critic's 2.5 GB per image becomes about 0.2 GB). The decision and
   its figures are logged once per distinct reason (logger "uno_engine"), kept as `critic.checkpoint_reason`,
   and listed by `python -m uno_engine.info` (`auto_decisions()`).
@@ -72,7 +76,6 @@ RECOMPUTED_PROJECTIONS = (
     "query",
     "key",
     "value",  # attention input projections
-    "o_proj",
     "out_proj",
     "proj",
     "projection_layer",
