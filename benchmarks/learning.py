@@ -406,12 +406,10 @@ def main(argv=None) -> int:
     cache = None if args.smoke else (args.cache / "critic.safetensors", args.cache / "generator.safetensors")
     before = None
     if args.reuse_before is not None:
-        other = json.loads(args.reuse_before.read_text())
-        mine = {k: v for k, v in asdict(s).items() if k != "ablations"}
-        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
-        if json.loads(json.dumps(mine)) != theirs:
-            ap.error(f"--reuse-before: {args.reuse_before} was run with other settings: {theirs} != {mine}")
-        before = other["before_per_seed"]
+        try:
+            before = reused_before(args.reuse_before, s)
+        except ValueError as e:
+            ap.error(str(e))
     res = experiment.run_all(
         critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache, before=before
     )
@@ -464,6 +462,23 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def reused_before(path: Path, s) -> list[dict]:
+    """--reuse-before: the pretrained generator's evaluations of the seeds `s.seeds`, in that order, from the
+    learning-*.json at `path` (run with the same settings but the arms and the seeds; each evaluation is
+    taken by its seed, so --seed 1 --seeds 2 gets seeds 1 and 2 of a 0-2 run). ValueError naming
+    --reuse-before on other settings or a seed the file did not judge."""
+    other = json.loads(path.read_text())
+    mine = {k: v for k, v in asdict(s).items() if k not in ("ablations", "seeds")}
+    theirs = {k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")}
+    if json.loads(json.dumps(mine)) != theirs:
+        raise ValueError(f"--reuse-before: {path} was run with other settings: {theirs} != {mine}")
+    by_seed = dict(zip(other["settings"]["seeds"], other["before_per_seed"], strict=True))
+    missing = [seed for seed in s.seeds if seed not in by_seed]
+    if missing:
+        raise ValueError(f"--reuse-before: {path} has no evaluation of seeds {missing} (it has {sorted(by_seed)})")
+    return [by_seed[seed] for seed in s.seeds]
 
 
 def run_probe(args) -> int:
