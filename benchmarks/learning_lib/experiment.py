@@ -415,6 +415,20 @@ def power(runs: list[dict], before: list[dict] | None = None) -> dict:
     return out
 
 
+def arm_result(runs: list[dict], seeds, before: list[dict]) -> dict:
+    """The record of an arm that ran: its evaluations `runs` (one per seed of `seeds`, in that order), their
+    mean and std over seeds (`aggregate`) and the standard errors (`power`), paired with `before`, the
+    pretrained generator's evaluations of the same seeds. What `run_all` records, and what
+    `learning.py --merge` recomputes when it combines an arm's seeds from several runs."""
+    if not (len(runs) == len(seeds) == len(before)) or not runs:
+        raise ValueError(
+            f"arm_result: `runs` ({len(runs)}), `seeds` ({len(seeds)}) and `before` ({len(before)}) must be "
+            "non-empty and of one length"
+        )
+    out = {"status": "ran", "per_seed": runs, "mean": aggregate(runs), "seeds": list(seeds)}
+    return out | power(runs, before)
+
+
 def _run_unit(models_, unit, s: Settings, bar=None, log=None):
     """One work unit: ("before", seed) or (ablation, seed) -> (unit, eval dict or {"error": ...}, trained unet
     state_dict for the main ablation's first seed, else None)."""
@@ -547,18 +561,7 @@ def run_all(
     for name in runnable:
         runs = [results[(name, seed)] for seed in s.seeds]
         err = next((r["error"] for r in runs if "error" in r), None)
-        if err is not None:
-            ablations[name] = {"status": err}
-        else:
-            ablations[name] = {
-                "status": "ran",
-                "per_seed": runs,
-                "mean": aggregate(runs),
-                "seeds": list(s.seeds),
-            }
-    for name in runnable:
-        if ablations[name]["status"] == "ran":
-            ablations[name].update(power(ablations[name]["per_seed"], before))
+        ablations[name] = {"status": err} if err is not None else arm_result(runs, s.seeds, before)
     trained = None
     if "state" in keep:
         trained = copy.deepcopy(unet)
