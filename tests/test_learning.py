@@ -532,3 +532,14 @@ def test_reuse_before_takes_the_evaluations_by_seed(tmp_path, monkeypatch):
         learning.reused_before(path, experiment.Settings(seeds=(2, 3)))
     with pytest.raises(ValueError, match="--reuse-before: .* other settings"):
         learning.reused_before(path, experiment.Settings(seeds=(1,), lr=1e-4))
+
+
+def test_the_combination_arm_is_the_aug_critic_headline_through_the_early_window():
+    from learning_lib import experiment, models
+
+    name = experiment.COMBINATION
+    assert experiment._losses(name) == experiment._losses("caption+joint+kl")
+    assert experiment.ABLATIONS[name]["critic"] == "aug" and name not in experiment.DEFAULT_ABLATIONS
+    s = experiment.Settings()
+    gen = experiment.ABLATIONS[name]["prepare"](models.make_generator(models.build_unet(0)), None, None, s, 0)
+    assert gen.grad_window == (0.0, 0.5) and gen.recover == "one_step"
