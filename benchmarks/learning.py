@@ -121,31 +121,45 @@ def _pm(x, se, scale=100.0) -> str:
 
 
 def table(res: dict) -> str:
-    """The printed table: judge accuracy (% of prompts, mean of seeds +- SE) before and per ablation, and the
-    paired gains (points +- SE), with the denoising loss."""
+    """The printed table: judge accuracy (% of prompts, mean of seeds +- SE) before and per ablation, the
+    paired gains (points +- SE) with the seed-to-seed sd of the held-out gain, and the denoising loss with its
+    change over the pretrained generator's on the same seeds."""
     rows = [
-        "| arm | held-out % | held-out gain (pts) | seen % | seen change (pts) | denoise loss | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seeds | held-out % | held-out gain (pts) | gain seed sd | seen % | seen change (pts) | "
+        "denoise loss (change) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     b = res.get("before_accuracy") or {}
     if b:
         rows.append(
-            f"| pretrained | {_pm(b['held_out']['mean'], b['held_out']['se'])} | | "
-            f"{_pm(b['seen']['mean'], b['seen']['se'])} | | {res['before_mean']['denoising_loss']:.4f} | "
-            f"{b['held_out']['n_seeds']} |"
+            f"| pretrained | {_seeds(res['settings']['seeds'])} | {_pm(b['held_out']['mean'], b['held_out']['se'])} "
+            f"| | | {_pm(b['seen']['mean'], b['seen']['se'])} | | {res['before_mean']['denoising_loss']:.4f} |"
         )
+    before = dict(zip(res["settings"]["seeds"], res.get("before_per_seed") or [], strict=False))
     for name, ab in res["ablations"].items():
         if ab.get("status") != "ran" or "accuracy" not in ab:
-            rows.append(f"| {name} | {ab.get('status', 'not run')} | | | | | |")
+            rows.append(f"| {name} | | {ab.get('status', 'not run')} | | | | | |")
             continue
         a, d = ab["accuracy"], ab["paired"]
+        sd = d["held_out"].get("seed_sd")
+        dl = ab["mean"]["denoising_loss"]
+        bl = [before[sd_]["denoising_loss"] for sd_ in ab["seeds"] if sd_ in before]
+        rise = f" ({100 * (dl / (sum(bl) / len(bl)) - 1):+.1f}%)" if len(bl) == len(ab["seeds"]) else ""
         rows.append(
-            f"| {name} | {_pm(a['held_out']['mean'], a['held_out']['se'])} | "
-            f"{_pm(d['held_out']['mean'], d['held_out']['se'])} | {_pm(a['seen']['mean'], a['seen']['se'])} | "
-            f"{_pm(d['seen']['mean'], d['seen']['se'])} | {ab['mean']['denoising_loss']:.4f} | "
-            f"{a['held_out']['n_seeds']} |"
+            f"| {name} | {_seeds(ab['seeds'])} | {_pm(a['held_out']['mean'], a['held_out']['se'])} | "
+            f"{_pm(d['held_out']['mean'], d['held_out']['se'])} | {'-' if sd is None else f'{100 * sd:.1f}'} | "
+            f"{_pm(a['seen']['mean'], a['seen']['se'])} | {_pm(d['seen']['mean'], d['seen']['se'])} | "
+            f"{dl:.4f}{rise} |"
         )
     return "\n".join(rows)
+
+
+def _seeds(seeds: list[int]) -> str:
+    return (
+        f"{seeds[0]}-{seeds[-1]}"
+        if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[-1] + 1))
+        else ",".join(map(str, seeds))
+    )
 
 
 def save_grid(grid, captions, path: Path) -> None:
