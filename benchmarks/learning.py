@@ -121,31 +121,45 @@ def _pm(x, se, scale=100.0) -> str:
 
 
 def table(res: dict) -> str:
-    """The printed table: judge accuracy (% of prompts, mean of seeds +- SE) before and per ablation, and the
-    paired gains (points +- SE), with the denoising loss."""
+    """The printed table: judge accuracy (% of prompts, mean of seeds +- SE) before and per ablation, the
+    paired gains (points +- SE) with the seed-to-seed sd of the held-out gain, and the denoising loss with its
+    change over the pretrained generator's on the same seeds."""
     rows = [
-        "| arm | held-out % | held-out gain (pts) | seen % | seen change (pts) | denoise loss | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seeds | held-out % | held-out gain (pts) | gain seed sd | seen % | seen change (pts) | "
+        "denoise loss (change) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     b = res.get("before_accuracy") or {}
     if b:
         rows.append(
-            f"| pretrained | {_pm(b['held_out']['mean'], b['held_out']['se'])} | | "
-            f"{_pm(b['seen']['mean'], b['seen']['se'])} | | {res['before_mean']['denoising_loss']:.4f} | "
-            f"{b['held_out']['n_seeds']} |"
+            f"| pretrained | {_seeds(res['settings']['seeds'])} | {_pm(b['held_out']['mean'], b['held_out']['se'])} "
+            f"| | | {_pm(b['seen']['mean'], b['seen']['se'])} | | {res['before_mean']['denoising_loss']:.4f} |"
         )
+    before = dict(zip(res["settings"]["seeds"], res.get("before_per_seed") or [], strict=False))
     for name, ab in res["ablations"].items():
         if ab.get("status") != "ran" or "accuracy" not in ab:
-            rows.append(f"| {name} | {ab.get('status', 'not run')} | | | | | |")
+            rows.append(f"| {name} | | {ab.get('status', 'not run')} | | | | | |")
             continue
         a, d = ab["accuracy"], ab["paired"]
+        sd = d["held_out"].get("seed_sd")
+        dl = ab["mean"]["denoising_loss"]
+        bl = [before[sd_]["denoising_loss"] for sd_ in ab["seeds"] if sd_ in before]
+        rise = f" ({100 * (dl / (sum(bl) / len(bl)) - 1):+.1f}%)" if len(bl) == len(ab["seeds"]) else ""
         rows.append(
-            f"| {name} | {_pm(a['held_out']['mean'], a['held_out']['se'])} | "
-            f"{_pm(d['held_out']['mean'], d['held_out']['se'])} | {_pm(a['seen']['mean'], a['seen']['se'])} | "
-            f"{_pm(d['seen']['mean'], d['seen']['se'])} | {ab['mean']['denoising_loss']:.4f} | "
-            f"{a['held_out']['n_seeds']} |"
+            f"| {name} | {_seeds(ab['seeds'])} | {_pm(a['held_out']['mean'], a['held_out']['se'])} | "
+            f"{_pm(d['held_out']['mean'], d['held_out']['se'])} | {'-' if sd is None else f'{100 * sd:.1f}'} | "
+            f"{_pm(a['seen']['mean'], a['seen']['se'])} | {_pm(d['seen']['mean'], d['seen']['se'])} | "
+            f"{dl:.4f}{rise} |"
         )
     return "\n".join(rows)
+
+
+def _seeds(seeds: list[int]) -> str:
+    return (
+        f"{seeds[0]}-{seeds[-1]}"
+        if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[-1] + 1))
+        else ",".join(map(str, seeds))
+    )
 
 
 def save_grid(grid, captions, path: Path) -> None:
@@ -181,7 +195,9 @@ def plot(res: dict, path: Path, samples=None) -> None:
     for off, split, color in ((-0.2, "held_out", "tab:red"), (0.2, "seen", "tab:blue")):
         m = [100 * a[split]["mean"] if a else 0 for a in accs]
         e = [100 * (a[split]["se"] or 0) if a else 0 for a in accs]
-        axes[0].bar([i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-"))
+        axes[0].bar(
+            [i + off for i in x], m, 0.4, yerr=e, capsize=3, color=color, label=split.replace("_", "-")
+        )
     axes[0].set_xticks(list(x), names, rotation=35, ha="right", fontsize=7)
     axes[0].set_ylabel("judge accuracy, % of prompts (mean of seeds +- SE)")
     axes[0].set_title("before / after, by arm")
@@ -204,7 +220,9 @@ def plot(res: dict, path: Path, samples=None) -> None:
     axes[1].legend()
     missing = [n for n, a in res["ablations"].items() if a.get("status") != "ran"]
     if missing:
-        axes[1].text(0.01, 0.98, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=6, va="top")
+        axes[1].text(
+            0.01, 0.98, "not run: " + "; ".join(missing), transform=axes[1].transAxes, fontsize=6, va="top"
+        )
     if samples is not None:
         axes[2].imshow(samples)
         axes[2].set_title("held-out prompts: pretrained (top) / after UNO (bottom)", fontsize=9)
@@ -291,7 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--probe-critic", type=Path, default=None, help="--probe this critic (safetensors) instead"
     )
-    ap.add_argument("--probe-prompts", type=int, default=None, help="--probe: held-out prompts attacked (all)")
+    ap.add_argument(
+        "--probe-prompts", type=int, default=None, help="--probe: held-out prompts attacked (all)"
+    )
     ap.add_argument("--probe-steps", type=int, default=100, help="--probe: pixel descent steps")
     ap.add_argument("--probe-views", type=int, default=8, help="--probe: views per image of the readings")
     ap.add_argument(
@@ -426,12 +446,10 @@ def main(argv=None) -> int:
     cache = None if args.smoke else (args.cache / "critic.safetensors", args.cache / "generator.safetensors")
     before = None
     if args.reuse_before is not None:
-        other = json.loads(args.reuse_before.read_text())
-        mine = {k: v for k, v in asdict(s).items() if k != "ablations"}
-        theirs = {k: v for k, v in other["settings"].items() if k != "ablations"}
-        if json.loads(json.dumps(mine)) != theirs:
-            ap.error(f"--reuse-before: {args.reuse_before} was run with other settings: {theirs} != {mine}")
-        before = other["before_per_seed"]
+        try:
+            before = reused_before(args.reuse_before, s)
+        except ValueError as e:
+            ap.error(str(e))
     res = experiment.run_all(
         critic_model, proc, unet, text, s, bar=bar, log=log, jobs=args.jobs, cache=cache, before=before
     )
@@ -484,6 +502,25 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def reused_before(path: Path, s) -> list[dict]:
+    """--reuse-before: the pretrained generator's evaluations of the seeds `s.seeds`, in that order, from the
+    learning-*.json at `path` (run with the same settings but the arms and the seeds; each evaluation is
+    taken by its seed, so --seed 1 --seeds 2 gets seeds 1 and 2 of a 0-2 run). ValueError naming
+    --reuse-before on other settings or a seed the file did not judge."""
+    other = json.loads(path.read_text())
+    mine = {k: v for k, v in asdict(s).items() if k not in ("ablations", "seeds")}
+    theirs = {k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")}
+    if json.loads(json.dumps(mine)) != theirs:
+        raise ValueError(f"--reuse-before: {path} was run with other settings: {theirs} != {mine}")
+    by_seed = dict(zip(other["settings"]["seeds"], other["before_per_seed"], strict=True))
+    missing = [seed for seed in s.seeds if seed not in by_seed]
+    if missing:
+        raise ValueError(
+            f"--reuse-before: {path} has no evaluation of seeds {missing} (it has {sorted(by_seed)})"
+        )
+    return [by_seed[seed] for seed in s.seeds]
 
 
 def run_probe(args) -> int:
@@ -559,19 +596,63 @@ def probe_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def _arm_sources(res: dict, name: str, ab: dict, target: Path) -> dict:
+    """{seed: (file, commit)} of an arm already in `res` (the file at `target`): from its "seed_sources", else
+    from the run it was merged from ("merged_from"), else the target's own run."""
+    if "seed_sources" in ab:
+        return {int(k): (v["file"], v["commit"]) for k, v in ab["seed_sources"].items()}
+    came = [m for m in res.get("merged_from", []) if name in m["arms"]]
+    file, commit = (came[-1]["file"], came[-1]["commit"]) if came else (target.name, res.get("commit"))
+    return {seed: (file, ab.get("commit", commit)) for seed in ab["seeds"]}
+
+
 def merge(target: Path, others: list[Path]) -> int:
-    """Fold other runs' ablations into `target` (the same settings required; their seeds may be a subset of
-    the target's: such an arm keeps its own "seeds"), recompute the headline."""
+    """Fold other runs' arms into `target`, seed by seed. Every file must have the target's settings but the
+    arms and the seeds, and judged the pretrained generator on seeds of the target's with the same figures.
+    An arm's seeds from all the files (the target's included) are combined; a seed of an arm found in two
+    files is an error naming both. Each combined arm's mean, std and SEs are recomputed over its seeds by
+    `experiment.arm_result`, as a run of all those seeds records them; then the headline."""
     res = json.loads(target.read_text())
+    before = dict(zip(res["settings"]["seeds"], res["before_per_seed"], strict=True))
+
+    def shared(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ("ablations", "seeds")}
+
+    found: dict[str, dict] = {}  # arm -> {seed: (evaluation, file, commit)}
+    for name, ab in res["ablations"].items():
+        if ab.get("status") == "ran":
+            src = _arm_sources(res, name, ab, target)
+            found[name] = {sd: (ev, *src[sd]) for sd, ev in zip(ab["seeds"], ab["per_seed"], strict=True)}
     for path in others:
         other = json.loads(path.read_text())
-        mine = {k: v for k, v in res["settings"].items() if k not in ("ablations", "seeds")}
-        theirs = {k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")}
-        if mine != theirs or not set(other["settings"]["seeds"]) <= set(res["settings"]["seeds"]):
-            raise SystemExit(f"--merge: {path} was run with other settings: {other['settings']} != {res['settings']}")
+        if shared(other["settings"]) != shared(res["settings"]):
+            raise SystemExit(
+                f"--merge: {path} was run with other settings: {other['settings']} != {res['settings']}"
+            )
+        for seed, ev in zip(other["settings"]["seeds"], other["before_per_seed"], strict=True):
+            if seed not in before:
+                raise SystemExit(
+                    f"--merge: {path} ran seed {seed}; {target} judged the pretrained generator on "
+                    f"seeds {sorted(before)} only"
+                )
+            if any(
+                ev[sp]["per_prompt_pass"] != before[seed][sp]["per_prompt_pass"]
+                for sp in ("held_out", "seen")
+            ):
+                raise SystemExit(
+                    f"--merge: {path} judged another pretrained generator on seed {seed} than {target}"
+                )
         for name, ab in other["ablations"].items():
-            if ab.get("status") == "ran" or name not in res["ablations"]:
-                res["ablations"][name] = ab
+            if ab.get("status") != "ran":
+                res["ablations"].setdefault(name, ab)
+                continue
+            have = found.setdefault(name, {})
+            for seed, ev in zip(ab["seeds"], ab["per_seed"], strict=True):
+                if seed in have:
+                    raise SystemExit(
+                        f"--merge: arm {name!r} seed {seed} is in both {have[seed][1]} and {path.name}"
+                    )
+                have[seed] = (ev, path.name, other.get("commit"))
         res.setdefault("merged_from", []).append(
             {
                 "file": path.name,
@@ -583,9 +664,11 @@ def merge(target: Path, others: list[Path]) -> int:
                 "cpu_s": other.get("cpu_s"),
             }
         )
-        for name, ab in other["ablations"].items():
-            if ab.get("status") == "ran":
-                ab["commit"] = other.get("commit")
+    for name, by_seed in found.items():
+        seeds = sorted(by_seed)
+        ab = experiment.arm_result([by_seed[sd][0] for sd in seeds], seeds, [before[sd] for sd in seeds])
+        ab["seed_sources"] = {str(sd): {"file": by_seed[sd][1], "commit": by_seed[sd][2]} for sd in seeds}
+        res["ablations"][name] = ab
     res["before"], res["after"], res["targets"] = headline(res, res["settings"]["main"])
     print(table(res))
     res["notes"] = NOTES

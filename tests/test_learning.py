@@ -448,3 +448,124 @@ def test_probe_descent_through_a_reading_lowers_its_ce_and_pairs_the_judge():
     )
     with pytest.raises(ValueError, match="`name`"):
         experiment.reading("blurred")
+
+
+# ------------------------------------------------------------------------ arms run apart, then merged
+def _fake_eval(name: str, seed: int, P: int = 7, m: int = 3) -> dict:
+    """An evaluation dict as `experiment.evaluate` + `_run_unit` write it, drawn from (name, seed)."""
+    from learning_lib import stats
+
+    rng = random.Random(f"{name}/{seed}")
+    ev = {}
+    for split in ("held_out", "seen"):
+        k = [rng.randint(0, m) for _ in range(P)]
+        ev[split] = {"overall": sum(k) / (m * P), **{c: rng.random() for c in judge.CATEGORIES}}
+        ev[split] |= {"per_prompt_pass": k, "stats": stats.accuracy(k, m)}
+    ev["held_out_by_kind"] = {"binding": rng.random(), "count": rng.random(), "position": rng.random()}
+    ev["denoising_loss"] = 0.08 + 0.01 * rng.random()
+    if name != "before":
+        ev["uno_s"] = 100.0 * rng.random()
+    return ev
+
+
+def _fake_run(monkeypatch, path: Path, arms: tuple, seeds: tuple, before: list | None = None) -> dict:
+    """learning.py's JSON of a run of `arms` on `seeds` whose units return `_fake_eval` (run_all for real)."""
+    from learning_lib import experiment
+
+    monkeypatch.setattr(experiment, "feature_status", lambda name: None)
+    monkeypatch.setattr(
+        experiment, "_run_unit", lambda models_, u, s, bar=None, log=None: (u, _fake_eval(*u), None)
+    )
+    s = experiment.Settings(seeds=seeds, ablations=arms)
+    res = experiment.run_all(None, None, None, None, s, log=lambda m: None, before=before)
+    res.pop("_trained_main_seed0")
+    res["commit"] = f"commit-of-{path.name}"
+    path.write_text(json.dumps(res, default=str))
+    return json.loads(json.dumps(res, default=str))
+
+
+def test_merge_combines_an_arms_seeds_as_a_run_of_all_seeds(tmp_path, monkeypatch, capsys):
+    import learning
+
+    arm, ctrl = "caption+joint+kl (aug critic)", "control (generator loss only)"
+    full = _fake_run(monkeypatch, tmp_path / "full.json", (arm,), (0, 1, 2))
+    target = tmp_path / "learning-cpu.json"
+    _fake_run(monkeypatch, target, (ctrl,), (0, 1, 2))
+    before = full["before_per_seed"]
+    _fake_run(monkeypatch, tmp_path / "s0.json", (arm,), (0,), before=before[:1])
+    _fake_run(monkeypatch, tmp_path / "s12.json", (arm,), (1, 2), before=before[1:])
+    # seed 2 first, seed 0 in a file of its own: the merge sorts the seeds
+    assert learning.merge(target, [tmp_path / "s12.json", tmp_path / "s0.json"]) == 0
+    merged = json.loads(target.read_text())
+    got, want = merged["ablations"][arm], full["ablations"][arm]
+    assert got["seeds"] == [0, 1, 2]
+    for key in ("per_seed", "mean", "accuracy", "paired"):
+        assert got[key] == want[key], key
+    # the paired gain is the mean over seeds of each seed's own after - before
+    d = [
+        np.mean(
+            np.subtract(_fake_eval(arm, sd)["held_out"]["per_prompt_pass"], b["held_out"]["per_prompt_pass"])
+        )
+        / 3
+        for sd, b in zip((0, 1, 2), before, strict=True)
+    ]
+    assert got["paired"]["held_out"]["mean"] == pytest.approx(np.mean(d), abs=1e-12)
+    assert got["seed_sources"]["0"] == {"file": "s0.json", "commit": "commit-of-s0.json"}
+    assert merged["ablations"][ctrl]["seeds"] == [0, 1, 2]  # the target's own arm is kept
+    # a seed present twice is an error naming both files
+    with pytest.raises(SystemExit, match=r"seed 0 is in both s0\.json and s0\.json"):
+        learning.merge(target, [tmp_path / "s0.json"])
+    again = tmp_path / "again.json"
+    _fake_run(monkeypatch, again, (arm,), (1,), before=before[1:2])
+    with pytest.raises(SystemExit, match=r"seed 1 is in both s12\.json and again\.json"):
+        learning.merge(target, [again])
+
+
+def test_merge_refuses_other_settings_and_other_pretrained_evaluations(tmp_path, monkeypatch):
+    import learning
+
+    arm = "caption"
+    target = tmp_path / "learning-cpu.json"
+    res = _fake_run(monkeypatch, target, ("control (generator loss only)",), (0, 1, 2))
+    other = tmp_path / "other.json"
+    _fake_run(monkeypatch, other, (arm,), (1,), before=res["before_per_seed"][1:2])
+    changed = json.loads(other.read_text())
+    changed["settings"]["lr"] = 1e-4
+    other.write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="other.json was run with other settings"):
+        learning.merge(target, [other])
+    _fake_run(monkeypatch, other, (arm,), (1,))  # its own pretrained evaluation (seed 1's fake differs)
+    changed = json.loads(other.read_text())
+    changed["before_per_seed"][0]["held_out"]["per_prompt_pass"][0] += 1
+    other.write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="judged another pretrained generator on seed 1"):
+        learning.merge(target, [other])
+    _fake_run(monkeypatch, other, (arm,), (5,))
+    with pytest.raises(SystemExit, match="ran seed 5"):
+        learning.merge(target, [other])
+
+
+def test_reuse_before_takes_the_evaluations_by_seed(tmp_path, monkeypatch):
+    import learning
+    from learning_lib import experiment
+
+    path = tmp_path / "learning-cpu.json"
+    res = _fake_run(monkeypatch, path, ("caption",), (0, 1, 2))
+    got = learning.reused_before(path, experiment.Settings(seeds=(1, 2), ablations=("representation",)))
+    assert got == res["before_per_seed"][1:]
+    assert learning.reused_before(path, experiment.Settings(seeds=(2,)))[0] == res["before_per_seed"][2]
+    with pytest.raises(ValueError, match=r"--reuse-before: .* no evaluation of seeds \[3\]"):
+        learning.reused_before(path, experiment.Settings(seeds=(2, 3)))
+    with pytest.raises(ValueError, match="--reuse-before: .* other settings"):
+        learning.reused_before(path, experiment.Settings(seeds=(1,), lr=1e-4))
+
+
+def test_the_combination_arm_is_the_aug_critic_headline_through_the_early_window():
+    from learning_lib import experiment, models
+
+    name = experiment.COMBINATION
+    assert experiment._losses(name) == experiment._losses("caption+joint+kl")
+    assert experiment.ABLATIONS[name]["critic"] == "aug" and name not in experiment.DEFAULT_ABLATIONS
+    s = experiment.Settings()
+    gen = experiment.ABLATIONS[name]["prepare"](models.make_generator(models.build_unet(0)), None, None, s, 0)
+    assert gen.grad_window == (0.0, 0.5) and gen.recover == "one_step"
