@@ -278,7 +278,17 @@ def main(argv=None) -> int:
         default=1500,
         help="fine-tune steps of the augmentation-trained critic (cache critic-aug.safetensors; made when missing)",
     )
-    ap.add_argument("--generator-steps", type=int, default=3000, help="length of the lr schedule")
+    ap.add_argument(
+        "--base",
+        choices=sorted(models.BASES),
+        default="old",
+        help="the pretrained generator: 'old' (generator.safetensors, every figure before 2026-12-07) or "
+        "'strong' (a wider UNet and a contextual text encoder: generator-strong.safetensors); the critic is "
+        "the same",
+    )
+    ap.add_argument(
+        "--generator-steps", type=int, default=None, help="length of the lr schedule (default: the base's)"
+    )
     ap.add_argument("--generator-stop", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("UNO_LEARNING_THREADS", "1")))
     ap.add_argument(
@@ -364,8 +374,13 @@ def main(argv=None) -> int:
     pretrain = {}
 
     s = experiment.Settings(
-        seeds=tuple(range(args.seed, args.seed + args.seeds)), main=args.main, threads=args.threads
+        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+        main=args.main,
+        threads=args.threads,
+        base=args.base,
     )
+    if args.generator_steps is None:
+        args.generator_steps = models.base_arch(args.base)["steps"]
     if args.smoke:
         s.seeds, s.uno_steps, s.batch_held, s.batch_seen = (args.seed,), 2, 2, 2
         s.sample_steps, s.eval_held, s.eval_seen, s.denoise_images = 3, 6, 6, 8
@@ -379,7 +394,11 @@ def main(argv=None) -> int:
         text.eval().requires_grad_(False)
         pretrain["note"] = "smoke: untrained models (wiring only)"
     else:
-        crit_path, gen_path = args.cache / "critic.safetensors", args.cache / "generator.safetensors"
+        crit_path, gen_path = (
+            args.cache / "critic.safetensors",
+            training.generator_path(args.cache, args.base),
+        )
+        gen_key = "generator" if args.base == "old" else f"generator_{args.base}"
         meta_path = args.cache / "meta.json"
         todo = {
             "critic": args.from_scratch or not crit_path.exists(),
@@ -399,17 +418,24 @@ def main(argv=None) -> int:
                     args.generator_steps,
                     args.generator_stop,
                     args.threads,
+                    base=args.base,
                 )
-                training.write_meta(meta_path, critic=fc.result(), generator=fg.result())
+                training.write_meta(meta_path, critic=fc.result(), **{gen_key: fg.result()})
         else:
             if todo["critic"]:
                 st = training.pretrain_critic_to(crit_path, args.critic_steps, args.threads, log=log, bar=bar)
                 training.write_meta(meta_path, critic=st)
             if todo["generator"]:
                 st = training.pretrain_generator_to(
-                    gen_path, args.generator_steps, args.generator_stop, args.threads, log=log, bar=bar
+                    gen_path,
+                    args.generator_steps,
+                    args.generator_stop,
+                    args.threads,
+                    log=log,
+                    bar=bar,
+                    base=args.base,
                 )
-                training.write_meta(meta_path, generator=st)
+                training.write_meta(meta_path, **{gen_key: st})
         aug_path = training.CRITICS["aug"]
         if args.aug_critic_steps > 0 and (args.from_scratch or not aug_path.exists()):
             st = training.pretrain_aug_critic_to(
@@ -443,7 +469,11 @@ def main(argv=None) -> int:
         f"critic token accuracy {critic_acc['token_accuracy']:.4f}; judge exact parse {judge_acc['exact_parse_accuracy']:.4f}"
     )
 
-    cache = None if args.smoke else (args.cache / "critic.safetensors", args.cache / "generator.safetensors")
+    cache = (
+        None
+        if args.smoke
+        else (args.cache / "critic.safetensors", training.generator_path(args.cache, args.base))
+    )
     before = None
     if args.reuse_before is not None:
         try:
@@ -511,7 +541,10 @@ def reused_before(path: Path, s) -> list[dict]:
     --reuse-before on other settings or a seed the file did not judge."""
     other = json.loads(path.read_text())
     mine = {k: v for k, v in asdict(s).items() if k not in ("ablations", "seeds")}
-    theirs = {k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")}
+    theirs = {
+        "base": "old",
+        **{k: v for k, v in other["settings"].items() if k not in ("ablations", "seeds")},
+    }
     if json.loads(json.dumps(mine)) != theirs:
         raise ValueError(f"--reuse-before: {path} was run with other settings: {theirs} != {mine}")
     by_seed = dict(zip(other["settings"]["seeds"], other["before_per_seed"], strict=True))
@@ -540,7 +573,7 @@ def run_probe(args) -> int:
                 raise SystemExit(f"--probe-critics: no cached critic {missing} (train them first)")
             paths = {k: paths[k] for k in args.probe_critics}
     critics = {k: training.load_critic(v) for k, v in paths.items()}
-    unet, text = training.load_generator(args.cache / "generator.safetensors")
+    unet, text = training.load_generator(training.generator_path(args.cache, args.base))
     extra = {}
     if args.probe_robust_steps > 0:
         robust, st = training.robust_finetune_critic(*critics["old"], steps=args.probe_robust_steps, log=log)
@@ -615,8 +648,8 @@ def merge(target: Path, others: list[Path]) -> int:
     res = json.loads(target.read_text())
     before = dict(zip(res["settings"]["seeds"], res["before_per_seed"], strict=True))
 
-    def shared(settings: dict) -> dict:
-        return {k: v for k, v in settings.items() if k not in ("ablations", "seeds")}
+    def shared(settings: dict) -> dict:  # files from before the "base" setting ran the old base
+        return {"base": "old", **{k: v for k, v in settings.items() if k not in ("ablations", "seeds")}}
 
     found: dict[str, dict] = {}  # arm -> {seed: (evaluation, file, commit)}
     for name, ab in res["ablations"].items():

@@ -107,6 +107,7 @@ class Settings:
     latent_fit_steps: int = 300  # latent view: LatentAdapter fit on real renders of seen prompts
     latent_fit_images: int = 256
     threads: int = 1
+    base: str = "old"  # the pretrained generator (models.BASES; its cache file: training.generator_path)
     extra: dict = field(default_factory=dict)
 
 

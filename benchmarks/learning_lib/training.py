@@ -186,13 +186,16 @@ def train_generator(
     on_checkpoint=None,
     every: int = 500,
     stop_at: int | None = None,
+    base: str = "old",
 ):
     """-> (unet (EMA weights), text encoder, stats). Trained on SEEN prompts only. `on_checkpoint(ema, text,
-    step)` is called every `every` steps (a cache that exists early)."""
+    step)` is called every `every` steps (a cache that exists early). `base`: the architecture
+    (models.BASES)."""
+    arch = models.base_arch(base)
     torch.manual_seed(seed)
-    unet = models.build_unet(seed)
-    text = models.TextEncoder()
-    ema = models.build_unet(seed)
+    unet = models.build_unet(seed, base)
+    text = models.TextEncoder(layers=arch["text_layers"])
+    ema = models.build_unet(seed, base)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
@@ -226,6 +229,8 @@ def train_generator(
         if on_checkpoint is not None and step % every == every - 1:
             on_checkpoint(ema, text, step + 1)
     stats = {
+        "base": base,
+        "parameters": sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text.parameters()),
         "steps": n,
         "schedule_steps": steps,
         "batch": batch,
@@ -257,21 +262,38 @@ def load_critic(path: Path):
     return model.eval(), proc
 
 
-def save_generator(unet, text, path: Path) -> None:
-    """UNet weights stored in fp16 (the cache defines the base model; they are loaded back to fp32)."""
+def save_generator(unet, text, path: Path, base: str = "old") -> None:
+    """UNet weights stored in fp16 (the cache defines the base model; they are loaded back to fp32). The base's
+    name goes in the file's metadata, so load_generator builds the right architecture."""
     from safetensors.torch import save_file
 
+    models.base_arch(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {"unet." + k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
     sd.update({"text." + k: v.detach().contiguous() for k, v in text.state_dict().items()})
-    save_file(sd, str(path))
+    save_file(sd, str(path), metadata={"base": base})
+
+
+def generator_path(cache: Path, base: str) -> Path:
+    """The cache file of a base generator: generator.safetensors ("old"), generator-<base>.safetensors."""
+    models.base_arch(base)
+    return cache / ("generator.safetensors" if base == "old" else f"generator-{base}.safetensors")
+
+
+def generator_base(path: Path) -> str:
+    """The base (models.BASES) a cached generator was saved with ("old" for files without the metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("base", "old")
 
 
 def load_generator(path: Path):
     from safetensors.torch import load_file
 
+    base = generator_base(path)
     sd = load_file(str(path))
-    unet, text = models.build_unet(0), models.TextEncoder()
+    unet, text = models.build_unet(0, base), models.TextEncoder(layers=models.base_arch(base)["text_layers"])
     unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
     text.requires_grad_(False)
@@ -294,7 +316,13 @@ def pretrain_critic_to(path: Path, steps: int, threads: int = 1, log=print, bar=
 
 
 def pretrain_generator_to(
-    path: Path, steps: int, stop_at: int | None = None, threads: int = 1, log=print, bar=None
+    path: Path,
+    steps: int,
+    stop_at: int | None = None,
+    threads: int = 1,
+    log=print,
+    bar=None,
+    base: str = "old",
 ) -> dict:
     """Train the generator (checkpointed to `path` every 500 steps) and save it at `path`."""
     torch.set_num_threads(threads)
@@ -303,9 +331,10 @@ def pretrain_generator_to(
         stop_at=stop_at,
         log=log,
         bar=bar,
-        on_checkpoint=lambda uu, tt, k: save_generator(uu, tt, path),
+        on_checkpoint=lambda uu, tt, k: save_generator(uu, tt, path, base),
+        base=base,
     )
-    save_generator(u, t, path)
+    save_generator(u, t, path, base)
     return st
 
 
