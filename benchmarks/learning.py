@@ -7,6 +7,8 @@ with ablations of the loss terms.
 
     python benchmarks/learning.py                 # cached models; the headline arm and the control, 3 seeds
     python benchmarks/learning.py --from-scratch  # retrain the critic and the generator first (rewrites cache)
+    python benchmarks/learning.py --base strong   # the stronger base (seen 64%) and its headline (480 steps)
+    python benchmarks/learning.py --plot-bases A.json B.json   # two bases' gains side by side
     python benchmarks/learning.py --seed 5        # seeds 5, 6, 7 for every draw of post-training and eval
     python benchmarks/learning.py --smoke         # CI version (< 60 s): untrained tiny run of the wiring
     python benchmarks/learning.py --ablations caption "caption+joint+kl"   # other arms ('all': every arm)
@@ -232,6 +234,50 @@ def plot(res: dict, path: Path, samples=None) -> None:
     plt.close(fig)
 
 
+def plot_bases(files: list[Path], path: Path) -> list[str]:
+    """The held-out and seen gains (paired, points +- SE) of the arms that ran in every file of `files`
+    (learning-*.json of different bases or settings), side by side per arm: the figure that compares the
+    bases. Each file's label: its base and UNO steps. -> the arms drawn. SystemExit naming --plot-bases
+    when the files share no arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(f.read_text()) for f in files]
+    ran = [{n for n, a in r["ablations"].items() if a.get("status") == "ran" and "paired" in a} for r in runs]
+    arms = [n for n in runs[0]["ablations"] if all(n in r for r in ran)]
+    if not arms:
+        raise SystemExit(f"--plot-bases: {[f.name for f in files]} have no arm in common")
+    labels = [
+        f"{r['settings'].get('base', 'old')} base, {r['settings']['uno_steps']} steps "
+        f"(pretrained {100 * r['before']['overall']:.1f}% held-out, {100 * r['before']['seen']['overall']:.1f}% seen)"
+        for r in runs
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / len(runs)
+    for ax, split in zip(axes, ("held_out", "seen"), strict=True):
+        for k, (r, label) in enumerate(zip(runs, labels, strict=True)):
+            d = [r["ablations"][n]["paired"][split] for n in arms]
+            ax.bar(
+                [i - 0.4 + width * (k + 0.5) for i in range(len(arms))],
+                [100 * v["mean"] for v in d],
+                width,
+                yerr=[100 * (v["se"] or 0) for v in d],
+                capsize=3,
+                label=label,
+            )
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("paired change over the pretrained generator, points (+- SE)", fontsize=8)
+        ax.set_title(f"{split.replace('_', '-')} prompts")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return arms
+
+
 def sample_grid(unet_before, unet_after, text, s, n: int = 8):
     """(2*34, n*34, 3) uint8: the first n held-out prompts, pretrained vs after UNO, same noise."""
     import numpy as np
@@ -258,9 +304,13 @@ def main(argv=None) -> int:
         "--ablations",
         nargs="*",
         default=None,
-        help=f"arms to run (default {list(experiment.DEFAULT_ABLATIONS)}; 'all'): {list(experiment.ABLATIONS)}",
+        help="arms to run (default: --main and the control; 'all'): " + str(list(experiment.ABLATIONS)),
     )
-    ap.add_argument("--main", default="caption+joint+kl", help="ablation reported as top-level 'after'")
+    ap.add_argument(
+        "--main",
+        default=None,
+        help="ablation reported as top-level 'after' (default: the base's headline, experiment.BASE_HEADLINES)",
+    )
     ap.add_argument("--uno-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument(
@@ -283,8 +333,8 @@ def main(argv=None) -> int:
         choices=sorted(models.BASES),
         default="old",
         help="the pretrained generator: 'old' (generator.safetensors, every figure before 2026-12-07) or "
-        "'strong' (a wider UNet and a contextual text encoder: generator-strong.safetensors); the critic is "
-        "the same",
+        "'strong' (the same UNet behind a 2-layer text encoder, trained 6500 steps: "
+        "generator-strong.safetensors; seen 64%%); the critic is the same",
     )
     ap.add_argument(
         "--generator-steps", type=int, default=None, help="length of the lr schedule (default: the base's)"
@@ -308,6 +358,14 @@ def main(argv=None) -> int:
         default=None,
         help="merge the ablations of these learning-*.json files (run with --ablations, other --tag) into "
         "learning-<tag>.json and redraw its plot; nothing is run",
+    )
+    ap.add_argument(
+        "--plot-bases",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="draw the gains of the arms these learning-*.json files share (e.g. the old and the strong base) "
+        "side by side into learning-bases-<tag>.png; nothing is run",
     )
     ap.add_argument(
         "--probe",
@@ -366,6 +424,11 @@ def main(argv=None) -> int:
         return run_probe(args)
     if args.merge:
         return merge(args.out / f"learning-{args.tag or 'cpu'}.json", args.merge)
+    if args.plot_bases:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"learning-bases-{args.tag or 'cpu'}.png"
+        print(f"drew {plot_bases(args.plot_bases, path)} into {path}")
+        return 0
     torch.set_num_threads(args.threads)
     t_start, cpu_start = time.time(), time.process_time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -373,9 +436,13 @@ def main(argv=None) -> int:
     tag = args.tag or ("smoke" if args.smoke else "cpu")
     pretrain = {}
 
+    head = experiment.BASE_HEADLINES[args.base]
+    main_arm = args.main or head["main"]
     s = experiment.Settings(
         seeds=tuple(range(args.seed, args.seed + args.seeds)),
-        main=args.main,
+        ablations=(main_arm, CONTROL),
+        main=main_arm,
+        uno_steps=head["uno_steps"],
         threads=args.threads,
         base=args.base,
     )

@@ -20,7 +20,9 @@ def test_each_base_builds_its_architecture():
     """The strong base is the old UNet behind a 2-layer text encoder; both read the same latents and text width."""
     for base, layers in (("old", 0), ("strong", 2)):
         unet = models.build_unet(0, base)
-        assert tuple(unet.config.block_out_channels) == models.BASES[base]["block_out_channels"] == (32, 64, 64)
+        assert (
+            tuple(unet.config.block_out_channels) == models.BASES[base]["block_out_channels"] == (32, 64, 64)
+        )
         assert models.BASES[base]["text_layers"] == layers
         x, t = torch.randn(2, 12, 16, 16), torch.tensor([10, 900])
         ids = torch.tensor([world.encode("one red circle")[0]] * 2)
@@ -100,3 +102,78 @@ def test_the_command_line_refuses_an_unknown_base(capsys):
     with pytest.raises(SystemExit):
         learning.main(["--base", "huge"])
     assert "--base: invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def _run_file(path: Path, base: str, gains: dict) -> Path:
+    """A learning-*.json with only what --plot-bases reads: its settings, the pretrained accuracy, and each
+    arm's paired gains (held-out, seen)."""
+    pair = lambda m: {"mean": m, "se": 0.01}  # noqa: E731
+    path.write_text(
+        json.dumps(
+            {
+                "settings": {"base": base, "uno_steps": 80},
+                "before": {"overall": 0.1, "seen": {"overall": 0.3}},
+                "ablations": {
+                    n: {"status": "ran", "paired": {"held_out": pair(g), "seen": pair(-g)}}
+                    for n, g in gains.items()
+                }
+                | {"value (group reward)": {"status": "not yet run"}},
+            }
+        )
+    )
+    return path
+
+
+def test_plot_bases_draws_the_arms_every_file_ran(tmp_path):
+    import learning
+
+    a = _run_file(
+        tmp_path / "a.json", "old", {"caption+joint+kl": 0.01, "control (generator loss only)": 0.0}
+    )
+    b = _run_file(tmp_path / "b.json", "strong", {"caption+joint+kl": 0.04, "caption": 0.02})
+    out = tmp_path / "bases.png"
+    assert learning.plot_bases([a, b], out) == ["caption+joint+kl"]
+    assert out.stat().st_size > 10_000
+    c = _run_file(tmp_path / "c.json", "strong", {"caption": 0.02})
+    with pytest.raises(SystemExit, match="--plot-bases: .* no arm in common"):
+        learning.plot_bases([a, c], tmp_path / "none.png")
+
+
+class _Ran(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "argv, base, main, steps",
+    [
+        ([], "old", "caption+joint+kl", 80),
+        (["--base", "strong"], "strong", "caption+joint+kl, augmented read", 480),
+        (
+            ["--base", "strong", "--main", "caption+joint+kl", "--uno-steps", "80"],
+            "strong",
+            "caption+joint+kl",
+            80,
+        ),
+    ],
+)
+def test_each_base_runs_its_own_headline_against_the_control(monkeypatch, argv, base, main, steps):
+    """`learning.py --base B` loads B's cached generator and runs B's headline (experiment.BASE_HEADLINES) and
+    the control at B's steps; --main / --uno-steps override. run_all is stopped before any UNO step."""
+    import learning
+
+    seen = {}
+
+    def stop(critic, proc, unet, text, s, **kw):
+        seen.update(s=s, text_layers=len(text.layers), cache=kw["cache"])
+        raise _Ran
+
+    monkeypatch.setattr(experiment, "run_all", stop)
+    monkeypatch.setattr(training, "critic_accuracy", lambda *a, **k: {"token_accuracy": 1.0})
+    monkeypatch.setattr(learning.judge, "true_render_accuracy", lambda **k: {"exact_parse_accuracy": 1.0})
+    with pytest.raises(_Ran):
+        learning.main(argv)
+    s = seen["s"]
+    assert (s.base, s.main, s.uno_steps) == (base, main, steps)
+    assert s.ablations == (main, "control (generator loss only)")
+    assert seen["cache"][1] == training.generator_path(training.CACHE, base)
+    assert seen["text_layers"] == models.base_arch(base)["text_layers"]

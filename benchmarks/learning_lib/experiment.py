@@ -72,6 +72,14 @@ for _read in ("augmented", "noise-aware"):
 
 # the default run (`python benchmarks/learning.py`): the headline ablation and the control; the others by flag
 DEFAULT_ABLATIONS = ("caption+joint+kl", "control (generator loss only)")
+# each base's headline (the arm reported as "after") and its UNO steps, chosen on the tuning seed 100, never on
+# seeds 0-2: the old base's in round 2; the strong base's from learning-cpu-strong-s100-*.json (the largest
+# held-out gain within the seen and denoising bars; docs/teach-results.md section 5). `learning.py --base B`
+# runs B's headline and the control at these steps unless --main / --uno-steps / --ablations say otherwise.
+BASE_HEADLINES = {
+    "old": {"main": "caption+joint+kl", "uno_steps": 80},
+    "strong": {"main": "caption+joint+kl, augmented read", "uno_steps": 480},
+}
 SMOKE_ABLATIONS = (
     "caption",
     "caption+regression",
