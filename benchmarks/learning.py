@@ -46,8 +46,8 @@ CONTROL = "control (generator loss only)"
 NOTES = {
     "premise": "the critic is trained to caption EVERY composition, held-out ones included (understanding "
     "covers more than generation); the generator is pretrained on seen compositions only",
-    "text_encoder": "a learned word + position embedding table (LayerNorm), trained with the generator in "
-    "pretraining, frozen in UNO",
+    "text_encoder": "a learned word + position embedding table (LayerNorm; the strong base adds two transformer "
+    "layers), trained with the generator in pretraining, frozen in UNO",
     "uno_data": "held-out stream: prompts only (caption loss); seen stream: prompts + fresh real renders of "
     "seen prompts (regression targets, joint generator loss). No real image of a held-out composition "
     "reaches the generator",

@@ -69,7 +69,7 @@ def build_critic_model(seed: int = 0):
 # the generator bases (issue 27: "strengthen the base generator before concluding, and report both bases").
 # "old": the base of every figure before 2026-12-07; "strong": the same UNet behind a contextual text encoder
 # (two transformer layers over the prompt) and trained 6500 steps instead of 3000, in 35 minutes of one core:
-# seen accuracy 23.6% -> about 65% (docs/teach-results.md section 6). Which of the two (the encoder, the
+# seen accuracy 23.6% -> 64.0% (docs/teach-results.md section 5). Which of the two (the encoder, the
 # steps) matters was not separated. A wider UNet ((64, 96, 96), 4.1M parameters, the same encoder) in the same
 # budget got 3300 steps and reached 37%.
 # "steps": the length of the pretraining's lr schedule (`learning.py --from-scratch --base B`)
