@@ -456,7 +456,7 @@ def main(argv=None) -> int:
         s.eval_samples, s.eval_samples_seen, s.ablations = 2, 2, experiment.SMOKE_ABLATIONS
         s.latent_fit_steps, s.latent_fit_images = 3, 16
         critic_model, proc = models.build_critic_model(0)
-        unet, text = models.build_unet(0), models.TextEncoder()
+        unet, text = models.build_unet(0, args.base), models.build_text_encoder(args.base)
         unet.eval().requires_grad_(False)
         text.eval().requires_grad_(False)
         pretrain["note"] = "smoke: untrained models (wiring only)"

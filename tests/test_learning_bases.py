@@ -73,6 +73,11 @@ def test_a_saved_generator_loads_back_as_its_base(tmp_path):
         assert k == k2 and torch.equal(v.half().float(), v2), k  # the UNet in fp16
     with pytest.raises(ValueError, match="base must be one of"):
         training.save_generator(unet, text, path, "huge")
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(path)), str(tmp_path / "h.safetensors"), metadata={"base": "huge"})
+    with pytest.raises(ValueError, match=r"load_generator: .*h.safetensors was saved as base 'huge'"):
+        training.load_generator(tmp_path / "h.safetensors")
 
 
 def test_the_committed_old_cache_loads_as_the_old_base():

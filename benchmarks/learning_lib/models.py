@@ -8,7 +8,8 @@
   and exactly invertible: pixel space, 4x cheaper convolutions), sampled by
   `uno_engine.generators.DiffusersGenerator` (DDIM, few steps, classifier-free guidance);
 - text encoder: a learned embedding table (word + position; the "strong" base adds two transformer layers),
-  trained with the generator during pretraining and frozen afterwards. Its output (B, MAX_LEN, TEXT_DIM) is the batch's "prompt_embeds".
+  trained with the generator during pretraining and frozen afterwards. Its output (B, MAX_LEN, TEXT_DIM) is
+  the batch's "prompt_embeds".
 """
 
 from __future__ import annotations
@@ -179,6 +180,11 @@ class TextEncoder(nn.Module):
         ids = torch.full((batch, world.MAX_LEN), world.PAD, dtype=torch.long)
         ids[:, 0] = world.EOS
         return ids
+
+
+def build_text_encoder(base: str = "old") -> TextEncoder:
+    """The text encoder of a base (models.BASES): its `text_layers` transformer layers."""
+    return TextEncoder(layers=base_arch(base)["text_layers"])
 
 
 def make_generator(

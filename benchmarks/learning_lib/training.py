@@ -191,10 +191,9 @@ def train_generator(
     """-> (unet (EMA weights), text encoder, stats). Trained on SEEN prompts only. `on_checkpoint(ema, text,
     step)` is called every `every` steps (a cache that exists early). `base`: the architecture
     (models.BASES)."""
-    arch = models.base_arch(base)
     torch.manual_seed(seed)
     unet = models.build_unet(seed, base)
-    text = models.TextEncoder(layers=arch["text_layers"])
+    text = models.build_text_encoder(base)
     ema = models.build_unet(seed, base)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
@@ -292,8 +291,12 @@ def load_generator(path: Path):
     from safetensors.torch import load_file
 
     base = generator_base(path)
+    if base not in models.BASES:
+        raise ValueError(
+            f"load_generator: {path} was saved as base {base!r}, not one of {sorted(models.BASES)}"
+        )
     sd = load_file(str(path))
-    unet, text = models.build_unet(0, base), models.TextEncoder(layers=models.base_arch(base)["text_layers"])
+    unet, text = models.build_unet(0, base), models.build_text_encoder(base)
     unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
     text.requires_grad_(False)
